@@ -1,0 +1,421 @@
+"""The MSA model in Hugging Face form: `MSAModel` and `MSAForCausalLM` (spec sections 3-5)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from .backbones import BackboneAdapter, get_backbone
+from .configuration_msa import MSAConfig
+from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
+from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
+from .routing import pool_chunks, rank_documents, score_chunks, score_documents, select_documents
+
+logger = logging.getLogger(__name__)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on [B, L, heads, D] with cos/sin of shape [B, L, D] (Hugging Face's half-rotation layout)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def token_attention_mask(layout: PackedLayout) -> torch.Tensor:
+    """[B, 1, L, L] bool: who sees whom among the row's own tokens (same in every layer).
+
+    A token sees earlier tokens of its own segment (the prefix, its document, or the
+    query/answer of its example); query/answer tokens also see their example's whole prefix.
+    """
+    shape = (layout.batch_size, layout.row_length)
+    segment = layout.token_segment.view(shape)
+    example = layout.token_example.view(shape)
+    role = layout.role.view(shape)
+    positions = torch.arange(layout.row_length, device=segment.device)
+    causal = positions[:, None] >= positions[None, :]
+    same_segment = (segment[:, :, None] == segment[:, None, :]) & causal
+    query_sees_prefix = (
+        (role[:, :, None] == ROLE_QUERY) & (role[:, None, :] == ROLE_PREFIX) & (example[:, :, None] == example[:, None, :])
+    )
+    return (same_segment | query_sees_prefix).unsqueeze(1)
+
+
+def memory_attention_mask(layout: PackedLayout, selected_docs: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, C] bool: query/answer tokens see every pooled chunk of their example's selected documents."""
+    shape = (layout.batch_size, layout.row_length)
+    is_query = (layout.role == ROLE_QUERY).view(shape)
+    example = layout.token_example.view(shape)
+    chunk_visible = selected_docs[layout.chunk_doc]
+    mask = is_query[:, :, None] & (example[:, :, None] == layout.chunk_example[None, None, :]) & chunk_visible
+    return mask.unsqueeze(1)
+
+
+@dataclass
+class RouterLayerOutput:
+    doc_scores: torch.Tensor  # [D] fp32
+    doc_ranks: torch.Tensor  # [D] long
+
+
+class MSAAttention(nn.Module):
+    """The backbone's attention with document-wise masking and, in router layers, memory routing."""
+
+    def __init__(self, config: MSAConfig, adapter: BackboneAdapter, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_router = layer_idx in config.router_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.top_k = config.top_k_docs
+        self.detach_router_input = config.detach_router_input
+        bias = getattr(config, "attention_bias", False)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if adapter.has_qk_norm:
+            self.q_norm = adapter.rms_norm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = adapter.rms_norm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        if self.is_router:
+            self.router_q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+            self.router_k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedLayout,
+        token_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        keys, values, mask = k.transpose(1, 2), v.transpose(1, 2), token_mask
+        router_output = None
+        if self.is_router and layout.num_docs > 0:
+            router_output = self.route(hidden_states, layout)
+            selected = select_documents(router_output.doc_ranks, self.top_k)
+            pooled_k = pool_chunks(k.reshape(batch * length, self.num_kv_heads, self.head_dim), layout).to(k.dtype)
+            pooled_v = pool_chunks(v.reshape(batch * length, self.num_kv_heads, self.head_dim), layout).to(v.dtype)
+            # Every row sees the chunks of the whole batch; the mask keeps each example to its own.
+            keys = torch.cat([keys, pooled_k.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
+            values = torch.cat([values, pooled_v.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
+            mask = torch.cat([token_mask, memory_attention_mask(layout, selected)], dim=-1)
+
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+        )
+        output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+        return output, router_output
+
+    def route(self, hidden_states: torch.Tensor, layout: PackedLayout) -> RouterLayerOutput:
+        """Score every document of the batch and rank it within its example."""
+        router_input = hidden_states.detach() if self.detach_router_input else hidden_states
+        flat = router_input.reshape(-1, router_input.shape[-1])
+        routing_queries = self.router_q_proj(flat[layout.routing_token_index]).view(-1, self.num_heads, self.head_dim)
+        routing_keys = self.router_k_proj(flat).view(-1, self.num_kv_heads, self.head_dim)
+        chunk_scores = score_chunks(routing_queries, pool_chunks(routing_keys, layout), layout)
+        doc_scores = score_documents(chunk_scores, layout)
+        return RouterLayerOutput(doc_scores=doc_scores, doc_ranks=rank_documents(doc_scores, layout))
+
+
+class MSADecoderLayer(nn.Module):
+    def __init__(self, config: MSAConfig, adapter: BackboneAdapter, backbone_config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MSAAttention(config, adapter, layer_idx)
+        self.mlp = adapter.mlp(backbone_config)
+        self.input_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedLayout,
+        token_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
+        attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, token_mask)
+        hidden_states = hidden_states + attended
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, router_output
+
+
+class MSAPreTrainedModel(PreTrainedModel):
+    config_class = MSAConfig
+    config: MSAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MSADecoderLayer"]
+    _supports_sdpa = True
+
+
+@dataclass
+class MSAModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_outputs: list[RouterLayerOutput] | None = None
+    layout: PackedLayout | None = None
+
+
+class MSAModel(MSAPreTrainedModel):
+    """The decoder stack: embeddings, MSA decoder layers and the final norm."""
+
+    def __init__(self, config: MSAConfig) -> None:
+        super().__init__(config)
+        adapter = get_backbone(config.backbone_model_type)
+        backbone_config = adapter.config_class(**config.backbone_config_dict())
+        adapter.check_supported(backbone_config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        self.layers = nn.ModuleList(
+            MSADecoderLayer(config, adapter, backbone_config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = adapter.rotary_embedding(backbone_config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        layout: PackedLayout,
+        output_hidden_states: bool = False,
+    ) -> MSAModelOutput:
+        if input_ids.shape != (layout.batch_size, layout.row_length):
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)} but the layout describes "
+                f"{(layout.batch_size, layout.row_length)}"
+            )
+        hidden_states = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden_states, layout.position_ids)
+        token_mask = token_attention_mask(layout)
+        all_hidden = [hidden_states] if output_hidden_states else None
+        router_outputs = []
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states, router_output = checkpoint(
+                    layer, hidden_states, cos, sin, layout, token_mask, use_reentrant=False
+                )
+            else:
+                hidden_states, router_output = layer(hidden_states, cos, sin, layout, token_mask)
+            if router_output is not None:
+                router_outputs.append(router_output)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+        return MSAModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            router_outputs=router_outputs,
+            layout=layout,
+        )
+
+
+@dataclass
+class MSACausalLMOutput(ModelOutput):
+    """Output of `MSAForCausalLM.forward`.
+
+    Attributes:
+        loss: `lm_loss_weight * lm_loss + aux_loss_weight * aux_loss` (terms that exist).
+        lm_loss: mean next-token cross-entropy over labelled tokens.
+        aux_loss: routing InfoNCE, averaged over router layers and examples with positives.
+        logits: [B, L, vocab]; only without labels or with `return_logits=True`.
+        hidden_states: embeddings, then each decoder layer's output (before the final norm).
+        doc_scores: [router layers, D] document scores s_i (documents of the batch in order).
+        selected_docs: [router layers, D] bool, the top-k selection per example.
+        router_recall: {"recall@1": [router layers], ...} over examples with positives.
+    """
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    doc_scores: torch.Tensor | None = None
+    selected_docs: torch.Tensor | None = None
+    router_recall: dict[str, torch.Tensor] | None = None
+
+
+class MSAForCausalLM(MSAPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MSAConfig) -> None:
+        super().__init__(config)
+        self.model = MSAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def build_layout(
+        self,
+        doc_ids: torch.Tensor,
+        example_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        aux_labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> PackedLayout:
+        """The `PackedLayout` this model's config implies for a packed batch."""
+        return build_packed_layout(
+            doc_ids,
+            chunk_size=self.config.chunk_size,
+            query_position_offset=self.config.query_position_offset,
+            example_ids=example_ids,
+            labels=labels,
+            aux_labels=aux_labels,
+            attention_mask=attention_mask,
+            routing_tokens=self.config.routing_tokens,
+            document_positions=self.config.document_positions,
+            require_routing_tokens=bool(self.config.router_layers),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        example_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        aux_labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layout: PackedLayout | None = None,
+        return_logits: bool | None = None,
+        output_hidden_states: bool = False,
+        **unused: object,
+    ) -> MSACausalLMOutput:
+        """Training forward over packed rows (spec sections 2-5).
+
+        Args:
+            input_ids: [B, L] token ids.
+            doc_ids: [B, L] roles: -2 prefix, 1..n documents, 0 query/answer, -1 padding.
+                `None` treats every token as query, i.e. the backbone with an empty memory.
+            example_ids: [B, L] packed example of each token (-1 padding); `None`: one per row.
+            labels: [B, L] unshifted targets, -100 where nothing is predicted.
+            aux_labels: [B, L] 1 on the tokens of positive documents.
+            attention_mask: [B, L] 0 marks padding.
+            layout: a prebuilt `PackedLayout` (e.g. from the data loader); replaces the
+                role tensors above.
+            return_logits: also return full logits when labels are given (memory-hungry).
+        """
+        if unused:
+            raise ValueError(f"MSAForCausalLM.forward got unexpected arguments: {sorted(unused)}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, row_length], got shape {tuple(input_ids.shape)}")
+        if layout is None:
+            if doc_ids is None:
+                doc_ids = torch.zeros_like(input_ids)
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"doc_ids has shape {tuple(doc_ids.shape)} but input_ids has {tuple(input_ids.shape)}"
+                )
+            layout = self.build_layout(doc_ids, example_ids, labels, aux_labels, attention_mask)
+        outputs = self.model(input_ids, layout, output_hidden_states=output_hidden_states)
+        hidden = outputs.last_hidden_state
+
+        lm_loss = chunked_lm_loss(hidden, self.lm_head, layout, self.config.lm_loss_chunk_size)
+        router_outputs = outputs.router_outputs
+        aux_loss = None
+        doc_scores = selected = recall = None
+        if router_outputs:
+            doc_scores = torch.stack([r.doc_scores for r in router_outputs])
+            ranks = torch.stack([r.doc_ranks for r in router_outputs])
+            selected = select_documents(ranks, self.config.top_k_docs)
+            per_layer = [
+                routing_loss(r.doc_scores, layout, self.config.aux_temperature, self.config.aux_loss_type)
+                for r in router_outputs
+            ]
+            if per_layer[0] is not None:
+                aux_loss = torch.stack(per_layer).mean()
+            with torch.no_grad():
+                per_layer_recall = [router_recall(r.doc_ranks, layout) for r in router_outputs]
+                recall = {f"recall@{k}": torch.stack([r[k] for r in per_layer_recall]) for k in RECALL_KS}
+
+        loss = None
+        for weight, term in ((self.config.lm_loss_weight, lm_loss), (self.config.aux_loss_weight, aux_loss)):
+            if term is not None:
+                loss = weight * term if loss is None else loss + weight * term
+
+        want_logits = return_logits if return_logits is not None else labels is None
+        return MSACausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            logits=self.lm_head(hidden) if want_logits else None,
+            hidden_states=outputs.hidden_states,
+            doc_scores=doc_scores,
+            selected_docs=selected,
+            router_recall=recall,
+        )
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: PreTrainedModel | str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        **msa_settings: object,
+    ) -> "MSAForCausalLM":
+        """Build an MSA model from a backbone model or checkpoint directory.
+
+        Every backbone weight is copied; the router projections are new: random (paper)
+        or, with `router_init="qk"`, copies of the layer's own q/k projections.
+
+        Args:
+            backbone: a causal-LM `PreTrainedModel` or a local checkpoint directory.
+            dtype: load a checkpoint directory in this dtype (default: its own).
+            **msa_settings: `MSAConfig` fields, e.g. `top_k_docs=16, chunk_size=64`.
+        """
+        if not isinstance(backbone, PreTrainedModel):
+            backbone_type = AutoConfig.from_pretrained(backbone).model_type
+            backbone = get_backbone(backbone_type).causal_lm_class.from_pretrained(backbone, dtype=dtype or "auto")
+        adapter = get_backbone(backbone.config.model_type)
+        adapter.check_supported(backbone.config)
+        backbone_fields = {
+            k: v
+            for k, v in backbone.config.to_dict().items()
+            if k not in ("model_type", "architectures", "transformers_version", "auto_map")
+        }
+        config = MSAConfig(backbone_model_type=adapter.model_type, **backbone_fields, **msa_settings)
+        model = cls(config).to(dtype=backbone.dtype)
+        incompatible = model.load_state_dict(backbone.state_dict(), strict=False)
+        router_keys = {name for name, _ in model.named_parameters() if ".router_" in name}
+        missing = set(incompatible.missing_keys) - router_keys
+        if config.tie_word_embeddings:
+            missing.discard("lm_head.weight")
+        if missing or incompatible.unexpected_keys:
+            raise ValueError(
+                f"backbone weights do not map onto the MSA model: missing {sorted(missing)}, "
+                f"unexpected {sorted(incompatible.unexpected_keys)}"
+            )
+        if config.router_init == "qk":
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    attention = layer.self_attn
+                    if attention.is_router:
+                        attention.router_q_proj.weight.copy_(attention.q_proj.weight)
+                        attention.router_k_proj.weight.copy_(attention.k_proj.weight)
+        logger.info(
+            "built MSA model from %s backbone: %d layers, router layers %s, router init %s",
+            adapter.model_type,
+            config.num_hidden_layers,
+            config.router_layers,
+            config.router_init,
+        )
+        return model

@@ -1,0 +1,81 @@
+"""Chunk pooling, document scoring and top-k selection (spec section 3, steps 2-4)."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import PackedLayout
+
+
+def pool_chunks(token_states: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Mean of `token_states` ([N, ...], N = B*L tokens) over each chunk's real tokens.
+
+    Sums run in fp32 (a 64-token bf16 sum loses precision); the result is fp32, [C, ...].
+    """
+    is_doc = layout.token_chunk >= 0
+    pooled = token_states.new_zeros((layout.num_chunks, *token_states.shape[1:]), dtype=torch.float32)
+    pooled.index_add_(0, layout.token_chunk[is_doc], token_states[is_doc].float())
+    return pooled / layout.chunk_length.view(-1, *([1] * (token_states.dim() - 1)))
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, 1e-12) over the last dimension."""
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def score_chunks(
+    routing_queries: torch.Tensor,
+    pooled_routing_keys: torch.Tensor,
+    layout: PackedLayout,
+) -> torch.Tensor:
+    """S_c = max over the example's routing tokens t of mean over heads h of cos(Q_R[t,h], K̄R_c[g(h)]).
+
+    Args:
+        routing_queries: [R, H, D] Q_R of the routing tokens (any float dtype).
+        pooled_routing_keys: [C, Hkv, D] chunk-pooled K_R (not yet normalised).
+
+    Returns:
+        [C] fp32 chunk scores; -inf for a chunk whose example has no routing token.
+    """
+    num_heads = routing_queries.shape[1]
+    num_kv_heads = pooled_routing_keys.shape[1]
+    queries = l2_normalize(routing_queries.float())
+    keys = l2_normalize(pooled_routing_keys.float())
+    # The mean over a KV group's query heads of cos(q_h, k) equals <sum_h q_h, k> / H,
+    # so the head reduction folds into one [R, Hkv*D] x [Hkv*D, C] product.
+    grouped = queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2)
+    similarity = grouped.flatten(1) @ keys.flatten(1).T / num_heads
+    same_example = layout.routing_token_example[:, None] == layout.chunk_example[None, :]
+    similarity = similarity.masked_fill(~same_example, float("-inf"))
+    if similarity.shape[0] == 0:
+        return similarity.new_full((similarity.shape[1],), float("-inf"))
+    return similarity.max(dim=0).values
+
+
+def score_documents(chunk_scores: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """s_i = max over the chunks of document i. Returns [D] fp32."""
+    scores = chunk_scores.new_full((layout.num_docs,), float("-inf"))
+    return scores.scatter_reduce(0, layout.chunk_doc, chunk_scores, reduce="amax", include_self=True)
+
+
+def rank_documents(doc_scores: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Rank (0 = best) of every document among its example's documents.
+
+    Ties go to the lower document id: a stable descending sort over documents laid out in
+    id order keeps the earlier one first. Returns [D] long.
+    """
+    example_docs = layout.example_docs
+    present = example_docs >= 0
+    table = doc_scores[example_docs.clamp(min=0)].detach()
+    table = table.masked_fill(~present, float("-inf"))
+    order = torch.sort(table, dim=1, descending=True, stable=True).indices
+    ranks_table = torch.empty_like(order)
+    ranks_table.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    ranks = torch.zeros(layout.num_docs, dtype=torch.long, device=doc_scores.device)
+    ranks[example_docs[present]] = ranks_table[present]
+    return ranks
+
+
+def select_documents(doc_ranks: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The top-min(k, n) documents of each example: [D] bool."""
+    return doc_ranks < top_k
