@@ -165,6 +165,9 @@ def build_packed_layout(
     role[is_pad] = ROLE_PAD
 
     row_start = _row_starts(batch_size, row_length, device)
+    if bool((is_pad[:-1] & ~is_pad[1:] & ~row_start[1:]).any()):
+        bad = int((is_pad[:-1] & ~is_pad[1:] & ~row_start[1:]).nonzero()[0]) + 1
+        raise ValueError(f"padding must come at the end of a row; a real token follows padding at {_describe(bad, row_length)}")
     prev_example = _previous(example_key, -1)
     example_start = ~is_pad & (row_start | (example_key != prev_example))
     token_example = torch.cumsum(example_start.long(), 0) - 1
@@ -175,9 +178,6 @@ def build_packed_layout(
     pairs = torch.stack([row_of_token[example_start], example_key[example_start]], 1)
     if pairs.numel() and torch.unique(pairs, dim=0).shape[0] != num_examples:
         raise ValueError("an example's tokens are not contiguous: each example_ids value must form one run per row")
-    if bool((is_pad[:-1] & ~is_pad[1:] & ~row_start[1:]).any()):
-        bad = int((is_pad[:-1] & ~is_pad[1:] & ~row_start[1:]).nonzero()[0]) + 1
-        raise ValueError(f"padding must come at the end of a row; a real token follows padding at {_describe(bad, row_length)}")
 
     # Roles must run prefix -> documents -> query inside each example.
     same_example = ~example_start & ~is_pad

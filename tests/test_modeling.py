@@ -1,0 +1,367 @@
+"""MSA model behaviour: isolation, conversion, gradient flow, loading, losses, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from batches import VOCAB, document_token_mask, random_packed_batch, tiny_msa, tiny_qwen3
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout, compute_position_ids
+
+
+def doc_index(model: MSAForCausalLM, batch: dict, mask: torch.Tensor) -> int:
+    """Batch-wide index of the document whose tokens `mask` marks."""
+    layout = model.build_layout(batch["doc_ids"], batch["example_ids"], batch["labels"], batch["aux_labels"])
+    first = int(mask.flatten().nonzero()[0])
+    return int(layout.chunk_doc[layout.token_chunk[first]])
+
+
+def all_documents(batch: dict) -> list[tuple[int, int, int]]:
+    found = []
+    for row in range(batch["doc_ids"].shape[0]):
+        pairs = torch.stack([batch["example_ids"][row], batch["doc_ids"][row]], 1)
+        for example, doc in torch.unique(pairs, dim=0).tolist():
+            if doc > 0:
+                found.append((row, example, doc))
+    return found
+
+
+def change_tokens(batch: dict, mask: torch.Tensor, seed: int) -> dict:
+    changed = {k: v.clone() for k, v in batch.items()}
+    generator = torch.Generator().manual_seed(seed)
+    new_ids = torch.randint(3, VOCAB, changed["input_ids"].shape, generator=generator)
+    changed["input_ids"] = torch.where(mask, new_ids, changed["input_ids"])
+    return changed
+
+
+def run(model: MSAForCausalLM, batch: dict):
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True, return_logits=True)
+
+
+# ---------------------------------------------------------------- isolation
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_changing_a_document_changes_no_other_document(seed):
+    model = tiny_msa(seed)
+    batch = random_packed_batch(seed)
+    before = run(model, batch)
+    for row, example, doc in all_documents(batch)[:4]:
+        mask = document_token_mask(batch, row, example, doc)
+        after = run(model, change_tokens(batch, mask, seed + 100))
+        other_docs = (batch["doc_ids"] > 0) & ~mask
+        for layer, (h0, h1) in enumerate(zip(before.hidden_states, after.hidden_states)):
+            assert torch.equal(h0[other_docs], h1[other_docs]), f"layer {layer}: doc ({row},{example},{doc}) leaked"
+        assert not torch.equal(before.hidden_states[-1][mask], after.hidden_states[-1][mask])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lower_layers_never_see_the_memory(seed):
+    model = tiny_msa(seed)
+    batch = random_packed_batch(seed)
+    first_router = min(model.config.router_layers)
+    is_query = batch["doc_ids"] == 0
+    before = run(model, batch)
+    after = run(model, change_tokens(batch, batch["doc_ids"] > 0, seed + 7))
+    for layer in range(first_router + 1):  # hidden_states[i] is the input of layer i
+        assert torch.equal(before.hidden_states[layer][is_query], after.hidden_states[layer][is_query])
+    assert not torch.equal(before.hidden_states[-1][is_query], after.hidden_states[-1][is_query])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_router_layers_see_only_selected_documents(seed):
+    model = tiny_msa(seed)
+    batch = random_packed_batch(seed, docs_per_example=(5, 6))
+    before = run(model, batch)
+    selected_anywhere = before.selected_docs.any(0)
+    is_query = batch["doc_ids"] == 0
+    checked_unselected = checked_selected = 0
+    for row, example, doc in all_documents(batch):
+        mask = document_token_mask(batch, row, example, doc)
+        index = doc_index(model, batch, mask)
+        query_of_example = is_query & (batch["example_ids"] == example) & (torch.arange(batch["doc_ids"].shape[0])[:, None] == row)
+        for attempt in range(5):
+            after = run(model, change_tokens(batch, mask, 1000 * seed + attempt))
+            if torch.equal(after.selected_docs, before.selected_docs):
+                break
+        else:
+            continue  # every perturbation moved the selection: nothing clean to compare
+        changed = not torch.equal(before.logits[query_of_example], after.logits[query_of_example])
+        if selected_anywhere[index]:
+            assert changed, f"selected doc ({row},{example},{doc}) did not reach its query"
+            checked_selected += 1
+        else:
+            assert not changed, f"unselected doc ({row},{example},{doc}) reached its query"
+            checked_unselected += 1
+    assert checked_selected > 0 and checked_unselected > 0
+
+
+def test_examples_packed_in_one_row_do_not_interact():
+    model = tiny_msa(3)
+    batch = random_packed_batch(3, batch_size=1)
+    first_example = batch["example_ids"] == 0
+    before = run(model, batch)
+    after = run(model, change_tokens(batch, batch["example_ids"] == 1, 5))
+    assert torch.equal(before.logits[first_example], after.logits[first_example])
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("offset", [0, 16])
+def test_empty_memory_matches_backbone(tied, offset):
+    backbone = tiny_qwen3(4, tie_word_embeddings=tied)
+    model = MSAForCausalLM.from_backbone(backbone, query_position_offset=offset, top_k_docs=2, chunk_size=4).eval()
+    input_ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = backbone(input_ids).logits
+        got = model(input_ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+
+
+def test_conversion_copies_every_backbone_weight_and_inits_router():
+    backbone = tiny_qwen3(5)
+    model = MSAForCausalLM.from_backbone(backbone)
+    ours = model.state_dict()
+    for name, weight in backbone.state_dict().items():
+        assert torch.equal(ours[name], weight), name
+    router = [n for n in ours if ".router_" in n]
+    expected_layers = [2, 3]  # the upper half of 4 layers
+    assert sorted({int(n.split(".")[2]) for n in router}) == expected_layers
+    assert len(router) == 2 * len(expected_layers)
+    assert all(ours[n].std() > 0 for n in router)
+
+    qk = MSAForCausalLM.from_backbone(backbone, router_init="qk")
+    for layer in expected_layers:
+        attention = qk.model.layers[layer].self_attn
+        assert torch.equal(attention.router_q_proj.weight, attention.q_proj.weight)
+        assert torch.equal(attention.router_k_proj.weight, attention.k_proj.weight)
+
+
+def test_conversion_from_checkpoint_directory(tmp_path):
+    backbone = tiny_qwen3(6)
+    backbone.save_pretrained(tmp_path / "qwen3")
+    model = MSAForCausalLM.from_backbone(tmp_path / "qwen3", top_k_docs=3).eval()
+    assert model.config.top_k_docs == 3
+    assert model.config.hidden_size == backbone.config.hidden_size
+    assert model.config.rms_norm_eps == backbone.config.rms_norm_eps
+    input_ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, backbone(input_ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_backbone_is_rejected():
+    backbone = tiny_qwen3(0, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    with pytest.raises(ValueError, match="sliding"):
+        MSAForCausalLM.from_backbone(backbone)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def test_router_learns_from_aux_loss_only():
+    model = tiny_msa(7).train()
+    batch = random_packed_batch(7)
+    router_params = [p for n, p in model.named_parameters() if ".router_" in n]
+
+    out = model(**batch)
+    out.lm_loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in router_params)
+
+    model.zero_grad(set_to_none=True)
+    model(**batch).aux_loss.backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in router_params)
+
+
+def test_lm_loss_reaches_lower_layer_kv_through_selected_documents_only():
+    model = tiny_msa(8).train()
+    batch = random_packed_batch(8, docs_per_example=(5, 6))
+    captured = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output):
+            output.retain_grad()
+            captured[name] = output
+
+        return hook
+
+    model.model.layers[0].self_attn.k_proj.register_forward_hook(keep("k"))
+    model.model.layers[0].self_attn.v_proj.register_forward_hook(keep("v"))
+    out = model(**batch)
+    out.lm_loss.backward()
+    selected_anywhere = out.selected_docs.any(0)
+    assert selected_anywhere.any() and not selected_anywhere.all()
+    for row, example, doc in all_documents(batch):
+        mask = document_token_mask(batch, row, example, doc)
+        for name in ("k", "v"):
+            grad = captured[name].grad[mask]
+            if selected_anywhere[doc_index(model, batch, mask)]:
+                assert grad.abs().sum() > 0, f"{name}: selected doc ({row},{example},{doc}) got no LM gradient"
+            else:
+                assert torch.count_nonzero(grad) == 0, f"{name}: unselected doc ({row},{example},{doc}) got LM gradient"
+
+
+def test_detached_router_input_keeps_aux_gradient_in_the_router():
+    model = tiny_msa(9, detach_router_input=True).train()
+    batch = random_packed_batch(9)
+    model(**batch).aux_loss.backward()
+    backbone_grads = [p.grad for n, p in model.named_parameters() if ".router_" not in n]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in backbone_grads)
+    assert model.model.layers[2].self_attn.router_q_proj.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    model = tiny_msa(10, aux_loss_type="infonce", routing_tokens="query")
+    batch = random_packed_batch(10)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "msa"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MSAForCausalLM
+    assert loaded.config.aux_loss_type == "infonce" and loaded.config.routing_tokens == "query"
+    assert loaded.config.router_layers == model.config.router_layers
+    assert torch.equal(run(model, batch).logits, run(loaded, batch).logits)
+
+
+# ---------------------------------------------------------------- losses and outputs
+
+
+def test_chunked_lm_loss_equals_full_cross_entropy():
+    model = tiny_msa(11, lm_loss_chunk_size=3)
+    batch = random_packed_batch(11)
+    out = run(model, batch)
+    logits, labels, examples = out.logits[:, :-1], batch["labels"][:, 1:], batch["example_ids"]
+    # Never predict across a packed example boundary.
+    labels = torch.where(examples[:, 1:] == examples[:, :-1], labels, torch.full_like(labels, -100))
+    expected = F.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss, expected, rtol=1e-6, atol=1e-6)
+    assert out.loss is not None and out.aux_loss is not None
+    torch.testing.assert_close(out.loss, 1.0 * out.lm_loss + 0.1 * out.aux_loss)
+
+
+def test_aux_loss_is_none_without_positives_and_recall_is_reported_per_layer():
+    model = tiny_msa(12)
+    batch = random_packed_batch(12)
+    no_positives = dict(batch, aux_labels=torch.zeros_like(batch["aux_labels"]))
+    out = run(model, no_positives)
+    assert out.aux_loss is None
+    assert torch.isnan(out.router_recall["recall@1"]).all()
+    out = run(model, batch)
+    for k in ("recall@1", "recall@5", "recall@10"):
+        assert out.router_recall[k].shape == (len(model.config.router_layers),)
+        assert ((out.router_recall[k] >= 0) & (out.router_recall[k] <= 1)).all()
+    # With at most 6 documents per example, the top 10 hold every positive.
+    assert torch.equal(out.router_recall["recall@10"], torch.ones(2))
+
+
+def test_positions_follow_the_spec():
+    doc_ids = torch.tensor([-2, -2, -2, 1, 1, 1, 2, 2, 0, 0, 0, -1])
+    expected = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 3 + 16, 4 + 16, 5 + 16, 0])
+    assert torch.equal(compute_position_ids(doc_ids, query_position_offset=16), expected)
+    packed = torch.tensor([[1, 1, 0, 1, 2, 0, 0]])
+    examples = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    assert compute_position_ids(packed, examples, query_position_offset=4).tolist() == [[0, 1, 4, 0, 0, 4, 5]]
+    assert compute_position_ids(packed, examples, document_positions=False).tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+
+
+def test_bf16_forward_and_backward_on_cpu():
+    model = tiny_msa(13).train()
+    batch = random_packed_batch(13)
+    reference = model(**batch)
+    model = model.to(torch.bfloat16)
+    out = model(**batch)
+    out.loss.backward()
+    assert out.lm_loss.dtype == torch.float32 and out.aux_loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    assert abs(out.lm_loss.item() - reference.lm_loss.item()) < 0.05 * reference.lm_loss.item()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = random_packed_batch(14)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_msa(14).train()
+        model.model.gradient_checkpointing = checkpointing
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_top_k_ties_break_towards_lower_document_id():
+    model = tiny_msa(15, top_k_docs=2)
+    # Three identical documents score identically; the first two must win.
+    doc = torch.randint(3, VOCAB, (5,))
+    input_ids = torch.cat([doc, doc, doc, torch.tensor([5, 6, 7])]).unsqueeze(0)
+    doc_ids = torch.tensor([[1] * 5 + [2] * 5 + [3] * 5 + [0] * 3])
+    out = run(model, {"input_ids": input_ids, "doc_ids": doc_ids})
+    assert torch.equal(out.doc_scores[:, 0], out.doc_scores[:, 2])
+    assert out.selected_docs.tolist() == [[True, True, False]] * 2
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    "doc_ids, message",
+    [
+        ([[1, 1, 2, 2, -1]], "no query tokens"),
+        ([[1, 1, 2, 1, 0]], "not contiguous"),
+        ([[2, 2, 1, 1, 0]], "must increase"),
+        ([[1, 1, 0, 2, 0]], "out of order"),
+        ([[0, -2, 1, 0, 0]], "out of order"),
+        ([[1, 1, -1, 0, 0]], "padding must come at the end"),
+        ([[1, 1, 0, 0, -5]], "doc_ids must be"),
+    ],
+)
+def test_malformed_rows_raise_value_error(doc_ids, message):
+    model = tiny_msa(0)
+    doc_ids = torch.tensor(doc_ids)
+    with pytest.raises(ValueError, match=message):
+        model(torch.ones_like(doc_ids), doc_ids=doc_ids)
+
+
+def test_mismatched_shapes_raise_value_error():
+    model = tiny_msa(0)
+    input_ids = torch.ones(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="doc_ids has shape"):
+        model(input_ids, doc_ids=torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels has shape"):
+        model(input_ids, doc_ids=torch.zeros(1, 6, dtype=torch.long), labels=torch.zeros(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[batch, row_length\]"):
+        model(torch.ones(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="unexpected arguments"):
+        model(input_ids, doc_idz=torch.zeros(1, 6, dtype=torch.long))
+
+
+def test_example_without_routing_tokens_is_rejected():
+    model = tiny_msa(0)
+    doc_ids = torch.tensor([[1, 1, 0, 0]])
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ValueError, match="no routing tokens"):
+        model(input_ids, doc_ids=doc_ids, labels=input_ids.clone())
+
+
+def test_bad_aux_labels_raise_value_error():
+    doc_ids = torch.tensor([[1, 1, 2, 0]])
+    for aux, message in (([[1, 0, 0, 0]], "constant over each document"), ([[0, 0, 0, 1]], "0 outside documents")):
+        with pytest.raises(ValueError, match=message):
+            build_packed_layout(doc_ids, chunk_size=2, query_position_offset=0, aux_labels=torch.tensor(aux))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("top_k_docs", 0), ("chunk_size", 0), ("chunk_size", -3), ("aux_loss_type", "contrastive"), ("router_layers", [9])],
+)
+def test_bad_config_raises_value_error(field, value):
+    with pytest.raises(ValueError, match=field):
+        MSAConfig(num_hidden_layers=4, **{field: value})
