@@ -6,6 +6,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+from .attention import BACKENDS
+
 ROUTING_TOKEN_MODES = ("prompt", "query")
 AUX_LOSS_TYPES = ("decoupled_infonce", "infonce")
 ROUTER_INITS = ("random", "qk")
@@ -27,6 +29,7 @@ MSA_KEYS = (
     "detach_router_input",
     "router_init",
     "lm_loss_chunk_size",
+    "attn_backend",
 )
 
 
@@ -62,6 +65,10 @@ class MSAConfig(PreTrainedConfig):
             building from a backbone.
         lm_loss_chunk_size: tokens per chunk of the LM head + cross-entropy, so that the
             logits of a whole row are never materialised.
+        attn_backend: `"auto"` (flash-attn, else torch varlen, else FlexAttention on CUDA;
+            masked SDPA on CPU) or one of `"flash_attn"`, `"varlen"`, `"flex"`, `"sdpa"`.
+            Saved with the checkpoint; override at load time with
+            `from_pretrained(path, attn_backend="sdpa")`.
     """
 
     model_type = "msa"
@@ -82,6 +89,7 @@ class MSAConfig(PreTrainedConfig):
         detach_router_input: bool = False,
         router_init: str = "random",
         lm_loss_chunk_size: int = 4096,
+        attn_backend: str = "auto",
         **backbone_kwargs: Any,
     ) -> None:
         self.backbone_model_type = backbone_model_type
@@ -101,6 +109,7 @@ class MSAConfig(PreTrainedConfig):
         self.detach_router_input = detach_router_input
         self.router_init = router_init
         self.lm_loss_chunk_size = lm_loss_chunk_size
+        self.attn_backend = attn_backend
         super().__init__(**backbone_kwargs)
         self.validate_msa_fields()
 
@@ -123,6 +132,7 @@ class MSAConfig(PreTrainedConfig):
             ("routing_tokens", ROUTING_TOKEN_MODES),
             ("aux_loss_type", AUX_LOSS_TYPES),
             ("router_init", ROUTER_INITS),
+            ("attn_backend", BACKENDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MSAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")

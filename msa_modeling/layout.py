@@ -48,6 +48,14 @@ class PackedLayout:
     routing_token_example: torch.Tensor  # [R] long
     lm_token_index: torch.Tensor  # [T] long, flat indices of tokens whose next token is a target
     lm_targets: torch.Tensor  # [T] long
+    doc_token_index: torch.Tensor  # [N_doc] long, flat indices of document tokens
+    doc_token_chunk: torch.Tensor  # [N_doc] long, their chunks
+    prefix_token_index: torch.Tensor  # [N_prefix] long, flat indices of prefix tokens
+    cu_seqlens: torch.Tensor  # [S+1] int32, segment boundaries over the flat tokens
+    example_query_segment: torch.Tensor  # [E] long, the segment holding each example's query
+    max_segment_length: int
+    max_query_context: int  # bound on prefix + chunks + query of one example (varlen max_k)
+    has_positives: bool  # some example has a positive document
 
     @property
     def num_chunks(self) -> int:
@@ -60,6 +68,14 @@ class PackedLayout:
     @property
     def num_examples(self) -> int:
         return self.example_docs.shape[0]
+
+    @property
+    def num_segments(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch_size * self.row_length
 
     def to(self, device: torch.device | str) -> "PackedLayout":
         moved = {
@@ -293,6 +309,15 @@ def build_packed_layout(
         lm_token_index = predicts.nonzero().flatten()
         lm_targets = next_labels[lm_token_index]
 
+    segment_lengths = torch.bincount(token_segment, minlength=int(segment_start.sum()))
+    cu_seqlens = torch.cat([segment_lengths.new_zeros(1), torch.cumsum(segment_lengths, 0)]).int()
+    example_query_segment = torch.zeros(num_examples, dtype=torch.long, device=device)
+    example_query_segment[token_example[is_query]] = token_segment[is_query]
+    query_length = torch.bincount(token_example[is_query], minlength=num_examples)
+    chunks_per_example = torch.bincount(chunk_example, minlength=num_examples)
+    query_context = query_length + prefix_length[:num_examples] + chunks_per_example
+    is_prefix = role == ROLE_PREFIX
+
     return PackedLayout(
         batch_size=batch_size,
         row_length=row_length,
@@ -313,6 +338,14 @@ def build_packed_layout(
         routing_token_example=token_example[routing_token_index],
         lm_token_index=lm_token_index,
         lm_targets=lm_targets,
+        doc_token_index=is_doc.nonzero().flatten(),
+        doc_token_chunk=token_chunk[is_doc],
+        prefix_token_index=is_prefix.nonzero().flatten(),
+        cu_seqlens=cu_seqlens,
+        example_query_segment=example_query_segment,
+        max_segment_length=int(segment_lengths.max()),
+        max_query_context=int(query_context.max()) if num_examples else 0,
+        has_positives=bool(doc_positive.any()),
     )
 
 

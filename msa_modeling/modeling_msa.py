@@ -15,7 +15,8 @@ from transformers.modeling_outputs import ModelOutput
 
 from .backbones import BackboneAdapter, get_backbone
 from .configuration_msa import MSAConfig
-from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
+from .attention import PooledMemory, make_attention_backend
+from .layout import PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
 from .routing import pool_chunks, rank_documents, score_chunks, score_documents, select_documents
 
@@ -30,33 +31,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def token_attention_mask(layout: PackedLayout) -> torch.Tensor:
-    """[B, 1, L, L] bool: who sees whom among the row's own tokens (same in every layer).
+@dataclass
+class AttentionContext:
+    """The attention backend and what it precomputed for this batch (shared by all layers)."""
 
-    A token sees earlier tokens of its own segment (the prefix, its document, or the
-    query/answer of its example); query/answer tokens also see their example's whole prefix.
-    """
-    shape = (layout.batch_size, layout.row_length)
-    segment = layout.token_segment.view(shape)
-    example = layout.token_example.view(shape)
-    role = layout.role.view(shape)
-    positions = torch.arange(layout.row_length, device=segment.device)
-    causal = positions[:, None] >= positions[None, :]
-    same_segment = (segment[:, :, None] == segment[:, None, :]) & causal
-    query_sees_prefix = (
-        (role[:, :, None] == ROLE_QUERY) & (role[:, None, :] == ROLE_PREFIX) & (example[:, :, None] == example[:, None, :])
-    )
-    return (same_segment | query_sees_prefix).unsqueeze(1)
-
-
-def memory_attention_mask(layout: PackedLayout, selected_docs: torch.Tensor) -> torch.Tensor:
-    """[B, 1, L, C] bool: query/answer tokens see every pooled chunk of their example's selected documents."""
-    shape = (layout.batch_size, layout.row_length)
-    is_query = (layout.role == ROLE_QUERY).view(shape)
-    example = layout.token_example.view(shape)
-    chunk_visible = selected_docs[layout.chunk_doc]
-    mask = is_query[:, :, None] & (example[:, :, None] == layout.chunk_example[None, None, :]) & chunk_visible
-    return mask.unsqueeze(1)
+    backend: object
+    plan: dict
 
 
 @dataclass
@@ -99,7 +79,7 @@ class MSAAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: PackedLayout,
-        token_mask: torch.Tensor,
+        attention: "AttentionContext",
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
         batch, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
@@ -109,23 +89,18 @@ class MSAAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        keys, values, mask = k.transpose(1, 2), v.transpose(1, 2), token_mask
-        router_output = None
+        memory = router_output = None
         if self.is_router and layout.num_docs > 0:
             router_output = self.route(hidden_states, layout)
             selected = select_documents(router_output.doc_ranks, self.top_k)
-            pooled_k = pool_chunks(k.reshape(batch * length, self.num_kv_heads, self.head_dim), layout).to(k.dtype)
-            pooled_v = pool_chunks(v.reshape(batch * length, self.num_kv_heads, self.head_dim), layout).to(v.dtype)
-            # Every row sees the chunks of the whole batch; the mask keeps each example to its own.
-            keys = torch.cat([keys, pooled_k.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
-            values = torch.cat([values, pooled_v.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
-            mask = torch.cat([token_mask, memory_attention_mask(layout, selected)], dim=-1)
-
-        attended = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
-        )
-        output = self.o_proj(attended.transpose(1, 2).reshape(batch, length, -1))
-        return output, router_output
+            flat = lambda x: x.reshape(batch * length, self.num_kv_heads, self.head_dim)  # noqa: E731
+            memory = PooledMemory(
+                keys=pool_chunks(flat(k), layout).to(k.dtype),
+                values=pool_chunks(flat(v), layout).to(v.dtype),
+                selected_chunks=selected[layout.chunk_doc],
+            )
+        attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory)
+        return self.o_proj(attended.reshape(batch, length, -1)), router_output
 
     def route(self, hidden_states: torch.Tensor, layout: PackedLayout) -> RouterLayerOutput:
         """Score every document of the batch and rank it within its example."""
@@ -152,9 +127,9 @@ class MSADecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: PackedLayout,
-        token_mask: torch.Tensor,
+        attention: AttentionContext,
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
-        attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, token_mask)
+        attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
         hidden_states = hidden_states + attended
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, router_output
@@ -192,7 +167,16 @@ class MSAModel(MSAPreTrainedModel):
         self.norm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = adapter.rotary_embedding(backbone_config)
         self.gradient_checkpointing = False
+        self._attention_backends: dict[str, object] = {}
         self.post_init()
+
+    def attention_backend(self, device: torch.device):
+        """The configured attention backend for `device`, chosen once per device type and logged."""
+        if device.type not in self._attention_backends:
+            backend = make_attention_backend(self.config.attn_backend, device)
+            logger.info("MSA attention backend on %s: %s (config attn_backend=%r)", device.type, backend.name, self.config.attn_backend)
+            self._attention_backends[device.type] = backend
+        return self._attention_backends[device.type]
 
     def forward(
         self,
@@ -207,16 +191,17 @@ class MSAModel(MSAPreTrainedModel):
             )
         hidden_states = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden_states, layout.position_ids)
-        token_mask = token_attention_mask(layout)
+        backend = self.attention_backend(hidden_states.device)
+        attention = AttentionContext(backend=backend, plan=backend.prepare(layout))
         all_hidden = [hidden_states] if output_hidden_states else None
         router_outputs = []
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 hidden_states, router_output = checkpoint(
-                    layer, hidden_states, cos, sin, layout, token_mask, use_reentrant=False
+                    layer, hidden_states, cos, sin, layout, attention, use_reentrant=False
                 )
             else:
-                hidden_states, router_output = layer(hidden_states, cos, sin, layout, token_mask)
+                hidden_states, router_output = layer(hidden_states, cos, sin, layout, attention)
             if router_output is not None:
                 router_outputs.append(router_output)
             if output_hidden_states:

@@ -1,0 +1,285 @@
+"""Attention backends for the MSA layer, behind one small interface.
+
+Every backend computes the same thing (spec section 3): each token attends causally within
+its segment (the prefix, one document, or the query/answer of an example); query/answer
+tokens also see their example's whole prefix and, in router layers, the pooled K/V of the
+selected documents' chunks.
+
+The variable-length backends express this as one causal varlen call. Queries stay in row
+order, one segment each. Keys are regrouped so that a query segment's keys read
+`[prefix ; selected chunks ; query]`. Causal masks in these kernels are aligned bottom-right,
+so query token j of a segment sees every prefix and chunk key plus query tokens 0..j.
+Document and prefix segments keep their own tokens as keys. Unselected chunks are sorted
+past the last segment, where no kernel reads them, so every tensor has a size known before
+routing and the step needs no host sync.
+
+Backends:
+    `flash_attn`: flash-attn's `flash_attn_varlen_func`, when installed (CUDA).
+    `varlen`: `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10).
+    `flex`: FlexAttention with a segment block mask (CUDA; compiled).
+    `sdpa`: dense masked `scaled_dot_product_attention`; the CPU path, O(L^2) memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "flash_attn", "varlen", "flex", "sdpa")
+
+
+@dataclass
+class PooledMemory:
+    """Pooled K/V of every chunk in the batch, and which chunks their example selected."""
+
+    keys: torch.Tensor  # [C, Hkv, D]
+    values: torch.Tensor  # [C, Hkv, D]
+    selected_chunks: torch.Tensor  # [C] bool
+
+
+# ------------------------------------------------------------------ dense masked SDPA
+
+
+def token_attention_mask(layout: PackedLayout) -> torch.Tensor:
+    """[B, 1, L, L] bool: who sees whom among the row's own tokens (the same in every layer)."""
+    shape = (layout.batch_size, layout.row_length)
+    segment = layout.token_segment.view(shape)
+    example = layout.token_example.view(shape)
+    role = layout.role.view(shape)
+    positions = torch.arange(layout.row_length, device=segment.device)
+    causal = positions[:, None] >= positions[None, :]
+    same_segment = (segment[:, :, None] == segment[:, None, :]) & causal
+    query_sees_prefix = (
+        (role[:, :, None] == ROLE_QUERY) & (role[:, None, :] == ROLE_PREFIX) & (example[:, :, None] == example[:, None, :])
+    )
+    return (same_segment | query_sees_prefix).unsqueeze(1)
+
+
+def memory_attention_mask(layout: PackedLayout, selected_chunks: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, C] bool: query/answer tokens see the selected chunks of their own example."""
+    shape = (layout.batch_size, layout.row_length)
+    is_query = (layout.role == ROLE_QUERY).view(shape)
+    example = layout.token_example.view(shape)
+    mask = is_query[:, :, None] & (example[:, :, None] == layout.chunk_example[None, None, :]) & selected_chunks
+    return mask.unsqueeze(1)
+
+
+class SDPABackend:
+    name = "sdpa"
+
+    def prepare(self, layout: PackedLayout) -> dict:
+        return {"token_mask": token_attention_mask(layout)}
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
+        memory: PooledMemory | None,
+    ) -> torch.Tensor:
+        """q [B, L, H, D], k/v [B, L, Hkv, D] -> [B, L, H, D]."""
+        batch = q.shape[0]
+        keys, values, mask = k.transpose(1, 2), v.transpose(1, 2), plan["token_mask"]
+        if memory is not None:
+            # Every row sees the chunks of the whole batch; the mask keeps each example to its own.
+            keys = torch.cat([keys, memory.keys.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
+            values = torch.cat([values, memory.values.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
+            mask = torch.cat([mask, memory_attention_mask(layout, memory.selected_chunks)], dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------ variable-length kernels
+
+
+@dataclass
+class VarlenKeys:
+    """Keys/values regrouped segment by segment, with their boundaries."""
+
+    order: torch.Tensor  # [K] long, index into cat([tokens, prefix copies, chunks])
+    cu_seqlens: torch.Tensor  # [S+1] int32
+    max_length: int
+
+
+_SLOT_OWN, _SLOT_CHUNK, _SLOT_QUERY = 0, 1, 2
+
+
+def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None) -> VarlenKeys:
+    """Order of the key buffer `cat([tokens, prefix copies, chunks])` for a causal varlen call.
+
+    Sort keys are `segment * 3 + slot`: within a query segment the prefix copies (slot 0)
+    come first, then the selected chunks (slot 1), then the query tokens (slot 2); a stable
+    sort keeps row order inside each slot. Unselected chunks get the sentinel segment S.
+    """
+    device = layout.token_segment.device
+    num_segments = layout.num_segments
+    token_slot = torch.where(layout.role == ROLE_QUERY, _SLOT_QUERY, _SLOT_OWN)
+    prefix_segment = layout.example_query_segment[layout.token_example[layout.prefix_token_index]]
+    segments = [layout.token_segment, prefix_segment]
+    slots = [token_slot, torch.full_like(prefix_segment, _SLOT_OWN)]
+    # An upper bound is enough for the kernels; the exact value would need a host sync.
+    max_length = max(layout.max_segment_length, layout.max_query_context)
+    if selected_chunks is not None:
+        chunk_segment = torch.where(
+            selected_chunks, layout.example_query_segment[layout.chunk_example], torch.full_like(layout.chunk_example, num_segments)
+        )
+        segments.append(chunk_segment)
+        slots.append(torch.full_like(chunk_segment, _SLOT_CHUNK))
+    segment = torch.cat(segments)
+    order = torch.sort(segment * 3 + torch.cat(slots), stable=True).indices
+    counts = torch.zeros(num_segments + 1, dtype=torch.int32, device=device)
+    counts.scatter_add_(0, segment, torch.ones_like(segment, dtype=torch.int32))
+    cu_seqlens = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_segments], 0, dtype=torch.int32)])
+    return VarlenKeys(order=order, cu_seqlens=cu_seqlens, max_length=max_length)
+
+
+def gather_varlen_keys(
+    tokens: torch.Tensor, layout: PackedLayout, keys: VarlenKeys, pooled: torch.Tensor | None
+) -> torch.Tensor:
+    """Keys or values [N, Hkv, D] (+ pooled [C, Hkv, D]) regrouped by `keys.order`."""
+    parts = [tokens, tokens[layout.prefix_token_index]]
+    if pooled is not None:
+        parts.append(pooled)
+    return torch.cat(parts)[keys.order]
+
+
+VarlenKernel = Callable[..., torch.Tensor]
+
+
+class VarlenBackend:
+    """Any causal varlen kernel with flash-attn's calling convention (bottom-right causal, GQA)."""
+
+    def __init__(self, name: str, kernel: VarlenKernel) -> None:
+        self.name = name
+        self.kernel = kernel
+
+    def prepare(self, layout: PackedLayout) -> dict:
+        return {"keys_without_memory": varlen_key_order(layout, None)}
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
+        memory: PooledMemory | None,
+    ) -> torch.Tensor:
+        batch, length = q.shape[:2]
+        flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
+        if memory is None:
+            keys = plan["keys_without_memory"]
+            k_buffer = gather_varlen_keys(flat(k), layout, keys, None)
+            v_buffer = gather_varlen_keys(flat(v), layout, keys, None)
+        else:
+            keys = varlen_key_order(layout, memory.selected_chunks)
+            k_buffer = gather_varlen_keys(flat(k), layout, keys, memory.keys)
+            v_buffer = gather_varlen_keys(flat(v), layout, keys, memory.values)
+        out = self.kernel(
+            flat(q), k_buffer, v_buffer, layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale
+        )
+        return out.view(batch, length, *out.shape[1:])
+
+
+def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
+
+
+def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+# ------------------------------------------------------------------ FlexAttention
+
+
+class FlexBackend:
+    """FlexAttention over the same regrouped keys, with a segment-and-causal block mask."""
+
+    name = "flex"
+
+    def __init__(self) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.create_block_mask = create_block_mask
+        self.flex_attention = torch.compile(flex_attention, dynamic=False)
+
+    def prepare(self, layout: PackedLayout) -> dict:
+        return {"keys_without_memory": varlen_key_order(layout, None)}
+
+    def block_mask(self, layout: PackedLayout, keys: VarlenKeys, num_keys: int):
+        def position_from_end(cu: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.arange(total, device=cu.device)
+            segment = torch.searchsorted(cu[1:].long(), index, right=True)
+            # Positions past the last boundary (unselected chunks) get the sentinel segment.
+            end = torch.cat([cu[1:].long(), cu.new_full((1,), total).long()])[segment]
+            return segment, index - end
+
+        q_segment, q_from_end = position_from_end(layout.cu_seqlens, layout.num_tokens)
+        k_segment, k_from_end = position_from_end(keys.cu_seqlens, num_keys)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_segment[q_idx] == k_segment[kv_idx]) & (k_from_end[kv_idx] <= q_from_end[q_idx])
+
+        return self.create_block_mask(mask_mod, None, None, layout.num_tokens, num_keys, device=q_segment.device)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
+        memory: PooledMemory | None,
+    ) -> torch.Tensor:
+        batch, length = q.shape[:2]
+        flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
+        if memory is None:
+            keys = plan["keys_without_memory"]
+            k_buffer = gather_varlen_keys(flat(k), layout, keys, None)
+            v_buffer = gather_varlen_keys(flat(v), layout, keys, None)
+            if "block_mask" not in plan:
+                plan["block_mask"] = self.block_mask(layout, keys, k_buffer.shape[0])
+            block_mask = plan["block_mask"]
+        else:
+            keys = varlen_key_order(layout, memory.selected_chunks)
+            k_buffer = gather_varlen_keys(flat(k), layout, keys, memory.keys)
+            v_buffer = gather_varlen_keys(flat(v), layout, keys, memory.values)
+            block_mask = self.block_mask(layout, keys, k_buffer.shape[0])
+        heads = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
+        out = self.flex_attention(
+            heads(flat(q)), heads(k_buffer), heads(v_buffer), block_mask=block_mask, scale=scale, enable_gqa=True
+        )
+        return out.squeeze(0).transpose(0, 1).reshape(batch, length, *q.shape[2:])
+
+
+# ------------------------------------------------------------------ choice
+
+
+def torch_varlen_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def make_attention_backend(name: str, device: torch.device) -> SDPABackend | VarlenBackend | FlexBackend:
+    """The backend `name` (one of `BACKENDS`), or for `"auto"` the fastest one available on `device`."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            name = "sdpa"
+        elif importlib.util.find_spec("flash_attn") is not None:
+            name = "flash_attn"
+        elif torch_varlen_available():
+            name = "varlen"
+        else:
+            name = "flex"
+    if name == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attention backend 'flash_attn' needs the flash-attn package (pip install '.[flash]')")
+        return VarlenBackend("flash_attn", flash_attn_kernel)
+    if name == "varlen":
+        if not torch_varlen_available():
+            raise ValueError(f"attention backend 'varlen' needs torch >= 2.10 (have {torch.__version__})")
+        return VarlenBackend("varlen", torch_varlen_kernel)
+    if name == "flex":
+        return FlexBackend()
+    return SDPABackend()
