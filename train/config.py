@@ -1,0 +1,337 @@
+"""Typed recipe objects and their loading: YAML (OmegaConf) plus `key=value` overrides.
+
+A recipe is validated into the dataclasses below before any work starts. A key that no
+dataclass declares fails with its dotted path, the file it came from and the closest
+valid name (difflib); a value of the wrong type fails with the path and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+
+from msa_train.data.build import BuildConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the key and where it came from."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "msa"
+    output_dir: str = "runs/msa"
+    seed: int = 0
+
+
+@dataclass
+class TinyTokenizerConfig:
+    """A byte-level BPE tokenizer trained on the recipe's own synthetic text (no network)."""
+
+    vocab_size: int = 512
+    sample_records: int = 400
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # a local Hugging Face tokenizer folder or tokenizer.json
+    train_tiny: TinyTokenizerConfig | None = None  # used when `path` is not given
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (a local checkpoint path, or an inline Qwen3 config for random tiny models)
+    and the MSA settings (`MSAConfig` fields)."""
+
+    backbone: str | None = None
+    inline_config: dict[str, Any] | None = None
+    msa: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+
+@dataclass
+class DataConfig:
+    """Named data sources. Each is a `msa_train.data.build.BuildConfig` without `tokenizer`
+    (the run's tokenizer is filled in): source, sample kind, template, memory filling."""
+
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class BudgetConfig:
+    """Stage length: exactly one of `tokens` (global, counted as full rows) or `steps`."""
+
+    tokens: float | None = None
+    steps: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up to each group's LR, then an anneal to `final_lr_ratio` times it."""
+
+    warmup_steps: int = 0
+    anneal: Literal["cosine", "linear", "constant"] = "cosine"
+    final_lr_ratio: float = 1.0
+
+
+@dataclass
+class LossWeights:
+    lm: float = 1.0
+    aux: float = 0.1
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters whose name matches `pattern` (regex search; first matching group wins)."""
+
+    name: str
+    pattern: str
+    lr: float | None = None  # None: the stage optimizer's lr
+    frozen: bool = False
+    weight_decay: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Held-out loss and router recall on `sources` (none: no evaluation)."""
+
+    sources: dict[str, float] = field(default_factory=dict)
+    every_steps: int = 0  # 0: only at the end of the stage
+    micro_batches: int = 2
+
+
+@dataclass
+class StageConfig:
+    name: str
+    phase: Literal["pretrain", "sft"]
+    sources: dict[str, float]  # source name -> mixing weight
+    row_length: int
+    micro_batch_tokens: int
+    global_batch_tokens: int
+    budget: BudgetConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    init_from: str = "previous"  # "previous" (the preceding stage's export), "backbone", or a path
+    checkpoint_every_steps: int = 100
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_clipping: float = 1.0
+    activation_checkpointing: bool = False
+    torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPUs
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "msa-train"
+    log_every_steps: int = 1
+    peak_flops_per_device: float = 989e12  # H100 SXM dense bf16
+    progress_bar: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 2
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageConfig]
+    run: RunConfig = field(default_factory=RunConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        """The stage called `name`; `RecipeError` with the closest name otherwise."""
+        names = [stage.name for stage in self.stages]
+        if name not in names:
+            raise RecipeError(f"no stage named {name!r}{_suggestion(name, names)}; stages: {names}")
+        return self.stages[names.index(name)]
+
+
+def _suggestion(key: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _convert(value: Any, annotation: Any, path: str, source: str) -> Any:
+    """`value` checked against (and built into) the type `annotation`."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, path, source)
+            except RecipeError as error:
+                errors.append(error)
+        raise errors[0] if len(errors) == 1 else RecipeError(
+            f"{source}: {path} = {value!r} is not a {_type_name(annotation)}"
+        )
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{source}: {path} = {value!r} must be one of {list(args)}{_suggestion(str(value), map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, path, source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {path} must be a list, got {value!r}")
+        return [_convert(item, args[0], f"{path}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {path} must be a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}", source) for k, v in value.items()}
+    if annotation is float:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+            return float(value)  # YAML 1.1 reads `158.95e9` as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    raise RecipeError(f"{source}: {path} = {value!r} is not a {_type_name(annotation)}")
+
+
+def build_dataclass(cls: type, data: Any, path: str, source: str) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys, missing required keys and wrong
+    types raise `RecipeError` naming the dotted `path` and `source`."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {path or 'the recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in data:
+        if key not in known:
+            raise RecipeError(f"{source}: unknown key {prefix}{key}{_suggestion(str(key), known)}; valid keys here: {sorted(known)}")
+    values = {}
+    for name, spec in known.items():
+        if name in data:
+            values[name] = _convert(data[name], hints[name], f"{prefix}{name}", source)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{source}: missing required key {prefix}{name}")
+    return cls(**values)
+
+
+def _check_recipe(recipe: Recipe, source: str) -> None:
+    """Cross-field rules that types alone cannot express."""
+    names = [stage.name for stage in recipe.stages]
+    if not names:
+        raise RecipeError(f"{source}: the recipe has no stages")
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{source}: stage names must be unique, got {names}")
+    if (recipe.model.backbone is None) == (recipe.model.inline_config is None):
+        raise RecipeError(f"{source}: model needs exactly one of model.backbone (a path) or model.inline_config")
+    for name, values in recipe.data.sources.items():
+        build_dataclass(BuildConfig, {**values, "tokenizer": "<the run's tokenizer>"}, f"data.sources.{name}", source)
+    for index, stage in enumerate(recipe.stages):
+        where = f"{source}: stages[{index}] ({stage.name})"
+        if (stage.budget.tokens is None) == (stage.budget.steps is None):
+            raise RecipeError(f"{where}: budget needs exactly one of budget.tokens or budget.steps")
+        if stage.micro_batch_tokens % stage.row_length:
+            raise RecipeError(
+                f"{where}: micro_batch_tokens {stage.micro_batch_tokens} is not a multiple of row_length {stage.row_length}"
+            )
+        if stage.global_batch_tokens % stage.micro_batch_tokens:
+            raise RecipeError(
+                f"{where}: global_batch_tokens {stage.global_batch_tokens} is not a multiple of "
+                f"micro_batch_tokens {stage.micro_batch_tokens}"
+            )
+        for source_name in [*stage.sources, *stage.eval.sources]:
+            if source_name not in recipe.data.sources:
+                raise RecipeError(
+                    f"{where}: unknown data source {source_name!r}{_suggestion(source_name, recipe.data.sources)}; "
+                    f"data.sources has {sorted(recipe.data.sources)}"
+                )
+        if stage.init_from == "previous" and index == 0:
+            raise RecipeError(f"{where}: the first stage cannot start from the 'previous' stage; use 'backbone' or a path")
+
+
+def _stage_names_to_indices(overrides: list[str], stage_names: list[str]) -> list[str]:
+    """`stages.<name>.key=v` -> `stages.<index>.key=v`, so overrides can name stages."""
+    rewritten = []
+    for override in overrides:
+        match = re.match(r"stages\.([^.=]+)\.(.*)", override)
+        if match and match.group(1) in stage_names:
+            override = f"stages.{stage_names.index(match.group(1))}.{match.group(2)}"
+        rewritten.append(override)
+    return rewritten
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe, apply `key=value` overrides and validate it.
+
+    The file alone is validated first, so an error names the file; then the merged result,
+    so an error in an override names the command line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    file_config = OmegaConf.load(path)
+    file_data = OmegaConf.to_container(file_config, resolve=True)
+    recipe = build_dataclass(Recipe, file_data, "", str(path))
+    _check_recipe(recipe, str(path))
+    if not overrides:
+        return recipe
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError(f"command-line overrides must be key=value, got {bad}")
+    merged = file_config.copy()
+    for override in _stage_names_to_indices(overrides, [stage.name for stage in recipe.stages]):
+        key, value = override.split("=", 1)
+        OmegaConf.update(merged, key.strip(), yaml.safe_load(value), merge=True)
+    source = f"{path} with command-line overrides {overrides}"
+    recipe = build_dataclass(Recipe, OmegaConf.to_container(merged, resolve=True), "", source)
+    _check_recipe(recipe, source)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The validated recipe as YAML (what a run actually used)."""
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(recipe)))

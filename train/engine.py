@@ -1,0 +1,79 @@
+"""The DeepSpeed engine of a stage: config dictionary and initialisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .config import Recipe, StageConfig
+from .schedule import LRMultiplier
+
+
+def batch_geometry(stage: StageConfig, world_size: int) -> tuple[int, int]:
+    """(rows per micro-batch, gradient-accumulation steps) from the stage's token batch sizes."""
+    rows_per_micro = stage.micro_batch_tokens // stage.row_length
+    per_pass = stage.micro_batch_tokens * world_size
+    if stage.global_batch_tokens % per_pass:
+        raise ValueError(
+            f"stage {stage.name}: global_batch_tokens {stage.global_batch_tokens} is not a multiple of "
+            f"micro_batch_tokens x ranks = {stage.micro_batch_tokens} x {world_size}"
+        )
+    return rows_per_micro, stage.global_batch_tokens // per_pass
+
+
+def deepspeed_config(
+    recipe: Recipe, stage: StageConfig, rows_per_micro: int, accumulation: int, world_size: int, on_cpu: bool
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a stage (ZeRO stage, offload, bf16, clipping, AdamW)."""
+    ds = recipe.deepspeed
+    optimizer = stage.optimizer
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if ds.offload_params:
+        if ds.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage 3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    torch_adam = on_cpu if ds.torch_adam is None else ds.torch_adam
+    bf16 = recipe.model.dtype == "bfloat16"
+    return {
+        "train_micro_batch_size_per_gpu": rows_per_micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": rows_per_micro * accumulation * world_size,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        # With bf16 the overflow check is what lets a non-finite gradient skip the update.
+        "bf16": {"enabled": bf16, "check_grad_overflow": True} if bf16 else {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optimizer.lr,
+                "betas": list(optimizer.betas),
+                "eps": optimizer.eps,
+                "weight_decay": optimizer.weight_decay,
+                "torch_adam": torch_adam,
+                "adam_w_mode": True,
+            },
+        },
+        "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own prints would interleave
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize_engine(
+    model: torch.nn.Module,
+    param_groups: list[dict[str, Any]],
+    config: dict[str, Any],
+    multiplier: LRMultiplier,
+) -> tuple[Any, LambdaLR]:
+    """A DeepSpeed engine over `model` with the groups' own LRs scaled by `multiplier` per step."""
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups,
+        config=config,
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, multiplier),
+    )
+    return engine, scheduler

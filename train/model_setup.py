@@ -1,0 +1,110 @@
+"""Building the model a stage starts from, and its trainable parameter groups."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import msa_modeling  # noqa: F401  (registers model_type "msa" with the Auto classes)
+from msa_modeling import MSAForCausalLM
+
+from .config import ModelConfig, StageConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_from_backbone(model_config: ModelConfig, vocab_size: int, seed: int) -> MSAForCausalLM:
+    """The MSA model converted from the recipe's backbone (a checkpoint path or an inline Qwen3 config).
+
+    An inline config without `vocab_size` takes the tokenizer's. A backbone whose embedding
+    matrix is smaller than the tokenizer (special tokens were added) is resized first.
+    """
+    dtype = DTYPES[model_config.dtype]
+    if model_config.inline_config is not None:
+        fields = {"vocab_size": vocab_size, **model_config.inline_config}
+        torch.manual_seed(seed)  # the random backbone is part of the recipe, so seed it
+        backbone = Qwen3ForCausalLM(Qwen3Config(**fields)).to(dtype)
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(model_config.backbone, dtype=dtype)
+    if backbone.config.vocab_size < vocab_size:
+        logger.warning("resizing the backbone's embeddings from %d to the tokenizer's %d ids",
+                       backbone.config.vocab_size, vocab_size)
+        backbone.resize_token_embeddings(vocab_size)
+    return MSAForCausalLM.from_backbone(backbone, **model_config.msa)
+
+
+def is_msa_checkpoint(path: str | Path) -> bool:
+    config_path = Path(path) / "config.json"
+    return config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "msa"
+
+
+def load_stage_model(
+    init_from: str, model_config: ModelConfig, previous_export: Path | None, vocab_size: int, seed: int
+) -> MSAForCausalLM:
+    """The model a stage starts from: the previous stage's export, the recipe backbone, or a path
+    (an MSA checkpoint, or a plain backbone that is converted with the recipe's MSA settings)."""
+    if init_from == "backbone":
+        return build_from_backbone(model_config, vocab_size, seed)
+    if init_from == "previous":
+        if previous_export is None:
+            raise ValueError("stage starts from the previous stage, but there is none")
+        path = previous_export
+    else:
+        path = Path(init_from)
+    if is_msa_checkpoint(path):
+        logger.info("starting from MSA checkpoint %s", path)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_config.dtype])
+    logger.info("converting backbone checkpoint %s", path)
+    return build_from_backbone(ModelConfig(backbone=str(path), msa=model_config.msa, dtype=model_config.dtype),
+                               vocab_size, seed)
+
+
+def parameter_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of a stage; frozen groups get `requires_grad=False` and no group.
+
+    Each parameter joins the first group whose regex `pattern` it matches. Without groups in
+    the recipe every parameter trains at the stage optimizer's LR.
+    """
+    optimizer = stage.optimizer
+    if not stage.param_groups:
+        params = [p for p in model.parameters()]
+        for param in params:
+            param.requires_grad_(True)
+        return [{"name": "all", "params": params, "lr": optimizer.lr, "weight_decay": optimizer.weight_decay}]
+    patterns = [re.compile(group.pattern) for group in stage.param_groups]
+    members: list[list[torch.nn.Parameter]] = [[] for _ in stage.param_groups]
+    unmatched = []
+    for name, param in model.named_parameters():
+        index = next((i for i, pattern in enumerate(patterns) if pattern.search(name)), None)
+        if index is None:
+            unmatched.append(name)
+            continue
+        members[index].append(param)
+        param.requires_grad_(not stage.param_groups[index].frozen)
+    if unmatched:
+        raise ValueError(f"stage {stage.name}: parameters match no param_groups pattern: {unmatched[:5]}"
+                         f"{' ...' if len(unmatched) > 5 else ''}; add a catch-all group such as pattern '.*'")
+    groups = []
+    for group, params in zip(stage.param_groups, members):
+        count = sum(p.numel() for p in params)
+        logger.info("param group %s: %d tensors, %d parameters, %s", group.name, len(params), count,
+                    "frozen" if group.frozen else f"lr {group.lr if group.lr is not None else optimizer.lr:g}")
+        if group.frozen or not params:
+            continue
+        groups.append({
+            "name": group.name,
+            "params": params,
+            "lr": group.lr if group.lr is not None else optimizer.lr,
+            "weight_decay": group.weight_decay if group.weight_decay is not None else optimizer.weight_decay,
+        })
+    if not groups:
+        raise ValueError(f"stage {stage.name}: every parameter group is frozen or empty; nothing would train")
+    return groups

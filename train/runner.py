@@ -1,0 +1,143 @@
+"""Command line of the launchers: pick stages from a recipe and run them in order.
+
+    deepspeed [--num_gpus N | --hostfile H] launch/pretrain.py RECIPE [--stage NAME] [key=value ...]
+    python launch/pretrain.py RECIPE ...          # the same code path, one process
+
+A stage whose export exists is done and skipped; a stage with checkpoints resumes from the
+newest one. So re-running the same command after a crash continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from .config import Recipe, RecipeError, StageConfig, load_recipe
+from .data_stream import build_config_for, prepare_sources
+from .distributed import DistributedContext, barrier, init_distributed
+from .export import is_complete_export
+from .tokenizer import prepare_tokenizer
+from .trainer import NonFiniteLossError, StageTrainer, export_dir
+
+logger = logging.getLogger("msa_train")
+
+Phase = Literal["pretrain", "sft", "all"]
+
+
+def parse_arguments(argv: list[str], phase: Phase) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=f"launch/{'run_all' if phase == 'all' else phase}.py",
+        description=f"Run the {'' if phase == 'all' else phase + ' '}stages of an MSA training recipe.",
+    )
+    parser.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.cpt_warmup.budget.steps=5")
+    parser.add_argument("--stage", help="run (or resume) only this stage")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return parser.parse_args(argv)
+
+
+def select_stages(recipe: Recipe, phase: Phase, stage_name: str | None) -> list[StageConfig]:
+    if stage_name is not None:
+        return [recipe.stage(stage_name)]
+    stages = [stage for stage in recipe.stages if phase == "all" or stage.phase == phase]
+    if not stages:
+        raise RecipeError(f"the recipe has no {phase} stages")
+    return stages
+
+
+def previous_export(recipe: Recipe, stage: StageConfig, run_dir: Path) -> Path | None:
+    index = recipe.stages.index(stage)
+    if index == 0:
+        return None
+    path = export_dir(run_dir, recipe.stages[index - 1].name)
+    if stage.init_from == "previous" and not is_complete_export(path):
+        raise RuntimeError(f"stage {stage.name} starts from the export of {recipe.stages[index - 1].name}, "
+                           f"which does not exist yet ({path}); run that stage first")
+    return path
+
+
+def tokenizer_texts(recipe: Recipe, limit: int) -> list[str]:
+    """Text to train a tiny tokenizer on: documents, queries and answers of the recipe's sources."""
+    from msa_train.data.build import load_source
+    from msa_train.data.errors import BadRecordTally
+
+    texts: list[str] = []
+    for name in recipe.data.sources:
+        build = build_config_for(recipe, name, Path("unused"))
+        dataset = load_source(build.source, BadRecordTally())
+        texts += [doc.full_text() for doc in dataset.corpus[:limit]]
+        texts += [f"{record.query} {record.answer or ''}" for record in dataset.records[:limit]]
+    return texts
+
+
+def special_strings(recipe: Recipe) -> list[str]:
+    strings: list[str] = []
+    for name in recipe.data.sources:
+        strings += build_config_for(recipe, name, Path("unused")).template.special_strings()
+    return list(dict.fromkeys(strings))
+
+
+def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, context: DistributedContext) -> Path:
+    """Tokenizer and data builds, made by rank 0 while the other ranks wait. Returns the tokenizer folder."""
+    tokenizer_dir = run_dir / "tokenizer"
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tiny = recipe.tokenizer.train_tiny
+        prepare_tokenizer(
+            tokenizer_dir,
+            special_strings(recipe),
+            recipe.tokenizer.path,
+            tokenizer_texts(recipe, tiny.sample_records) if recipe.tokenizer.path is None and tiny else None,
+            tiny.vocab_size if tiny else 0,
+        )
+        sources = list(dict.fromkeys(name for stage in stages for name in [*stage.sources, *stage.eval.sources]))
+        prepare_sources(recipe, sources, run_dir, tokenizer_dir)
+    barrier()
+    return tokenizer_dir
+
+
+def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedContext) -> None:
+    run_dir = Path(recipe.run.output_dir)
+    tokenizer_dir = prepare_run(recipe, stages, run_dir, context)
+    from msa_train.data.tokenization import load_tokenizer
+
+    vocab_size = load_tokenizer(tokenizer_dir).vocab_size
+    for stage in stages:
+        destination = export_dir(run_dir, stage.name)
+        if is_complete_export(destination):
+            logger.info("stage %s is done (%s); skipping", stage.name, destination)
+            continue
+        trainer = StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size,
+                               previous_export(recipe, stage, run_dir), context)
+        trainer.run()
+
+
+def configure_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(phase: Phase, argv: list[str] | None = None) -> int:
+    """Entry point of `launch/pretrain.py`, `launch/sft.py` and `launch/run_all.py`."""
+    args = parse_arguments(sys.argv[1:] if argv is None else argv, phase)
+    configure_logging(int(os.environ.get("RANK", "0")))
+    try:
+        # Validated before the process group, the model or the data exist.
+        recipe = load_recipe(args.recipe, args.overrides)
+        stages = select_stages(recipe, phase, args.stage)
+    except RecipeError as error:
+        logger.error("%s", error)
+        return 2
+    context = init_distributed()
+    try:
+        run_stages(recipe, stages, context)
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        return 3
+    return 0

@@ -1,0 +1,81 @@
+"""Metrics: a local `metrics.jsonl` per stage, mirrored to Weights & Biases (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def wandb_key_configured() -> bool:
+    """True when W&B has credentials: WANDB_API_KEY, or an api.wandb.ai entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(setting: str) -> str:
+    """`auto` becomes `online` with a key and `offline` without one."""
+    if setting != "auto":
+        return setting
+    return "online" if wandb_key_configured() else "offline"
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLogger:
+    """Appends one JSON line per logged step and forwards the same record to W&B."""
+
+    def __init__(self, stage_dir: Path, wandb_mode: str, project: str, run_name: str,
+                 config: dict[str, Any], wandb_run_id: str | None) -> None:
+        self.path = stage_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=project,
+                name=run_name,
+                id=wandb_run_id,
+                resume="allow" if wandb_run_id else None,
+                mode=wandb_mode,
+                dir=str(stage_dir),
+                config=config,
+            )
+            logger.info("W&B run %s (%s) in %s", self.run.id, wandb_mode, stage_dir / "wandb")
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step`: they belong to work lost when a run died after its last checkpoint."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        staging = self.path.with_suffix(".tmp")
+        staging.write_text("".join(line + "\n" for line in kept))
+        os.replace(staging, self.path)
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {key: _json_safe(value) for key, value in record.items()}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log(record, step=record["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,284 @@
+"""One training stage under DeepSpeed: the step loop, logging, checkpoints, evaluation, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .config import LossWeights, Recipe, StageConfig, recipe_to_yaml
+from .data_stream import LayoutSettings, MicroBatchStream
+from .distributed import DistributedContext
+from .engine import batch_geometry, deepspeed_config, initialize_engine
+from .export import export_stage
+from .model_setup import load_stage_model, parameter_groups
+from .schedule import LRMultiplier
+from .throughput import FlopModel, memory_gb
+from .tracking import MetricsLogger, resolve_wandb_mode
+
+logger = logging.getLogger(__name__)
+
+RECALL_KEYS = ("recall@1", "recall@5", "recall@10")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a NaN/inf loss (nan_policy: stop) after saving a checkpoint."""
+
+
+def stage_dir(run_dir: Path, stage_name: str) -> Path:
+    return run_dir / "stages" / stage_name
+
+
+def export_dir(run_dir: Path, stage_name: str) -> Path:
+    return stage_dir(run_dir, stage_name) / "export"
+
+
+def total_steps(stage: StageConfig) -> int:
+    """Optimizer steps in the stage budget (a token budget rounds up to whole global batches)."""
+    if stage.budget.steps is not None:
+        return stage.budget.steps
+    return math.ceil(stage.budget.tokens / stage.global_batch_tokens)
+
+
+def weighted_loss(output: Any, weights: LossWeights) -> torch.Tensor:
+    """`w_lm * lm_loss + w_aux * aux_loss`; a batch without positives has no aux term."""
+    loss = weights.lm * output.lm_loss
+    if output.aux_loss is not None:
+        loss = loss + weights.aux * output.aux_loss
+    return loss
+
+
+class StepMetrics:
+    """Per-step sums kept on the device, reduced across ranks with one collective.
+
+    Layout of the vector: loss, lm, aux, aux count, micro-batches, then for each recall@k the
+    per-layer sums followed by the per-layer counts (NaN recalls, i.e. no positives, skipped).
+    """
+
+    def __init__(self, num_router_layers: int, device: torch.device) -> None:
+        self.layers = num_router_layers
+        self.values = torch.zeros(5 + 2 * len(RECALL_KEYS) * num_router_layers, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, output: Any) -> None:
+        values = self.values
+        values[0] += loss.detach().double()
+        values[1] += output.lm_loss.detach().double()
+        if output.aux_loss is not None:
+            values[2] += output.aux_loss.detach().double()
+            values[3] += 1
+        values[4] += 1
+        if output.router_recall is not None:
+            for index, key in enumerate(RECALL_KEYS):
+                recall = output.router_recall[key].detach().double()
+                finite = torch.isfinite(recall)
+                start = 5 + 2 * index * self.layers
+                values[start:start + self.layers] += torch.where(finite, recall, torch.zeros_like(recall))
+                values[start + self.layers:start + 2 * self.layers] += finite.double()
+
+    def reduce(self, router_layers: list[int]) -> dict[str, float]:
+        """Means over micro-batches and ranks (a host sync; once per optimizer step)."""
+        dist.all_reduce(self.values)
+        values = self.values.cpu().tolist()
+        micro = values[4]
+        result = {"loss": values[0] / micro, "lm_loss": values[1] / micro,
+                  "aux_loss": values[2] / values[3] if values[3] else float("nan")}
+        for index, key in enumerate(RECALL_KEYS):
+            start = 5 + 2 * index * self.layers
+            sums = values[start:start + self.layers]
+            counts = values[start + self.layers:start + 2 * self.layers]
+            per_layer = [s / c if c else float("nan") for s, c in zip(sums, counts)]
+            for layer, value in zip(router_layers, per_layer):
+                result[f"{key}/layer_{layer}"] = value
+            finite = [v for v in per_layer if math.isfinite(v)]
+            result[key] = sum(finite) / len(finite) if finite else float("nan")
+        return result
+
+
+@dataclass
+class StageState:
+    """What a checkpoint stores besides DeepSpeed's model/optimizer/scheduler state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    wandb_run_id: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StageTrainer:
+    """Trains one stage from its starting model (or its latest checkpoint) to its budget, then exports."""
+
+    def __init__(self, recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: Path, vocab_size: int,
+                 previous_export: Path | None, context: DistributedContext) -> None:
+        self.recipe = recipe
+        self.stage = stage
+        self.run_dir = run_dir
+        self.dir = stage_dir(run_dir, stage.name)
+        self.tokenizer_dir = tokenizer_dir
+        self.context = context
+        self.total_steps = total_steps(stage)
+
+        model = load_stage_model(stage.init_from, recipe.model, previous_export, vocab_size, recipe.run.seed)
+        model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
+        model.train()
+        self.model_config = model.config
+        self.flops = FlopModel.from_model(model)
+        groups = parameter_groups(model, stage)
+        self.group_names = [group["name"] for group in groups]
+        self.rows_per_micro, self.accumulation = batch_geometry(stage, context.world_size)
+        ds_config = deepspeed_config(recipe, stage, self.rows_per_micro, self.accumulation, context.world_size,
+                                     context.on_cpu)
+        self.engine, self.scheduler = initialize_engine(
+            model, groups, ds_config, LRMultiplier.from_config(stage.schedule, self.total_steps))
+        logger.info("stage %s: %d steps, %d rows/micro-batch x %d accumulation x %d ranks, ZeRO-%d",
+                    stage.name, self.total_steps, self.rows_per_micro, self.accumulation, context.world_size,
+                    recipe.deepspeed.zero_stage)
+        # Per-rank streams of random numbers, after the (identical) model initialisation.
+        seed_everything(recipe.run.seed * 1000 + context.rank)
+        self.stream = self._stream(stage.sources, seed=recipe.run.seed)
+        self.checkpoints = CheckpointManager(self.dir / "checkpoints", recipe.checkpoint.keep_last, context)
+        self.state = StageState()
+        self.metrics: MetricsLogger | None = None
+
+    def _stream(self, sources: dict[str, float], seed: int) -> MicroBatchStream:
+        return MicroBatchStream(
+            self.recipe, sources, self.stage.row_length, self.rows_per_micro, self.run_dir,
+            LayoutSettings.from_model_config(self.model_config), self.model_config.top_k_docs, seed,
+            self.context.rank, self.context.world_size)
+
+    def resume(self) -> None:
+        """Continue from the stage's newest complete checkpoint, if any."""
+        saved = self.checkpoints.load(self.engine)
+        if saved is None:
+            return
+        self.state = StageState(**saved["stage_state"])
+        self.stream.load_state_dict(saved["data"])
+        restore_rng_state(saved["rng"])
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.engine, self.state.step, {
+            "step": self.state.step,
+            "stage_state": dataclasses.asdict(self.state),
+            "data": self.stream.state_dict(),
+            "rng": capture_rng_state(),
+        })
+
+    def run(self) -> Path:
+        """Train to the budget, then export; returns the export folder."""
+        self.resume()
+        if self.context.is_main:
+            tracking = self.recipe.tracking
+            self.metrics = MetricsLogger(
+                self.dir, resolve_wandb_mode(tracking.wandb), tracking.project,
+                f"{self.recipe.run.name}/{self.stage.name}", dataclasses.asdict(self.stage), self.state.wandb_run_id)
+            self.metrics.truncate_after(self.state.step)
+            self.state.wandb_run_id = self.metrics.wandb_run_id
+        try:
+            self._train_loop()
+        finally:
+            if self.metrics is not None:
+                self.metrics.finish()
+        return export_stage(self.engine, self.recipe.deepspeed.zero_stage, export_dir(self.run_dir, self.stage.name),
+                            self.tokenizer_dir, recipe_to_yaml(self.recipe), self.context)
+
+    def _train_loop(self) -> None:
+        stage = self.stage
+        budget_tokens = self.total_steps * stage.global_batch_tokens
+        progress = tqdm(total=budget_tokens, initial=self.state.tokens_seen, unit="tok", unit_scale=True,
+                        desc=stage.name, disable=not (self.context.is_main and self.recipe.tracking.progress_bar))
+        with progress:
+            while self.state.step < self.total_steps:
+                record = self._train_step()
+                self.state.step += 1
+                self.state.tokens_seen += stage.global_batch_tokens
+                progress.update(stage.global_batch_tokens)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", r1=f"{record['recall@1']:.2f}")
+                finite = math.isfinite(record["loss"])
+                if not finite:
+                    self.state.skipped_steps += 1
+                record.update(step=self.state.step, tokens_seen=self.state.tokens_seen, tokens_budget=budget_tokens,
+                              skipped_steps=self.state.skipped_steps)
+                if self.metrics is not None and (self.state.step % self.recipe.tracking.log_every_steps == 0
+                                                 or not finite):
+                    self.metrics.log(record)
+                if not finite:
+                    self._handle_non_finite(record)
+                if stage.eval.sources and stage.eval.every_steps and self.state.step % stage.eval.every_steps == 0:
+                    self._evaluate()
+                if self.state.step % stage.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+        if stage.eval.sources:
+            self._evaluate()
+        self.save_checkpoint()
+
+    def _handle_non_finite(self, record: dict[str, Any]) -> None:
+        """DeepSpeed has already discarded the update (its overflow check); stop or go on per policy."""
+        message = (f"stage {self.stage.name}: non-finite loss {record['loss']} at step {self.state.step} "
+                   f"(lm {record['lm_loss']}, aux {record['aux_loss']}, grad norm {record['grad_norm']})")
+        if self.stage.nan_policy == "skip":
+            logger.warning("%s; the update was skipped (nan_policy: skip)", message)
+            return
+        self.save_checkpoint()
+        raise NonFiniteLossError(f"{message}; checkpoint saved under {self.checkpoints.root}; "
+                                 "set nan_policy: skip in the stage to step over such batches")
+
+    def _train_step(self) -> dict[str, Any]:
+        """One optimizer step of `accumulation` micro-batches; returns its metrics (rank-averaged)."""
+        engine, device = self.engine, self.context.device
+        sums = StepMetrics(len(self.model_config.router_layers), device)
+        tokens = flops = 0.0
+        started = time.perf_counter()
+        for _ in range(self.accumulation):
+            batch = self.stream.next()
+            tokens += batch.input_ids.numel()
+            flops += self.flops.training_flops(batch.input_ids.numel(), batch.token_pairs, batch.memory_pairs)
+            batch = batch.to(device)
+            output = engine(batch.input_ids, layout=batch.layout)
+            loss = weighted_loss(output, self.stage.loss_weights)
+            engine.backward(loss)
+            engine.step()
+            sums.add(loss, output)
+        record = sums.reduce(self.model_config.router_layers)
+        elapsed = time.perf_counter() - started
+        grad_norm = engine.get_global_grad_norm()
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        for name, lr in zip(self.group_names, self.scheduler.get_last_lr()):
+            record[f"lr/{name}"] = lr
+        record["tokens_per_s_per_device"] = tokens / elapsed
+        record["mfu"] = flops / elapsed / self.recipe.tracking.peak_flops_per_device
+        record["memory_gb"] = memory_gb(device)
+        record["step_seconds"] = elapsed
+        return record
+
+    def _evaluate(self) -> None:
+        """Loss and router recall on the stage's eval sources, always from their start."""
+        stream = self._stream(self.stage.eval.sources, seed=self.recipe.run.seed + 1)
+        sums = StepMetrics(len(self.model_config.router_layers), self.context.device)
+        self.engine.eval()
+        with torch.no_grad():
+            for _ in range(self.stage.eval.micro_batches):
+                batch = stream.next().to(self.context.device)
+                output = self.engine(batch.input_ids, layout=batch.layout)
+                sums.add(weighted_loss(output, self.stage.loss_weights), output)
+        self.engine.train()
+        record = {f"eval/{key}": value for key, value in sums.reduce(self.model_config.router_layers).items()}
+        logger.info("stage %s step %d eval: loss %.4f, recall@1 %.3f", self.stage.name, self.state.step,
+                    record["eval/loss"], record["eval/recall@1"])
+        if self.metrics is not None:
+            self.metrics.log({"step": self.state.step, **record})
