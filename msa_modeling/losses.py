@@ -67,13 +67,13 @@ def routing_loss(
     """
     if loss_type not in ("decoupled_infonce", "infonce"):
         raise ValueError(f"unknown aux loss type {loss_type!r}")
+    if not layout.has_positives:
+        return None
     present = layout.example_docs >= 0
     logits = doc_scores[layout.example_docs.clamp(min=0)] / temperature
     positive = layout.doc_positive[layout.example_docs.clamp(min=0)] & present
     positives_per_example = positive.sum(1)
     has_positive = positives_per_example > 0
-    if not bool(has_positive.any()):
-        return None
     competitors = (present & ~positive) if loss_type == "decoupled_infonce" else present
     has_competitor = competitors.any(1, keepdim=True)
     # Rows without competitors get a dummy logsumexp over zeros, replaced by -inf, so that
@@ -86,7 +86,7 @@ def routing_loss(
         log_denominator = competitor_lse.expand_as(logits)
     per_positive = (log_denominator - logits).masked_fill(~positive, 0.0)
     per_example = per_positive.sum(1) / positives_per_example.clamp(min=1)
-    return per_example[has_positive].mean()
+    return (per_example * has_positive).sum() / has_positive.sum()
 
 
 def router_recall(doc_ranks: torch.Tensor, layout: PackedLayout, ks: tuple[int, ...] = RECALL_KS) -> dict[int, torch.Tensor]:
@@ -102,6 +102,7 @@ def router_recall(doc_ranks: torch.Tensor, layout: PackedLayout, ks: tuple[int, 
     for k in ks:
         hits = torch.zeros(layout.num_examples, device=doc_ranks.device)
         hits.index_add_(0, layout.doc_example, (positives & (doc_ranks < k)).float())
-        recall = hits[has_positive] / per_example_positives[has_positive]
-        recalls[k] = recall.mean() if recall.numel() else recall.new_full((), float("nan"))
+        recall = hits / per_example_positives.clamp(min=1)
+        # 0/0 gives NaN when no example has positives, as documented.
+        recalls[k] = (recall * has_positive).sum() / has_positive.sum()
     return recalls

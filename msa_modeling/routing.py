@@ -12,9 +12,8 @@ def pool_chunks(token_states: torch.Tensor, layout: PackedLayout) -> torch.Tenso
 
     Sums run in fp32 (a 64-token bf16 sum loses precision); the result is fp32, [C, ...].
     """
-    is_doc = layout.token_chunk >= 0
     pooled = token_states.new_zeros((layout.num_chunks, *token_states.shape[1:]), dtype=torch.float32)
-    pooled.index_add_(0, layout.token_chunk[is_doc], token_states[is_doc].float())
+    pooled.index_add_(0, layout.doc_token_chunk, token_states[layout.doc_token_index].float())
     return pooled / layout.chunk_length.view(-1, *([1] * (token_states.dim() - 1)))
 
 
@@ -27,12 +26,14 @@ def score_chunks(
     routing_queries: torch.Tensor,
     pooled_routing_keys: torch.Tensor,
     layout: PackedLayout,
+    tile_size: int = 8192,
 ) -> torch.Tensor:
     """S_c = max over the example's routing tokens t of mean over heads h of cos(Q_R[t,h], K̄R_c[g(h)]).
 
     Args:
         routing_queries: [R, H, D] Q_R of the routing tokens (any float dtype).
         pooled_routing_keys: [C, Hkv, D] chunk-pooled K_R (not yet normalised).
+        tile_size: chunks scored at once, bounding the [R, tile] similarity matrix.
 
     Returns:
         [C] fp32 chunk scores; -inf for a chunk whose example has no routing token.
@@ -43,13 +44,16 @@ def score_chunks(
     keys = l2_normalize(pooled_routing_keys.float())
     # The mean over a KV group's query heads of cos(q_h, k) equals <sum_h q_h, k> / H,
     # so the head reduction folds into one [R, Hkv*D] x [Hkv*D, C] product.
-    grouped = queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2)
-    similarity = grouped.flatten(1) @ keys.flatten(1).T / num_heads
-    same_example = layout.routing_token_example[:, None] == layout.chunk_example[None, :]
-    similarity = similarity.masked_fill(~same_example, float("-inf"))
-    if similarity.shape[0] == 0:
-        return similarity.new_full((similarity.shape[1],), float("-inf"))
-    return similarity.max(dim=0).values
+    grouped = (queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2) / num_heads).flatten(1)
+    keys = keys.flatten(1)
+    if grouped.shape[0] == 0:
+        return keys.new_full((keys.shape[0],), float("-inf"))
+    scores = []
+    for start in range(0, keys.shape[0], tile_size):
+        similarity = grouped @ keys[start : start + tile_size].T
+        same_example = layout.routing_token_example[:, None] == layout.chunk_example[None, start : start + tile_size]
+        scores.append(similarity.masked_fill(~same_example, float("-inf")).max(dim=0).values)
+    return torch.cat(scores) if scores else keys.new_zeros(0)
 
 
 def score_documents(chunk_scores: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -71,9 +75,10 @@ def rank_documents(doc_scores: torch.Tensor, layout: PackedLayout) -> torch.Tens
     order = torch.sort(table, dim=1, descending=True, stable=True).indices
     ranks_table = torch.empty_like(order)
     ranks_table.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    ranks = torch.zeros(layout.num_docs, dtype=torch.long, device=doc_scores.device)
-    ranks[example_docs[present]] = ranks_table[present]
-    return ranks
+    # Empty table slots write into a spare last entry, which is dropped.
+    ranks = torch.zeros(layout.num_docs + 1, dtype=torch.long, device=doc_scores.device)
+    ranks.scatter_(0, torch.where(present, example_docs, layout.num_docs).flatten(), ranks_table.flatten())
+    return ranks[:-1]
 
 
 def select_documents(doc_ranks: torch.Tensor, top_k: int) -> torch.Tensor:
