@@ -1,0 +1,288 @@
+"""Training-step benchmark: MSA against the dense backbone, same shape, same GPU, same run.
+
+    python eval/bench_train.py --lengths 8192 16384 32768 65536 --out bench_train.json
+
+Three configurations per row length, each a full step (forward, backward and, unless
+`--no-optimizer`, a fused AdamW step) with bf16 weights and per-layer activation
+checkpointing, on random weights:
+  msa:          the MSA model on a memory of documents (lengths 200-2000) + one question;
+  dense_causal: the Hugging Face backbone with full causal attention over the row;
+  dense_docmask: the Hugging Face backbone with per-document masked packing (FlexAttention).
+Reports tokens/s, model-FLOPs utilisation and peak memory, prints a table and writes JSON.
+
+MFU = (6 * matmul FLOPs per token summed over tokens + 3 * forward attention FLOPs actually
+needed) / step time / peak. The LM head counts only for the tokens that go through it (MSA:
+labelled tokens; Hugging Face: every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import msa_modeling  # noqa: F401
+from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout
+
+logger = logging.getLogger("bench_train")
+
+QWEN3_4B = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=262144,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+)
+
+
+def random_memory_row(
+    row_length: int,
+    generator: torch.Generator,
+    doc_length: tuple[int, int] = (200, 2000),
+    prefix_length: int = 32,
+    prompt_length: int = 64,
+    answer_length: int = 32,
+    vocab_size: int = 151936,
+    positives: int = 2,
+) -> dict[str, torch.Tensor]:
+    """One example filling a row: prefix, documents of random lengths, a question and an answer."""
+    memory_budget = row_length - prefix_length - prompt_length - answer_length
+    lengths = []
+    while sum(lengths) < memory_budget:
+        lengths.append(int(torch.randint(doc_length[0], doc_length[1] + 1, (1,), generator=generator)))
+    lengths[-1] -= sum(lengths) - memory_budget
+    if lengths[-1] < 1:
+        lengths.pop()
+        lengths[-1] += memory_budget - sum(lengths)
+    doc_ids = [-2] * prefix_length
+    for i, n in enumerate(lengths):
+        doc_ids += [i + 1] * n
+    doc_ids += [0] * (prompt_length + answer_length)
+    doc_ids = torch.tensor(doc_ids)
+    input_ids = torch.randint(0, vocab_size, (row_length,), generator=generator)
+    labels = torch.full_like(input_ids, -100)
+    labels[-answer_length:] = input_ids[-answer_length:]
+    positive_docs = torch.randperm(len(lengths), generator=generator)[:positives] + 1
+    aux_labels = torch.isin(doc_ids, positive_docs).long()
+    return {
+        "input_ids": input_ids[None],
+        "doc_ids": doc_ids[None],
+        "labels": labels[None],
+        "aux_labels": aux_labels[None],
+        "doc_lengths": torch.tensor(lengths),
+    }
+
+
+@dataclass
+class Result:
+    config: str
+    row_length: int
+    step_s: float | None
+    tokens_per_s: float | None
+    mfu: float | None
+    peak_memory_gib: float | None
+    model_tflop_per_step: float
+    note: str = ""
+
+
+def matmul_params_per_token(cfg: dict) -> tuple[int, int]:
+    """(decoder-body matmul parameters used by every token, LM head parameters)."""
+    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    attention = h * q + 2 * h * kv + q * h
+    mlp = 3 * h * cfg["intermediate_size"]
+    return layers * (attention + mlp), h * cfg["vocab_size"]
+
+
+def attention_flops(pairs: int, cfg: dict) -> float:
+    """Forward attention FLOPs for `pairs` visible (query, key) pairs: QK^T and PV."""
+    return 4.0 * cfg["num_attention_heads"] * cfg["head_dim"] * pairs
+
+
+def causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def msa_step_flops(row: dict, cfg: dict, router_layers: int, top_k: int, chunk: int) -> float:
+    body, head = matmul_params_per_token(cfg)
+    tokens = row["input_ids"].numel()
+    labelled = int((row["labels"] != -100).sum())
+    routing = int(((row["doc_ids"] == 0) & (row["labels"] == -100)).sum())
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    router = router_layers * (cfg["hidden_size"] * kv * tokens + cfg["hidden_size"] * q * routing)
+    matmul = 6.0 * (body * tokens + head * labelled + router)
+    lengths = row["doc_lengths"].tolist()
+    prefix = int((row["doc_ids"] == -2).sum())
+    query = int((row["doc_ids"] == 0).sum())
+    # Router layers: the question sees the pooled chunks of the k best documents; take the k longest as the bound.
+    chunks = sum(math.ceil(n / chunk) for n in sorted(lengths)[-top_k:])
+    layers = cfg["num_hidden_layers"]
+    pairs_all = sum(causal_pairs(n) for n in lengths) + causal_pairs(prefix) + query * prefix + causal_pairs(query)
+    pairs = layers * pairs_all + router_layers * query * chunks
+    return matmul + 3.0 * attention_flops(pairs, cfg)
+
+
+def dense_step_flops(row: dict, cfg: dict, document_mask: bool) -> float:
+    body, head = matmul_params_per_token(cfg)
+    tokens = row["input_ids"].numel()
+    if document_mask:
+        segments = [int((row["doc_ids"] == -2).sum())] + row["doc_lengths"].tolist() + [int((row["doc_ids"] == 0).sum())]
+        pairs = sum(causal_pairs(n) for n in segments)
+    else:
+        pairs = causal_pairs(tokens)
+    return 6.0 * (body + head) * tokens + 3.0 * attention_flops(cfg["num_hidden_layers"] * pairs, cfg)
+
+
+def time_steps(step, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def make_step(model, inputs: dict, optimizer, use_optimizer: bool):
+    def step():
+        out = model(**inputs)
+        out.loss.backward()
+        if use_optimizer:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_config(name: str, build, row: dict, cfg: dict, args, flops: float) -> Result:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = optimizer = None
+    try:
+        model, inputs = build()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        seconds = time_steps(make_step(model, inputs, optimizer, not args.no_optimizer), args.warmup, args.repeats)
+        tokens = row["input_ids"].numel()
+        result = Result(
+            config=name,
+            row_length=tokens,
+            step_s=seconds,
+            tokens_per_s=tokens / seconds,
+            mfu=flops / seconds / args.peak_flops,
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+            model_tflop_per_step=flops / 1e12,
+        )
+    except torch.OutOfMemoryError:
+        result = Result(name, row["input_ids"].numel(), None, None, None, torch.cuda.max_memory_allocated() / 2**30, flops / 1e12, "out of memory")
+    except Exception as error:  # noqa: BLE001 - a failing configuration is reported, the others still run
+        logger.exception("%s failed", name)
+        result = Result(name, row["input_ids"].numel(), None, None, None, None, flops / 1e12, f"{type(error).__name__}: {error}"[:200])
+    del model, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    logger.info("%s", result)
+    return result
+
+
+def build_msa(cfg: dict, row: dict, args):
+    config = MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend, lm_loss_chunk_size=4096)
+    with torch.device("cuda"):
+        model = MSAForCausalLM(config).to(torch.bfloat16)
+    model.model.gradient_checkpointing = True
+    model.train()
+    layout = build_packed_layout(
+        row["doc_ids"], chunk_size=config.chunk_size, query_position_offset=config.query_position_offset,
+        labels=row["labels"], aux_labels=row["aux_labels"],
+    ).to("cuda")
+    return model, {"input_ids": row["input_ids"].cuda(), "layout": layout}
+
+
+def build_dense(cfg: dict, row: dict, document_mask: bool):
+    implementation = "flex_attention" if document_mask else "sdpa"
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(Qwen3Config(**cfg, attn_implementation=implementation)).to(torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model.train()
+    inputs = {"input_ids": row["input_ids"].cuda(), "labels": row["input_ids"].cuda()}
+    if document_mask:
+        # Positions restarting at 0 mark packed sequences; Hugging Face turns them into a document mask.
+        segments = [int((row["doc_ids"] == -2).sum())] + row["doc_lengths"].tolist() + [int((row["doc_ids"] == 0).sum())]
+        inputs["position_ids"] = torch.cat([torch.arange(n) for n in segments])[None].cuda()
+    return model, inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--configs", nargs="+", default=["msa", "dense_causal", "dense_docmask"])
+    parser.add_argument("--backend", default="auto", help="MSA attention backend")
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
+    parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
+    parser.add_argument("--out", default="bench_train.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = dict(QWEN3_4B)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    router_layers = len(MSAConfig(**cfg).router_layers)
+
+    results = []
+    for length in args.lengths:
+        row = random_memory_row(length, torch.Generator().manual_seed(length), vocab_size=cfg["vocab_size"])
+        for name in args.configs:
+            if name == "msa":
+                flops = msa_step_flops(row, cfg, router_layers, args.top_k, args.chunk_size)
+                results.append(run_config(name, lambda: build_msa(cfg, row, args), row, cfg, args, flops))
+            else:
+                masked = name == "dense_docmask"
+                flops = dense_step_flops(row, cfg, masked)
+                results.append(run_config(name, lambda: build_dense(cfg, row, masked), row, cfg, args, flops))
+
+    device = torch.cuda.get_device_name()
+    report = {
+        "device": device,
+        "torch": torch.__version__,
+        "optimizer_step_included": not args.no_optimizer,
+        "args": vars(args),
+        "results": [asdict(r) for r in results],
+    }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"\n{device}, torch {torch.__version__}, optimizer step {'included' if not args.no_optimizer else 'excluded'}")
+    print(f"{'config':<14}{'tokens':>8}{'step s':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  note")
+    for r in results:
+        fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
+        print(
+            f"{r.config:<14}{r.row_length:>8}{fmt(r.step_s, '%.3f'):>9}{fmt(r.tokens_per_s, '%.0f'):>10}"
+            f"{fmt(r.mfu and 100 * r.mfu, '%.1f%%'):>7}{fmt(r.peak_memory_gib, '%.1f'):>10}  {r.note}"
+        )
+
+
+if __name__ == "__main__":
+    main()
