@@ -51,3 +51,10 @@ class BadRecordTally:
     def summary(self) -> dict:
         """What was skipped and why, for the manifest."""
         return {"skipped": self.skipped, "reasons": dict(self.reasons), "first_errors": list(self.first_errors)}
+
+
+class MissingFileError(DataFormatError, FileNotFoundError):
+    """An input file the layout requires is absent."""
+
+    def __init__(self, path: str | Path, reason: str = "file not found") -> None:
+        DataFormatError.__init__(self, path, None, reason)

@@ -1,0 +1,366 @@
+"""Build pre-tokenised shards from local data (also a CLI: ``python -m msa_train.data.build``).
+
+Every corpus document is tokenised once and stored by document; examples are stored as
+document references plus their tokenised query/answer tail (see ``store``). Rows are
+assembled later by the loader, so the training tokens themselves are never written.
+
+The build is resumable: shards are renamed into place when complete, a re-run skips the
+shards that exist, and a changed config or tokenizer refuses to mix with an old build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from . import readers, synthetic
+from .errors import BadRecordTally, DataFormatError, OverlongExampleError
+from .records import RetrievalDataset
+from .samples import IndexedRecord, MemoryConfig, MissingAnswerError, SampleBuilder, SampleKind
+from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
+                    token_dtype, write_document_shard, write_example_shard)
+from .templates import TemplateConfig, TemplateTokens
+from .tokenization import TextTokenizer, load_tokenizer, worker_pool
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["beir", "records", "synthetic", "lm", "hf_records"]
+
+
+@dataclass
+class SourceConfig:
+    """Where the raw data is.
+
+    - ``beir``: ``path`` is the BEIR folder, ``split`` the qrels split.
+    - ``records``: ``path`` is the records JSONL, ``corpus_path`` the corpus JSONL.
+    - ``hf_records``: both paths are anything ``datasets`` opens locally; ``split`` selects.
+    - ``lm``: ``path`` is a .txt/.jsonl file or folder (``text_field`` for JSONL).
+    - ``synthetic``: ``synthetic`` = {"generator": "needles"|"kv_facts"|"multihop", ...kwargs}.
+    """
+
+    kind: SourceKind
+    path: str = ""
+    corpus_path: str = ""
+    split: str = "train"
+    text_field: str = "text"
+    synthetic: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BuildConfig:
+    """Everything that determines the content of a build (and so its fingerprint)."""
+
+    source: SourceConfig
+    tokenizer: str
+    sample_kind: SampleKind = "retrieval"
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    max_example_tokens: int = 16384
+    max_doc_tokens: int | None = None
+    seed: int = 0
+    docs_per_shard: int = 50_000
+    records_per_shard: int = 10_000
+    skip_bad_records: bool = False
+    overlong: Literal["skip", "error"] = "skip"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
+        """Build from plain (JSON/YAML) values; nested sections may be partial."""
+        values = dict(values)
+        values["source"] = SourceConfig(**values["source"])
+        values["template"] = TemplateConfig.from_dict(values.get("template") or {})
+        values["memory"] = MemoryConfig(**(values.get("memory") or {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown build config keys: {sorted(unknown)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for the manifest."""
+        return asdict(self)
+
+
+def load_source(source: SourceConfig, tally: BadRecordTally) -> RetrievalDataset:
+    """Read a retrieval source into text records."""
+    if source.kind == "beir":
+        return readers.read_beir(source.path, source.split, tally)
+    if source.kind == "records":
+        return readers.read_retrieval_jsonl(source.path, source.corpus_path, tally)
+    if source.kind == "hf_records":
+        corpus = readers.corpus_from_hf(readers.load_local_hf_dataset(source.corpus_path))
+        rows = readers.load_local_hf_dataset(source.path, source.split)
+        records = readers.records_from_hf(rows, {d.doc_id for d in corpus}, source.path, tally)
+        return RetrievalDataset(corpus, records)
+    if source.kind == "synthetic":
+        options = dict(source.synthetic)
+        generator = options.pop("generator", "needles")
+        generators = {"needles": synthetic.generate_needles, "kv_facts": synthetic.generate_kv_facts,
+                      "multihop": synthetic.generate_multihop_chains}
+        if generator not in generators:
+            raise ValueError(f"unknown synthetic generator {generator!r}; choose from {sorted(generators)}")
+        return generators[generator](**options)
+    raise ValueError(f"source kind {source.kind!r} does not hold retrieval records")
+
+
+def _chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
+    for index, start in enumerate(range(0, len(items), size)):
+        yield index, items[start:start + size]
+
+
+# --- worker side -------------------------------------------------------------------------
+
+@dataclass
+class _WorkerContext:
+    tokenizer: TextTokenizer
+    config: BuildConfig
+    output: Path
+    dtype: np.dtype
+    builder: SampleBuilder | None = None
+
+
+_context: _WorkerContext | None = None
+
+
+def _init_worker(tokenizer: TextTokenizer, config_values: dict, output: str, dtype_name: str) -> None:
+    global _context
+    _context = _WorkerContext(tokenizer, BuildConfig.from_dict(config_values), Path(output), np.dtype(dtype_name))
+
+
+def _sample_builder(context: _WorkerContext) -> SampleBuilder:
+    if context.builder is None:
+        store = DocumentStore(context.output / "docs")
+        template_tokens = TemplateTokens.build(context.config.template, context.tokenizer,
+                                               context.config.memory.max_memory_docs)
+        context.builder = SampleBuilder(context.config.sample_kind, context.config.template, template_tokens,
+                                        context.tokenizer, store.lengths, store.tokens, context.config.memory,
+                                        context.config.seed)
+    return context.builder
+
+
+def _document_shard_task(task: tuple[int, list[str], list[str]]) -> dict:
+    assert _context is not None
+    index, doc_ids, texts = task
+    token_lists = _context.tokenizer.encode_batch(texts)
+    limit = _context.config.max_doc_tokens
+    truncated = 0
+    if limit is not None:
+        truncated = sum(len(tokens) > limit for tokens in token_lists)
+        token_lists = [tokens[:limit] for tokens in token_lists]
+    stats = {"documents": len(texts), "tokens": int(sum(len(t) for t in token_lists)), "truncated": truncated}
+    write_document_shard(_context.output / "docs" / shard_name(index), token_lists, doc_ids, _context.dtype, stats)
+    return stats
+
+
+def _example_shard_task(task: tuple[int, list]) -> dict:
+    assert _context is not None
+    index, items = task
+    config = _context.config
+    builder = _sample_builder(_context)
+    plans, lengths = [], []
+    stats = {"records": len(items), "records_without_answer": 0, "examples": 0, "overlong_skipped": 0,
+             "tail_tokens": 0, "training_tokens": 0, "examples_by_memory_docs": 0}
+    for item in items:
+        try:
+            new_plans = builder.build_lm(item, config.max_example_tokens) if isinstance(item, str) else builder.build(item)
+        except MissingAnswerError:
+            stats["records_without_answer"] += 1
+            continue
+        for plan in new_plans:
+            length = plan.num_tokens(builder.template_tokens, builder.doc_lengths)
+            if length > config.max_example_tokens:
+                if config.overlong == "error":
+                    raise OverlongExampleError(f"record {getattr(item, 'record_index', '?')}: example of {length} "
+                                               f"tokens exceeds max_example_tokens={config.max_example_tokens}")
+                stats["overlong_skipped"] += 1
+                continue
+            plans.append(plan)
+            lengths.append(length)
+            stats["tail_tokens"] += len(plan.tail_tokens)
+            stats["examples_by_memory_docs"] += len(plan.memory)
+    stats["examples"] = len(plans)
+    stats["training_tokens"] = int(sum(lengths))
+    write_example_shard(_context.output / "examples" / shard_name(index), plans, lengths, _context.dtype, stats)
+    return stats
+
+
+def _run_tasks(tasks: list, function, num_workers: int, initargs: tuple, description: str) -> None:  # noqa: ANN001
+    if not tasks:
+        return
+    if num_workers <= 1:
+        _init_worker(*initargs)
+        for task in tqdm(tasks, desc=description, unit="shard"):
+            function(task)
+        return
+    with worker_pool(initargs[0], min(num_workers, len(tasks)), _init_worker, initargs[1:]) as pool:
+        for _ in tqdm(pool.imap_unordered(function, tasks), total=len(tasks), desc=description, unit="shard"):
+            pass
+
+
+def _sum_stats(shards: list[Path]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for shard in shards:
+        for key, value in json.loads((shard / "shard.json").read_text()).items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
+
+
+def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1, overwrite: bool = False) -> dict:
+    """Build (or finish building) the shards of ``config`` under ``output``; return the manifest."""
+    started = time.time()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(output)
+    if stale:
+        logger.info("removed %d unfinished temporary shard(s) of an interrupted build", stale)
+
+    tokenizer = load_tokenizer(config.tokenizer)
+    added_tokens = tokenizer.ensure_special_tokens(config.template.special_strings())
+    fingerprint = hashlib.sha256((json.dumps(config.to_dict(), sort_keys=True) + tokenizer.fingerprint()).encode()).hexdigest()
+    fingerprint_path = output / "build_fingerprint.json"
+    if fingerprint_path.exists():
+        previous = json.loads(fingerprint_path.read_text())["fingerprint"]
+        if previous != fingerprint:
+            if not overwrite:
+                raise ValueError(f"{output} holds a build with another config or tokenizer; pass overwrite=True "
+                                 "(--overwrite) to replace it")
+            for sub in ("docs", "examples"):
+                for shard in finished_shards(output / sub):
+                    shutil.rmtree(shard)
+            (output / "manifest.json").unlink(missing_ok=True)
+    atomic_write_text(fingerprint_path, json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=1))
+    tokenizer.save(output / "tokenizer")
+    dtype = token_dtype(tokenizer.vocab_size)
+    initargs = (tokenizer, config.to_dict(), str(output), dtype.name)
+
+    tally = BadRecordTally(skip_bad_records=config.skip_bad_records)
+    (output / "docs").mkdir(exist_ok=True)
+    (output / "examples").mkdir(exist_ok=True)
+    done_docs = {p.name for p in finished_shards(output / "docs")}
+    done_examples = {p.name for p in finished_shards(output / "examples")}
+
+    items: list
+    if config.source.kind == "lm":
+        items = list(readers.iter_lm_texts(config.source.path, config.source.text_field, tally=tally))
+        doc_tasks: list = []
+        records_total = len(items)
+    else:
+        dataset = load_source(config.source, tally)
+        doc_tasks = [(index, [d.doc_id for d in chunk], [d.full_text() for d in chunk])
+                     for index, chunk in _chunks(dataset.corpus, config.docs_per_shard)
+                     if shard_name(index) not in done_docs]
+        index_of = {doc.doc_id: position for position, doc in enumerate(dataset.corpus)}
+        items = []
+        for record_index, record in enumerate(dataset.records):
+            try:
+                items.append(IndexedRecord(
+                    record_index, record.query, [index_of[d] for d in record.positives],
+                    [index_of[d] for d in record.negatives], record.answer,
+                    [[index_of[d] for d in hop] for hop in record.hops] if record.hops else None))
+            except KeyError as error:
+                tally.handle(DataFormatError(config.source.path or "<source>", None,
+                                             f"record {record_index} names unknown doc id {error.args[0]!r}"))
+        records_total = len(dataset.records)
+        del dataset
+    reused_docs = len(done_docs)
+    _run_tasks(doc_tasks, _document_shard_task, num_workers, initargs, "tokenising documents")
+
+    example_tasks = [(index, chunk) for index, chunk in _chunks(items, config.records_per_shard)
+                     if shard_name(index) not in done_examples]
+    reused_examples = len(done_examples)
+    _run_tasks(example_tasks, _example_shard_task, num_workers, initargs, "building examples")
+
+    doc_shards = finished_shards(output / "docs")
+    example_shards = finished_shards(output / "examples")
+    doc_totals = _sum_stats(doc_shards)
+    example_totals = _sum_stats(example_shards)
+    template_tokens = TemplateTokens.build(config.template, tokenizer, config.memory.max_memory_docs)
+    corpus_tokens = doc_totals.get("tokens", 0)
+    doc_bytes = _directory_bytes(output / "docs")
+    manifest = {
+        "format_version": 1,
+        "fingerprint": fingerprint,
+        "tokenizer_sha256": tokenizer.fingerprint(),
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "special_token_ids": tokenizer.special_token_ids,
+        "special_tokens_added": added_tokens,
+        "pad_token_id": tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0,
+        "token_dtype": dtype.name,
+        "config": config.to_dict(),
+        "template_tokens": asdict(template_tokens),
+        "documents": doc_totals.get("documents", 0),
+        "corpus_tokens": corpus_tokens,
+        "documents_truncated": doc_totals.get("truncated", 0),
+        "records_read": records_total,
+        "records_kept": records_total - example_totals.get("records_without_answer", 0),
+        "records_skipped_bad": tally.summary(),
+        "records_without_answer": example_totals.get("records_without_answer", 0),
+        "examples": example_totals.get("examples", 0),
+        "examples_overlong_skipped": example_totals.get("overlong_skipped", 0),
+        "training_tokens_per_epoch": example_totals.get("training_tokens", 0),
+        "tail_tokens": example_totals.get("tail_tokens", 0),
+        "memory_references": example_totals.get("examples_by_memory_docs", 0),
+        "document_shards": len(doc_shards),
+        "example_shards": len(example_shards),
+        "shards_reused": {"documents": reused_docs, "examples": reused_examples},
+        "bytes": {"documents": doc_bytes, "examples": _directory_bytes(output / "examples")},
+        "document_bytes_per_corpus_token": doc_bytes / corpus_tokens if corpus_tokens else None,
+        "build_seconds": round(time.time() - started, 3),
+    }
+    atomic_write_text(output / "manifest.json", json.dumps(manifest, indent=1))
+    if manifest["records_skipped_bad"]["skipped"] or manifest["examples_overlong_skipped"]:
+        logger.warning("build %s: %d bad record(s) skipped, %d overlong example(s) skipped", output,
+                       manifest["records_skipped_bad"]["skipped"], manifest["examples_overlong_skipped"])
+    logger.info("build %s: %d documents (%d tokens), %d examples (%d training tokens per epoch)", output,
+                manifest["documents"], corpus_tokens, manifest["examples"], manifest["training_tokens_per_epoch"])
+    return manifest
+
+
+def _load_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description="Build pre-tokenised MSA training shards from local data.")
+    parser.add_argument("--config", required=True, type=Path, help="build config, JSON or YAML (BuildConfig fields)")
+    parser.add_argument("--output", required=True, type=Path, help="output folder")
+    parser.add_argument("--num-workers", type=int, default=1, help="tokenisation worker processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a build made with another config")
+    parser.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed records")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = _load_config_file(args.config)
+    if args.skip_bad_records:
+        values["skip_bad_records"] = True
+    manifest = build_dataset(BuildConfig.from_dict(values), args.output, args.num_workers, args.overwrite)
+    summary = {key: manifest[key] for key in ("documents", "corpus_tokens", "examples", "training_tokens_per_epoch",
+                                              "examples_overlong_skipped", "document_bytes_per_corpus_token")}
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

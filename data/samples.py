@@ -1,0 +1,214 @@
+"""Sample builders: turn a retrieval record into example plans.
+
+An example plan is what a shard stores for one training example: the memory as a list
+of corpus document indices (in memory order, so memory document i is ``memory[i-1]``),
+which of them are positives, and the tokenised query/answer tail with a per-token flag
+saying whether the model must generate it. Document tokens are not copied into the plan;
+the loader fetches them from the document store when it assembles rows.
+
+Sample kinds (spec section 7):
+
+- ``retrieval`` (CPT): question -> IDs of the positives + delimiter.
+- ``qa`` (SFT): question -> IDs + delimiter -> original text of those documents (+ delimiter,
+  appended by the system, so not labelled) -> end of retrieval + answer.
+- ``interleave`` (multi-hop SFT): one example per retrieval step; step s sees the question
+  and the documents retrieved in steps < s and generates the next IDs, or, after the last
+  hop, end of retrieval + answer.
+- ``lm``: plain text, every token labelled, no memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .templates import TemplateConfig, TemplateTokens
+from .tokenization import TextTokenizer
+
+SampleKind = Literal["retrieval", "qa", "interleave", "lm"]
+
+
+@dataclass
+class MemoryConfig:
+    """How a memory is filled.
+
+    The memory holds the positives plus negatives up to ``memory_tokens`` rendered tokens:
+    first the record's own (hard) negatives, then, if ``random_negatives``, random corpus
+    documents. Its order is shuffled, then documents get IDs 1..n in that order.
+    """
+
+    memory_tokens: int = 8192
+    max_memory_docs: int = 512
+    random_negatives: bool = True
+    random_draw_attempts: int = 64
+
+
+@dataclass
+class IndexedRecord:
+    """A retrieval record whose document ids were resolved to corpus indices."""
+
+    record_index: int
+    query: str
+    positives: list[int]
+    negatives: list[int] = field(default_factory=list)
+    answer: str | None = None
+    hops: list[list[int]] | None = None
+
+
+@dataclass
+class ExamplePlan:
+    """One training example, stored by reference to corpus documents."""
+
+    memory: np.ndarray
+    positive: np.ndarray
+    tail_tokens: np.ndarray
+    tail_labelled: np.ndarray
+
+    def num_tokens(self, template_tokens: TemplateTokens, doc_lengths: np.ndarray) -> int:
+        """Length of the assembled example."""
+        memory_tokens = int(doc_lengths[self.memory].sum()) if len(self.memory) else 0
+        id_prefix_tokens = sum(len(template_tokens.doc_id_prefix[i]) for i in range(1, len(self.memory) + 1))
+        suffix_tokens = len(template_tokens.doc_suffix) * len(self.memory)
+        return len(template_tokens.prefix) + memory_tokens + id_prefix_tokens + suffix_tokens + len(self.tail_tokens)
+
+
+class MissingAnswerError(ValueError):
+    """A QA or interleave sample needs an answer the record does not have."""
+
+
+class SampleBuilder:
+    """Builds example plans of one ``kind``; deterministic per (seed, record index)."""
+
+    def __init__(
+        self,
+        kind: SampleKind,
+        template: TemplateConfig,
+        template_tokens: TemplateTokens,
+        tokenizer: TextTokenizer,
+        doc_lengths: np.ndarray,
+        doc_tokens: Callable[[int], np.ndarray],
+        memory: MemoryConfig,
+        seed: int,
+    ) -> None:
+        if len(template_tokens.doc_id_prefix) <= memory.max_memory_docs:
+            raise ValueError("template_tokens were built for fewer documents than max_memory_docs")
+        self.kind = kind
+        self.template = template
+        self.template_tokens = template_tokens
+        self.tokenizer = tokenizer
+        self.doc_lengths = doc_lengths
+        self.doc_tokens = doc_tokens
+        self.memory = memory
+        self.seed = seed
+        # Budgeting with the longest ID prefix keeps every memory within memory_tokens
+        # whatever position a document ends up at after shuffling.
+        self._overhead = max(len(p) for p in template_tokens.doc_id_prefix[1:memory.max_memory_docs + 1]) + len(
+            template_tokens.doc_suffix)
+
+    def build(self, record: IndexedRecord) -> list[ExamplePlan]:
+        """Example plans for ``record``: one, or one per retrieval step for ``interleave``."""
+        rng = np.random.default_rng([self.seed, record.record_index])
+        if self.kind in ("qa", "interleave") and record.answer is None:
+            raise MissingAnswerError(f"{self.kind} samples need an answer")
+        memory, positive_flags = self._fill_memory(record, rng)
+        memory_id_of = {int(doc): position + 1 for position, doc in enumerate(memory)}
+        if self.kind == "retrieval":
+            return [self._plan(memory, positive_flags, [
+                (self.template.query_text(record.query), False),
+                (self.template.target_ids_text(self._ids(record.positives, memory_id_of)), True),
+            ])]
+        hops = record.hops if (self.kind == "interleave" and record.hops) else [record.positives]
+        plans = []
+        steps = range(len(hops) + 1) if self.kind == "interleave" else [len(hops)]
+        for step in steps:
+            # Earlier rounds are context in a per-step sample: trained in their own sample.
+            label_earlier = self.kind == "qa"
+            segments: list[tuple[str | list[int], bool]] = [(self.template.query_text(record.query), False)]
+            for hop in hops[:step]:
+                ids = self._ids(hop, memory_id_of)
+                segments.append((self.template.target_ids_text(ids), label_earlier))
+                segments.append((self._injected_tokens(ids, memory), False))
+            if step < len(hops):
+                segments.append((self.template.target_ids_text(self._ids(hops[step], memory_id_of)), True))
+                step_positives = set(hops[step])
+            else:
+                segments.append((self.template.final_answer_text(record.answer or ""), True))
+                segments.append((list(self.template_tokens.eos), True))
+                step_positives = set(record.positives)
+            flags = np.array([int(doc) in step_positives for doc in memory], dtype=np.uint8)
+            plans.append(self._plan(memory, flags, segments))
+        return plans
+
+    def build_lm(self, text: str, max_tokens: int) -> list[ExamplePlan]:
+        """Plain-text examples of at most ``max_tokens`` tokens each, all labelled."""
+        tokens = self.tokenizer.encode(text) + list(self.template_tokens.eos)
+        room = max_tokens - len(self.template_tokens.prefix)
+        empty = np.zeros(0, dtype=np.int64)
+        return [
+            ExamplePlan(empty, np.zeros(0, dtype=np.uint8), np.asarray(tokens[start:start + room], dtype=np.int64),
+                        np.ones(len(tokens[start:start + room]), dtype=np.uint8))
+            for start in range(0, len(tokens), room)
+        ]
+
+    @staticmethod
+    def _ids(doc_indices: Sequence[int], memory_id_of: dict[int, int]) -> list[int]:
+        return sorted(memory_id_of[int(doc)] for doc in dict.fromkeys(doc_indices))
+
+    def _injected_tokens(self, memory_ids: list[int], memory: np.ndarray) -> list[int]:
+        """The original text of the retrieved documents, rendered as in memory, + delimiter."""
+        tokens: list[int] = []
+        for memory_id in memory_ids:
+            tokens += self.template_tokens.doc_id_prefix[memory_id]
+            tokens += self.doc_tokens(int(memory[memory_id - 1])).tolist()
+            tokens += self.template_tokens.doc_suffix
+        tokens.append(self.tokenizer.special_token_ids[self.template.delimiter])
+        return tokens
+
+    def _plan(self, memory: np.ndarray, positive_flags: np.ndarray,
+              segments: list[tuple[str | list[int], bool]]) -> ExamplePlan:
+        texts = [content for content, _ in segments if isinstance(content, str)]
+        encoded = iter(self.tokenizer.encode_batch(texts))
+        tokens: list[int] = []
+        labelled: list[int] = []
+        for content, is_labelled in segments:
+            ids = next(encoded) if isinstance(content, str) else content
+            tokens += ids
+            labelled += [int(is_labelled)] * len(ids)
+        return ExamplePlan(memory, positive_flags, np.asarray(tokens, dtype=np.int64),
+                           np.asarray(labelled, dtype=np.uint8))
+
+    def _fill_memory(self, record: IndexedRecord, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        config = self.memory
+        positives = list(dict.fromkeys(int(d) for d in record.positives))
+        if record.hops:
+            positives = list(dict.fromkeys(positives + [int(d) for hop in record.hops for d in hop]))
+        chosen = list(positives)
+        taken = set(chosen)
+        used = sum(int(self.doc_lengths[d]) + self._overhead for d in chosen)
+
+        def try_add(doc: int) -> bool:
+            nonlocal used
+            cost = int(self.doc_lengths[doc]) + self._overhead
+            if doc in taken or used + cost > config.memory_tokens or len(chosen) >= config.max_memory_docs:
+                return False
+            chosen.append(doc)
+            taken.add(doc)
+            used += cost
+            return True
+
+        hard_negatives = [int(d) for d in record.negatives if int(d) not in taken]
+        for position in rng.permutation(len(hard_negatives)):
+            try_add(hard_negatives[position])
+        if config.random_negatives and len(self.doc_lengths) > len(taken):
+            misses = 0
+            while misses < config.random_draw_attempts and len(chosen) < config.max_memory_docs:
+                misses = 0 if try_add(int(rng.integers(len(self.doc_lengths)))) else misses + 1
+        if len(chosen) > config.max_memory_docs:
+            raise ValueError(f"record {record.record_index} has {len(chosen)} positives, more than "
+                             f"max_memory_docs={config.max_memory_docs}")
+        memory = np.asarray(chosen, dtype=np.int64)[rng.permutation(len(chosen))]
+        flags = np.isin(memory, np.asarray(positives, dtype=np.int64)).astype(np.uint8)
+        return memory, flags

@@ -1,0 +1,111 @@
+"""Sample templates (reference format by default) and their tokenised pieces."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .tokenization import TextTokenizer
+
+
+@dataclass
+class ChatFormat:
+    """The chat markers that wrap the user turn and the assistant turn.
+
+    The memory sits inside the user turn, between ``user_start`` (end of the shared prefix)
+    and the question; the assistant turn holds everything the model generates.
+    """
+
+    system_start: str = "<|im_start|>system\n"
+    system_end: str = "<|im_end|>\n"
+    user_start: str = "<|im_start|>user\n"
+    user_end: str = "<|im_end|>\n"
+    assistant_start: str = "<|im_start|>assistant\n"
+    assistant_end: str = "<|im_end|>"
+
+    def special_strings(self) -> list[str]:
+        """Marker strings that must be single tokens (ChatML's im_start/im_end)."""
+        return [token for token in ("<|im_start|>", "<|im_end|>")
+                if any(token in text for text in asdict(self).values())]
+
+
+@dataclass
+class TemplateConfig:
+    """Prompt wording and markers. Defaults follow the reference format (spec section 7):
+    documents rendered ``[i]. text``, targets ``[4][9]`` + ``<|object_ref_end|>``, and
+    ``<End-of-Retrieve>`` when no more documents are needed."""
+
+    system_prompt: str = ""
+    doc_id_format: str = "[{i}]. "
+    doc_suffix: str = "\n"
+    query_format: str = "Question: {query}\n"
+    target_id_format: str = "[{i}]"
+    delimiter: str = "<|object_ref_end|>"
+    end_of_retrieval: str = "<End-of-Retrieve>"
+    answer_format: str = "{answer}"
+    append_eos: bool = True
+    chat: ChatFormat | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TemplateConfig":
+        """Inverse of ``dataclasses.asdict`` (nested chat format included)."""
+        values = dict(values)
+        if values.get("chat") is not None:
+            values["chat"] = ChatFormat(**values["chat"])
+        return cls(**values)
+
+    def special_strings(self) -> list[str]:
+        """Strings that must be single tokens."""
+        extra = self.chat.special_strings() if self.chat else []
+        return [self.delimiter, self.end_of_retrieval, *extra]
+
+    def prefix_text(self) -> str:
+        """The shared prefix (doc_ids -2) that precedes the memory."""
+        if self.chat is None:
+            return self.system_prompt
+        system = f"{self.chat.system_start}{self.system_prompt}{self.chat.system_end}" if self.system_prompt else ""
+        return system + self.chat.user_start
+
+    def query_text(self, query: str) -> str:
+        """The question, plus the turn switch when a chat format is used."""
+        text = self.query_format.format(query=query)
+        if self.chat is not None:
+            text += self.chat.user_end + self.chat.assistant_start
+        return text
+
+    def target_ids_text(self, memory_ids: list[int]) -> str:
+        """IDs of the documents to retrieve, then the round delimiter."""
+        return "".join(self.target_id_format.format(i=i) for i in memory_ids) + self.delimiter
+
+    def final_answer_text(self, answer: str) -> str:
+        """End of retrieval, the answer, and the end of the assistant turn."""
+        text = self.end_of_retrieval + self.answer_format.format(answer=answer)
+        if self.chat is not None:
+            text += self.chat.assistant_end
+        return text
+
+
+@dataclass
+class TemplateTokens:
+    """The tokenised pieces row assembly needs, so that the loader never needs a tokenizer.
+
+    A memory document i is ``doc_id_prefix[i] + document tokens + doc_suffix``; doc_id_prefix
+    is indexed from 1 (entry 0 is unused)."""
+
+    prefix: list[int]
+    doc_suffix: list[int]
+    doc_id_prefix: list[list[int]] = field(default_factory=list)
+    eos: list[int] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_docs: int) -> "TemplateTokens":
+        """Encode every piece once; id prefixes for 1..max_memory_docs."""
+        id_texts = [template.doc_id_format.format(i=i) for i in range(1, max_memory_docs + 1)]
+        encoded = tokenizer.encode_batch([template.prefix_text(), template.doc_suffix, *id_texts])
+        # A chat format ends the assistant turn itself; a second end marker would be noise.
+        wants_eos = template.append_eos and template.chat is None and tokenizer.eos_token_id is not None
+        eos = [tokenizer.eos_token_id] if wants_eos else []
+        return cls(prefix=encoded[0], doc_suffix=encoded[1], doc_id_prefix=[[], *encoded[2:]], eos=eos)
+
+    def rendered_doc_length(self, memory_id: int, doc_tokens: int) -> int:
+        """Tokens of document ``memory_id`` once rendered with its ID prefix and suffix."""
+        return len(self.doc_id_prefix[memory_id]) + doc_tokens + len(self.doc_suffix)
