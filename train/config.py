@@ -325,7 +325,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     merged = file_config.copy()
     for override in _stage_names_to_indices(overrides, [stage.name for stage in recipe.stages]):
         key, value = override.split("=", 1)
-        OmegaConf.update(merged, key.strip(), yaml.safe_load(value), merge=True)
+        OmegaConf.update(merged, key.strip(), yaml.safe_load(value), merge=False)
     source = f"{path} with command-line overrides {overrides}"
     recipe = build_dataclass(Recipe, OmegaConf.to_container(merged, resolve=True), "", source)
     _check_recipe(recipe, source)

@@ -37,7 +37,7 @@ def parse_arguments(argv: list[str], phase: Phase) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.cpt_warmup.budget.steps=5")
     parser.add_argument("--stage", help="run (or resume) only this stage")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def select_stages(recipe: Recipe, phase: Phase, stage_name: str | None) -> list[StageConfig]:

@@ -1,0 +1,76 @@
+"""Launching the trainer from tests: tiny-recipe overrides, subprocess runs, metrics reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny.yaml"
+
+
+def launcher_env() -> dict[str, str]:
+    """CPU DeepSpeed, quiet W&B, and no thread oversubscription on a small shared machine."""
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def launch_command(entry: str, ranks: int, recipe: Path, args: list[str]) -> list[str]:
+    """`python launch/<entry>.py` for one rank, `deepspeed --num_gpus N launch/<entry>.py` otherwise."""
+    script = str(REPO / "launch" / f"{entry}.py")
+    if ranks == 1:
+        return [sys.executable, script, str(recipe), *args]
+    port = str(29500 + os.getpid() % 1000)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
+            script, str(recipe), *args]
+
+
+def run_launcher(entry: str, args: list[str], ranks: int = 1, recipe: Path = TINY_RECIPE,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_command(entry, ranks, recipe, args), cwd=REPO, env=launcher_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_launcher(entry: str, args: list[str], ranks: int, log_path: Path) -> subprocess.Popen:
+    """A launcher in its own process group, so that the whole group can be killed at once."""
+    log = open(log_path, "w")
+    return subprocess.Popen(launch_command(entry, ranks, TINY_RECIPE, args), cwd=REPO, env=launcher_env(),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank it started (its own process group)."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def step_losses(metrics_path: Path) -> dict[int, float]:
+    """Training loss per optimizer step from a stage's metrics.jsonl (eval records skipped)."""
+    losses = {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def wait_for(condition, timeout: float, process: subprocess.Popen | None = None, poll: float = 0.1) -> None:  # noqa: ANN001
+    """Poll `condition()` until it is true; fail early if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run exited with {process.returncode} before the condition held")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(poll)
+
+
+def failure_report(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}"
