@@ -23,6 +23,7 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,7 +186,9 @@ class VarlenBackend:
 def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
+    # torch 2.11 takes grouped K/V as they are; later releases ask for the flag.
+    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **gqa)
 
 
 def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):

@@ -33,6 +33,17 @@ MSA_KEYS = (
 )
 
 
+def _with_backbone_defaults(backbone_model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` completed with the backbone config class's defaults (e.g. Qwen3's `rms_norm_eps`)."""
+    from .backbones import get_backbone
+
+    complete = get_backbone(backbone_model_type).config_class(**fields).to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        complete.pop(key, None)
+    complete.update({k: v for k, v in fields.items() if k in ("architectures", "auto_map")})
+    return complete
+
+
 class MSAConfig(PreTrainedConfig):
     r"""Configuration of an MSA model.
 
@@ -93,8 +104,9 @@ class MSAConfig(PreTrainedConfig):
         **backbone_kwargs: Any,
     ) -> None:
         self.backbone_model_type = backbone_model_type
-        num_layers = backbone_kwargs.get("num_hidden_layers")
-        if router_layers is None and num_layers is not None:
+        backbone_kwargs = _with_backbone_defaults(backbone_model_type, backbone_kwargs)
+        num_layers = backbone_kwargs["num_hidden_layers"]
+        if router_layers is None:
             router_layers = list(range(num_layers // 2, num_layers))
         self.router_layers = sorted(int(i) for i in (router_layers or []))
         self.top_k_docs = top_k_docs
@@ -138,13 +150,12 @@ class MSAConfig(PreTrainedConfig):
                 raise ValueError(f"MSAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.aux_temperature > 0:
             raise ValueError(f"MSAConfig.aux_temperature must be > 0, got {self.aux_temperature!r}")
-        num_layers = getattr(self, "num_hidden_layers", None)
-        if num_layers is not None:
-            bad = [i for i in self.router_layers if not 0 <= i < num_layers]
-            if bad:
-                raise ValueError(
-                    f"MSAConfig.router_layers {bad} are outside the backbone's {num_layers} layers (0..{num_layers - 1})"
-                )
+        num_layers = self.num_hidden_layers
+        bad = [i for i in self.router_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"MSAConfig.router_layers {bad} are outside the backbone's {num_layers} layers (0..{num_layers - 1})"
+            )
         if len(set(self.router_layers)) != len(self.router_layers):
             raise ValueError(f"MSAConfig.router_layers has duplicates: {self.router_layers}")
 
