@@ -1,0 +1,68 @@
+"""All four stages of recipes/tiny.yaml in one process: each stage starts from the previous
+stage's export, the final export loads with AutoModelForCausalLM, and the tracked metrics
+land in metrics.jsonl and in an offline W&B run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import msa_modeling  # noqa: F401  (registers model_type "msa")
+from msa_train.train.config import load_recipe
+from train_runs import failure_report, run_launcher
+
+STAGES = ("cpt_warmup", "cpt_main", "sft_short", "sft_long")
+LOGGED_KEYS = {
+    "loss", "lm_loss", "aux_loss", "recall@1", "recall@5", "recall@10", "recall@1/layer_2", "recall@10/layer_3",
+    "lr/router", "lr/backbone", "grad_norm", "tokens_per_s_per_device", "mfu", "tokens_seen", "tokens_budget",
+    "memory_gb", "step",
+}
+
+
+def test_tiny_recipe_runs_every_stage_from_the_previous_export(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_launcher("run_all", [
+        f"run.output_dir={run_dir}",
+        "tracking.wandb=offline",
+        "tracking.progress_bar=false",
+        "stages.cpt_warmup.budget.steps=2",
+        "stages.cpt_warmup.checkpoint_every_steps=1",
+        "stages.cpt_main.budget.tokens=2048",
+        "stages.sft_short.budget.steps=2",
+        "stages.sft_long.budget.steps=1",
+    ])
+    assert result.returncode == 0, failure_report(result)
+    log = result.stdout + result.stderr
+    for previous, stage in zip(STAGES, STAGES[1:]):
+        assert f"starting from MSA checkpoint {run_dir}/stages/{previous}/export" in log
+
+    # Checkpoints rotate: keep_last 2 of the warm-up's step 1 and step 2 checkpoints (+ final = step 2).
+    warmup = run_dir / "stages/cpt_warmup"
+    assert sorted(p.name for p in (warmup / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
+    assert (warmup / "checkpoints/latest").read_text() == "step_00000002"
+
+    records = [json.loads(line) for line in (warmup / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2]
+    assert LOGGED_KEYS <= set(train_records[0])
+    assert train_records[-1]["tokens_seen"] == train_records[-1]["tokens_budget"] == 2048
+    assert any("eval/recall@1" in r for r in records)
+    main_records = [json.loads(line) for line in (run_dir / "stages/cpt_main/metrics.jsonl").read_text().splitlines()]
+    assert main_records[-1]["lr/all"] < main_records[0]["lr/all"]  # cosine anneal towards final_lr_ratio
+
+    wandb_logs = list((warmup / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert wandb_logs, "no offline W&B run"
+    assert b"recall@1/layer_3" in wandb_logs[0].read_bytes() and b"mfu" in wandb_logs[0].read_bytes()
+
+    export = run_dir / "stages/sft_long/export"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    assert type(model).__name__ == "MSAForCausalLM"
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert len(tokenizer) == model.config.vocab_size
+    assert load_recipe(export / "recipe.yaml").stages[-1].name == "sft_long"
+    ids = torch.tensor([tokenizer.encode("Question: What is the home town of Alice Berg?")])
+    assert torch.isfinite(model(ids).logits).all()
