@@ -172,9 +172,12 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
     plans, lengths = [], []
     stats = {"records": len(items), "records_without_answer": 0, "examples": 0, "overlong_skipped": 0,
              "tail_tokens": 0, "training_tokens": 0, "examples_by_memory_docs": 0}
-    for item in items:
+    for position, item in enumerate(items):
         try:
-            new_plans = builder.build_lm(item, config.max_example_tokens) if isinstance(item, str) else builder.build(item)
+            if isinstance(item, str):
+                new_plans = builder.build_lm(item, config.max_example_tokens, index * config.records_per_shard + position)
+            else:
+                new_plans = builder.build(item)
         except MissingAnswerError:
             stats["records_without_answer"] += 1
             continue

@@ -72,6 +72,12 @@ class PreparedDataset:
         t0, t1 = int(shard.tail_offsets[local]), int(shard.tail_offsets[local + 1])
         return shard.memory[m0:m1], shard.positive[m0:m1], shard.tail_tokens[t0:t1], shard.tail_labelled[t0:t1]
 
+    def example_origin(self, index: int) -> tuple[int, int]:
+        """(index of the source record or text, retrieval step) that example ``index`` came from."""
+        shard_index = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        origin = self.shards[shard_index].example_origin[index - int(self.shard_starts[shard_index])]
+        return int(origin[0]), int(origin[1])
+
     def write_example(self, index: int, row: dict[str, np.ndarray], start: int, example_id: int,
                       query_position_offset: int, ramp: np.ndarray) -> int:
         """Write example ``index`` into ``row`` from ``start``; return the end position."""
@@ -155,6 +161,7 @@ class PackedRowLoader:
         self._order_cache: dict[int, tuple[int, np.ndarray]] = {}
         self._mix_cache: tuple[int, np.ndarray] | None = None
         self._state = self._initial_state()
+        self.last_row_examples: list[tuple[int, int]] = []
 
     def _initial_state(self) -> dict[str, Any]:
         return {
@@ -246,6 +253,7 @@ class PackedRowLoader:
         position = 0
         packed = 0
         pad_token_id = None
+        self.last_row_examples = []
         consecutive_overlong = 0
         while True:
             pending = self._state["pending"]
@@ -268,6 +276,7 @@ class PackedRowLoader:
                 break
             position = dataset.write_example(example, row, position, packed, self.query_position_offset, self._ramp)
             pad_token_id = dataset.pad_token_id if pad_token_id is None else pad_token_id
+            self.last_row_examples.append((source, example))
             packed += 1
         if packed == 0:
             return None

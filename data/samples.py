@@ -66,6 +66,8 @@ class ExamplePlan:
     positive: np.ndarray
     tail_tokens: np.ndarray
     tail_labelled: np.ndarray
+    record_index: int = -1
+    step: int = 0
 
     def num_tokens(self, template_tokens: TemplateTokens, doc_lengths: np.ndarray) -> int:
         """Length of the assembled example."""
@@ -116,10 +118,12 @@ class SampleBuilder:
         memory, positive_flags = self._fill_memory(record, rng)
         memory_id_of = {int(doc): position + 1 for position, doc in enumerate(memory)}
         if self.kind == "retrieval":
-            return [self._plan(memory, positive_flags, [
+            plan = self._plan(memory, positive_flags, [
                 (self.template.query_text(record.query), False),
                 (self.template.target_ids_text(self._ids(record.positives, memory_id_of)), True),
-            ])]
+            ])
+            plan.record_index = record.record_index
+            return [plan]
         hops = record.hops if (self.kind == "interleave" and record.hops) else [record.positives]
         plans = []
         steps = range(len(hops) + 1) if self.kind == "interleave" else [len(hops)]
@@ -139,18 +143,22 @@ class SampleBuilder:
                 segments.append((list(self.template_tokens.eos), True))
                 step_positives = set(record.positives)
             flags = np.array([int(doc) in step_positives for doc in memory], dtype=np.uint8)
-            plans.append(self._plan(memory, flags, segments))
+            plan = self._plan(memory, flags, segments)
+            plan.record_index = record.record_index
+            plan.step = step
+            plans.append(plan)
         return plans
 
-    def build_lm(self, text: str, max_tokens: int) -> list[ExamplePlan]:
-        """Plain-text examples of at most ``max_tokens`` tokens each, all labelled."""
+    def build_lm(self, text: str, max_tokens: int, text_index: int = -1) -> list[ExamplePlan]:
+        """Plain-text examples of at most ``max_tokens`` tokens each, all labelled; a longer
+        text is split into consecutive pieces (numbered by ``step``), not cut."""
         tokens = self.tokenizer.encode(text) + list(self.template_tokens.eos)
         room = max_tokens - len(self.template_tokens.prefix)
         empty = np.zeros(0, dtype=np.int64)
         return [
             ExamplePlan(empty, np.zeros(0, dtype=np.uint8), np.asarray(tokens[start:start + room], dtype=np.int64),
-                        np.ones(len(tokens[start:start + room]), dtype=np.uint8))
-            for start in range(0, len(tokens), room)
+                        np.ones(len(tokens[start:start + room]), dtype=np.uint8), text_index, piece)
+            for piece, start in enumerate(range(0, len(tokens), room))
         ]
 
     @staticmethod

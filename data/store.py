@@ -7,7 +7,7 @@ Example shard ``examples/shard-NNNNN/``:
   ``memory.npy`` int64 corpus document indices, ``positive.npy`` uint8 (same length),
   ``memory_offsets.npy`` int64 [E+1], ``tail_tokens.npy``, ``tail_labelled.npy`` uint8,
   ``tail_offsets.npy`` int64 [E+1], ``example_tokens.npy`` int64 [E] assembled lengths,
-  ``shard.json`` counts.
+  ``example_origin.npy`` int64 [E, 2] (source record index, retrieval step), ``shard.json`` counts.
 
 A shard is written into a hidden ``.tmp-*`` folder and renamed into place, so a visible
 shard folder is always complete, and a killed build leaves only hidden leftovers.
@@ -116,6 +116,8 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         np.save(temp / "tail_labelled.npy", concat([p.tail_labelled for p in plans], np.dtype(np.uint8)))
         np.save(temp / "tail_offsets.npy", offsets_of([p.tail_tokens for p in plans]))
         np.save(temp / "example_tokens.npy", np.asarray(example_tokens, dtype=np.int64))
+        np.save(temp / "example_origin.npy", np.asarray([[p.record_index, p.step] for p in plans],
+                                                         dtype=np.int64).reshape(len(plans), 2))
         (temp / "shard.json").write_text(json.dumps(stats, indent=1))
 
 
@@ -180,6 +182,7 @@ class ExampleShard:
         self.tail_labelled = load("tail_labelled.npy")
         self.tail_offsets = np.load(directory / "tail_offsets.npy")
         self.example_tokens = np.load(directory / "example_tokens.npy")
+        self.example_origin = np.load(directory / "example_origin.npy")
 
     def __len__(self) -> int:
         return len(self.example_tokens)

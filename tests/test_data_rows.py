@@ -1,0 +1,201 @@
+"""Packed rows built from synthetic and BEIR data decode back to the intended samples, with
+labels, doc ids, positions and aux labels as the spec and the row contract say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import DELIMITER, END_OF_RETRIEVAL, doc_runs, synthetic_build, train_byte_bpe, train_sentencepiece, write_beir
+
+from msa_modeling.layout import build_packed_layout
+from msa_modeling.layout import compute_position_ids as model_position_ids
+from msa_train.data.build import BuildConfig, build_dataset, load_source
+from msa_train.data.errors import BadRecordTally
+from msa_train.data.layout import compute_position_ids
+from msa_train.data.loader import PackedRowLoader, stack_rows
+from msa_train.data.synthetic import generate_needles
+from msa_train.data.tokenization import load_tokenizer
+
+ROW_LENGTH = 1536
+OFFSET = 16
+
+GENERATORS = {
+    "retrieval": {"generator": "needles", "kind": "multi_query", "num_samples": 12, "seed": 3, "haystack_docs": 8},
+    "qa": {"generator": "kv_facts", "num_facts": 60, "num_queries": 12, "seed": 4},
+    "interleave": {"generator": "multihop", "num_chains": 8, "seed": 5, "hops": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("builds")
+    outputs = {}
+    for kind, generator in GENERATORS.items():
+        synthetic_build(root / kind, sp_model, kind, generator)
+        outputs[kind] = root / kind
+    bpe = train_byte_bpe(tmp_path_factory.mktemp("bpe"))
+    synthetic_build(root / "bpe-qa", bpe, "qa", GENERATORS["qa"])
+    outputs["bpe-qa"] = root / "bpe-qa"
+    beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
+    build_dataset(BuildConfig.from_dict({
+        "source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
+        "memory": {"memory_tokens": 700, "max_memory_docs": 64}, "max_example_tokens": ROW_LENGTH,
+        "docs_per_shard": 50, "records_per_shard": 4}), root / "beir")
+    outputs["beir"] = root / "beir"
+    return outputs
+
+
+def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int):
+    """(full text, labelled text, positive corpus ids) the example must decode to."""
+    memory_id_of = {doc_id: i for i, doc_id in enumerate(memory_ids, start=1)}
+    memory_text = "".join(f"[{i}]. {corpus[doc_id]}\n" for i, doc_id in enumerate(memory_ids, start=1))
+
+    def ids_text(doc_ids: list[str]) -> str:
+        return "".join(f"[{i}]" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
+
+    def injected(doc_ids: list[str]) -> str:
+        return "".join(f"[{i}]. {corpus[memory_ids[i - 1]]}\n" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
+
+    tail = f"Question: {record.query}\n"
+    if kind == "retrieval":
+        return memory_text + tail + ids_text(record.positives), ids_text(record.positives), set(record.positives)
+    hops = record.hops if kind == "interleave" and record.hops else [record.positives]
+    labelled = ""
+    for hop in hops[:step]:
+        tail += ids_text(hop) + injected(hop)
+        if kind == "qa":
+            labelled += ids_text(hop)
+    if step < len(hops):
+        return memory_text + tail + ids_text(hops[step]), labelled + ids_text(hops[step]), set(hops[step])
+    final = END_OF_RETRIEVAL + record.answer
+    return memory_text + tail + final, labelled + final, set(record.positives)
+
+
+def rows_of(build: Path, world_size: int = 1, rank: int = 0) -> tuple[list[dict], list[list[tuple[int, int]]], PackedRowLoader]:
+    loader = PackedRowLoader(build, ROW_LENGTH, seed=1, rank=rank, world_size=world_size, max_epochs=1,
+                             query_position_offset=OFFSET)
+    rows, origins = [], []
+    for row in loader:
+        rows.append(row)
+        origins.append(list(loader.last_row_examples))
+    return rows, origins, loader
+
+
+def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
+    doc_ids = row["doc_ids"].numpy()
+    example_ids = row["example_ids"].numpy()
+    labels = row["labels"].numpy()
+    aux = row["aux_labels"].numpy()
+    for name, tensor in row.items():
+        assert tensor.dtype == torch.int64 and tensor.shape == (ROW_LENGTH,), name
+    padding = doc_ids == -1
+    assert (example_ids[padding] == -1).all() and (example_ids[~padding] >= 0).all()
+    if padding.any():
+        assert padding[np.argmax(padding):].all(), "padding must come only at the end"
+    examples = example_ids[~padding]
+    assert (np.diff(examples) >= 0).all() and (np.diff(examples) <= 1).all() and examples[0] == 0
+    assert ((labels == -100) | (labels == row["input_ids"].numpy())).all()
+    assert (labels[doc_ids != 0] == -100).all(), "only query/answer tokens are generated"
+    assert (aux[doc_ids <= 0] == 0).all()
+    for example in np.unique(examples):
+        roles = doc_ids[example_ids == example]
+        rank = np.where(roles == -2, 0, np.where(roles > 0, 1, 2))
+        assert (np.diff(rank) >= 0).all(), "prefix, then documents, then query"
+        assert (roles == 0).any(), "every example has query tokens"
+        runs = doc_runs(roles)
+        assert [doc for doc, _, _ in runs] == list(range(1, len(runs) + 1)), "doc ids 1..n, one run each"
+        # Routing tokens: query tokens that are not generated.
+        assert ((roles == 0) & (labels[example_ids == example] == -100)).any()
+
+
+@pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir"])
+def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> None:
+    build = builds[name]
+    kind = {"bpe-qa": "qa", "beir": "retrieval"}.get(name, name)
+    config = BuildConfig.from_dict(json.loads((build / "manifest.json").read_text())["config"])
+    source = load_source(config.source, BadRecordTally())
+    corpus = {doc.doc_id: doc.full_text() for doc in source.corpus}
+    tokenizer = load_tokenizer(build / "tokenizer")
+    rows, origins, loader = rows_of(build)
+    dataset = loader.datasets[0]
+    corpus_ids = dataset.docs.doc_ids()
+    eos = tokenizer.eos_token_id
+    seen = 0
+    for row, row_examples in zip(rows, origins):
+        check_row_grammar(row)
+        for example_id, (_, example) in enumerate(row_examples):
+            mask = (row["example_ids"] == example_id).numpy()
+            record_index, step = dataset.example_origin(example)
+            memory, _, _, _ = dataset.example_parts(example)
+            memory_ids = [corpus_ids[i] for i in memory.tolist()]
+            full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step)
+            input_ids = row["input_ids"].numpy()[mask].tolist()
+            labels = row["labels"].numpy()[mask]
+            generated = labels[labels != -100].tolist()
+            if full.endswith(END_OF_RETRIEVAL + (source.records[record_index].answer or "\0")):
+                # The answer ends with the tokenizer's end-of-sequence id, generated too.
+                assert input_ids[-1] == generated[-1] == eos
+                input_ids, generated = input_ids[:-1], generated[:-1]
+            assert tokenizer.decode(input_ids) == full
+            assert tokenizer.decode(generated) == labelled
+            doc_ids = row["doc_ids"].numpy()[mask]
+            aux = row["aux_labels"].numpy()[mask]
+            for doc, start, end in doc_runs(doc_ids):
+                expected_flag = int(memory_ids[doc - 1] in positives)
+                assert (aux[start:end] == expected_flag).all()
+                assert tokenizer.decode(input_ids[start:end]) == f"[{doc}]. {corpus[memory_ids[doc - 1]]}\n"
+            seen += 1
+    assert seen == len(dataset) > 0
+
+
+@pytest.mark.parametrize("name", ["retrieval", "interleave"])
+def test_positions_follow_spec_and_model_accepts_rows(builds: dict[str, Path], name: str) -> None:
+    rows, _, _ = rows_of(builds[name])
+    for row in rows:
+        doc_ids, example_ids, positions = row["doc_ids"], row["example_ids"], row["position_ids"]
+        assert torch.equal(positions, torch.from_numpy(compute_position_ids(doc_ids.numpy(), example_ids.numpy(), OFFSET)))
+        assert torch.equal(positions, model_position_ids(doc_ids, example_ids, OFFSET))
+        for example in example_ids.unique():
+            if example < 0:
+                continue
+            mask = example_ids == example
+            roles, pos = doc_ids[mask], positions[mask]
+            prefix_length = int((roles == -2).sum())
+            assert torch.equal(pos[roles == -2], torch.arange(prefix_length))
+            for doc in roles[roles > 0].unique():
+                assert torch.equal(pos[roles == doc], torch.arange(int((roles == doc).sum())))
+            query = pos[roles == 0]
+            assert torch.equal(query, torch.arange(len(query)) + prefix_length + OFFSET)
+        assert (positions[doc_ids == -1] == 0).all()
+    batch = stack_rows(rows[:3])
+    layout = build_packed_layout(batch["doc_ids"], chunk_size=64, query_position_offset=OFFSET,
+                                 example_ids=batch["example_ids"], labels=batch["labels"],
+                                 aux_labels=batch["aux_labels"])
+    assert torch.equal(layout.position_ids, batch["position_ids"])
+    assert layout.has_positives
+
+
+def test_chat_prefix_is_shared_prefix(tmp_path: Path, sp_model: Path) -> None:
+    synthetic_build(tmp_path / "chat", sp_model, "retrieval", GENERATORS["retrieval"],
+                    template={"system_prompt": "You answer from memory.", "chat": {}})
+    tokenizer = load_tokenizer(tmp_path / "chat" / "tokenizer")
+    rows, _, _ = rows_of(tmp_path / "chat")
+    row = rows[0]
+    first = (row["example_ids"] == 0).numpy()
+    doc_ids = row["doc_ids"].numpy()[first]
+    input_ids = row["input_ids"].numpy()[first]
+    assert tokenizer.decode(input_ids[doc_ids == -2].tolist()) == \
+        "<|im_start|>system\nYou answer from memory.<|im_end|>\n<|im_start|>user\n"
+    query_text = tokenizer.decode(input_ids[doc_ids == 0].tolist())
+    assert query_text.startswith("Question: ") and "<|im_end|>\n<|im_start|>assistant\n[" in query_text
+    assert query_text.endswith(DELIMITER)
+    check_row_grammar(row)
