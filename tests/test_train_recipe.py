@@ -1,0 +1,131 @@
+"""Recipes: validation errors name the key, the file and the closest valid name; overrides;
+the schedule, batch geometry and parameter groups derived from a stage."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from msa_train.train.config import RecipeError, load_recipe
+from msa_train.train.engine import batch_geometry
+from msa_train.train.model_setup import parameter_groups
+from msa_train.train.schedule import LRMultiplier
+from msa_train.train.trainer import total_steps
+from train_runs import REPO, TINY_RECIPE, failure_report, run_launcher
+
+QWEN3_4B_RECIPE = REPO / "recipes" / "qwen3_4b.yaml"
+
+
+def recipe_with(tmp_path: Path, old: str, new: str) -> Path:
+    text = TINY_RECIPE.read_text()
+    assert old in text
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_shipped_recipes_validate() -> None:
+    tiny = load_recipe(TINY_RECIPE)
+    assert [s.name for s in tiny.stages] == ["cpt_warmup", "cpt_main", "sft_short", "sft_long"]
+    paper = load_recipe(QWEN3_4B_RECIPE)
+    warmup, main = paper.stage("cpt_warmup"), paper.stage("cpt_main")
+    assert (warmup.loss_weights.lm, warmup.loss_weights.aux) == (0.1, 1.0)
+    assert (main.loss_weights.lm, main.loss_weights.aux) == (1.0, 0.1)
+    assert warmup.budget.tokens + main.budget.tokens == pytest.approx(158.95e9)
+    assert main.optimizer.lr * main.schedule.final_lr_ratio == pytest.approx(6e-6)
+    assert [s.row_length for s in paper.stages if s.phase == "sft"] == [8192, 65536]
+
+
+def test_mistyped_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = recipe_with(tmp_path, "checkpoint_every_steps: 3", "checkpoint_every_step: 3")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "stages[0].checkpoint_every_step" in message
+    assert "did you mean 'checkpoint_every_steps'" in message
+
+
+def test_mistyped_nested_data_key_is_caught(tmp_path: Path) -> None:
+    path = recipe_with(tmp_path, "memory: {memory_tokens: 160", "memory: {memory_token: 160")
+    with pytest.raises(RecipeError, match=r"data\.sources\.kv_retrieval\.memory\.memory_token.*'memory_tokens'"):
+        load_recipe(path)
+
+
+def test_wrong_type_and_bad_choice(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.row_length = 'long' is not a int"):
+        load_recipe(recipe_with(tmp_path, "row_length: 256", "row_length: long"))
+    with pytest.raises(RecipeError, match=r"anneal = 'cosin' must be one of .*did you mean 'cosine'"):
+        load_recipe(TINY_RECIPE, ["stages.cpt_main.schedule.anneal=cosin"])
+
+
+def test_overrides_by_stage_name_and_index() -> None:
+    recipe = load_recipe(TINY_RECIPE, ["stages.cpt_main.budget.tokens=1.5e4", "stages.0.optimizer.lr=0.01",
+                                       "deepspeed.zero_stage=3", "stages.cpt_warmup.eval.sources={}"])
+    assert recipe.stage("cpt_main").budget.tokens == 15000.0
+    assert recipe.stages[0].optimizer.lr == 0.01
+    assert recipe.deepspeed.zero_stage == 3
+    assert recipe.stages[0].eval.sources == {}
+
+
+def test_mistyped_override_names_the_command_line() -> None:
+    with pytest.raises(RecipeError) as error:
+        load_recipe(TINY_RECIPE, ["deepspeed.zero_stge=3"])
+    assert "command-line overrides" in str(error.value)
+    assert "did you mean 'zero_stage'" in str(error.value)
+
+
+def test_cross_field_rules(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="not a multiple of row_length"):
+        load_recipe(TINY_RECIPE, ["stages.cpt_warmup.micro_batch_tokens=300"])
+    with pytest.raises(RecipeError, match="exactly one of budget.tokens or budget.steps"):
+        load_recipe(TINY_RECIPE, ["stages.cpt_warmup.budget.tokens=100"])
+    with pytest.raises(RecipeError, match="unknown data source 'kv_retrival'.*'kv_retrieval'"):
+        load_recipe(TINY_RECIPE, ["stages.cpt_warmup.sources={kv_retrival: 1.0}"])
+    with pytest.raises(RecipeError, match="no stage named 'sft_lng'.*'sft_long'"):
+        load_recipe(TINY_RECIPE).stage("sft_lng")
+
+
+def test_launcher_rejects_a_typo_before_any_work(tmp_path: Path) -> None:
+    path = recipe_with(tmp_path, "zero_stage: 2", "zero_stages: 2")
+    result = run_launcher("pretrain", [f"run.output_dir={tmp_path / 'run'}"], recipe=path)
+    assert result.returncode == 2, failure_report(result)
+    assert "did you mean 'zero_stage'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_schedule_warms_up_then_anneals_to_the_final_ratio() -> None:
+    cosine = LRMultiplier(total_steps=10, warmup_steps=2, anneal="cosine", final_ratio=0.1)
+    assert [cosine(s) for s in (0, 1)] == [0.5, 1.0]
+    assert cosine(2) == 1.0 and cosine(10) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.1)
+    assert cosine(6) == pytest.approx(0.55)
+    linear = LRMultiplier(total_steps=10, warmup_steps=0, anneal="linear", final_ratio=0.0)
+    assert linear(5) == pytest.approx(0.5)
+
+
+def test_batch_geometry_and_token_budget() -> None:
+    stage = load_recipe(TINY_RECIPE).stage("cpt_main")
+    assert batch_geometry(stage, world_size=1) == (2, 2)
+    assert batch_geometry(stage, world_size=2) == (2, 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        batch_geometry(stage, world_size=4)
+    assert total_steps(stage) == 6
+
+
+def test_parameter_groups_route_router_weights_and_freeze_the_backbone() -> None:
+    from batches import tiny_msa
+
+    model = tiny_msa()
+    recipe = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.param_groups.1.frozen=true"])
+    groups = parameter_groups(model, recipe.stage("cpt_warmup"))
+    assert [g["name"] for g in groups] == ["router"]
+    router_names = {n for n, p in model.named_parameters() if any(p is q for q in groups[0]["params"])}
+    assert router_names and all(re.search(r"\.router_(q|k)_proj\.", n) for n in router_names)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in router_names)
+    recipe = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.param_groups=[{name: router, pattern: 'router_'}]"])
+    with pytest.raises(ValueError, match="match no param_groups pattern"):
+        parameter_groups(model, recipe.stage("cpt_warmup"))
+    assert isinstance(groups[0]["params"][0], torch.nn.Parameter)
