@@ -186,9 +186,13 @@ class VarlenBackend:
 def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     from torch.nn.attention.varlen import varlen_attn
 
-    # torch 2.11 takes grouped K/V as they are; later releases ask for the flag.
-    gqa = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **gqa)
+    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
+    # torch 2.11's varlen_attn runs grouped K/V forward but returns wrong K/V gradients
+    # (eval/check_backends.py on an H100), so its K/V are expanded to every query head.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
 
 
 def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
