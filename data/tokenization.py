@@ -61,8 +61,9 @@ class TextTokenizer(ABC):
     def save(self, directory: str | Path) -> Path:
         """Write the tokenizer (with its added tokens) under ``directory``; return the path."""
 
-    def ensure_special_tokens(self, tokens: Sequence[str]) -> list[str]:
-        """Make every string in ``tokens`` a single id; return (and log) those that were added."""
+    def ensure_special_tokens(self, tokens: Sequence[str], report: bool = True) -> list[str]:
+        """Make every string in ``tokens`` a single id; return (and, if ``report``, log) those
+        that were added."""
         added = []
         for token in tokens:
             if not token or token in self._special_ids:
@@ -74,7 +75,7 @@ class TextTokenizer(ABC):
             self._special_ids[token] = existing
         ordered = sorted(self._special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")") if ordered else None
-        if added:
+        if added and report:
             logger.warning("added %d special token(s) missing from the tokenizer: %s (vocab size now %d; "
                            "the model's embeddings must be resized)", len(added), added, self.vocab_size)
         return added
@@ -196,7 +197,7 @@ class HuggingFaceTokenizer(TextTokenizer):
         if state["eos"] is not None:
             self.hf.eos_token = self.backend.id_to_token(state["eos"])
         self._special_ids = {}
-        self.ensure_special_tokens(list(state["special"]))
+        self.ensure_special_tokens(list(state["special"]), report=False)
 
 
 class SentencePieceTokenizer(TextTokenizer):
@@ -272,7 +273,7 @@ class SentencePieceTokenizer(TextTokenizer):
         extra = set(self._extra_tokens)
         for token, token_id in state["special"].items():
             self._special_ids[token] = token_id
-        self.ensure_special_tokens([t for t in state["special"] if t not in extra])
+        self.ensure_special_tokens([t for t in state["special"] if t not in extra], report=False)
         ordered = sorted(self._special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")") if ordered else None
 
@@ -291,7 +292,8 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         added_path = path / "added_tokens.json"
         if added_path.is_file():
             added = json.loads(added_path.read_text())
-            tokenizer.ensure_special_tokens(sorted(added, key=added.get))
+            # Restoring a saved tokenizer's own additions is not news worth a warning.
+            tokenizer.ensure_special_tokens(sorted(added, key=added.get), report=False)
         return tokenizer
     return HuggingFaceTokenizer(path)
 
