@@ -4,7 +4,7 @@ Document shard ``docs/shard-NNNNN/``:
   ``tokens.bin`` raw token ids (dtype in shard.json), ``offsets.npy`` int64 [n+1],
   ``ids.txt`` the corpus's document ids, one a line, ``shard.json`` counts.
 Example shard ``examples/shard-NNNNN/``:
-  ``memory.npy`` int64 corpus document indices, ``positive.npy`` uint8 (same length),
+  ``memory.npy`` int32 (int64 past 2^31 documents) corpus document indices, ``positive.npy`` uint8 (same length),
   ``memory_offsets.npy`` int64 [E+1], ``tail_tokens.npy``, ``tail_labelled.npy`` uint8,
   ``tail_offsets.npy`` int64 [E+1], ``example_tokens.npy`` int64 [E] assembled lengths,
   ``example_origin.npy`` int64 [E, 2] (source record index, retrieval step), ``shard.json`` counts.
@@ -109,7 +109,10 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         return np.concatenate(arrays).astype(array_dtype) if arrays else np.zeros(0, dtype=array_dtype)
 
     with atomic_directory(final) as temp:
-        np.save(temp / "memory.npy", concat([p.memory for p in plans], np.dtype(np.int64)))
+        memory = concat([p.memory for p in plans], np.dtype(np.int64))
+        # Memory references are the bulk of an example shard: 4 bytes each while the corpus allows.
+        reference_dtype = np.dtype(np.int32) if not len(memory) or memory.max() < np.iinfo(np.int32).max else memory.dtype
+        np.save(temp / "memory.npy", memory.astype(reference_dtype))
         np.save(temp / "positive.npy", concat([p.positive for p in plans], np.dtype(np.uint8)))
         np.save(temp / "memory_offsets.npy", offsets_of([p.memory for p in plans]))
         np.save(temp / "tail_tokens.npy", concat([p.tail_tokens for p in plans], dtype))
