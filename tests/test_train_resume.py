@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from train_runs import failure_report, kill_group, run_launcher, start_launcher, step_losses, wait_for
 
@@ -56,4 +58,8 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path, zer
     assert resumed.returncode == 0, failure_report(resumed)
     assert "resumed from checkpoint" in resumed.stdout + resumed.stderr
     assert step_losses(stage / "metrics.jsonl") == expected
-    assert (stage / "export" / "model.safetensors").is_file()
+    # The consolidated exports agree too: same weights, bit for bit.
+    exported = load_file(stage / "export/model.safetensors")
+    reference_export = load_file(reference_dir / "stages/cpt_warmup/export/model.safetensors")
+    assert exported.keys() == reference_export.keys() and "lm_head.weight" not in exported  # tied
+    assert all(torch.equal(exported[name], reference_export[name]) for name in exported)
