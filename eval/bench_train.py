@@ -209,6 +209,8 @@ def build_msa(cfg: dict, row: dict, args):
     with torch.device("cuda"):
         model = MSAForCausalLM(config).to(torch.bfloat16)
     model.model.gradient_checkpointing = True
+    if args.compile:
+        model.model.compile_dense_blocks()
     model.train()
     layout = build_packed_layout(
         row["doc_ids"], chunk_size=config.chunk_size, query_position_offset=config.query_position_offset,
@@ -243,6 +245,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the MSA layers' token-wise blocks")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
     parser.add_argument("--out", default="bench_train.json")
     args = parser.parse_args()

@@ -106,6 +106,7 @@ class VarlenKeys:
     order: torch.Tensor  # [K] long, index into cat([tokens, prefix copies, chunks])
     cu_seqlens: torch.Tensor  # [S+1] int32
     max_length: int
+    token_position: torch.Tensor  # [N] long, where each row token landed in the regrouped buffer
 
 
 _SLOT_OWN, _SLOT_CHUNK, _SLOT_QUERY = 0, 1, 2
@@ -137,7 +138,9 @@ def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None)
     counts = torch.zeros(num_segments + 1, dtype=torch.int32, device=device)
     counts.scatter_add_(0, segment, torch.ones_like(segment, dtype=torch.int32))
     cu_seqlens = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_segments], 0, dtype=torch.int32)])
-    return VarlenKeys(order=order, cu_seqlens=cu_seqlens, max_length=max_length)
+    position = torch.empty_like(order)
+    position.scatter_(0, order, torch.arange(order.numel(), device=device))
+    return VarlenKeys(order=order, cu_seqlens=cu_seqlens, max_length=max_length, token_position=position[: layout.num_tokens])
 
 
 def gather_varlen_keys(
@@ -154,11 +157,18 @@ VarlenKernel = Callable[..., torch.Tensor]
 
 
 class VarlenBackend:
-    """Any causal varlen kernel with flash-attn's calling convention (bottom-right causal, GQA)."""
+    """Any causal varlen kernel with flash-attn's calling convention (bottom-right causal, GQA).
 
-    def __init__(self, name: str, kernel: VarlenKernel) -> None:
+    With `regroup_queries`, queries are regrouped exactly like the keys, so that every
+    segment has as many queries as keys (plain causal self-attention); the extra query rows
+    (prefix copies, chunks) are computed and dropped. This is for kernels whose backward is
+    only right when query and key segments coincide.
+    """
+
+    def __init__(self, name: str, kernel: VarlenKernel, regroup_queries: bool = False) -> None:
         self.name = name
         self.kernel = kernel
+        self.regroup_queries = regroup_queries
 
     def prepare(self, layout: PackedLayout) -> dict:
         return {"keys_without_memory": varlen_key_order(layout, None)}
@@ -170,16 +180,21 @@ class VarlenBackend:
         batch, length = q.shape[:2]
         flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
         if memory is None:
-            keys = plan["keys_without_memory"]
-            k_buffer = gather_varlen_keys(flat(k), layout, keys, None)
-            v_buffer = gather_varlen_keys(flat(v), layout, keys, None)
+            keys, pooled_k, pooled_v = plan["keys_without_memory"], None, None
         else:
             keys = varlen_key_order(layout, memory.selected_chunks)
-            k_buffer = gather_varlen_keys(flat(k), layout, keys, memory.keys)
-            v_buffer = gather_varlen_keys(flat(v), layout, keys, memory.values)
-        out = self.kernel(
-            flat(q), k_buffer, v_buffer, layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale
-        )
+            pooled_k, pooled_v = memory.keys, memory.values
+        k_buffer = gather_varlen_keys(flat(k), layout, keys, pooled_k)
+        v_buffer = gather_varlen_keys(flat(v), layout, keys, pooled_v)
+        if self.regroup_queries:
+            chunk_queries = None if pooled_k is None else q.new_zeros(pooled_k.shape[0], *q.shape[2:])
+            q_buffer = gather_varlen_keys(flat(q), layout, keys, chunk_queries)
+            out = self.kernel(q_buffer, k_buffer, v_buffer, keys.cu_seqlens, keys.cu_seqlens, keys.max_length, keys.max_length, scale)
+            out = out[keys.token_position]
+        else:
+            out = self.kernel(
+                flat(q), k_buffer, v_buffer, layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale
+            )
         return out.view(batch, length, *out.shape[1:])
 
 
@@ -188,8 +203,8 @@ def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
 
     if "enable_gqa" in inspect.signature(varlen_attn).parameters:
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
-    # torch 2.11's varlen_attn runs grouped K/V forward but returns wrong K/V gradients
-    # (eval/check_backends.py on an H100), so its K/V are expanded to every query head.
+    # With torch 2.11's varlen_attn, grouped K/V gave wrong gradients (eval/check_backends.py,
+    # H100), so K/V are expanded to every query head there.
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
@@ -286,7 +301,7 @@ def make_attention_backend(name: str, device: torch.device) -> SDPABackend | Var
     if name == "varlen":
         if not torch_varlen_available():
             raise ValueError(f"attention backend 'varlen' needs torch >= 2.10 (have {torch.__version__})")
-        return VarlenBackend("varlen", torch_varlen_kernel)
+        return VarlenBackend("varlen", torch_varlen_kernel, regroup_queries=True)
     if name == "flex":
         return FlexBackend()
     return SDPABackend()

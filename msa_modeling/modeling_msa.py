@@ -82,12 +82,7 @@ class MSAAttention(nn.Module):
         attention: "AttentionContext",
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
         batch, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(hidden_states, cos, sin)
 
         memory = router_output = None
         if self.is_router and layout.num_docs > 0:
@@ -101,6 +96,16 @@ class MSAAttention(nn.Module):
             )
         attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory)
         return self.o_proj(attended.reshape(batch, length, -1)), router_output
+
+    def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Q [B, L, H, D] and K, V [B, L, Hkv, D], after the q/k norms and RoPE."""
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def route(self, hidden_states: torch.Tensor, layout: PackedLayout) -> RouterLayerOutput:
         """Score every document of the batch and rank it within its example."""
@@ -130,9 +135,10 @@ class MSADecoderLayer(nn.Module):
         attention: AttentionContext,
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
         attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
-        hidden_states = hidden_states + attended
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, router_output
+        return self.feed_forward(hidden_states + attended), router_output
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class MSAPreTrainedModel(PreTrainedModel):
@@ -169,6 +175,19 @@ class MSAModel(MSAPreTrainedModel):
         self.gradient_checkpointing = False
         self._attention_backends: dict[str, object] = {}
         self.post_init()
+
+    def compile_dense_blocks(self) -> None:
+        """`torch.compile` the token-wise parts of every layer (projections, norms, RoPE, MLP).
+
+        Their shapes depend only on the row length, so they compile once per length; routing
+        and attention, whose sizes follow the data, stay eager. Fusing the norms, RoPE and the
+        MLP's activation saves most of their memory traffic on a GPU.
+        """
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # Instance attributes shadow the methods, so parameter names (and checkpoints) stay the same.
+        for layer in self.layers:
+            layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
+            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
 
     def attention_backend(self, device: torch.device):
         """The configured attention backend for `device`, chosen once per device type and logged."""
