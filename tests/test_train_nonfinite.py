@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from msa_train.data.tokenization import load_tokenizer
 from msa_train.train import trainer as trainer_module
-from msa_train.train.config import load_recipe
 from msa_train.train.distributed import DistributedContext, init_distributed
-from msa_train.train.runner import prepare_run
 from msa_train.train.trainer import NonFiniteLossError, StageTrainer
-from train_runs import TINY_RECIPE
+from train_runs import make_stage_trainer
 
 POISONED_STEP = 2
 
@@ -25,18 +22,9 @@ def context() -> DistributedContext:
     return init_distributed()
 
 
-def make_trainer(run_dir: Path, policy: str, context: DistributedContext) -> StageTrainer:
-    recipe = load_recipe(TINY_RECIPE, [
-        f"run.output_dir={run_dir}",
-        "stages.cpt_warmup.budget.steps=3",
-        "stages.cpt_warmup.checkpoint_every_steps=100",
-        "stages.cpt_warmup.eval.sources={}",
-        f"stages.cpt_warmup.nan_policy={policy}",
-        "tracking.progress_bar=false",
-    ])
-    stage = recipe.stage("cpt_warmup")
-    tokenizer_dir = prepare_run(recipe, [stage], run_dir, context)
-    return StageTrainer(recipe, stage, run_dir, tokenizer_dir, load_tokenizer(tokenizer_dir).vocab_size, None, context)
+def overrides(policy: str) -> list[str]:
+    return ["stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.checkpoint_every_steps=100",
+            f"stages.cpt_warmup.nan_policy={policy}"]
 
 
 def poison_step(monkeypatch: pytest.MonkeyPatch, trainer: StageTrainer, step: int) -> None:
@@ -53,7 +41,7 @@ def poison_step(monkeypatch: pytest.MonkeyPatch, trainer: StageTrainer, step: in
 
 def test_nan_loss_stops_with_a_checkpoint(tmp_path: Path, context: DistributedContext,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer = make_trainer(tmp_path, "stop", context)
+    trainer = make_stage_trainer(tmp_path, context, overrides("stop"))
     poison_step(monkeypatch, trainer, POISONED_STEP)
     with pytest.raises(NonFiniteLossError, match=f"non-finite loss nan at step {POISONED_STEP}.*checkpoint saved"):
         trainer.run()
@@ -65,7 +53,7 @@ def test_nan_loss_stops_with_a_checkpoint(tmp_path: Path, context: DistributedCo
 
 def test_nan_loss_skips_the_step_when_configured(tmp_path: Path, context: DistributedContext,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    trainer = make_trainer(tmp_path, "skip", context)
+    trainer = make_stage_trainer(tmp_path, context, overrides("skip"))
     poison_step(monkeypatch, trainer, POISONED_STEP)
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / "stages/cpt_warmup/metrics.jsonl").read_text().splitlines()]

@@ -72,5 +72,19 @@ def wait_for(condition, timeout: float, process: subprocess.Popen | None = None,
         time.sleep(poll)
 
 
+def make_stage_trainer(run_dir: Path, context, overrides: list[str]):  # noqa: ANN001, ANN201
+    """An in-process `StageTrainer` for the tiny recipe's cpt_warmup stage, data and tokenizer prepared."""
+    from msa_train.data.tokenization import load_tokenizer
+    from msa_train.train.config import load_recipe
+    from msa_train.train.runner import prepare_run
+    from msa_train.train.trainer import StageTrainer
+
+    recipe = load_recipe(TINY_RECIPE, [f"run.output_dir={run_dir}", "stages.cpt_warmup.eval.sources={}",
+                                       "tracking.progress_bar=false", *overrides])
+    stage = recipe.stage("cpt_warmup")
+    tokenizer_dir = prepare_run(recipe, [stage], run_dir, context)
+    return StageTrainer(recipe, stage, run_dir, tokenizer_dir, load_tokenizer(tokenizer_dir).vocab_size, None, context)
+
+
 def failure_report(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-8000:]}"

@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from msa_train.data.build import load_source
+from msa_train.data.errors import BadRecordTally
+from msa_train.data.tokenization import load_tokenizer
+
 from .config import Recipe, RecipeError, StageConfig, load_recipe
 from .data_stream import build_config_for, prepare_sources
 from .distributed import DistributedContext, barrier, init_distributed
@@ -60,24 +64,22 @@ def previous_export(recipe: Recipe, stage: StageConfig, run_dir: Path) -> Path |
     return path
 
 
-def tokenizer_texts(recipe: Recipe, limit: int) -> list[str]:
+def tokenizer_texts(recipe: Recipe, tokenizer_dir: Path, limit: int) -> list[str]:
     """Text to train a tiny tokenizer on: documents, queries and answers of the recipe's sources."""
-    from msa_train.data.build import load_source
-    from msa_train.data.errors import BadRecordTally
-
     texts: list[str] = []
     for name in recipe.data.sources:
-        build = build_config_for(recipe, name, Path("unused"))
+        build = build_config_for(recipe, name, tokenizer_dir)
         dataset = load_source(build.source, BadRecordTally())
         texts += [doc.full_text() for doc in dataset.corpus[:limit]]
         texts += [f"{record.query} {record.answer or ''}" for record in dataset.records[:limit]]
     return texts
 
 
-def special_strings(recipe: Recipe) -> list[str]:
+def special_strings(recipe: Recipe, tokenizer_dir: Path) -> list[str]:
+    """Template strings of every source that must be single tokens."""
     strings: list[str] = []
     for name in recipe.data.sources:
-        strings += build_config_for(recipe, name, Path("unused")).template.special_strings()
+        strings += build_config_for(recipe, name, tokenizer_dir).template.special_strings()
     return list(dict.fromkeys(strings))
 
 
@@ -89,9 +91,9 @@ def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, contex
         tiny = recipe.tokenizer.train_tiny
         prepare_tokenizer(
             tokenizer_dir,
-            special_strings(recipe),
+            special_strings(recipe, tokenizer_dir),
             recipe.tokenizer.path,
-            tokenizer_texts(recipe, tiny.sample_records) if recipe.tokenizer.path is None and tiny else None,
+            tokenizer_texts(recipe, tokenizer_dir, tiny.sample_records) if recipe.tokenizer.path is None and tiny else None,
             tiny.vocab_size if tiny else 0,
         )
         sources = list(dict.fromkeys(name for stage in stages for name in [*stage.sources, *stage.eval.sources]))
@@ -103,8 +105,6 @@ def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, contex
 def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedContext) -> None:
     run_dir = Path(recipe.run.output_dir)
     tokenizer_dir = prepare_run(recipe, stages, run_dir, context)
-    from msa_train.data.tokenization import load_tokenizer
-
     vocab_size = load_tokenizer(tokenizer_dir).vocab_size
     for stage in stages:
         destination = export_dir(run_dir, stage.name)

@@ -55,7 +55,11 @@ def weighted_loss(output: Any, weights: LossWeights) -> torch.Tensor:
     """`w_lm * lm_loss + w_aux * aux_loss`; a batch without positives has no aux term."""
     loss = weights.lm * output.lm_loss
     if output.aux_loss is not None:
-        loss = loss + weights.aux * output.aux_loss
+        return loss + weights.aux * output.aux_loss
+    if output.doc_scores is not None:
+        # A zero term through the router keeps the backward graph non-empty when only the
+        # router trains (frozen backbone), so every rank runs its gradient hooks as usual.
+        loss = loss + 0.0 * output.doc_scores.sum()
     return loss
 
 
@@ -135,6 +139,9 @@ class StageTrainer:
         self.total_steps = total_steps(stage)
 
         model = load_stage_model(stage.init_from, recipe.model, previous_export, vocab_size, recipe.run.seed)
+        # The trainer weighs the losses itself; the config copy makes the export record the weights.
+        model.config.lm_loss_weight = stage.loss_weights.lm
+        model.config.aux_loss_weight = stage.loss_weights.aux
         model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
         model.train()
         self.model_config = model.config
