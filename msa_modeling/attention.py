@@ -198,16 +198,39 @@ class VarlenBackend:
         return out.view(batch, length, *out.shape[1:])
 
 
+class _CausalFlashVarlen(torch.autograd.Function):
+    """Causal varlen attention straight on ATen's flash kernels, forward and backward.
+
+    torch 2.11's public `varlen_attn` (causal via `window_size=(-1, 0)`) gives correct
+    outputs but wrong gradients (eval/check_backends.py, H100 and H200); calling the
+    kernels with `is_causal=True` in both directions sidesteps it.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        out, lse, philox_seed, philox_offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, philox_seed, philox_offset)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_q, cu_k, philox_seed, philox_offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True,
+            philox_seed, philox_offset, scale=ctx.scale,
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
 def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     if "enable_gqa" in inspect.signature(varlen_attn).parameters:
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
-    # With torch 2.11's varlen_attn, grouped K/V gave wrong gradients (eval/check_backends.py,
-    # H100), so K/V are expanded to every query head there.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
+    return _CausalFlashVarlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
 def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
@@ -247,7 +270,8 @@ class FlexBackend:
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_segment[q_idx] == k_segment[kv_idx]) & (k_from_end[kv_idx] <= q_from_end[q_idx])
 
-        return self.create_block_mask(mask_mod, None, None, layout.num_tokens, num_keys, device=q_segment.device)
+        # Compiled, the mask is evaluated block by block instead of as one dense [N, K] grid.
+        return self.create_block_mask(mask_mod, None, None, layout.num_tokens, num_keys, device=q_segment.device, _compile=True)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
@@ -301,7 +325,7 @@ def make_attention_backend(name: str, device: torch.device) -> SDPABackend | Var
     if name == "varlen":
         if not torch_varlen_available():
             raise ValueError(f"attention backend 'varlen' needs torch >= 2.10 (have {torch.__version__})")
-        return VarlenBackend("varlen", torch_varlen_kernel, regroup_queries=True)
+        return VarlenBackend("varlen", torch_varlen_kernel)
     if name == "flex":
         return FlexBackend()
     return SDPABackend()
