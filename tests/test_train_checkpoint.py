@@ -3,12 +3,13 @@ next run resumes from it, and only the newest `keep_last` checkpoints are kept."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from msa_train.train.distributed import DistributedContext, init_distributed
-from train_runs import make_stage_trainer
+from msa_train.train.distributed import DistributedContext
+from train_runs import make_stage_trainer, single_process_world
 
 OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_every_steps=1", "checkpoint.keep_last=2"]
 
@@ -18,8 +19,9 @@ class SimulatedCrash(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def context() -> DistributedContext:
-    return init_distributed()
+def context() -> Iterator[DistributedContext]:
+    with single_process_world() as world:
+        yield world
 
 
 def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path: Path, context: DistributedContext,

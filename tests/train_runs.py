@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +21,10 @@ def launcher_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)
+    # In-process trainer tests leave their own process group's variables behind; a child
+    # inheriting them would try to join that group instead of forming its own.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
     return env
 
 
@@ -70,6 +76,21 @@ def wait_for(condition, timeout: float, process: subprocess.Popen | None = None,
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the run")
         time.sleep(poll)
+
+
+@contextmanager
+def single_process_world() -> Iterator[object]:
+    """A world of one process for in-process trainer tests. The process group outlives the
+    test (DeepSpeed caches its groups, so it cannot be rebuilt in the same process), but the
+    environment variables it needs are restored, so that later subprocesses start clean."""
+    from msa_train.train.distributed import init_distributed
+
+    saved = dict(os.environ)
+    try:
+        yield init_distributed()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def make_stage_trainer(run_dir: Path, context, overrides: list[str]):  # noqa: ANN001, ANN201
