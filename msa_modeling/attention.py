@@ -156,6 +156,25 @@ def gather_varlen_keys(
 VarlenKernel = Callable[..., torch.Tensor]
 
 
+class _ZeroGradientPastEnd(torch.autograd.Function):
+    """Identity whose gradient is zero on rows at or past `end`.
+
+    Varlen kernels never touch rows outside the segments (here: unselected chunks), so their
+    backward leaves those rows of dK/dV uninitialised; this keeps the garbage out of the model.
+    """
+
+    @staticmethod
+    def forward(ctx, x, end):
+        ctx.save_for_backward(end)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (end,) = ctx.saved_tensors
+        outside = torch.arange(grad.shape[0], device=grad.device) >= end
+        return grad.masked_fill(outside.view(-1, *([1] * (grad.dim() - 1))), 0.0), None
+
+
 class VarlenBackend:
     """Any causal varlen kernel with flash-attn's calling convention (bottom-right causal, GQA).
 
@@ -184,11 +203,12 @@ class VarlenBackend:
         else:
             keys = varlen_key_order(layout, memory.selected_chunks)
             pooled_k, pooled_v = memory.keys, memory.values
-        k_buffer = gather_varlen_keys(flat(k), layout, keys, pooled_k)
-        v_buffer = gather_varlen_keys(flat(v), layout, keys, pooled_v)
+        end = keys.cu_seqlens[-1]
+        k_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(k), layout, keys, pooled_k), end)
+        v_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(v), layout, keys, pooled_v), end)
         if self.regroup_queries:
             chunk_queries = None if pooled_k is None else q.new_zeros(pooled_k.shape[0], *q.shape[2:])
-            q_buffer = gather_varlen_keys(flat(q), layout, keys, chunk_queries)
+            q_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(q), layout, keys, chunk_queries), end)
             out = self.kernel(q_buffer, k_buffer, v_buffer, keys.cu_seqlens, keys.cu_seqlens, keys.max_length, keys.max_length, scale)
             out = out[keys.token_position]
         else:
@@ -201,9 +221,8 @@ class VarlenBackend:
 class _CausalFlashVarlen(torch.autograd.Function):
     """Causal varlen attention straight on ATen's flash kernels, forward and backward.
 
-    torch 2.11's public `varlen_attn` (causal via `window_size=(-1, 0)`) gives correct
-    outputs but wrong gradients (eval/check_backends.py, H100 and H200); calling the
-    kernels with `is_causal=True` in both directions sidesteps it.
+    torch 2.11's public `varlen_attn` has no GQA flag and expresses causality as a window;
+    the kernels themselves take grouped K/V and `is_causal=True` (bottom-right aligned).
     """
 
     @staticmethod

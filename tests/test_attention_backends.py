@@ -16,9 +16,34 @@ from batches import random_packed_batch, tiny_msa
 from msa_modeling.attention import VarlenBackend, make_attention_backend, varlen_key_order
 
 
+class _LoopVarlen(torch.autograd.Function):
+    """Like the real kernels, leaves rows outside every segment unwritten in backward (NaN here)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = _loop_varlen(*inputs, cu_q, cu_k, max_q, max_k, scale)
+        ctx.save_for_backward(*inputs, out, cu_k)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, cu_k = ctx.saved_tensors
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad, allow_unused=True)
+        end = int(cu_k[-1])
+        dk, dv = dk.clone(), dv.clone()
+        dk[end:], dv[end:] = float("nan"), float("nan")
+        return dq, dk, dv, None, None, None, None, None
+
+
 def loop_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return _LoopVarlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+
+def _loop_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     """Causal varlen attention, bottom-right aligned, one SDPA call per segment."""
-    out = torch.full_like(q, float("nan"))
+    out = torch.zeros_like(q)
     for s in range(cu_q.numel() - 1):
         q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
         assert q1 - q0 <= max_q and k1 - k0 <= max_k
