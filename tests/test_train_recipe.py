@@ -37,6 +37,8 @@ def test_shipped_recipes_validate() -> None:
     assert warmup.budget.tokens + main.budget.tokens == pytest.approx(158.95e9)
     assert main.optimizer.lr * main.schedule.final_lr_ratio == pytest.approx(6e-6)
     assert [s.row_length for s in paper.stages if s.phase == "sft"] == [8192, 65536]
+    gpu_check = load_recipe(REPO / "recipes" / "qwen3_1b_synthetic.yaml")
+    assert gpu_check.deepspeed.zero_stage == 3 and gpu_check.model.dtype == "bfloat16"
 
 
 def test_mistyped_key_names_file_key_and_suggestion(tmp_path: Path) -> None:

@@ -55,6 +55,15 @@ class MicroBatch:
     token_pairs: int  # (query, key) pairs among the row's own tokens, per layer
     memory_pairs: int  # expected (query token, pooled chunk) pairs, per router layer
 
+    def pinned(self) -> "MicroBatch":
+        """A copy in page-locked memory, so that `to(cuda, non_blocking=True)` is asynchronous."""
+        layout = PackedLayout(**{
+            f.name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+            for f in dataclasses.fields(self.layout)
+            for value in [getattr(self.layout, f.name)]
+        })
+        return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(), layout=layout)
+
     def to(self, device: torch.device | str) -> "MicroBatch":
         return dataclasses.replace(
             self, input_ids=self.input_ids.to(device, non_blocking=True), layout=self.layout.to(device)

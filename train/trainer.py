@@ -23,6 +23,7 @@ from .distributed import DistributedContext
 from .engine import batch_geometry, deepspeed_config, initialize_engine
 from .export import export_stage
 from .model_setup import load_stage_model, parameter_groups
+from .prefetch import PrefetchingStream
 from .schedule import LRMultiplier
 from .throughput import FlopModel, memory_gb
 from .tracking import MetricsLogger, resolve_wandb_mode
@@ -158,7 +159,7 @@ class StageTrainer:
                     recipe.deepspeed.zero_stage)
         # Per-rank streams of random numbers, after the (identical) model initialisation.
         seed_everything(recipe.run.seed * 1000 + context.rank)
-        self.stream = self._stream(stage.sources, seed=recipe.run.seed)
+        self.stream = PrefetchingStream(self._stream(stage.sources, seed=recipe.run.seed), context.device)
         self.checkpoints = CheckpointManager(self.dir / "checkpoints", recipe.checkpoint.keep_last, context)
         self.state = StageState()
         self.metrics: MetricsLogger | None = None
@@ -199,6 +200,7 @@ class StageTrainer:
         try:
             self._train_loop()
         finally:
+            self.stream.close()
             if self.metrics is not None:
                 self.metrics.finish()
         return export_stage(self.engine, self.recipe.deepspeed.zero_stage, export_dir(self.run_dir, self.stage.name),
