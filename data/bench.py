@@ -83,14 +83,17 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(tokenizer_path)
     results["tokenizer"] = f"{tokenizer_path} ({type(tokenizer).__name__}, vocab {tokenizer.vocab_size})"
 
-    started = time.perf_counter()
-    token_count = sum(len(ids) for ids in encode_in_workers(tokenizer, texts, num_workers=1))
-    one_core = token_count / (time.perf_counter() - started)
+    one_core_seconds = float("inf")
+    for _ in range(2):
+        started = time.perf_counter()
+        token_count = sum(len(ids) for ids in encode_in_workers(tokenizer, texts, num_workers=1))
+        one_core_seconds = min(one_core_seconds, time.perf_counter() - started)
+    one_core = token_count / one_core_seconds
     started = time.perf_counter()
     sum(len(ids) for ids in encode_in_workers(tokenizer, texts, num_workers=cores))
     all_cores = token_count / (time.perf_counter() - started)
     results["tokenisation"] = {"corpus_tokens": token_count, "tokens_per_s_one_process": round(one_core),
-                               f"tokens_per_s_{cores}_processes": round(all_cores),
+                               f"tokens_per_s_{cores}_processes_with_startup": round(all_cores),
                                "tokens_per_s_per_core": round(max(one_core, all_cores / cores))}
 
     corpus_path, records_path = workdir / "corpus.jsonl", workdir / "records.jsonl"
@@ -124,16 +127,21 @@ def run(args: argparse.Namespace) -> dict:
 
     loader = PackedRowLoader(build_dir, args.row_length, seed=0)
     loader.next_row()  # page the shards in once, as a long run would have
-    started = time.perf_counter()
-    real_tokens = 0
-    for _ in range(args.rows):
-        row = loader.next_row()
-        real_tokens += int((row["doc_ids"] != -1).sum())
-    seconds = time.perf_counter() - started
+    # Best of three: the machine may be shared, and the best run is the least disturbed.
+    best_seconds, real_tokens = float("inf"), 0
+    for _ in range(3):
+        started = time.perf_counter()
+        tokens = 0
+        for _ in range(args.rows):
+            row = loader.next_row()
+            tokens += int(np.count_nonzero(row["doc_ids"].numpy() != -1))  # numpy: no torch thread pool
+        seconds = time.perf_counter() - started
+        if seconds < best_seconds:
+            best_seconds, real_tokens = seconds, tokens
     results["row_assembly"] = {"row_length": args.row_length, "rows": args.rows,
-                               "training_tokens_per_s_per_core": round(real_tokens / seconds),
-                               "row_tokens_per_s_per_core": round(args.rows * args.row_length / seconds),
-                               "rows_per_s": round(args.rows / seconds, 1)}
+                               "training_tokens_per_s_per_core": round(real_tokens / best_seconds),
+                               "row_tokens_per_s_per_core": round(args.rows * args.row_length / best_seconds),
+                               "rows_per_s": round(args.rows / best_seconds, 1)}
 
     # Projection. A >65,536-id vocabulary (Qwen3: 151,669) needs 4-byte tokens.
     token_bytes = 4 if args.projected_vocab > 65_536 else 2
