@@ -8,7 +8,6 @@ the accelerator never waits for the host-synchronising index computations it nee
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,7 @@ from msa_modeling.layout import ROLE_PREFIX, ROLE_QUERY
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.loader import PackedRowLoader, stack_rows
 
-from .config import Recipe, StageConfig
-
-logger = logging.getLogger(__name__)
+from .config import Recipe
 
 
 @dataclass
@@ -117,7 +114,6 @@ class MicroBatchStream:
 
     def __init__(
         self,
-        recipe: Recipe,
         source_weights: dict[str, float],
         row_length: int,
         rows_per_micro_batch: int,

@@ -166,7 +166,7 @@ class StageTrainer:
 
     def _stream(self, sources: dict[str, float], seed: int) -> MicroBatchStream:
         return MicroBatchStream(
-            self.recipe, sources, self.stage.row_length, self.rows_per_micro, self.run_dir,
+            sources, self.stage.row_length, self.rows_per_micro, self.run_dir,
             LayoutSettings.from_model_config(self.model_config), self.model_config.top_k_docs, seed,
             self.context.rank, self.context.world_size)
 
