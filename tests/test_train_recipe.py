@@ -57,6 +57,13 @@ def test_mistyped_nested_data_key_is_caught(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+def test_mistyped_model_settings_are_caught() -> None:
+    with pytest.raises(RecipeError, match=r"unknown key model\.msa\.top_k_doc .*'top_k_docs'"):
+        load_recipe(TINY_RECIPE, ["model.msa.top_k_doc=4"])
+    with pytest.raises(RecipeError, match=r"unknown key model\.inline_config\.hiden_size .*'hidden_size'"):
+        load_recipe(TINY_RECIPE, ["model.inline_config.hiden_size=32"])
+
+
 def test_wrong_type_and_bad_choice(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"stages\[0\]\.row_length = 'long' is not a int"):
         load_recipe(recipe_with(tmp_path, "row_length: 256", "row_length: long"))

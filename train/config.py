@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import re
 import types
 import typing
@@ -19,6 +20,9 @@ from typing import Any, Literal
 import yaml
 from omegaconf import OmegaConf
 
+from transformers import Qwen3Config
+
+from msa_modeling import MSAConfig
 from msa_train.data.build import BuildConfig
 
 
@@ -259,8 +263,23 @@ def build_dataclass(cls: type, data: Any, path: str, source: str) -> Any:
     return cls(**values)
 
 
+def _check_open_mapping(values: dict[str, Any], valid: set[str], path: str, source: str) -> None:
+    """Keys of a mapping that a Hugging Face config would silently accept must still be known."""
+    for key in values:
+        if key not in valid:
+            raise RecipeError(f"{source}: unknown key {path}.{key}{_suggestion(key, valid)}")
+
+
+def _check_model_settings(model: ModelConfig, source: str) -> None:
+    msa_fields = set(inspect.signature(MSAConfig.__init__).parameters) - {"self", "backbone_kwargs"}
+    _check_open_mapping(model.msa, msa_fields, "model.msa", source)
+    if model.inline_config is not None:
+        _check_open_mapping(model.inline_config, set(Qwen3Config().to_dict()), "model.inline_config", source)
+
+
 def _check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-field rules that types alone cannot express."""
+    _check_model_settings(recipe.model, source)
     names = [stage.name for stage in recipe.stages]
     if not names:
         raise RecipeError(f"{source}: the recipe has no stages")
