@@ -1,5 +1,5 @@
 """A crash in the middle of a checkpoint save leaves the previous checkpoint as `latest`, the
-next run resumes from it, and only the newest `keep_last` checkpoints are kept."""
+next run resumes from it (W&B run included), and only the newest `keep_last` checkpoints are kept."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from msa_train.train.distributed import DistributedContext
 from train_runs import make_stage_trainer, single_process_world
 
-OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_every_steps=1", "checkpoint.keep_last=2"]
+OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_every_steps=1", "checkpoint.keep_last=2",
+             "tracking.wandb=offline"]
 
 
 class SimulatedCrash(RuntimeError):
@@ -43,9 +44,13 @@ def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path: Path, context: Di
     assert (checkpoints / ".partial/step_00000003").is_dir()
     assert (checkpoints / "step_00000002/trainer_state_rank0.pt").is_file()
 
+    first_wandb_run = trainer.state.wandb_run_id
+    assert first_wandb_run
+
     resumed = make_stage_trainer(tmp_path, context, OVERRIDES)
     resumed.run()
     assert resumed.state.step == 4
+    assert resumed.state.wandb_run_id == first_wandb_run  # the W&B run id travels in the checkpoint
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000003", "step_00000004"]
     assert (checkpoints / "latest").read_text() == "step_00000004"
     assert not (checkpoints / ".partial/step_00000003").exists()
