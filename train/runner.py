@@ -141,3 +141,27 @@ def main(phase: Phase, argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 3
     return 0
+
+
+def dense_baseline_main(argv: list[str] | None = None) -> int:
+    """Entry point of `launch/dense_baseline.py`: one stage's rows through the plain backbone."""
+    from .dense_baseline import run_dense_baseline
+
+    parser = argparse.ArgumentParser(prog="launch/dense_baseline.py", description=run_dense_baseline.__doc__)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--stage", required=True, help="the stage whose rows, batch and DeepSpeed set-up to use")
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the stage budget)")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    configure_logging(int(os.environ.get("RANK", "0")))
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        stage = recipe.stage(args.stage)
+    except RecipeError as error:
+        logger.error("%s", error)
+        return 2
+    context = init_distributed()
+    tokenizer_dir = prepare_run(recipe, [stage], Path(recipe.run.output_dir), context)
+    run_dense_baseline(recipe, stage, load_tokenizer(tokenizer_dir).vocab_size, args.steps, context)
+    return 0

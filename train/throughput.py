@@ -30,7 +30,8 @@ class FlopModel:
         if getattr(config, "tie_word_embeddings", False):
             total += embedding.numel()  # the tied LM head is a matmul over the same table
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(total, config.num_attention_heads * head_dim, config.num_hidden_layers, len(config.router_layers))
+        router_layers = getattr(config, "router_layers", [])  # none in a dense backbone
+        return cls(total, config.num_attention_heads * head_dim, config.num_hidden_layers, len(router_layers))
 
     def training_flops(self, tokens: int, token_pairs: int, memory_pairs: int) -> float:
         attention_pairs = self.num_layers * token_pairs + self.num_router_layers * memory_pairs
