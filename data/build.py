@@ -11,13 +11,15 @@ shards that exist, and a changed config or tokenizer refuses to mix with an old 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import readers, synthetic
-from .errors import BadRecordTally, DataFormatError, OverlongExampleError
-from .records import RetrievalDataset
+from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError
+from .records import Document, RetrievalDataset, RetrievalRecord
 from .samples import IndexedRecord, MemoryConfig, MissingAnswerError, SampleBuilder, SampleKind
 from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
                     token_dtype, write_document_shard, write_example_shard)
@@ -115,9 +117,48 @@ def load_source(source: SourceConfig, tally: BadRecordTally) -> RetrievalDataset
     raise ValueError(f"source kind {source.kind!r} does not hold retrieval records")
 
 
-def _chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
-    for index, start in enumerate(range(0, len(items), size)):
-        yield index, items[start:start + size]
+def stream_source(
+    source: SourceConfig,
+    tally: BadRecordTally,
+    index_of: dict[str, int],
+) -> tuple[Iterator[Document], Callable[[], list[RetrievalRecord]]]:
+    """The corpus as a stream, and a reader for the records to call once the stream is spent.
+
+    File-based corpora (BEIR, records + corpus JSONL) are never held in memory: only their ids
+    land in ``index_of`` (id -> corpus index), which the records are then checked against.
+    """
+    if source.kind == "beir":
+        root = Path(source.path)
+        if not root.is_dir():
+            raise MissingFileError(root, "BEIR folder not found")
+        for required, what in (("queries.jsonl", "BEIR queries.jsonl"), (f"qrels/{source.split}.tsv",
+                                                                        f"BEIR qrels/{source.split}.tsv")):
+            if not (root / required).is_file():
+                raise MissingFileError(root / required, f"missing {what}")
+        return (readers.iter_corpus_jsonl(root / "corpus.jsonl", tally, index_of),
+                lambda: readers.read_beir_records(root, source.split, index_of, tally))
+    if source.kind == "records":
+        if not Path(source.path).is_file():
+            raise MissingFileError(source.path, "missing records JSONL file")
+        return (readers.iter_corpus_jsonl(source.corpus_path, tally, index_of),
+                lambda: readers.read_retrieval_records(source.path, index_of, tally))
+    dataset = load_source(source, tally)
+
+    def indexed() -> Iterator[Document]:
+        for document in dataset.corpus:
+            index_of[document.doc_id] = len(index_of)
+            yield document
+
+    return indexed(), lambda: dataset.records
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[tuple[int, list]]:
+    iterator = iter(items)
+    for index in itertools.count():
+        chunk = list(itertools.islice(iterator, size))
+        if not chunk:
+            return
+        yield index, chunk
 
 
 # --- worker side -------------------------------------------------------------------------
@@ -199,17 +240,31 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
     return stats
 
 
-def _run_tasks(tasks: list, function, num_workers: int, initargs: tuple, description: str) -> None:  # noqa: ANN001
-    if not tasks:
-        return
+def _run_tasks(tasks: Iterable, function, num_workers: int, initargs: tuple, description: str) -> None:  # noqa: ANN001
+    """Run ``function`` over ``tasks`` (possibly a lazy stream) in ``num_workers`` processes.
+
+    At most two tasks per worker are in flight, so a streamed corpus never piles up in memory.
+    """
     if num_workers <= 1:
         _init_worker(*initargs)
         for task in tqdm(tasks, desc=description, unit="shard"):
             function(task)
         return
-    with worker_pool(initargs[0], min(num_workers, len(tasks)), _init_worker, initargs[1:]) as pool:
-        for _ in tqdm(pool.imap_unordered(function, tasks), total=len(tasks), desc=description, unit="shard"):
-            pass
+    pool = None
+    in_flight: collections.deque = collections.deque()
+    try:
+        for task in tqdm(tasks, desc=description, unit="shard"):
+            if pool is None:
+                pool = worker_pool(initargs[0], num_workers, _init_worker, initargs[1:])
+            in_flight.append(pool.apply_async(function, (task,)))
+            while len(in_flight) >= 2 * num_workers:
+                in_flight.popleft().get()
+        while in_flight:
+            in_flight.popleft().get()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 def _sum_stats(shards: list[Path]) -> dict[str, int]:
@@ -260,18 +315,19 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     done_examples = {p.name for p in finished_shards(output / "examples")}
 
     items: list
+    reused_docs = len(done_docs)
     if config.source.kind == "lm":
         items = list(readers.iter_lm_texts(config.source.path, config.source.text_field, tally=tally))
-        doc_tasks: list = []
         records_total = len(items)
     else:
-        dataset = load_source(config.source, tally)
-        doc_tasks = [(index, [d.doc_id for d in chunk], [d.full_text() for d in chunk])
-                     for index, chunk in _chunks(dataset.corpus, config.docs_per_shard)
-                     if shard_name(index) not in done_docs]
-        index_of = {doc.doc_id: position for position, doc in enumerate(dataset.corpus)}
+        index_of: dict[str, int] = {}
+        corpus, read_records = stream_source(config.source, tally, index_of)
+        doc_tasks = ((index, [d.doc_id for d in chunk], [d.full_text() for d in chunk])
+                     for index, chunk in _chunks(corpus, config.docs_per_shard) if shard_name(index) not in done_docs)
+        _run_tasks(doc_tasks, _document_shard_task, num_workers, initargs, "tokenising documents")
+        records = read_records()
         items = []
-        for record_index, record in enumerate(dataset.records):
+        for record_index, record in enumerate(records):
             try:
                 items.append(IndexedRecord(
                     record_index, record.query, [index_of[d] for d in record.positives],
@@ -280,10 +336,8 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
             except KeyError as error:
                 tally.handle(DataFormatError(config.source.path or "<source>", None,
                                              f"record {record_index} names unknown doc id {error.args[0]!r}"))
-        records_total = len(dataset.records)
-        del dataset
-    reused_docs = len(done_docs)
-    _run_tasks(doc_tasks, _document_shard_task, num_workers, initargs, "tokenising documents")
+        records_total = len(records)
+        del records
 
     example_tasks = [(index, chunk) for index, chunk in _chunks(items, config.records_per_shard)
                      if shard_name(index) not in done_examples]

@@ -55,9 +55,21 @@ def _first_present(row: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 def read_corpus_jsonl(path: str | Path, tally: BadRecordTally | None = None) -> list[Document]:
     """A corpus file of ``{"_id"|"id"|"doc_id", "text", "title"?}`` lines (BEIR's corpus.jsonl)."""
+    return list(iter_corpus_jsonl(path, tally))
+
+
+def iter_corpus_jsonl(
+    path: str | Path,
+    tally: BadRecordTally | None = None,
+    index_of: dict[str, int] | None = None,
+) -> Iterator[Document]:
+    """Stream the documents of a corpus file, so that a corpus larger than memory can be read.
+
+    ``index_of``, when given, receives each accepted document's id and ordinal; it also serves
+    as the duplicate check, so that only the ids are held in memory, never the texts.
+    """
     tally = tally or BadRecordTally()
-    documents: list[Document] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = index_of if index_of is not None else {}
     for line_number, row in iter_jsonl(path, tally):
         doc_id = _first_present(row, ("_id", "id", "doc_id"))
         text = row.get("text")
@@ -71,10 +83,8 @@ def read_corpus_jsonl(path: str | Path, tally: BadRecordTally | None = None) -> 
         if doc_id in seen:
             tally.handle(DataFormatError(path, line_number, f"duplicate document id {doc_id!r}"))
             continue
-        seen.add(doc_id)
-        title = row.get("title") or ""
-        documents.append(Document(doc_id, text, str(title)))
-    return documents
+        seen[doc_id] = len(seen)
+        yield Document(doc_id, text, str(row.get("title") or ""))
 
 
 def read_queries_jsonl(path: str | Path, tally: BadRecordTally | None = None) -> dict[str, str]:
@@ -94,7 +104,7 @@ def read_queries_jsonl(path: str | Path, tally: BadRecordTally | None = None) ->
 def read_qrels_tsv(
     path: str | Path,
     known_queries: dict[str, str],
-    known_docs: set[str],
+    known_docs: set[str] | dict[str, int],
     tally: BadRecordTally | None = None,
 ) -> dict[str, dict[str, int]]:
     """BEIR qrels: ``query-id<TAB>corpus-id<TAB>score`` with an optional header line."""
@@ -140,12 +150,29 @@ def read_beir(
     root = Path(root)
     if not root.is_dir():
         raise MissingFileError(root, "BEIR folder not found")
+    _require_file(root / "queries.jsonl", "BEIR queries.jsonl")
+    _require_file(root / "qrels" / f"{split}.tsv", f"BEIR qrels/{split}.tsv")
     corpus = read_corpus_jsonl(_require_file(root / "corpus.jsonl", "BEIR corpus.jsonl"), tally)
     if not use_title:
         corpus = [Document(doc.doc_id, doc.text) for doc in corpus]
+    records = read_beir_records(root, split, {doc.doc_id for doc in corpus}, tally)
+    logger.info("BEIR %s/%s: %d documents, %d queries with positives", root, split, len(corpus), len(records))
+    return RetrievalDataset(corpus, records)
+
+
+def read_beir_records(
+    root: str | Path,
+    split: str,
+    known_docs: set[str] | dict[str, int],
+    tally: BadRecordTally | None = None,
+) -> list[RetrievalRecord]:
+    """The queries of a BEIR folder with their judgements in ``split``, checked against
+    ``known_docs`` (the corpus ids, read separately so the corpus can be streamed)."""
+    tally = tally or BadRecordTally()
+    root = Path(root)
     queries = read_queries_jsonl(_require_file(root / "queries.jsonl", "BEIR queries.jsonl"), tally)
     qrels_path = _require_file(root / "qrels" / f"{split}.tsv", f"BEIR qrels/{split}.tsv")
-    judgements = read_qrels_tsv(qrels_path, queries, {doc.doc_id for doc in corpus}, tally)
+    judgements = read_qrels_tsv(qrels_path, queries, known_docs, tally)
     records = []
     for query_id, scores in judgements.items():
         positives = [doc_id for doc_id, score in scores.items() if score > 0]
@@ -153,8 +180,7 @@ def read_beir(
             continue
         negatives = [doc_id for doc_id, score in scores.items() if score <= 0]
         records.append(RetrievalRecord(queries[query_id], positives, negatives, query_id=query_id))
-    logger.info("BEIR %s/%s: %d documents, %d queries with positives", root, split, len(corpus), len(records))
-    return RetrievalDataset(corpus, records)
+    return records
 
 
 def _doc_id_list(value: Any, field: str) -> list[str]:
@@ -163,7 +189,7 @@ def _doc_id_list(value: Any, field: str) -> list[str]:
     return [str(item) for item in value]
 
 
-def parse_retrieval_row(row: dict[str, Any], known_docs: set[str] | None) -> RetrievalRecord:
+def parse_retrieval_row(row: dict[str, Any], known_docs: set[str] | dict[str, int] | None) -> RetrievalRecord:
     """Validate one ``{query, positives, negatives?, answer?, hops?}`` mapping; raises ValueError."""
     query = row.get("query")
     if not isinstance(query, str) or not query:
@@ -196,15 +222,25 @@ def read_retrieval_jsonl(
 ) -> RetrievalDataset:
     """JSONL records ``{query, positives, negatives?, answer?, hops?}`` plus a corpus JSONL file."""
     tally = tally or BadRecordTally()
+    _require_file(Path(records_path), "records JSONL file")
     corpus = read_corpus_jsonl(corpus_path, tally)
-    known = {doc.doc_id for doc in corpus}
+    return RetrievalDataset(corpus, read_retrieval_records(records_path, {doc.doc_id for doc in corpus}, tally))
+
+
+def read_retrieval_records(
+    records_path: str | Path,
+    known_docs: set[str] | dict[str, int] | None,
+    tally: BadRecordTally | None = None,
+) -> list[RetrievalRecord]:
+    """The records of a JSONL file, their doc ids checked against ``known_docs``."""
+    tally = tally or BadRecordTally()
     records = []
     for line_number, row in iter_jsonl(records_path, tally):
         try:
-            records.append(parse_retrieval_row(row, known))
+            records.append(parse_retrieval_row(row, known_docs))
         except (ValueError, KeyError) as error:
             tally.handle(DataFormatError(records_path, line_number, str(error)))
-    return RetrievalDataset(corpus, records)
+    return records
 
 
 def iter_lm_texts(

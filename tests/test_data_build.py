@@ -160,3 +160,27 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
         real = row["doc_ids"] != -1
         assert (row["doc_ids"][real] == 0).all()
         assert (row["labels"][real] == row["input_ids"][real]).all()
+
+
+def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Path) -> None:
+    from data_fixtures import write_beir
+
+    from msa_train.data.errors import DataFormatError, MissingFileError
+    from msa_train.data.synthetic import generate_needles
+
+    beir = write_beir(tmp_path / "beir", generate_needles("single", 6, seed=2, haystack_docs=3))
+    corpus = beir / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    lines.insert(2, '{"_id": "bad", "text": 5}')
+    corpus.write_text("\n".join(lines) + "\n")
+    values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
+              "memory": {"memory_tokens": 300, "max_memory_docs": 16}, "max_example_tokens": 1024}
+    with pytest.raises(DataFormatError, match=rf"{corpus}:3: document has no string 'text' field"):
+        build_dataset(BuildConfig.from_dict(values), tmp_path / "strict")
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+    manifest = build_dataset(BuildConfig.from_dict({**values, "skip_bad_records": True}), tmp_path / "lenient")
+    assert manifest["records_skipped_bad"]["skipped"] == 1 and manifest["examples"] == 6
+    assert manifest["documents"] == 6 * 4
+    missing = {**values, "source": {"kind": "beir", "path": str(beir), "split": "dev"}}
+    with pytest.raises(MissingFileError, match=r"qrels[/\\]dev.tsv"):
+        build_dataset(BuildConfig.from_dict(missing), tmp_path / "missing")
