@@ -276,6 +276,22 @@ def _sum_stats(shards: list[Path]) -> dict[str, int]:
     return totals
 
 
+def source_signature(source: SourceConfig) -> list[list]:
+    """(path, size, modification time) of every input file, so that edited inputs are never
+    mixed with shards built from their old contents."""
+    signature = []
+    for root in (source.path, source.corpus_path):
+        if not root:
+            continue
+        root_path = Path(root)
+        files = sorted(p for p in root_path.rglob("*") if p.is_file()) if root_path.is_dir() else [root_path]
+        for file in files:
+            if file.exists():
+                stat = file.stat()
+                signature.append([str(file), stat.st_size, stat.st_mtime_ns])
+    return signature
+
+
 def _directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) if directory.exists() else 0
 
@@ -291,14 +307,15 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
 
     tokenizer = load_tokenizer(config.tokenizer)
     added_tokens = tokenizer.ensure_special_tokens(config.template.special_strings())
-    fingerprint = hashlib.sha256((json.dumps(config.to_dict(), sort_keys=True) + tokenizer.fingerprint()).encode()).hexdigest()
+    identity = {"config": config.to_dict(), "tokenizer": tokenizer.fingerprint(), "inputs": source_signature(config.source)}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     fingerprint_path = output / "build_fingerprint.json"
     if fingerprint_path.exists():
         previous = json.loads(fingerprint_path.read_text())["fingerprint"]
         if previous != fingerprint:
             if not overwrite:
-                raise ValueError(f"{output} holds a build with another config or tokenizer; pass overwrite=True "
-                                 "(--overwrite) to replace it")
+                raise ValueError(f"{output} holds a build with another config, tokenizer or input files; pass "
+                                 "overwrite=True (--overwrite) to replace it")
             for sub in ("docs", "examples"):
                 for shard in finished_shards(output / sub):
                     shutil.rmtree(shard)

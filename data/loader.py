@@ -126,6 +126,8 @@ class PackedRowLoader:
     yet exhausted). ``max_epochs=None`` streams forever, reshuffling every epoch.
     ``overlong`` decides what happens to an example longer than a row: ``skip`` logs and
     counts it (``stats``), ``error`` raises ``OverlongExampleError``; it is never cut.
+    After each row, ``last_row_examples`` lists its examples as (dataset index, example index),
+    for provenance (``PreparedDataset.example_origin``).
     """
 
     def __init__(

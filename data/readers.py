@@ -297,8 +297,7 @@ def load_local_hf_dataset(path: str | Path, split: str | None = None) -> Any:
         if not files or files[0].suffix not in _HF_BUILDERS:
             raise DataFormatError(path, None, f"no file datasets can read (extensions {sorted(_HF_BUILDERS)})")
         builder = _HF_BUILDERS[files[0].suffix]
-        loaded = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split or "train")
-        return loaded
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split or "train")
     if isinstance(loaded, datasets.DatasetDict):
         if split is None:
             if len(loaded) != 1:

@@ -15,6 +15,10 @@ Sample kinds (spec section 7):
   and the documents retrieved in steps < s and generates the next IDs, or, after the last
   hop, end of retrieval + answer.
 - ``lm``: plain text, every token labelled, no memory.
+
+Aux positives (ours): the record's positives for ``retrieval`` and ``qa``; for an
+``interleave`` step, the documents of the hop it must retrieve, and for the final (answer)
+step all documents of the chain, which the answer depends on.
 """
 
 from __future__ import annotations

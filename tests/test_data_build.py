@@ -114,7 +114,7 @@ def test_changed_config_does_not_mix_with_old_build(tmp_path: Path, sp_model: Pa
     build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "out")
     changed = config_values(sp_model)
     changed["seed"] = 1
-    with pytest.raises(ValueError, match="another config or tokenizer"):
+    with pytest.raises(ValueError, match="another config, tokenizer or input files"):
         build_dataset(BuildConfig.from_dict(changed), tmp_path / "out")
     manifest = build_dataset(BuildConfig.from_dict(changed), tmp_path / "out", overwrite=True)
     assert manifest["shards_reused"] == {"documents": 0, "examples": 0}
@@ -184,3 +184,18 @@ def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Pat
     missing = {**values, "source": {"kind": "beir", "path": str(beir), "split": "dev"}}
     with pytest.raises(MissingFileError, match=r"qrels[/\\]dev.tsv"):
         build_dataset(BuildConfig.from_dict(missing), tmp_path / "missing")
+
+
+def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model: Path) -> None:
+    from data_fixtures import write_beir
+
+    from msa_train.data.synthetic import generate_needles
+
+    beir = write_beir(tmp_path / "beir", generate_needles("single", 4, seed=2, haystack_docs=3))
+    values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
+              "memory": {"memory_tokens": 300, "max_memory_docs": 16}, "max_example_tokens": 1024}
+    build_dataset(BuildConfig.from_dict(values), tmp_path / "out")
+    corpus = beir / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + json.dumps({"_id": "extra", "text": "one more"}) + "\n")
+    with pytest.raises(ValueError, match="input files"):
+        build_dataset(BuildConfig.from_dict(values), tmp_path / "out")
