@@ -138,3 +138,27 @@ def test_parameter_groups_route_router_weights_and_freeze_the_backbone() -> None
     with pytest.raises(ValueError, match="match no param_groups pattern"):
         parameter_groups(model, recipe.stage("cpt_warmup"))
     assert isinstance(groups[0]["params"][0], torch.nn.Parameter)
+
+
+def test_stage_starts_from_a_backbone_checkpoint_or_an_msa_export(tmp_path: Path) -> None:
+    from batches import tiny_msa, tiny_qwen3
+    from msa_train.train.model_setup import load_stage_model
+
+    model_config = load_recipe(TINY_RECIPE, ["model.dtype=float32"]).model
+    tiny_qwen3().save_pretrained(tmp_path / "backbone")
+    converted = load_stage_model(str(tmp_path / "backbone"), model_config, None, vocab_size=97, seed=0)
+    assert type(converted).__name__ == "MSAForCausalLM" and converted.config.top_k_docs == 2
+    tiny_msa().save_pretrained(tmp_path / "msa")
+    reloaded = load_stage_model("previous", model_config, tmp_path / "msa", vocab_size=97, seed=0)
+    assert reloaded.config.chunk_size == 4  # the export's own settings, not the recipe's
+
+
+def test_tokenizer_from_a_path_gets_the_template_tokens(tmp_path: Path) -> None:
+    from msa_train.train.tokenizer import prepare_tokenizer, train_tiny_tokenizer
+
+    train_tiny_tokenizer(["a small corpus of words"] * 10, 300, []).save_pretrained(tmp_path / "base")
+    tokenizer = prepare_tokenizer(tmp_path / "run_tokenizer", ["<|object_ref_end|>", "<End-of-Retrieve>"],
+                                  str(tmp_path / "base"))
+    assert tokenizer.encode("[3]<|object_ref_end|>")[-1] == tokenizer.special_token_ids["<|object_ref_end|>"]
+    assert len(tokenizer.encode("<End-of-Retrieve>")) == 1
+    assert (tmp_path / "run_tokenizer/tokenizer.json").is_file()

@@ -51,7 +51,7 @@ def prepare_tokenizer(
     `special_strings` are added as single tokens when missing (and logged by the data package).
     """
     if (directory / "tokenizer.json").is_file():
-        return load_tokenizer(directory)
+        return load_saved(directory, special_strings)
     if source_path is not None:
         tokenizer = load_tokenizer(source_path)
     else:
@@ -64,5 +64,12 @@ def prepare_tokenizer(
     shutil.rmtree(staging, ignore_errors=True)  # left by a crash in an earlier attempt
     tokenizer.save(staging)
     staging.rename(directory)
-    return load_tokenizer(directory)
+    return load_saved(directory, special_strings)
+
+
+def load_saved(directory: Path, special_strings: list[str]) -> TextTokenizer:
+    """The saved run tokenizer, with its template tokens registered (they are already single ids)."""
+    tokenizer = load_tokenizer(directory)
+    tokenizer.ensure_special_tokens(special_strings)
+    return tokenizer
 
