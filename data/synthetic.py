@@ -192,8 +192,9 @@ def generate_kv_facts(
     facts: list[_Fact] = []
     for fact_index in range(num_facts):
         attribute = rng.choice(_ATTRIBUTES)
-        facts.append(_Fact(f"fact-{fact_index}", _full_name(rng, entities_taken) if len(entities_taken) < 300
-                           else f"entity {fact_index}", attribute, _attribute_value(rng, attribute)))
+        # Past 300 of the 352 possible names, drawing an unused one would take ever longer.
+        entity = _full_name(rng, entities_taken) if len(entities_taken) < 300 else f"entity {fact_index}"
+        facts.append(_Fact(f"fact-{fact_index}", entity, attribute, _attribute_value(rng, attribute)))
     corpus = []
     for fact in facts:
         statement = f"The {fact.attribute} of {fact.entity} is {fact.value}."

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import synthetic_build, train_sentencepiece
+from data_fixtures import train_sentencepiece
 
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.errors import OverlongExampleError
