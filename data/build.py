@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import readers, synthetic
 from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError
 from .records import Document, RetrievalDataset, RetrievalRecord
-from .samples import IndexedRecord, MemoryConfig, MissingAnswerError, SampleBuilder, SampleKind
+from .samples import IndexedRecord, MemoryConfig, SampleBuilder, SampleKind, UnusableRecordError
 from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
                     token_dtype, write_document_shard, write_example_shard)
 from .templates import TemplateConfig, TemplateTokens
@@ -211,16 +211,17 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
     config = _context.config
     builder = _sample_builder(_context)
     plans, lengths = [], []
-    stats = {"records": len(items), "records_without_answer": 0, "examples": 0, "overlong_skipped": 0,
-             "tail_tokens": 0, "training_tokens": 0, "examples_by_memory_docs": 0}
+    stats: dict = {"records": len(items), "records_unusable": 0, "examples": 0, "overlong_skipped": 0,
+                   "tail_tokens": 0, "training_tokens": 0, "examples_by_memory_docs": 0, "unusable_reasons": {}}
     for position, item in enumerate(items):
         try:
             if isinstance(item, str):
                 new_plans = builder.build_lm(item, config.max_example_tokens, index * config.records_per_shard + position)
             else:
                 new_plans = builder.build(item)
-        except MissingAnswerError:
-            stats["records_without_answer"] += 1
+        except UnusableRecordError as error:
+            stats["records_unusable"] += 1
+            stats["unusable_reasons"][error.reason] = stats["unusable_reasons"].get(error.reason, 0) + 1
             continue
         for plan in new_plans:
             length = plan.num_tokens(builder.template_tokens, builder.doc_lengths)
@@ -267,12 +268,16 @@ def _run_tasks(tasks: Iterable, function, num_workers: int, initargs: tuple, des
             pool.join()
 
 
-def _sum_stats(shards: list[Path]) -> dict[str, int]:
-    totals: dict[str, int] = {}
+def _sum_stats(shards: list[Path]) -> dict:
+    totals: dict = {}
     for shard in shards:
         for key, value in json.loads((shard / "shard.json").read_text()).items():
             if isinstance(value, int):
                 totals[key] = totals.get(key, 0) + value
+            elif isinstance(value, dict):
+                merged = totals.setdefault(key, {})
+                for name, count in value.items():
+                    merged[name] = merged.get(name, 0) + count
     return totals
 
 
@@ -383,9 +388,10 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         "corpus_tokens": corpus_tokens,
         "documents_truncated": doc_totals.get("truncated", 0),
         "records_read": records_total,
-        "records_kept": records_total - example_totals.get("records_without_answer", 0),
+        "records_kept": records_total - example_totals.get("records_unusable", 0),
         "records_skipped_bad": tally.summary(),
-        "records_without_answer": example_totals.get("records_without_answer", 0),
+        "records_unusable": example_totals.get("records_unusable", 0),
+        "records_unusable_reasons": example_totals.get("unusable_reasons", {}),
         "examples": example_totals.get("examples", 0),
         "examples_overlong_skipped": example_totals.get("overlong_skipped", 0),
         "training_tokens_per_epoch": example_totals.get("training_tokens", 0),

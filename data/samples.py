@@ -81,8 +81,22 @@ class ExamplePlan:
         return len(template_tokens.prefix) + memory_tokens + id_prefix_tokens + suffix_tokens + len(self.tail_tokens)
 
 
-class MissingAnswerError(ValueError):
+class UnusableRecordError(ValueError):
+    """A record this sample kind cannot use; the build counts it by ``reason``."""
+
+    reason = "unusable"
+
+
+class MissingAnswerError(UnusableRecordError):
     """A QA or interleave sample needs an answer the record does not have."""
+
+    reason = "no answer"
+
+
+class TooManyPositivesError(UnusableRecordError):
+    """The record's positives alone exceed ``max_memory_docs``."""
+
+    reason = "more positives than max_memory_docs"
 
 
 class SampleBuilder:
@@ -219,7 +233,7 @@ class SampleBuilder:
             while misses < config.random_draw_attempts and len(chosen) < config.max_memory_docs:
                 misses = 0 if try_add(int(rng.integers(len(self.doc_lengths)))) else misses + 1
         if len(chosen) > config.max_memory_docs:
-            raise ValueError(f"record {record.record_index} has {len(chosen)} positives, more than "
+            raise TooManyPositivesError(f"record {record.record_index} has {len(chosen)} positives, more than "
                              f"max_memory_docs={config.max_memory_docs}")
         memory = np.asarray(chosen, dtype=np.int64)[rng.permutation(len(chosen))]
         flags = np.isin(memory, np.asarray(positives, dtype=np.int64)).astype(np.uint8)

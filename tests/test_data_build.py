@@ -199,3 +199,20 @@ def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model
     corpus.write_text(corpus.read_text() + json.dumps({"_id": "extra", "text": "one more"}) + "\n")
     with pytest.raises(ValueError, match="input files"):
         build_dataset(BuildConfig.from_dict(values), tmp_path / "out")
+
+
+def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: Path) -> None:
+    from data_fixtures import write_beir
+
+    from msa_train.data.synthetic import generate_needles
+
+    beir = write_beir(tmp_path / "beir", generate_needles("multi_value", 4, seed=2, haystack_docs=3))
+    values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
+              "sample_kind": "qa", "memory": {"memory_tokens": 300, "max_memory_docs": 16},
+              "max_example_tokens": 1024}
+    manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "qa")  # BEIR has no answers
+    assert manifest["examples"] == 0 and manifest["records_kept"] == 0
+    assert manifest["records_unusable_reasons"] == {"no answer": 4}
+    values.update(sample_kind="retrieval", memory={"memory_tokens": 300, "max_memory_docs": 2})
+    manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "few")
+    assert manifest["records_unusable_reasons"] == {"more positives than max_memory_docs": 4}
