@@ -1,0 +1,187 @@
+"""`MemoryEncoder`: documents -> per-router-layer K̄, V̄, K̄R chunks; prefix -> K/V of every layer.
+
+Each document is encoded alone, causally, with positions 0..len-1 (spec section 4), exactly
+as document tokens are in the training forward. Documents are batched by length (right
+padding: under a causal mask real tokens never see the padding), and each batch's results
+go to the host at once, so device memory is bounded by `max_batch_tokens`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..routing import l2_normalize
+from .layer_steps import attend, attention_residual, embed_tokens
+from .store import EncodedDocuments, MemoryStore, model_signature
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStates:
+    """What one layer computed for a causal batch, before its attention."""
+
+    index: int
+    layer: nn.Module
+    normed: torch.Tensor  # [B, L, hidden], the attention's (and router's) input
+    keys: torch.Tensor  # [B, L, Hkv, D] after the k norm and RoPE
+    values: torch.Tensor  # [B, L, Hkv, D]
+
+
+def causal_layer_states(model: nn.Module, input_ids: torch.Tensor, last_layer: int) -> Iterator[LayerStates]:
+    """Run layers 0..last_layer over independent causal rows (positions from 0), yielding each
+    layer's states; the last layer's attention and feed-forward are skipped (nobody reads them)."""
+    batch, length = input_ids.shape
+    hidden = embed_tokens(model, input_ids)
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    cos, sin = model.model.rotary_emb(hidden, positions)
+    for index, layer in enumerate(model.model.layers[: last_layer + 1]):
+        normed = layer.input_layernorm(hidden)
+        q, k, v = layer.self_attn.project(normed, cos, sin)
+        yield LayerStates(index=index, layer=layer, normed=normed, keys=k, values=v)
+        if index < last_layer:
+            hidden = attention_residual(layer, hidden, attend(q, k, v, layer.self_attn.scaling, is_causal=True))
+
+
+def pool_padded_chunks(states: torch.Tensor, lengths: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Mean of [B, L, ...] states over each row's chunks of real tokens, in fp32.
+
+    Returns [C, ...]: the chunks of row 0, then of row 1, ...; a last partial chunk is
+    averaged over its real tokens, as `routing.pool_chunks` does in training.
+    """
+    batch, length = states.shape[:2]
+    padded_length = -(-length // chunk_size) * chunk_size
+    real = torch.arange(padded_length, device=states.device)[None, :] < lengths[:, None]
+    padded = states.new_zeros((batch, padded_length, *states.shape[2:]), dtype=torch.float32)
+    padded[:, :length] = states.float()
+    padded = padded * real.view(batch, padded_length, *([1] * (states.dim() - 2)))
+    sums = padded.view(batch, padded_length // chunk_size, chunk_size, *states.shape[2:]).sum(2)
+    counts = real.view(batch, -1, chunk_size).sum(2)
+    present = counts > 0
+    return sums[present] / counts[present].view(-1, *([1] * (states.dim() - 2)))
+
+
+def length_sorted_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Document indices grouped, longest first, so that rows x longest row <= max_batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+class MemoryEncoder:
+    """Encodes a prefix and documents for `model` (an `MSAForCausalLM`) on `device`.
+
+    Args:
+        model: the MSA model; it is used as is (put it in eval mode and on `device` first).
+        storage_dtype: dtype of the stored K̄/V̄/K̄R (default: the model's dtype).
+        max_batch_tokens: padded tokens per encoding batch.
+        show_progress: a tqdm bar over documents.
+    """
+
+    def __init__(
+        self, model: nn.Module, storage_dtype: torch.dtype | None = None, max_batch_tokens: int = 32768,
+        show_progress: bool = True,
+    ) -> None:
+        config = model.config
+        if not config.document_positions:
+            raise ValueError("inference needs document-wise positions (config.document_positions=True)")
+        if not config.router_layers:
+            raise ValueError("the model has no router layers, so there is no memory to encode")
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.storage_dtype = storage_dtype or next(model.parameters()).dtype
+        self.max_batch_tokens = max_batch_tokens
+        self.show_progress = show_progress
+        self.router_slot = {layer: slot for slot, layer in enumerate(config.router_layers)}
+
+    @torch.no_grad()
+    def new_store(self, prefix_ids: Sequence[int]) -> MemoryStore:
+        """An empty memory whose prefix K/V (every layer, positions 0..T-1) are encoded and cached."""
+        ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=self.device)
+        keys, values = [], []
+        if ids.numel() > 0:
+            for states in causal_layer_states(self.model, ids, self.config.num_hidden_layers - 1):
+                keys.append(states.keys[0].to("cpu", self.storage_dtype))
+                values.append(states.values[0].to("cpu", self.storage_dtype))
+        else:
+            shape = (0, self.config.num_key_value_heads, self.model.model.layers[0].self_attn.head_dim)
+            keys = [torch.zeros(shape, dtype=self.storage_dtype) for _ in range(self.config.num_hidden_layers)]
+            values = [k.clone() for k in keys]
+        return MemoryStore(signature=model_signature(self.config), prefix_ids=ids[0].cpu(), prefix_keys=keys,
+                           prefix_values=values)
+
+    def add_documents(self, store: MemoryStore, documents: Sequence[Sequence[int]]) -> None:
+        """Encode `documents` (token id lists, rendered as the model saw them in training) and append them."""
+        if store.signature != model_signature(self.config):
+            raise ValueError(f"store encoded for {store.signature}, the model has {model_signature(self.config)}")
+        store.extend(self.encode_documents(documents))
+
+    @torch.no_grad()
+    def encode_documents(self, documents: Sequence[Sequence[int]]) -> EncodedDocuments:
+        """Encode documents independently; the result keeps their order."""
+        lengths = [len(doc) for doc in documents]
+        if any(n == 0 for n in lengths):
+            raise ValueError(f"document {lengths.index(0)} is empty")
+        chunk_size = self.config.chunk_size
+        num_slots = len(self.config.router_layers)
+        parts: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in range(num_slots)] for name in ("k", "v", "r")}
+        processed_order: list[int] = []
+        progress = tqdm(total=len(documents), desc="encoding memory", unit="doc", disable=not self.show_progress)
+        for batch in length_sorted_batches(lengths, self.max_batch_tokens):
+            self._encode_batch([documents[i] for i in batch], parts)
+            processed_order += batch
+            progress.update(len(batch))
+        progress.close()
+
+        num_chunks = torch.tensor([-(-n // chunk_size) for n in lengths], dtype=torch.long)
+        # Chunks were produced batch by batch; reorder them to the documents' order.
+        processed_chunks = num_chunks[processed_order]
+        processed_start = torch.cat([processed_chunks.new_zeros(1), torch.cumsum(processed_chunks, 0)[:-1]])
+        start_of_doc = torch.empty_like(processed_start)
+        start_of_doc[torch.tensor(processed_order, dtype=torch.long)] = processed_start
+        doc_start = torch.cat([num_chunks.new_zeros(1), torch.cumsum(num_chunks, 0)[:-1]])
+        chunk_order = torch.repeat_interleave(start_of_doc - doc_start, num_chunks) + torch.arange(int(num_chunks.sum()))
+        reorder = lambda pieces: [torch.cat(p)[chunk_order] for p in pieces]  # noqa: E731
+        logger.info("encoded %d documents, %d tokens, %d chunks", len(documents), sum(lengths), int(num_chunks.sum()))
+        return EncodedDocuments(
+            doc_num_chunks=num_chunks,
+            doc_tokens=[torch.tensor(list(doc), dtype=torch.int32) for doc in documents],
+            keys=reorder(parts["k"]),
+            values=reorder(parts["v"]),
+            routing_keys=reorder(parts["r"]),
+        )
+
+    def _encode_batch(self, documents: list[Sequence[int]], parts: dict[str, list[list[torch.Tensor]]]) -> None:
+        longest = max(len(doc) for doc in documents)
+        ids = torch.zeros((len(documents), longest), dtype=torch.long)
+        for row, doc in enumerate(documents):
+            ids[row, : len(doc)] = torch.as_tensor(list(doc), dtype=torch.long)
+        ids = ids.to(self.device)
+        lengths = torch.tensor([len(doc) for doc in documents], device=self.device)
+        chunk_size = self.config.chunk_size
+        to_host = lambda x: x.to("cpu", self.storage_dtype)  # noqa: E731
+        for states in causal_layer_states(self.model, ids, max(self.config.router_layers)):
+            slot = self.router_slot.get(states.index)
+            if slot is None:
+                continue
+            attention = states.layer.self_attn
+            routing_keys = attention.router_k_proj(states.normed).view(*ids.shape, attention.num_kv_heads, -1)
+            # Training casts pooled K/V back to the model dtype before attending to them.
+            keys = pool_padded_chunks(states.keys, lengths, chunk_size).to(states.keys.dtype)
+            values = pool_padded_chunks(states.values, lengths, chunk_size).to(states.values.dtype)
+            normalised = l2_normalize(pool_padded_chunks(routing_keys, lengths, chunk_size)).flatten(1)
+            parts["k"][slot].append(to_host(keys))
+            parts["v"][slot].append(to_host(values))
+            parts["r"][slot].append(to_host(normalised))

@@ -1,0 +1,122 @@
+"""`MemoryInterleave`: the retrieve-inject-answer loop of spec section 7.
+
+Each round the model generates document IDs and the round delimiter; the original text of
+those documents (as stored: `[i]. text` + suffix) and the delimiter are appended to the query
+segment, which is routed and prefilled again. The model ends retrieval with
+`<End-of-Retrieve>` and goes on with the answer; after `max_rounds` rounds the end marker is
+appended for it. This mirrors how the data package lays out interleave training samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .generation import LayerRouting, MSAGenerator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InterleaveFormat:
+    """Token ids and patterns of the interleave protocol (defaults: the reference format).
+
+    Attributes:
+        delimiter_id: token closing a round of IDs (`<|object_ref_end|>`).
+        end_of_retrieval_id: token ending retrieval (`<End-of-Retrieve>`).
+        stop_token_ids: tokens ending the answer (EOS, a chat end marker).
+        memory_id_pattern: regex whose first group is a memory ID (1-based) in generated text.
+        max_rounds: retrieval rounds before the end marker is forced.
+        max_round_tokens: tokens a round of IDs may take.
+        max_answer_tokens: tokens the answer may take.
+    """
+
+    delimiter_id: int
+    end_of_retrieval_id: int
+    stop_token_ids: Sequence[int] = ()
+    memory_id_pattern: str = r"\[(\d+)\]"
+    max_rounds: int = 3
+    max_round_tokens: int = 64
+    max_answer_tokens: int = 64
+
+
+@dataclass
+class RetrievalRound:
+    memory_ids: list[int]  # IDs the model generated this round (1-based, valid ones)
+    routing: list[LayerRouting]  # the router's selection while it generated them
+
+
+@dataclass
+class InterleaveResult:
+    answer: str
+    answer_token_ids: list[int]
+    rounds: list[RetrievalRound] = field(default_factory=list)
+    answer_routing: list[LayerRouting] = field(default_factory=list)
+
+    @property
+    def retrieved_ids(self) -> list[int]:
+        """Every memory ID retrieved over all rounds, first occurrence order."""
+        return list(dict.fromkeys(i for r in self.rounds for i in r.memory_ids))
+
+
+class MemoryInterleave:
+    """Answers questions over a memory by interleaving retrieval rounds and generation.
+
+    Args:
+        generator: the generator over the encoded memory.
+        decode: token ids -> text (the tokenizer's decode).
+        protocol: token ids and limits of the loop.
+    """
+
+    def __init__(self, generator: MSAGenerator, decode: Callable[[Sequence[int]], str], protocol: InterleaveFormat) -> None:
+        self.generator = generator
+        self.decode = decode
+        self.protocol = protocol
+        self.id_pattern = re.compile(protocol.memory_id_pattern)
+
+    def answer(self, query_ids: Sequence[int]) -> InterleaveResult:
+        """Run the loop for a tokenised question (the query template already applied)."""
+        protocol = self.protocol
+        context = list(query_ids)
+        rounds: list[RetrievalRound] = []
+        round_stops = {protocol.delimiter_id, protocol.end_of_retrieval_id, *protocol.stop_token_ids}
+        while True:
+            if len(rounds) == protocol.max_rounds:
+                context.append(protocol.end_of_retrieval_id)
+                output, _ = self.generator.generate(context, protocol.max_answer_tokens, protocol.stop_token_ids)
+                return self._result(output.token_ids, rounds, output.routing)
+            output, cache = self.generator.generate(context, protocol.max_round_tokens, round_stops)
+            if output.stop_token == protocol.end_of_retrieval_id:
+                # The answer follows on the same cache and selection, as in the training sample.
+                answer, _ = self.generator.generate(
+                    [protocol.end_of_retrieval_id], protocol.max_answer_tokens, protocol.stop_token_ids, cache=cache
+                )
+                return self._result(answer.token_ids, rounds, output.routing)
+            if output.stop_token != protocol.delimiter_id:
+                # The model answered without the end marker (or ran out of round tokens).
+                return self._result(output.token_ids, rounds, output.routing)
+            memory_ids = self.parse_memory_ids(output.token_ids)
+            rounds.append(RetrievalRound(memory_ids=memory_ids, routing=output.routing))
+            context += output.token_ids + self.injected_tokens(memory_ids)
+
+    def parse_memory_ids(self, token_ids: Sequence[int]) -> list[int]:
+        """Valid memory IDs in generated tokens, in order, without repeats."""
+        found = [int(m) for m in self.id_pattern.findall(self.decode(token_ids))]
+        valid = [i for i in dict.fromkeys(found) if 1 <= i <= self.generator.store.num_docs]
+        if len(valid) < len(dict.fromkeys(found)):
+            logger.warning("ignored memory IDs outside 1..%d in %r", self.generator.store.num_docs, found)
+        return valid
+
+    def injected_tokens(self, memory_ids: Sequence[int]) -> list[int]:
+        """The stored text of the documents (as rendered in memory), then the delimiter."""
+        tokens: list[int] = []
+        for memory_id in memory_ids:
+            tokens += self.generator.store.doc_token_ids(memory_id - 1)
+        return tokens + [self.protocol.delimiter_id]
+
+    def _result(self, answer_ids: list[int], rounds: list[RetrievalRound], routing: list[LayerRouting]) -> InterleaveResult:
+        stops = [i for i, t in enumerate(answer_ids) if t in self.protocol.stop_token_ids]
+        answer_ids = answer_ids[: stops[0]] if stops else answer_ids
+        return InterleaveResult(self.decode(answer_ids).strip(), answer_ids, rounds, routing)

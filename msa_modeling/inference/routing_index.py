@@ -1,0 +1,136 @@
+"""`RoutingIndex`: the routing keys K̄R on the GPUs, sharded by document, scored in tiles.
+
+Each shard holds whole documents, so a shard's document scores (max over its chunks) are
+final; the shards' top-k lists are then merged. Ties go to the lower document index, as in
+training (`routing.rank_documents`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..routing import l2_normalize
+
+logger = logging.getLogger(__name__)
+
+
+def group_routing_queries(routing_queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Q_R [R, H, D] -> [R, Hkv * D] fp32, such that `grouped @ K̄R.T` is the head-mean cosine.
+
+    The mean over a KV group's query heads of cos(q_h, k) is <sum_h q_h / |q_h|, k> / H for
+    a normalised k (the same folding as `routing.score_chunks`).
+    """
+    queries = l2_normalize(routing_queries.float())
+    num_heads = queries.shape[1]
+    grouped = queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2) / num_heads
+    return grouped.flatten(1)
+
+
+def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (score, index) pairs, best first; equal scores keep the lower index first."""
+    k = min(k, scores.numel())
+    if k == 0:
+        return scores.new_zeros(0), torch.zeros(0, dtype=torch.long, device=scores.device)
+    threshold = torch.topk(scores, k).values[-1]
+    # Everything tied with the k-th score is a candidate; a stable sort of the (ascending)
+    # candidates breaks the ties towards the lower index.
+    candidates = torch.nonzero(scores >= threshold).flatten()
+    order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
+    return scores[candidates[order]], candidates[order]
+
+
+def merge_top_k(scores: torch.Tensor, docs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge shard candidates: the k best overall, ties to the lower document index."""
+    by_doc = torch.argsort(docs)
+    best_scores, position = top_k_lowest_index_first(scores[by_doc], k)
+    return best_scores, docs[by_doc][position]
+
+
+@dataclass
+class IndexShard:
+    """The routing keys of documents first_doc .. first_doc + num_docs - 1 on one device."""
+
+    device: torch.device
+    first_doc: int
+    num_docs: int
+    chunk_doc: torch.Tensor  # [C_s] long, local document index of every chunk
+    routing_keys: list[torch.Tensor]  # per router layer [C_s, Hkv * D], normalised
+
+    def top_documents(self, layer_slot: int, grouped_queries: torch.Tensor, k: int, tile_size: int):
+        """(scores, global document indices) of the shard's k best documents for one router layer."""
+        keys = self.routing_keys[layer_slot]
+        queries = grouped_queries.to(self.device, keys.dtype)
+        doc_scores = torch.full((self.num_docs,), float("-inf"), device=self.device)
+        for start in range(0, keys.shape[0], tile_size):
+            chunk_scores = (queries @ keys[start : start + tile_size].T).float().amax(0)
+            doc_scores.scatter_reduce_(0, self.chunk_doc[start : start + tile_size], chunk_scores, reduce="amax")
+        scores, local = top_k_lowest_index_first(doc_scores, k)
+        return scores, local + self.first_doc
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.routing_keys, self.chunk_doc))
+
+
+def shard_boundaries(doc_chunk_offsets: torch.Tensor, num_shards: int) -> list[int]:
+    """Document boundaries splitting the chunks into `num_shards` nearly equal runs of whole documents."""
+    total = int(doc_chunk_offsets[-1])
+    targets = torch.tensor([total * s / num_shards for s in range(1, num_shards)], dtype=torch.float64)
+    cuts = torch.searchsorted(doc_chunk_offsets.double(), targets).tolist()
+    return [0, *cuts, doc_chunk_offsets.numel() - 1]
+
+
+class RoutingIndex:
+    """Scores a question's routing queries against every chunk and returns the top-k documents.
+
+    Args:
+        shards: document-contiguous shards, in document order.
+        tile_size: chunks scored at once per shard, bounding the [R, tile] score matrix.
+    """
+
+    def __init__(self, shards: Sequence[IndexShard], tile_size: int = 65536) -> None:
+        self.shards = list(shards)
+        self.tile_size = tile_size
+        self.num_docs = sum(shard.num_docs for shard in self.shards)
+
+    @classmethod
+    def from_store(
+        cls, store, devices: Sequence[torch.device | str] | None = None, dtype: torch.dtype | None = None,
+        tile_size: int = 65536,
+    ) -> "RoutingIndex":
+        """Copy a `MemoryStore`'s routing keys to `devices` (default: every visible GPU, else the CPU)."""
+        if devices is None:
+            devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+        devices = [torch.device(d) for d in devices]
+        bounds = shard_boundaries(store.doc_chunk_offsets, len(devices))
+        chunk_doc = store.chunk_doc()
+        shards = []
+        for device, first, end in zip(devices, bounds[:-1], bounds[1:]):
+            chunk_start, chunk_end = int(store.doc_chunk_offsets[first]), int(store.doc_chunk_offsets[end])
+            shards.append(IndexShard(
+                device=device,
+                first_doc=first,
+                num_docs=end - first,
+                chunk_doc=(chunk_doc[chunk_start:chunk_end] - first).to(device),
+                routing_keys=[keys[chunk_start:chunk_end].to(device, dtype or keys.dtype) for keys in store.routing_keys],
+            ))
+        logger.info("routing index: %d documents over %s", store.num_docs, [str(d) for d in devices])
+        return cls(shards, tile_size)
+
+    def top_documents(self, layer_slot: int, grouped_queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores fp32 [k'], document indices [k']) best first, k' = min(k, documents), on the first shard's device."""
+        # Launches on every device are asynchronous; the merge is the one synchronisation.
+        results = [shard.top_documents(layer_slot, grouped_queries, k, self.tile_size) for shard in self.shards if shard.num_docs]
+        home = self.shards[0].device
+        scores = torch.cat([s.to(home) for s, _ in results])
+        docs = torch.cat([d.to(home) for _, d in results])
+        return merge_top_k(scores, docs, k)
+
+    def device_bytes(self) -> dict[str, int]:
+        used: dict[str, int] = {}
+        for shard in self.shards:
+            used[str(shard.device)] = used.get(str(shard.device), 0) + shard.nbytes()
+        return used

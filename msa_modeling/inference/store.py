@@ -1,0 +1,223 @@
+"""`MemoryStore`: an encoded memory on the host, saved as safetensors shards plus a manifest.
+
+Documents are numbered 0..N-1 in the order they were added (memory ID = index + 1 in the
+`[i]. text` rendering). Chunks of document d are `doc_chunk_offsets[d]:doc_chunk_offsets[d+1]`
+in every router layer's tensors. Saving writes only the documents not yet on disk, so an
+appended memory costs one new shard, never a rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PREFIX_FILE = "prefix.safetensors"
+
+
+def model_signature(config) -> dict:
+    """The config fields an encoded memory depends on; loading checks them against the model."""
+    return {
+        "num_hidden_layers": config.num_hidden_layers,
+        "router_layers": list(config.router_layers),
+        "chunk_size": config.chunk_size,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        "query_position_offset": config.query_position_offset,
+    }
+
+
+@dataclass
+class EncodedDocuments:
+    """A batch of encoded documents, in order (what `MemoryEncoder.encode_documents` returns)."""
+
+    doc_num_chunks: torch.Tensor  # [n] long
+    doc_tokens: list[torch.Tensor]  # n x [len] int32, the rendered token ids
+    keys: list[torch.Tensor]  # per router layer [C, Hkv, D]
+    values: list[torch.Tensor]  # per router layer [C, Hkv, D]
+    routing_keys: list[torch.Tensor]  # per router layer [C, Hkv * D], L2-normalised per head
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({name: t.contiguous() for name, t in tensors.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+@dataclass
+class MemoryStore:
+    """An encoded memory: prefix K/V of every layer, pooled chunk K̄/V̄/K̄R of router layers."""
+
+    signature: dict
+    prefix_ids: torch.Tensor  # [T] long
+    prefix_keys: list[torch.Tensor]  # per layer [T, Hkv, D]
+    prefix_values: list[torch.Tensor]
+    doc_chunk_offsets: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+    doc_token_offsets: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+    doc_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+    routing_keys: list[torch.Tensor] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)  # manifest entries of documents on disk
+
+    @property
+    def router_layers(self) -> list[int]:
+        return self.signature["router_layers"]
+
+    @property
+    def num_docs(self) -> int:
+        return self.doc_chunk_offsets.numel() - 1
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.doc_chunk_offsets[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.doc_token_offsets[-1])
+
+    @property
+    def saved_docs(self) -> int:
+        return sum(shard["num_docs"] for shard in self.shards)
+
+    def chunk_doc(self) -> torch.Tensor:
+        """[C] long: the document of every chunk."""
+        counts = self.doc_chunk_offsets.diff()
+        return torch.repeat_interleave(torch.arange(self.num_docs), counts)
+
+    def doc_token_ids(self, doc: int) -> list[int]:
+        """The rendered tokens of document `doc` (0-based), as they were encoded."""
+        return self.doc_tokens[self.doc_token_offsets[doc] : self.doc_token_offsets[doc + 1]].tolist()
+
+    def host_bytes(self) -> int:
+        tensors = [*self.keys, *self.values, *self.routing_keys, *self.prefix_keys, *self.prefix_values, self.doc_tokens]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def extend(self, encoded: EncodedDocuments) -> None:
+        """Append encoded documents after the existing ones."""
+        if encoded.doc_num_chunks.numel() == 0:
+            return
+        lengths = torch.tensor([t.numel() for t in encoded.doc_tokens], dtype=torch.long)
+        self.doc_chunk_offsets = torch.cat([self.doc_chunk_offsets, self.num_chunks + torch.cumsum(encoded.doc_num_chunks, 0)])
+        self.doc_token_offsets = torch.cat([self.doc_token_offsets, self.num_tokens + torch.cumsum(lengths, 0)])
+        self.doc_tokens = torch.cat([self.doc_tokens, *encoded.doc_tokens])
+        for name in ("keys", "values", "routing_keys"):
+            old, new = getattr(self, name), getattr(encoded, name)
+            setattr(self, name, [torch.cat([a, b]) for a, b in zip(old, new)] if old else list(new))
+
+    def pin_memory(self) -> "MemoryStore":
+        """Page-lock the content K̄/V̄, so that copies of selected documents to a GPU are asynchronous."""
+        self.keys = [t.pin_memory() for t in self.keys]
+        self.values = [t.pin_memory() for t in self.values]
+        return self
+
+    def gather_chunks(self, layer_slot: int, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K̄, V̄ [M, Hkv, D] of every chunk of `docs` (in the given order), router layer `layer_slot`."""
+        docs = docs.cpu()
+        starts, ends = self.doc_chunk_offsets[docs], self.doc_chunk_offsets[docs + 1]
+        counts = ends - starts
+        chunk_index = torch.repeat_interleave(starts - _offsets(counts)[:-1], counts) + torch.arange(int(counts.sum()))
+        keys, values = self.keys[layer_slot], self.values[layer_slot]
+        pinned = keys.is_pinned()
+        out_keys = torch.empty((chunk_index.numel(), *keys.shape[1:]), dtype=keys.dtype, pin_memory=pinned)
+        out_values = torch.empty_like(out_keys, pin_memory=pinned)
+        torch.index_select(keys, 0, chunk_index, out=out_keys)
+        torch.index_select(values, 0, chunk_index, out=out_values)
+        return out_keys, out_values
+
+    # ---------------------------------------------------------------- disk
+
+    def save(self, directory: str | os.PathLike, docs_per_shard: int = 100_000) -> Path:
+        """Write the documents not yet on disk as new shards, then the manifest (atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not (directory / PREFIX_FILE).exists():
+            prefix = {"prefix_ids": self.prefix_ids}
+            for layer, (k, v) in enumerate(zip(self.prefix_keys, self.prefix_values)):
+                prefix[f"keys.{layer}"], prefix[f"values.{layer}"] = k, v
+            _atomic_save(prefix, directory / PREFIX_FILE)
+        for first in range(self.saved_docs, self.num_docs, docs_per_shard):
+            self.shards.append(self._save_shard(directory, first, min(first + docs_per_shard, self.num_docs)))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "signature": self.signature,
+            "dtype": str(self.keys[0].dtype).removeprefix("torch.") if self.keys else None,
+            "num_docs": self.num_docs,
+            "num_chunks": self.num_chunks,
+            "num_tokens": self.num_tokens,
+            "prefix_tokens": self.prefix_ids.numel(),
+            "shards": self.shards,
+        }
+        _atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+        logger.info("saved memory of %d documents (%d tokens) to %s", self.num_docs, self.num_tokens, directory)
+        return directory
+
+    def _save_shard(self, directory: Path, first: int, end: int) -> dict:
+        chunk_start, chunk_end = int(self.doc_chunk_offsets[first]), int(self.doc_chunk_offsets[end])
+        token_start, token_end = int(self.doc_token_offsets[first]), int(self.doc_token_offsets[end])
+        tensors = {
+            "doc_num_chunks": self.doc_chunk_offsets[first : end + 1].diff(),
+            "doc_num_tokens": self.doc_token_offsets[first : end + 1].diff(),
+            "doc_tokens": self.doc_tokens[token_start:token_end],
+        }
+        for slot, layer in enumerate(self.router_layers):
+            tensors[f"keys.{layer}"] = self.keys[slot][chunk_start:chunk_end]
+            tensors[f"values.{layer}"] = self.values[slot][chunk_start:chunk_end]
+            tensors[f"routing_keys.{layer}"] = self.routing_keys[slot][chunk_start:chunk_end]
+        name = f"docs-{first:012d}-{end:012d}.safetensors"
+        _atomic_save(tensors, directory / name)
+        return {"file": name, "first_doc": first, "num_docs": end - first, "num_chunks": chunk_end - chunk_start,
+                "num_tokens": token_end - token_start}
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, config=None, pin_memory: bool = False) -> "MemoryStore":
+        """Read a saved memory; with `config`, check that it was encoded for that model's shape."""
+        directory = Path(directory)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        if manifest["format_version"] != FORMAT_VERSION:
+            raise ValueError(f"{directory}: memory format {manifest['format_version']}, expected {FORMAT_VERSION}")
+        if config is not None and model_signature(config) != manifest["signature"]:
+            raise ValueError(
+                f"{directory} was encoded for {manifest['signature']}, the model has {model_signature(config)}"
+            )
+        prefix = load_file(str(directory / PREFIX_FILE))
+        num_layers = manifest["signature"]["num_hidden_layers"]
+        store = cls(
+            signature=manifest["signature"],
+            prefix_ids=prefix["prefix_ids"],
+            prefix_keys=[prefix[f"keys.{layer}"] for layer in range(num_layers)],
+            prefix_values=[prefix[f"values.{layer}"] for layer in range(num_layers)],
+        )
+        parts = [load_file(str(directory / shard["file"])) for shard in manifest["shards"]]
+        if parts:
+            layers = store.router_layers
+            # One concatenation for all shards: extending shard by shard would copy O(shards^2).
+            store.extend(EncodedDocuments(
+                doc_num_chunks=torch.cat([p["doc_num_chunks"] for p in parts]),
+                doc_tokens=[t for p in parts for t in torch.split(p["doc_tokens"], p["doc_num_tokens"].tolist())],
+                keys=[torch.cat([p[f"keys.{layer}"] for p in parts]) for layer in layers],
+                values=[torch.cat([p[f"values.{layer}"] for p in parts]) for layer in layers],
+                routing_keys=[torch.cat([p[f"routing_keys.{layer}"] for p in parts]) for layer in layers],
+            ))
+        store.shards = list(manifest["shards"])
+        logger.info("loaded memory of %d documents (%d tokens) from %s", store.num_docs, store.num_tokens, directory)
+        return store.pin_memory() if pin_memory else store

@@ -1,0 +1,110 @@
+"""Inference path vs the training forward, on a tiny random Qwen3-based MSA model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from batches import VOCAB, tiny_msa
+
+from msa_modeling.inference import MemoryEncoder, MSAGenerator, RoutingIndex
+from msa_modeling.inference.routing_index import IndexShard, merge_top_k, top_k_lowest_index_first
+
+IGNORE = -100
+
+
+def random_memory(seed: int, num_docs: int = 7) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=generator))  # noqa: E731
+    tokens = lambda n: torch.randint(3, VOCAB, (n,), generator=generator).tolist()  # noqa: E731
+    return {
+        "prefix": tokens(3),
+        "docs": [tokens(draw(1, 13)) for _ in range(num_docs)],
+        "question": tokens(4),
+        "answer": tokens(3),
+    }
+
+
+def training_row(memory: dict) -> dict[str, torch.Tensor]:
+    """One packed example `[prefix][docs][question][answer]` with the answer labelled."""
+    ids, doc_ids, labels = list(memory["prefix"]), [-2] * len(memory["prefix"]), [IGNORE] * len(memory["prefix"])
+    for number, doc in enumerate(memory["docs"], start=1):
+        ids += doc
+        doc_ids += [number] * len(doc)
+        labels += [IGNORE] * len(doc)
+    ids += memory["question"] + memory["answer"]
+    doc_ids += [0] * (len(memory["question"]) + len(memory["answer"]))
+    labels += [IGNORE] * len(memory["question"]) + memory["answer"]
+    return {k: torch.tensor([v]) for k, v in (("input_ids", ids), ("doc_ids", doc_ids), ("labels", labels))}
+
+
+def encoded_store(model, memory: dict, max_batch_tokens: int = 24):
+    encoder = MemoryEncoder(model, max_batch_tokens=max_batch_tokens, show_progress=False)
+    store = encoder.new_store(memory["prefix"])
+    encoder.add_documents(store, memory["docs"])
+    return store
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_inference_matches_the_training_forward(seed):
+    model = tiny_msa(seed, top_k_docs=2, chunk_size=4, query_position_offset=3)
+    memory = random_memory(seed)
+    row = training_row(memory)
+    with torch.no_grad():
+        trained = model(**row, return_logits=True)
+    generator = MSAGenerator(model, encoded_store(model, memory))
+
+    logits, cache = generator.prefill(memory["question"])
+    first_answer = len(row["input_ids"][0]) - len(memory["answer"])
+    torch.testing.assert_close(logits, trained.logits[0, first_answer - 1], rtol=1e-4, atol=1e-5)
+    # The decode path with its KV cache predicts every later answer token the same way.
+    for offset, token in enumerate(memory["answer"][:-1]):
+        logits = generator.decode(cache, token)
+        torch.testing.assert_close(logits, trained.logits[0, first_answer + offset], rtol=1e-4, atol=1e-5)
+
+    for routing, selected, scores in zip(cache.routing, trained.selected_docs, trained.doc_scores):
+        assert sorted(routing.docs.tolist()) == selected.nonzero().flatten().tolist()
+        torch.testing.assert_close(routing.scores, scores[routing.docs], rtol=1e-5, atol=1e-6)
+
+
+def test_generation_with_an_empty_memory_equals_the_backbone():
+    model = tiny_msa(3)
+    memory = random_memory(3)
+    encoder = MemoryEncoder(model, show_progress=False)
+    generator = MSAGenerator(model, encoder.new_store(memory["prefix"]))
+    output, _ = generator.generate(memory["question"], max_new_tokens=3)
+    row = training_row({**memory, "docs": [], "answer": output.token_ids})
+    with torch.no_grad():
+        trained = model(**row, return_logits=True)
+    predicted = trained.logits[0, -4:-1].argmax(-1).tolist()
+    assert output.token_ids == predicted
+
+
+def test_trace_k_ranks_more_documents_than_are_attended():
+    model = tiny_msa(4, top_k_docs=2, chunk_size=4)
+    memory = random_memory(4)
+    store = encoded_store(model, memory)
+    plain, _ = MSAGenerator(model, store).generate(memory["question"], 4)
+    traced, _ = MSAGenerator(model, store, trace_k=5).generate(memory["question"], 4)
+    assert traced.token_ids == plain.token_ids
+    assert all(len(r.docs) == 5 for r in traced.routing)
+    assert all(torch.equal(a.docs, b.docs[:2]) for a, b in zip(plain.routing, traced.routing))
+
+
+def test_top_k_breaks_ties_towards_the_lower_index():
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.9, 0.1, 0.5])
+    values, index = top_k_lowest_index_first(scores, 3)
+    assert index.tolist() == [1, 3, 0]
+    merged_scores, merged_docs = merge_top_k(torch.tensor([0.5, 0.9, 0.9, 0.5]), torch.tensor([7, 5, 2, 3]), 3)
+    assert merged_docs.tolist() == [2, 5, 3]
+
+
+def test_sharded_index_agrees_with_one_shard():
+    model = tiny_msa(5, top_k_docs=3, chunk_size=4)
+    store = encoded_store(model, random_memory(5, num_docs=11))
+    one = RoutingIndex.from_store(store, ["cpu"], tile_size=5)
+    three = RoutingIndex.from_store(store, ["cpu", "cpu", "cpu"], tile_size=2)
+    assert [s.num_docs for s in three.shards if s.num_docs] and sum(s.num_docs for s in three.shards) == 11
+    queries = torch.randn(5, store.routing_keys[0].shape[1], generator=torch.Generator().manual_seed(0))
+    for slot in range(len(store.router_layers)):
+        assert torch.equal(one.top_documents(slot, queries, 4)[1], three.top_documents(slot, queries, 4)[1])
+    assert isinstance(three.shards[0], IndexShard)
