@@ -146,6 +146,10 @@ class PackedRowLoader:
         if isinstance(datasets, (str, Path, PreparedDataset)):
             datasets = [datasets]
         self.datasets = [d if isinstance(d, PreparedDataset) else PreparedDataset(d) for d in datasets]
+        tokenizers = {d.manifest["tokenizer_sha256"] for d in self.datasets}
+        if len(tokenizers) > 1:
+            raise ValueError("datasets were built with different tokenizers; their token ids cannot be mixed: "
+                             + ", ".join(f"{d.path} ({d.manifest['tokenizer_sha256'][:12]})" for d in self.datasets))
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         weights = list(weights) if weights is not None else [1.0] * len(self.datasets)

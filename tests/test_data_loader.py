@@ -120,3 +120,11 @@ def test_overlong_example_is_reported_not_cut(builds: dict[str, Path], caplog: p
     strict = PackedRowLoader(builds["needles"], row_length, max_epochs=1, overlong="error")
     with pytest.raises(OverlongExampleError, match="tokens, more than the row length"):
         list(strict)
+
+
+def test_builds_with_different_tokenizers_are_not_mixed(builds: dict[str, Path], tmp_path: Path) -> None:
+    other = train_sentencepiece(tmp_path, vocab_size=500)
+    synthetic_build(tmp_path / "other", other, "retrieval",
+                    {"generator": "needles", "kind": "single", "num_samples": 4, "seed": 1, "haystack_docs": 4})
+    with pytest.raises(ValueError, match="different tokenizers"):
+        PackedRowLoader([builds["needles"], tmp_path / "other"], ROW_LENGTH)
