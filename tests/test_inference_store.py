@@ -1,0 +1,129 @@
+"""Encoded memories on disk: save -> load, appending, and the interleave loop's protocol."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from batches import tiny_msa
+from test_inference import random_memory
+
+from msa_modeling.inference import InterleaveFormat, MemoryEncoder, MemoryInterleave, MemoryStore, MSAGenerator
+from msa_modeling.inference.generation import GenerationOutput
+
+
+def answers(model, store, questions: list[list[int]]) -> list[tuple[list[int], list[list[int]]]]:
+    generator = MSAGenerator(model, store)
+    outputs = [generator.generate(q, max_new_tokens=5)[0] for q in questions]
+    return [(o.token_ids, [r.docs.tolist() for r in o.routing]) for o in outputs]
+
+
+def questions(seed: int) -> list[list[int]]:
+    return [random_memory(seed + i)["question"] for i in range(3)]
+
+
+def test_encode_save_load_gives_the_same_answers(tmp_path):
+    model = tiny_msa(0, top_k_docs=2, chunk_size=4)
+    memory = random_memory(0, num_docs=9)
+    encoder = MemoryEncoder(model, max_batch_tokens=30, show_progress=False)
+    store = encoder.new_store(memory["prefix"])
+    encoder.add_documents(store, memory["docs"])
+    store.save(tmp_path / "memory", docs_per_shard=4)
+    loaded = MemoryStore.load(tmp_path / "memory", config=model.config)
+
+    manifest = json.loads((tmp_path / "memory" / "manifest.json").read_text())
+    assert [s["num_docs"] for s in manifest["shards"]] == [4, 4, 1]
+    assert manifest["num_tokens"] == sum(len(d) for d in memory["docs"])
+    for name in ("keys", "values", "routing_keys", "prefix_keys", "prefix_values"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(store, name), getattr(loaded, name)))
+    assert [loaded.doc_token_ids(i) for i in range(9)] == memory["docs"]
+    assert answers(model, loaded, questions(10)) == answers(model, store, questions(10))
+
+
+def test_appending_documents_equals_encoding_them_all_at_once(tmp_path):
+    model = tiny_msa(1, top_k_docs=3, chunk_size=4)
+    memory = random_memory(1, num_docs=10)
+    encoder = MemoryEncoder(model, max_batch_tokens=40, show_progress=False)
+    at_once = encoder.new_store(memory["prefix"])
+    encoder.add_documents(at_once, memory["docs"])
+
+    first = encoder.new_store(memory["prefix"])
+    encoder.add_documents(first, memory["docs"][:6])
+    first.save(tmp_path / "memory")
+    old_shard = tmp_path / "memory" / first.shards[0]["file"]
+    old_bytes = old_shard.read_bytes()
+    grown = MemoryStore.load(tmp_path / "memory", config=model.config)
+    encoder.add_documents(grown, memory["docs"][6:])
+    grown.save(tmp_path / "memory")
+    assert old_shard.read_bytes() == old_bytes
+    appended = MemoryStore.load(tmp_path / "memory", config=model.config)
+
+    assert appended.num_docs == 10 and len(appended.shards) == 2
+    assert torch.equal(appended.doc_chunk_offsets, at_once.doc_chunk_offsets)
+    for name in ("keys", "values", "routing_keys"):
+        for a, b in zip(getattr(appended, name), getattr(at_once, name)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert answers(model, appended, questions(20)) == answers(model, at_once, questions(20))
+
+
+def test_loading_checks_the_model_shape(tmp_path):
+    model = tiny_msa(0, chunk_size=4)
+    encoder = MemoryEncoder(model, show_progress=False)
+    store = encoder.new_store([5, 6])
+    encoder.add_documents(store, [[7, 8, 9]])
+    store.save(tmp_path / "memory")
+    with pytest.raises(ValueError, match="encoded for"):
+        MemoryStore.load(tmp_path / "memory", config=tiny_msa(0, chunk_size=8).config)
+
+
+class ScriptedGenerator:
+    """Stands in for `MSAGenerator`: replays scripted rounds and records what it was given."""
+
+    def __init__(self, store, rounds: list[list[int]]) -> None:
+        self.store = store
+        self.rounds = list(rounds)
+        self.contexts: list[list[int]] = []
+
+    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None):
+        self.contexts.append(list(query_ids))
+        tokens = self.rounds.pop(0)
+        stop = tokens[-1] if tokens[-1] in stop_token_ids else None
+        return GenerationOutput(tokens, stop, [], torch.zeros(1)), object()
+
+
+DELIM, END, EOS = 90, 91, 92
+DIGITS = {80 + d: str(d) for d in range(10)}
+
+
+def decode(ids) -> str:
+    memory_ids = {t: f"[{t - 60}]" for t in (*range(61, 80), 99)}  # 99 -> [39], outside the memory
+    return "".join(DIGITS.get(t) or memory_ids.get(t, "") for t in ids)
+
+
+def scripted_store():
+    model = tiny_msa(0, chunk_size=4)
+    encoder = MemoryEncoder(model, show_progress=False)
+    store = encoder.new_store([])
+    encoder.add_documents(store, [[10 + i, 11 + i] for i in range(5)])
+    return store
+
+
+def test_interleave_injects_retrieved_texts_until_end_of_retrieval():
+    store = scripted_store()
+    scripted = ScriptedGenerator(store, [[62, 64, DELIM], [65, DELIM], [END], [84, 82, EOS]])
+    loop = MemoryInterleave(scripted, decode, InterleaveFormat(DELIM, END, stop_token_ids=[EOS], max_rounds=3))
+    result = loop.answer([1, 2])
+    assert [r.memory_ids for r in result.rounds] == [[2, 4], [5]]
+    assert result.answer == "42"
+    assert scripted.contexts[1] == [1, 2, 62, 64, DELIM, 11, 12, 13, 14, DELIM]
+    assert scripted.contexts[2] == scripted.contexts[1] + [65, DELIM, 14, 15, DELIM]
+    assert scripted.contexts[3] == [END]  # the answer continues on the round's cache
+
+
+def test_interleave_forces_the_end_marker_after_the_round_limit():
+    store = scripted_store()
+    scripted = ScriptedGenerator(store, [[61, DELIM], [99, 61, DELIM], [83, EOS]])
+    result = MemoryInterleave(scripted, decode, InterleaveFormat(DELIM, END, stop_token_ids=[EOS], max_rounds=2)).answer([1])
+    assert len(result.rounds) == 2 and result.rounds[1].memory_ids == [1]
+    assert scripted.contexts[-1][-1] == END and result.answer == "3"
