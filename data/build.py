@@ -33,8 +33,8 @@ from .records import Document, RetrievalDataset, RetrievalRecord
 from .samples import IndexedRecord, MemoryConfig, SampleBuilder, SampleKind, UnusableRecordError
 from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
                     token_dtype, write_document_shard, write_example_shard)
-from .templates import TemplateConfig, TemplateTokens
-from .tokenization import TextTokenizer, load_tokenizer, worker_pool
+from .templates import ChatFormat, TemplateConfig, TemplateTokens
+from .tokenization import HuggingFaceTokenizer, TextTokenizer, load_tokenizer, worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +311,13 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         logger.info("removed %d unfinished temporary shard(s) of an interrupted build", stale)
 
     tokenizer = load_tokenizer(config.tokenizer)
+    if config.template.chat_from_tokenizer:
+        if not isinstance(tokenizer, HuggingFaceTokenizer) or not getattr(tokenizer.hf, "chat_template", None):
+            raise ValueError(f"{config.tokenizer}: chat_from_tokenizer needs a Hugging Face tokenizer with a chat template")
+        # Resolved into the config, so that workers, the manifest and the fingerprint all see it.
+        template = dataclasses.replace(config.template, chat=ChatFormat.from_hf_tokenizer(tokenizer.hf),
+                                       chat_from_tokenizer=False)
+        config = dataclasses.replace(config, template=template)
     added_tokens = tokenizer.ensure_special_tokens(config.template.special_strings())
     identity = {"config": config.to_dict(), "tokenizer": tokenizer.fingerprint(), "inputs": source_signature(config.source)}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()

@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from .tokenization import TextTokenizer
 
 
 @dataclass
 class ChatFormat:
-    """The chat markers that wrap the user turn and the assistant turn.
+    """The text a chat template puts around the system prompt and the user and assistant turns.
 
-    The memory sits inside the user turn, between ``user_start`` (end of the shared prefix)
-    and the question; the assistant turn holds everything the model generates.
+    The memory sits inside the user turn: the shared prefix ends where the user's content
+    starts, the question closes the user turn and opens the assistant's, and everything the
+    assistant generates ends with ``assistant_end``. Defaults are ChatML (Qwen).
     """
 
     system_start: str = "<|im_start|>system\n"
-    system_end: str = "<|im_end|>\n"
+    system_to_user: str = "<|im_end|>\n<|im_start|>user\n"
     user_start: str = "<|im_start|>user\n"
-    user_end: str = "<|im_end|>\n"
-    assistant_start: str = "<|im_start|>assistant\n"
+    user_to_assistant: str = "<|im_end|>\n<|im_start|>assistant\n"
     assistant_end: str = "<|im_end|>"
+
+    @classmethod
+    def from_hf_tokenizer(cls, tokenizer: Any) -> "ChatFormat":
+        """Cut the markers out of a Hugging Face tokenizer's own chat template, rendered around
+        sentinel messages (so a template that adds a default system prompt keeps doing so)."""
+        system, user, assistant = "\ue000system\ue000", "\ue000user\ue000", "\ue000assistant\ue000"
+
+        def render(messages: list[dict[str, str]]) -> str:
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+
+        with_system = render([{"role": "system", "content": system}, {"role": "user", "content": user},
+                              {"role": "assistant", "content": assistant}])
+        without_system = render([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
+        if any(with_system.count(s) != 1 for s in (system, user, assistant)) or without_system.count(user) != 1:
+            raise ValueError("the chat template does not render system, user and assistant messages verbatim")
+        system_start, rest = with_system.split(system)
+        system_to_user, rest = rest.split(user)
+        user_to_assistant, assistant_end = rest.split(assistant)
+        return cls(system_start=system_start, system_to_user=system_to_user,
+                   user_start=without_system.split(user)[0], user_to_assistant=user_to_assistant,
+                   assistant_end=assistant_end.rstrip())
 
     def special_strings(self) -> list[str]:
         """Marker strings that must be single tokens (ChatML's im_start/im_end)."""
@@ -32,7 +54,8 @@ class ChatFormat:
 class TemplateConfig:
     """Prompt wording and markers. Defaults follow the reference format (spec section 7):
     documents rendered ``[i]. text``, targets ``[4][9]`` + ``<|object_ref_end|>``, and
-    ``<End-of-Retrieve>`` when no more documents are needed."""
+    ``<End-of-Retrieve>`` when no more documents are needed. ``chat_from_tokenizer`` derives
+    ``chat`` from the tokenizer's own chat template when the build loads it."""
 
     system_prompt: str = ""
     doc_id_format: str = "[{i}]. "
@@ -44,6 +67,7 @@ class TemplateConfig:
     answer_format: str = "{answer}"
     append_eos: bool = True
     chat: ChatFormat | None = None
+    chat_from_tokenizer: bool = False
 
     @classmethod
     def from_dict(cls, values: dict) -> "TemplateConfig":
@@ -62,14 +86,15 @@ class TemplateConfig:
         """The shared prefix (doc_ids -2) that precedes the memory."""
         if self.chat is None:
             return self.system_prompt
-        system = f"{self.chat.system_start}{self.system_prompt}{self.chat.system_end}" if self.system_prompt else ""
-        return system + self.chat.user_start
+        if self.system_prompt:
+            return self.chat.system_start + self.system_prompt + self.chat.system_to_user
+        return self.chat.user_start
 
     def query_text(self, query: str) -> str:
         """The question, plus the turn switch when a chat format is used."""
         text = self.query_format.format(query=query)
         if self.chat is not None:
-            text += self.chat.user_end + self.chat.assistant_start
+            text += self.chat.user_to_assistant
         return text
 
     def target_ids_text(self, memory_ids: list[int]) -> str:

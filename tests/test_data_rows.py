@@ -199,3 +199,39 @@ def test_chat_prefix_is_shared_prefix(tmp_path: Path, sp_model: Path) -> None:
     assert query_text.startswith("Question: ") and "<|im_end|>\n<|im_start|>assistant\n[" in query_text
     assert query_text.endswith(DELIMITER)
     check_row_grammar(row)
+
+
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nBe helpful.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+)
+
+
+def test_chat_format_from_the_tokenizers_template(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from msa_train.data.templates import ChatFormat
+
+    folder = train_byte_bpe(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    hf.chat_template = CHATML_WITH_DEFAULT_SYSTEM
+    hf.save_pretrained(str(folder))
+    chat = ChatFormat.from_hf_tokenizer(hf)
+    assert chat.user_start == "<|im_start|>system\nBe helpful.<|im_end|>\n<|im_start|>user\n"
+    assert chat.system_start == "<|im_start|>system\n" and chat.system_to_user == "<|im_end|>\n<|im_start|>user\n"
+    assert chat.user_to_assistant == "<|im_end|>\n<|im_start|>assistant\n" and chat.assistant_end == "<|im_end|>"
+    synthetic_build(tmp_path / "chat", folder, "qa", GENERATORS["qa"], template={"chat_from_tokenizer": True})
+    tokenizer = load_tokenizer(tmp_path / "chat" / "tokenizer")
+    rows, _, _ = rows_of(tmp_path / "chat")
+    row = rows[0]
+    first = (row["example_ids"] == 0).numpy()
+    doc_ids = row["doc_ids"].numpy()[first]
+    input_ids = row["input_ids"].numpy()[first]
+    assert tokenizer.decode(input_ids[doc_ids == -2].tolist()) == chat.user_start
+    labels = row["labels"].numpy()[first]
+    generated = tokenizer.decode(labels[labels != -100].tolist())
+    assert generated.startswith("[") and DELIMITER + END_OF_RETRIEVAL in generated
+    assert generated.endswith("<|im_end|>")
+    check_row_grammar(row)
