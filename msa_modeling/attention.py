@@ -18,6 +18,11 @@ Backends:
     `varlen`: `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10).
     `flex`: FlexAttention with a segment block mask (CUDA; compiled).
     `sdpa`: dense masked `scaled_dot_product_attention`; the CPU path, O(L^2) memory.
+
+Attention logit soft-capping (Gemma 2: scores -> c * tanh(scores / c) before the softmax) is
+an optional `softcap` argument of `attend`: `sdpa` then computes explicit scores, `flex`
+applies it as a score_mod, `flash_attn` passes it to the kernel; torch's `varlen` kernel
+cannot express it and raises.
 """
 
 from __future__ import annotations
@@ -74,6 +79,29 @@ def memory_attention_mask(layout: PackedLayout, selected_chunks: torch.Tensor) -
     return mask.unsqueeze(1)
 
 
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """Masked attention with soft-capped scores, in Gemma 2's order: scale, cap, mask, fp32 softmax.
+
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D], mask [B, 1, Lq, Lk] bool -> [B, H, Lq, D].
+    """
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def reject_softcap(backend_name: str, softcap: float | None) -> None:
+    if softcap is not None:
+        raise ValueError(
+            f"attention backend {backend_name!r} cannot apply attention logit soft-capping "
+            f"(attn_logit_softcapping={softcap}, e.g. Gemma 2); use attn_backend 'flash_attn', 'flex' or 'sdpa'"
+        )
+
+
 class SDPABackend:
     name = "sdpa"
 
@@ -82,7 +110,7 @@ class SDPABackend:
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None,
+        memory: PooledMemory | None, softcap: float | None = None,
     ) -> torch.Tensor:
         """q [B, L, H, D], k/v [B, L, Hkv, D] -> [B, L, H, D]."""
         batch = q.shape[0]
@@ -92,7 +120,10 @@ class SDPABackend:
             keys = torch.cat([keys, memory.keys.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
             values = torch.cat([values, memory.values.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
             mask = torch.cat([mask, memory_attention_mask(layout, memory.selected_chunks)], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        if softcap is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            out = softcapped_attention(q.transpose(1, 2), keys, values, mask, scale, softcap)
         return out.transpose(1, 2)
 
 
@@ -184,18 +215,27 @@ class VarlenBackend:
     only right when query and key segments coincide.
     """
 
-    def __init__(self, name: str, kernel: VarlenKernel, regroup_queries: bool = False) -> None:
+    def __init__(
+        self, name: str, kernel: VarlenKernel, regroup_queries: bool = False, supports_softcap: bool = False
+    ) -> None:
         self.name = name
         self.kernel = kernel
         self.regroup_queries = regroup_queries
+        self.supports_softcap = supports_softcap
 
     def prepare(self, layout: PackedLayout) -> dict:
         return {"keys_without_memory": varlen_key_order(layout, None)}
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None,
+        memory: PooledMemory | None, softcap: float | None = None,
     ) -> torch.Tensor:
+        # Only kernels that take a softcap get one, so the others keep their plain signature.
+        softcap_kwargs = {}
+        if softcap is not None:
+            if not self.supports_softcap:
+                reject_softcap(self.name, softcap)
+            softcap_kwargs = {"softcap": softcap}
         batch, length = q.shape[:2]
         flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
         if memory is None:
@@ -209,11 +249,15 @@ class VarlenBackend:
         if self.regroup_queries:
             chunk_queries = None if pooled_k is None else q.new_zeros(pooled_k.shape[0], *q.shape[2:])
             q_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(q), layout, keys, chunk_queries), end)
-            out = self.kernel(q_buffer, k_buffer, v_buffer, keys.cu_seqlens, keys.cu_seqlens, keys.max_length, keys.max_length, scale)
+            out = self.kernel(
+                q_buffer, k_buffer, v_buffer, keys.cu_seqlens, keys.cu_seqlens, keys.max_length, keys.max_length, scale,
+                **softcap_kwargs,
+            )
             out = out[keys.token_position]
         else:
             out = self.kernel(
-                flat(q), k_buffer, v_buffer, layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale
+                flat(q), k_buffer, v_buffer, layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale,
+                **softcap_kwargs,
             )
         return out.view(batch, length, *out.shape[1:])
 
@@ -252,10 +296,11 @@ def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return _CausalFlashVarlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
 
 
-def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap=0.0):
     from flash_attn import flash_attn_varlen_func
 
-    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+    # flash-attn reads softcap 0.0 as "no soft-capping".
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True, softcap=softcap)
 
 
 # ------------------------------------------------------------------ FlexAttention
@@ -294,7 +339,7 @@ class FlexBackend:
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None,
+        memory: PooledMemory | None, softcap: float | None = None,
     ) -> torch.Tensor:
         batch, length = q.shape[:2]
         flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
@@ -311,10 +356,20 @@ class FlexBackend:
             v_buffer = gather_varlen_keys(flat(v), layout, keys, memory.values)
             block_mask = self.block_mask(layout, keys, k_buffer.shape[0])
         heads = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
+        score_mod = None if softcap is None else _softcap_score_mod(softcap)
         out = self.flex_attention(
-            heads(flat(q)), heads(k_buffer), heads(v_buffer), block_mask=block_mask, scale=scale, enable_gqa=True
+            heads(flat(q)), heads(k_buffer), heads(v_buffer), score_mod=score_mod, block_mask=block_mask, scale=scale,
+            enable_gqa=True,
         )
         return out.squeeze(0).transpose(0, 1).reshape(batch, length, *q.shape[2:])
+
+
+def _softcap_score_mod(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # FlexAttention hands over the already scaled score, as Gemma 2 caps it.
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
 
 
 # ------------------------------------------------------------------ choice
@@ -340,7 +395,7 @@ def make_attention_backend(name: str, device: torch.device) -> SDPABackend | Var
     if name == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention backend 'flash_attn' needs the flash-attn package (pip install '.[flash]')")
-        return VarlenBackend("flash_attn", flash_attn_kernel)
+        return VarlenBackend("flash_attn", flash_attn_kernel, supports_softcap=True)
     if name == "varlen":
         if not torch_varlen_available():
             raise ValueError(f"attention backend 'varlen' needs torch >= 2.10 (have {torch.__version__})")

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .backbones import BackboneAdapter, get_backbone
+from .backbones.base import SLIDING_ATTENTION
 from .configuration_msa import MSAConfig
 from .attention import PooledMemory, make_attention_backend
-from .layout import PackedLayout, build_packed_layout
+from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
 from .routing import pool_chunks, rank_documents, score_chunks, score_documents, select_documents
 
@@ -29,6 +30,51 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def check_windows_never_bind(
+    layout: PackedLayout, windows: dict[int, int], router_layers: list[int], top_k: int
+) -> None:
+    """Raise `ValueError` when a sliding window would cut some token's context in this batch.
+
+    MSA attends over whole segments, so a window can only be honoured where it never binds:
+    every document and prefix fits in it, and so does each query's context
+    `[prefix ; memory chunks ; query]` (key slots, counted as a KV cache holds them; the
+    chunks of the k documents with the most chunks in router layers, none elsewhere).
+    The common case is decided from the layout's host-side bounds, without a device sync.
+    """
+    smallest = min(windows.values())
+    if max(layout.max_segment_length, layout.max_query_context) <= smallest:
+        return
+    if layout.max_segment_length > smallest:
+        layer = min(windows, key=windows.get)
+        raise ValueError(
+            f"a document, prefix or query segment of {layout.max_segment_length} tokens exceeds the "
+            f"{smallest}-token sliding window of layer {layer}; MSA attends over whole segments and cannot "
+            "apply the window. Keep segments within the window (e.g. the data's max_doc_tokens)."
+        )
+    num_examples = layout.num_examples
+    count = lambda role: torch.bincount(  # noqa: E731
+        layout.token_example[layout.role == role], minlength=num_examples
+    )
+    local_context = count(ROLE_PREFIX) + count(ROLE_QUERY)
+    memory_context = local_context
+    if layout.num_docs and layout.example_docs.shape[1]:
+        chunks_per_doc = torch.bincount(layout.chunk_doc, minlength=layout.num_docs)
+        example_chunks = torch.where(
+            layout.example_docs >= 0, chunks_per_doc[layout.example_docs.clamp(min=0)], torch.zeros_like(layout.example_docs)
+        )
+        k = min(top_k, example_chunks.shape[1])
+        memory_context = local_context + example_chunks.topk(k, dim=1).values.sum(1)
+    for layer, window in sorted(windows.items()):
+        context = memory_context if layer in router_layers else local_context
+        longest = int(context.max()) if num_examples else 0
+        if longest > window:
+            raise ValueError(
+                f"a query's context [prefix ; memory chunks ; query] can reach {longest} key slots, more than the "
+                f"{window}-token sliding window of layer {layer}; MSA cannot apply the window. Shorten the "
+                "prefix/question or the memory documents, or lower top_k_docs."
+            )
 
 
 @dataclass
@@ -46,24 +92,40 @@ class RouterLayerOutput:
 
 
 class MSAAttention(nn.Module):
-    """The backbone's attention with document-wise masking and, in router layers, memory routing."""
+    """The backbone's attention with document-wise masking and, in router layers, memory routing.
 
-    def __init__(self, config: MSAConfig, adapter: BackboneAdapter, layer_idx: int) -> None:
+    Attributes set from the backbone adapter: `scaling` (softmax scale of q.k), `softcap`
+    (attention logit soft-cap or `None`), `sliding_window` (tokens, or `None`; MSA only
+    accepts batches where it never binds) and `uses_local_rope` (the layer takes the
+    model's `rotary_emb_local` cos/sin instead of `rotary_emb`'s).
+    """
+
+    def __init__(
+        self, config: MSAConfig, adapter: BackboneAdapter, layer_idx: int, backbone_config: PreTrainedConfig | None = None
+    ) -> None:
         super().__init__()
+        backbone_config = config if backbone_config is None else backbone_config
         self.layer_idx = layer_idx
         self.is_router = layer_idx in config.router_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.scaling = self.head_dim**-0.5
+        query_scale = adapter.query_scale(backbone_config)
+        self.scaling = self.head_dim**-0.5 if query_scale is None else query_scale
+        self.softcap = adapter.attn_logit_softcap(backbone_config)
+        self.sliding_window = adapter.sliding_windows(backbone_config).get(layer_idx)
+        self.uses_local_rope = (
+            adapter.local_rotary_embedding is not None
+            and adapter.layer_types(backbone_config)[layer_idx] == SLIDING_ATTENTION
+        )
         self.top_k = config.top_k_docs
         self.detach_router_input = config.detach_router_input
-        bias = getattr(config, "attention_bias", False)
+        qkv_bias, o_bias = adapter.qkv_bias(backbone_config), adapter.o_proj_bias(backbone_config)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
         if adapter.has_qk_norm:
             self.q_norm = adapter.rms_norm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = adapter.rms_norm(self.head_dim, eps=config.rms_norm_eps)
@@ -94,7 +156,10 @@ class MSAAttention(nn.Module):
                 values=pool_chunks(flat(v), layout).to(v.dtype),
                 selected_chunks=selected[layout.chunk_doc],
             )
-        attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory)
+        if self.softcap is None:
+            attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory)
+        else:
+            attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory, softcap=self.softcap)
         return self.o_proj(attended.reshape(batch, length, -1)), router_output
 
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -119,9 +184,15 @@ class MSAAttention(nn.Module):
 
 
 class MSADecoderLayer(nn.Module):
+    """Pre-norm decoder layer (Llama, Mistral, Qwen): `h + attn(norm(h))`, then `feed_forward`.
+
+    Engines that run the attention themselves use `input_layernorm`, then
+    `attention_residual(h, attention_output)`, then `feed_forward`.
+    """
+
     def __init__(self, config: MSAConfig, adapter: BackboneAdapter, backbone_config, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = MSAAttention(config, adapter, layer_idx)
+        self.self_attn = MSAAttention(config, adapter, layer_idx, backbone_config)
         self.mlp = adapter.mlp(backbone_config)
         self.input_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
@@ -137,8 +208,41 @@ class MSADecoderLayer(nn.Module):
         attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
         return self.feed_forward(hidden_states + attended), router_output
 
+    def attention_residual(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention block (`attention_output` is o_proj's output)."""
+        return hidden_states + attention_output
+
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The MLP block with its residual, on the residual stream after attention."""
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MSASandwichDecoderLayer(MSADecoderLayer):
+    """Gemma 2/3 layer: the attention output is normed before its residual add
+    (`post_attention_layernorm`), and the MLP sits between `pre_feedforward_layernorm` and
+    `post_feedforward_layernorm`. Same seams as `MSADecoderLayer`."""
+
+    def __init__(self, config: MSAConfig, adapter: BackboneAdapter, backbone_config, layer_idx: int) -> None:
+        super().__init__(config, adapter, backbone_config, layer_idx)
+        self.pre_feedforward_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_feedforward_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedLayout,
+        attention: AttentionContext,
+    ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
+        attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
+        return self.feed_forward(self.attention_residual(hidden_states, attended)), router_output
+
+    def attention_residual(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.post_attention_layernorm(attention_output)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
 
 
 class MSAPreTrainedModel(PreTrainedModel):
@@ -146,7 +250,7 @@ class MSAPreTrainedModel(PreTrainedModel):
     config: MSAConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["MSADecoderLayer"]
+    _no_split_modules = ["MSADecoderLayer", "MSASandwichDecoderLayer"]
     _supports_sdpa = True
 
 
@@ -167,11 +271,19 @@ class MSAModel(MSAPreTrainedModel):
         backbone_config = adapter.config_class(**config.backbone_config_dict())
         adapter.check_supported(backbone_config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, getattr(config, "pad_token_id", None))
+        # A float, not a buffer: the checkpoint keeps the backbone's names, and the factor is
+        # rounded to the embedding dtype at use, as Gemma does.
+        self.embedding_scale = adapter.embedding_scale(backbone_config)
+        layer_class = MSASandwichDecoderLayer if adapter.sandwich_norms else MSADecoderLayer
         self.layers = nn.ModuleList(
-            MSADecoderLayer(config, adapter, backbone_config, i) for i in range(config.num_hidden_layers)
+            layer_class(config, adapter, backbone_config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = adapter.rotary_embedding(backbone_config)
+        self.rotary_emb_local = (
+            None if adapter.local_rotary_embedding is None else adapter.local_rotary_embedding(backbone_config)
+        )
+        self.sliding_windows = adapter.sliding_windows(backbone_config)
         self.gradient_checkpointing = False
         self._attention_backends: dict[str, object] = {}
         self.post_init()
@@ -208,19 +320,27 @@ class MSAModel(MSAPreTrainedModel):
                 f"input_ids has shape {tuple(input_ids.shape)} but the layout describes "
                 f"{(layout.batch_size, layout.row_length)}"
             )
+        if self.sliding_windows:
+            check_windows_never_bind(layout, self.sliding_windows, self.config.router_layers, self.config.top_k_docs)
         hidden_states = self.embed_tokens(input_ids)
+        if self.embedding_scale is not None:
+            hidden_states = hidden_states * torch.tensor(self.embedding_scale).to(hidden_states.dtype)
         cos, sin = self.rotary_emb(hidden_states, layout.position_ids)
+        local_rope = None
+        if self.rotary_emb_local is not None:
+            local_rope = self.rotary_emb_local(hidden_states, layout.position_ids)
         backend = self.attention_backend(hidden_states.device)
         attention = AttentionContext(backend=backend, plan=backend.prepare(layout))
         all_hidden = [hidden_states] if output_hidden_states else None
         router_outputs = []
         for layer in self.layers:
+            layer_cos, layer_sin = local_rope if layer.self_attn.uses_local_rope else (cos, sin)
             if self.gradient_checkpointing and self.training:
                 hidden_states, router_output = checkpoint(
-                    layer, hidden_states, cos, sin, layout, attention, use_reentrant=False
+                    layer, hidden_states, layer_cos, layer_sin, layout, attention, use_reentrant=False
                 )
             else:
-                hidden_states, router_output = layer(hidden_states, cos, sin, layout, attention)
+                hidden_states, router_output = layer(hidden_states, layer_cos, layer_sin, layout, attention)
             if router_output is not None:
                 router_outputs.append(router_output)
             if output_hidden_states:
@@ -265,7 +385,15 @@ class MSAForCausalLM(MSAPreTrainedModel):
         super().__init__(config)
         self.model = MSAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.final_logit_softcap = get_backbone(config.backbone_model_type).final_logit_softcap(config)
         self.post_init()
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """LM logits of final-normed hidden states, soft-capped where the backbone caps them (Gemma 2)."""
+        logits = self.lm_head(hidden_states)
+        if self.final_logit_softcap is None:
+            return logits
+        return torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -334,7 +462,8 @@ class MSAForCausalLM(MSAPreTrainedModel):
         outputs = self.model(input_ids, layout, output_hidden_states=output_hidden_states)
         hidden = outputs.last_hidden_state
 
-        lm_loss = chunked_lm_loss(hidden, self.lm_head, layout, self.config.lm_loss_chunk_size)
+        head = self.lm_head if self.final_logit_softcap is None else self.compute_logits
+        lm_loss = chunked_lm_loss(hidden, head, layout, self.config.lm_loss_chunk_size)
         router_outputs = outputs.router_outputs
         aux_loss = None
         doc_scores = selected = recall = None
@@ -362,7 +491,7 @@ class MSAForCausalLM(MSAPreTrainedModel):
             loss=loss,
             lm_loss=lm_loss,
             aux_loss=aux_loss,
-            logits=self.lm_head(hidden) if want_logits else None,
+            logits=self.compute_logits(hidden) if want_logits else None,
             hidden_states=outputs.hidden_states,
             doc_scores=doc_scores,
             selected_docs=selected,

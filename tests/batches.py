@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedModel, Qwen3ForCausalLM
 
 from msa_modeling import MSAForCausalLM
+from msa_modeling.backbones import get_backbone
 
 VOCAB = 97
 
+# What each family's tiny config sets on top of the shared fields, chosen so that a test
+# notices a family feature being skipped: biases, Llama 3 RoPE scaling, a query scale that
+# is not head_dim**-0.5, soft-caps that bind (larger init, small caps), Gemma 3's two RoPEs
+# on alternating local/global layers, and windows longer than any test batch.
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "qwen3": {},
+    "qwen2": dict(tie_word_embeddings=True),
+    "llama": dict(
+        attention_bias=True,
+        mlp_bias=True,
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+        },
+    ),
+    "mistral": dict(sliding_window=64),
+    "gemma2": dict(
+        tie_word_embeddings=True, query_pre_attn_scalar=16, attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
+        sliding_window=64, initializer_range=0.2,
+    ),
+    "gemma3_text": dict(
+        tie_word_embeddings=True, query_pre_attn_scalar=16, sliding_window=64, initializer_range=0.2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+    ),
+}
+FAMILIES = tuple(FAMILY_OVERRIDES)
 
-def tiny_qwen3(seed: int = 0, **overrides: object) -> Qwen3ForCausalLM:
-    """A 4-layer GQA Qwen3 with random weights (4 query heads, 2 KV heads)."""
+
+def tiny_backbone(family: str, seed: int = 0, **overrides: object) -> PreTrainedModel:
+    """A 4-layer GQA causal LM of `family` (a backbone `model_type`) with random weights
+    (4 query heads, 2 KV heads)."""
     fields = dict(
         vocab_size=VOCAB,
         hidden_size=48,
@@ -23,9 +56,11 @@ def tiny_qwen3(seed: int = 0, **overrides: object) -> Qwen3ForCausalLM:
         tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
+    fields.update(FAMILY_OVERRIDES[family])
     fields.update(overrides)
+    adapter = get_backbone(family)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(Qwen3Config(**fields)).eval()
+    model = adapter.causal_lm_class(adapter.config_class(**fields)).eval()
     # Random-initialised norms are all ones; perturb them so that a test would notice a
     # norm being skipped or applied to the wrong tensor.
     with torch.no_grad():
@@ -35,10 +70,16 @@ def tiny_qwen3(seed: int = 0, **overrides: object) -> Qwen3ForCausalLM:
     return model
 
 
-def tiny_msa(seed: int = 0, backbone_overrides: dict | None = None, **msa_settings: object) -> MSAForCausalLM:
+def tiny_qwen3(seed: int = 0, **overrides: object) -> Qwen3ForCausalLM:
+    return tiny_backbone("qwen3", seed, **overrides)
+
+
+def tiny_msa(
+    seed: int = 0, backbone_overrides: dict | None = None, family: str = "qwen3", **msa_settings: object
+) -> MSAForCausalLM:
     settings = dict(top_k_docs=2, chunk_size=4, query_position_offset=2)
     settings.update(msa_settings)
-    return MSAForCausalLM.from_backbone(tiny_qwen3(seed, **(backbone_overrides or {})), **settings).eval()
+    return MSAForCausalLM.from_backbone(tiny_backbone(family, seed, **(backbone_overrides or {})), **settings).eval()
 
 
 def random_packed_batch(

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from .base import BackboneAdapter
+from .gemma2 import GEMMA2
+from .gemma3 import GEMMA3
+from .llama import LLAMA
+from .mistral import MISTRAL
+from .qwen2 import QWEN2
 from .qwen3 import QWEN3
 
-BACKBONES: dict[str, BackboneAdapter] = {QWEN3.model_type: QWEN3}
+BACKBONES: dict[str, BackboneAdapter] = {
+    adapter.model_type: adapter for adapter in (QWEN3, QWEN2, LLAMA, MISTRAL, GEMMA2, GEMMA3)
+}
 
 
 def get_backbone(model_type: str) -> BackboneAdapter:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import PreTrainedConfig, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from .base import BackboneAdapter
 
 
-def _reject_sliding_window(config: Qwen3Config) -> None:
+def reject_sliding_window(config: PreTrainedConfig) -> None:
+    """Qwen2/Qwen3 windows start at `max_window_layers` and are off in every released model,
+    so they are rejected outright rather than checked batch by batch."""
     layer_types = getattr(config, "layer_types", None) or []
     if getattr(config, "use_sliding_window", False) or "sliding_attention" in layer_types:
         raise ValueError(
-            "Qwen3 config enables sliding-window attention (use_sliding_window / layer_types); MSA's "
-            "document and query attention is full causal, so a window would be silently dropped. "
+            f"{config.model_type} config enables sliding-window attention (use_sliding_window / layer_types); "
+            "MSA's document and query attention is full causal, so a window would be silently dropped. "
             "Set use_sliding_window=False."
         )
 
@@ -26,5 +28,5 @@ QWEN3 = BackboneAdapter(
     rms_norm=Qwen3RMSNorm,
     rotary_embedding=Qwen3RotaryEmbedding,
     has_qk_norm=True,
-    check_supported=_reject_sliding_window,
+    check_supported=reject_sliding_window,
 )
