@@ -235,3 +235,12 @@ def test_chat_format_from_the_tokenizers_template(tmp_path: Path) -> None:
     assert generated.startswith("[") and DELIMITER + END_OF_RETRIEVAL in generated
     assert generated.endswith("<|im_end|>")
     check_row_grammar(row)
+
+
+def test_show_rows_names_every_run(builds: dict[str, Path]) -> None:
+    from msa_train.data.show_rows import describe_row
+
+    tokenizer = load_tokenizer(builds["qa"] / "tokenizer")
+    rows, _, _ = rows_of(builds["qa"])
+    text = describe_row(rows[0], tokenizer.decode)
+    assert "ex 0     doc 1" in text and " + (" in text and "query" in text and "generate" in text
