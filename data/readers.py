@@ -250,9 +250,18 @@ def iter_lm_texts(
     tally: BadRecordTally | None = None,
 ) -> Iterator[str]:
     """Language-model text from ``.txt`` files (a file, a blank-line paragraph or a line per
-    text) or ``.jsonl`` files (``text_field`` per line). A folder is read file by file, sorted."""
+    text) or ``.jsonl`` files (``text_field`` per line). A folder is read file by file, sorted.
+    A ``save_to_disk`` folder or a parquet/csv/arrow file is opened with ``datasets``."""
     tally = tally or BadRecordTally()
     path = Path(path)
+    if _is_saved_hf_dataset(path) or (path.is_file() and path.suffix in (".parquet", ".csv", ".arrow")):
+        for row_number, row in enumerate(load_local_hf_dataset(path), start=1):
+            text = row.get(text_field)
+            if not isinstance(text, str):
+                tally.handle(DataFormatError(path, row_number, f"no string field {text_field!r}"))
+                continue
+            yield text
+        return
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
         if not files:
@@ -282,6 +291,11 @@ _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
                 ".arrow": "arrow"}
 
 
+def _is_saved_hf_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "state.json",
+                                                                      "dataset_dict.json"))
+
+
 def load_local_hf_dataset(path: str | Path, split: str | None = None) -> Any:
     """Open what ``datasets`` can read from local disk: a ``save_to_disk`` folder, or
     json/jsonl/csv/parquet/text/arrow files (a file or a folder of them)."""
@@ -290,7 +304,7 @@ def load_local_hf_dataset(path: str | Path, split: str | None = None) -> Any:
     path = Path(path)
     if not path.exists():
         raise MissingFileError(path, "dataset path not found")
-    if path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
+    if _is_saved_hf_dataset(path):
         loaded = datasets.load_from_disk(str(path))
     else:
         files = sorted(p for p in path.rglob("*") if p.suffix in _HF_BUILDERS) if path.is_dir() else [path]

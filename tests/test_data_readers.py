@@ -126,3 +126,13 @@ def test_hf_datasets_from_disk_and_files(tmp_path: Path) -> None:
     assert [r.positives for r in records] == [r.positives for r in needles.records]
     with pytest.raises(DataFormatError, match=r"<hf>:1: unknown doc id"):
         records_from_hf(load_local_hf_dataset(records_file), {"other"}, "<hf>")
+
+
+def test_lm_texts_from_a_saved_hf_dataset(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list([{"text": "one"}, {"text": "two"}, {"text": None}]).save_to_disk(str(tmp_path / "lm"))
+    with pytest.raises(DataFormatError, match=r"lm:3: no string field 'text'"):
+        list(iter_lm_texts(tmp_path / "lm"))
+    tally = BadRecordTally(skip_bad_records=True)
+    assert list(iter_lm_texts(tmp_path / "lm", tally=tally)) == ["one", "two"] and tally.skipped == 1
