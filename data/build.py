@@ -257,15 +257,14 @@ def _run_tasks(tasks: Iterable, function, num_workers: int, initargs: tuple, des
         for task in tqdm(tasks, desc=description, unit="shard"):
             if pool is None:
                 pool = worker_pool(initargs[0], num_workers, _init_worker, initargs[1:])
-            in_flight.append(pool.apply_async(function, (task,)))
+            in_flight.append(pool.submit(function, task))
             while len(in_flight) >= 2 * num_workers:
-                in_flight.popleft().get()
+                in_flight.popleft().result()
         while in_flight:
-            in_flight.popleft().get()
+            in_flight.popleft().result()
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _sum_stats(shards: list[Path]) -> dict:

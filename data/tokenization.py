@@ -14,7 +14,8 @@ import multiprocessing
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -313,13 +314,19 @@ def _encode_chunk(texts: list[str]) -> list[list[int]]:
     return _worker_tokenizer.encode_batch(texts)
 
 
-def worker_pool(tokenizer: TextTokenizer, num_workers: int, initializer=None, initargs: tuple = ()):  # noqa: ANN001, ANN201
-    """A spawn-context process pool whose workers hold ``tokenizer`` (spawn: the Rust
-    tokenizer's thread pool does not survive fork)."""
+def worker_pool(tokenizer: TextTokenizer, num_workers: int, initializer: Callable[..., None] | None = None,
+                initargs: tuple = ()) -> ProcessPoolExecutor:
+    """Spawn-context worker processes that hold ``tokenizer``.
+
+    Spawn, because the Rust tokenizer's thread pool does not survive fork; an executor rather
+    than ``multiprocessing.Pool``, because a worker that dies raises ``BrokenProcessPool``
+    in the parent instead of hanging it.
+    """
     context = multiprocessing.get_context("spawn")
     if initializer is None:
-        return context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,))
-    return context.Pool(num_workers, initializer=initializer, initargs=(tokenizer, *initargs))
+        return ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,))
+    return ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer,
+                               initargs=(tokenizer, *initargs))
 
 
 def encode_in_workers(
@@ -335,5 +342,5 @@ def encode_in_workers(
             yield from tokenizer.encode_batch(chunk)
         return
     with worker_pool(tokenizer, num_workers) as pool:
-        for encoded in pool.imap(_encode_chunk, chunks):
+        for encoded in pool.map(_encode_chunk, chunks):
             yield from encoded
