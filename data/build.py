@@ -72,8 +72,9 @@ class BuildConfig:
     max_example_tokens: int = 16384
     max_doc_tokens: int | None = None
     seed: int = 0
-    docs_per_shard: int = 50_000
-    records_per_shard: int = 10_000
+    # A few hundred MB of Python token lists per worker task; a few thousand shards for 20B tokens.
+    docs_per_shard: int = 100_000
+    records_per_shard: int = 50_000
     skip_bad_records: bool = False
     overlong: Literal["skip", "error"] = "skip"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,26 @@ ROW_FIELDS = ("input_ids", "doc_ids", "example_ids", "labels", "aux_labels", "po
 _MIX_BLOCK = 4096
 
 
+def ensure_open_file_limit(needed: int) -> None:
+    """Raise the soft limit on open files so that ``needed`` more memory maps fit.
+
+    Every memory-mapped shard array holds a file descriptor, and a full-size build has a few
+    thousand of them, beyond the usual soft limit of 1024.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    wanted = open_now + needed + 256
+    if wanted <= soft:
+        return
+    target = wanted * 2 if hard == resource.RLIM_INFINITY else min(hard, wanted * 2)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logger.warning("the open-file limit (hard %d) is below the %d memory maps needed; build with larger "
+                       "shards (docs_per_shard, records_per_shard)", hard, wanted)
+
+
 class PreparedDataset:
     """A finished build (see ``build.build_dataset``) opened for reading."""
 
@@ -45,6 +66,8 @@ class PreparedDataset:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path}: no manifest; the build is missing or unfinished")
         self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        # One map per document shard, four per example shard.
+        ensure_open_file_limit(self.manifest["document_shards"] + 4 * self.manifest["example_shards"])
         self.docs = DocumentStore(self.path / "docs")
         self.shards = [ExampleShard(p) for p in finished_shards(self.path / "examples")]
         if len(self.shards) != self.manifest["example_shards"]:

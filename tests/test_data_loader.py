@@ -128,3 +128,19 @@ def test_builds_with_different_tokenizers_are_not_mixed(builds: dict[str, Path],
                     {"generator": "needles", "kind": "single", "num_samples": 4, "seed": 1, "haystack_docs": 4})
     with pytest.raises(ValueError, match="different tokenizers"):
         PackedRowLoader([builds["needles"], tmp_path / "other"], ROW_LENGTH)
+
+
+def test_open_file_limit_is_raised_for_many_shards() -> None:
+    import resource
+
+    from msa_train.data.loader import ensure_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip("hard open-file limit too low to test raising the soft one")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        ensure_open_file_limit(3000)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 3000
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
