@@ -1,0 +1,147 @@
+"""What every eval shares: a checkpoint with its tokenizer and template, memories rendered
+the way training rendered them (`[i]. text` + suffix), encoded, and questions asked through
+the memory-interleave loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import msa_modeling  # noqa: F401  (registers model_type "msa" with the Auto classes)
+from msa_modeling.inference import (
+    InterleaveFormat,
+    InterleaveResult,
+    MemoryEncoder,
+    MemoryInterleave,
+    MemoryStore,
+    MSAGenerator,
+    RoutingIndex,
+)
+
+from ..data.records import Document
+from ..data.templates import TemplateConfig, TemplateTokens
+from ..data.tokenization import TextTokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopSettings:
+    """Limits of the interleave loop and of memory encoding."""
+
+    max_rounds: int = 3
+    max_round_tokens: int = 64
+    max_answer_tokens: int = 64
+    max_batch_tokens: int = 32768
+    show_progress: bool = True
+
+
+class EvalModel:
+    """An MSA model, its tokenizer and template, ready to encode memories and answer questions.
+
+    Args:
+        model: an `MSAForCausalLM` in eval mode on its device.
+        tokenizer: the tokenizer the model was trained with (template tokens present).
+        template: the sample template of training (default: the reference format).
+        settings: loop and encoding limits.
+        index_devices: devices for the routing keys (default: the model's device).
+    """
+
+    def __init__(
+        self, model: nn.Module, tokenizer: TextTokenizer, template: TemplateConfig | None = None,
+        settings: LoopSettings | None = None, index_devices: Sequence[str] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template or TemplateConfig()
+        self.settings = settings or LoopSettings()
+        self.device = next(model.parameters()).device
+        self.index_devices = list(index_devices) if index_devices else [str(self.device)]
+        missing = [s for s in self.template.special_strings() if s not in tokenizer.special_token_ids]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the template's special tokens {missing}")
+        self.protocol = InterleaveFormat(
+            delimiter_id=tokenizer.special_token_ids[self.template.delimiter],
+            end_of_retrieval_id=tokenizer.special_token_ids[self.template.end_of_retrieval],
+            stop_token_ids=self._stop_token_ids(),
+            memory_id_pattern=memory_id_pattern(self.template.target_id_format),
+            max_rounds=self.settings.max_rounds,
+            max_round_tokens=self.settings.max_round_tokens,
+            max_answer_tokens=self.settings.max_answer_tokens,
+        )
+
+    @classmethod
+    def load(
+        cls, checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+        template: TemplateConfig | None = None, settings: LoopSettings | None = None,
+        index_devices: Sequence[str] | None = None,
+    ) -> "EvalModel":
+        """A trainer stage export (HF model dir + tokenizer files) or any MSA checkpoint dir."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype or torch.float32)
+        tokenizer = load_tokenizer(checkpoint)
+        tokenizer.ensure_special_tokens((template or TemplateConfig()).special_strings(), report=True)
+        return cls(model.to(device).eval(), tokenizer, template, settings, index_devices)
+
+    def _stop_token_ids(self) -> list[int]:
+        stops = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        if self.template.chat is not None:
+            end = self.tokenizer.encode(self.template.chat.assistant_end)
+            if len(end) == 1:
+                stops += end
+        return stops
+
+    def render_documents(self, documents: Sequence[Document], first_memory_id: int = 1) -> list[list[int]]:
+        """Token ids of documents as memory IDs first_memory_id.. render them in training."""
+        last = first_memory_id + len(documents) - 1
+        pieces = TemplateTokens.build(self.template, self.tokenizer, max_memory_docs=last)
+        bodies = self.tokenizer.encode_batch([doc.full_text() for doc in documents])
+        return [
+            pieces.doc_id_prefix[memory_id] + body + pieces.doc_suffix
+            for memory_id, body in zip(range(first_memory_id, last + 1), bodies)
+        ]
+
+    def prefix_ids(self) -> list[int]:
+        return self.tokenizer.encode(self.template.prefix_text()) if self.template.prefix_text() else []
+
+    def encoder(self) -> MemoryEncoder:
+        return MemoryEncoder(self.model, max_batch_tokens=self.settings.max_batch_tokens,
+                             show_progress=self.settings.show_progress)
+
+    def encode_memory(self, documents: Sequence[Document]) -> MemoryStore:
+        """A new memory holding `documents` as memory IDs 1..n."""
+        encoder = self.encoder()
+        store = encoder.new_store(self.prefix_ids())
+        encoder.add_documents(store, self.render_documents(documents))
+        return store.pin_memory() if self.device.type == "cuda" else store
+
+    def interleave(self, store: MemoryStore, trace_k: int = 0) -> MemoryInterleave:
+        index = RoutingIndex.from_store(store, self.index_devices)
+        generator = MSAGenerator(self.model, store, index, trace_k=trace_k)
+        return MemoryInterleave(generator, self.tokenizer.decode, self.protocol)
+
+    def query_ids(self, question: str) -> list[int]:
+        return self.tokenizer.encode(self.template.query_text(question))
+
+    def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
+        return loop.answer(self.query_ids(question))
+
+
+def memory_id_pattern(target_id_format: str) -> str:
+    """A regex capturing the memory ID in text made with `target_id_format` (e.g. `[{i}]`)."""
+    before, after = target_id_format.split("{i}")
+    return re.escape(before) + r"(\d+)" + re.escape(after)
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return path

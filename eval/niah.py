@@ -1,0 +1,115 @@
+"""RULER-style needle-in-a-haystack suite over MSA memories of growing size.
+
+Eight subtasks in the spirit of RULER's NIAH family, built from the data package's needle
+generator (synthetic filler haystacks; RULER's essay haystacks and UUID values are not
+reproduced): three single-needle tasks over short, medium and long haystack documents,
+three multi-key tasks with 4, 16 and 64 distractor needles, multi-value and multi-query.
+Every sample is its own memory, filled with haystack documents up to the memory size; the
+score is RULER's string match (the share of expected values in the answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from ..data.records import RetrievalDataset, RetrievalRecord
+from ..data.synthetic import generate_needles
+from .harness import EvalModel
+from .metrics import string_match_fraction
+
+logger = logging.getLogger(__name__)
+
+SUBTASKS: dict[str, dict] = {
+    "niah_single_1": {"kind": "single", "words_per_doc": 40},
+    "niah_single_2": {"kind": "single", "words_per_doc": 120},
+    "niah_single_3": {"kind": "single", "words_per_doc": 360},
+    "niah_multikey_1": {"kind": "multi_key", "num_keys": 4},
+    "niah_multikey_2": {"kind": "multi_key", "num_keys": 16},
+    "niah_multikey_3": {"kind": "multi_key", "num_keys": 64},
+    "niah_multivalue": {"kind": "multi_value", "num_values": 4},
+    "niah_multiquery": {"kind": "multi_query", "num_keys": 4, "num_queries": 4},
+}
+DEFAULT_SIZES = (32768, 65536, 131072, 262144, 524288, 1048576)
+
+
+@dataclass
+class NIAHSample:
+    subtask: str
+    memory_tokens: int  # the size asked for
+    encoded_tokens: int  # the size of the sample's rendered memory
+    score: float
+    answer: str
+    expected: list[str]
+    retrieved_ids: list[int]
+    needle_ids: list[int]
+
+
+@dataclass
+class NIAHReport:
+    samples: list[NIAHSample] = field(default_factory=list)
+
+    def accuracy(self) -> dict[int, dict[str, float]]:
+        """{memory size: {subtask: mean score, ..., "average": mean over subtasks}}."""
+        table: dict[int, dict[str, list[float]]] = {}
+        for s in self.samples:
+            table.setdefault(s.memory_tokens, {}).setdefault(s.subtask, []).append(s.score)
+        result = {}
+        for size, by_task in sorted(table.items()):
+            means = {task: sum(v) / len(v) for task, v in by_task.items()}
+            result[size] = {**means, "average": sum(means.values()) / len(means)}
+        return result
+
+
+def haystack_docs_for(model: EvalModel, config: dict, memory_tokens: int, seed: int) -> int:
+    """Haystack documents that bring one sample's rendered memory to about `memory_tokens`."""
+    probe = generate_needles(config["kind"], 1, seed, haystack_docs=4, **_generator_options(config))
+    lengths = [len(t) for t in model.render_documents(probe.corpus)]
+    needles = len(probe.records[0].positives) + len(probe.records[0].negatives) - 4
+    per_doc = sum(lengths) / len(lengths)
+    return max(1, round(memory_tokens / per_doc) - needles)
+
+
+def _generator_options(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "kind"}
+
+
+def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int) -> tuple[list, list[int]]:
+    """The record's memory (its positives and negatives) shuffled, and the needles' memory IDs."""
+    by_id = {doc.doc_id: doc for doc in dataset.corpus}
+    doc_ids = list(dict.fromkeys(record.positives + record.negatives))
+    random.Random(seed).shuffle(doc_ids)
+    needle_ids = [position + 1 for position, doc_id in enumerate(doc_ids) if doc_id in set(record.positives)]
+    return [by_id[doc_id] for doc_id in doc_ids], needle_ids
+
+
+def run_niah(
+    model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
+    subtasks: Sequence[str] | None = None, seed: int = 0,
+) -> NIAHReport:
+    """Score every subtask at every memory size (tokens of rendered memory)."""
+    unknown = set(subtasks or ()) - set(SUBTASKS)
+    if unknown:
+        raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; choose from {list(SUBTASKS)}")
+    report = NIAHReport()
+    jobs = [(size, task) for size in sizes for task in (subtasks or SUBTASKS)]
+    for size, task in tqdm(jobs, desc="NIAH", disable=not model.settings.show_progress):
+        config = SUBTASKS[task]
+        haystack = haystack_docs_for(model, config, size, seed)
+        dataset = generate_needles(config["kind"], samples_per_task, seed + size, haystack_docs=haystack,
+                                   **_generator_options(config))
+        for number, record in enumerate(dataset.records):
+            documents, needle_ids = sample_memory(dataset, record, seed + number)
+            store = model.encode_memory(documents)
+            result = model.ask(model.interleave(store), record.query)
+            expected = (record.answer or "").split(", ")
+            report.samples.append(NIAHSample(
+                subtask=task, memory_tokens=size, encoded_tokens=store.num_tokens, score=string_match_fraction(result.answer, expected),
+                answer=result.answer, expected=expected, retrieved_ids=result.retrieved_ids, needle_ids=needle_ids,
+            ))
+        logger.info("NIAH %s at %d tokens: %d samples", task, size, samples_per_task)
+    return report

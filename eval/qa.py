@@ -1,0 +1,103 @@
+"""QA over local data: one memory holds the whole corpus, every question is asked over it.
+
+Reports exact match and F1 against the records' answers, router recall@k (ranking of the
+first round's routing, per router layer, averaged), recall of the IDs the model chose, the
+statistics of how many documents it chose (the adaptive retrieval count), and, optionally,
+the LLM judge's 0-5 score.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
+
+from ..data.records import RetrievalDataset
+from .harness import EvalModel
+from .judge import JudgeClient
+from .metrics import exact_match, recall_at_k, summarize, token_f1
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS = (1, 5, 10)
+
+
+@dataclass
+class QAItem:
+    query: str
+    reference: str | None
+    answer: str
+    positive_ids: list[int]
+    retrieved_ids: list[int]
+    rounds: int
+    router_recall: dict[str, float | None]
+    exact_match: float | None = None
+    f1: float | None = None
+    judge_score: int | None = None
+
+
+@dataclass
+class QAReport:
+    items: list[QAItem] = field(default_factory=list)
+    memory_docs: int = 0
+    memory_tokens: int = 0
+
+    def summary(self) -> dict:
+        def mean_of(values: Sequence[float | None]) -> float | None:
+            present = [v for v in values if v is not None]
+            return sum(present) / len(present) if present else None
+
+        return {
+            "questions": len(self.items),
+            "memory_docs": self.memory_docs,
+            "memory_tokens": self.memory_tokens,
+            "exact_match": mean_of([i.exact_match for i in self.items]),
+            "f1": mean_of([i.f1 for i in self.items]),
+            "judge_score": mean_of([i.judge_score for i in self.items]),
+            "router_recall": {f"recall@{k}": mean_of([i.router_recall[f"recall@{k}"] for i in self.items]) for k in RECALL_KS},
+            "retrieved_recall": mean_of([recall_at_k(i.retrieved_ids, i.positive_ids, len(i.retrieved_ids)) for i in self.items]),
+            "docs_chosen": summarize([len(i.retrieved_ids) for i in self.items]),
+            "rounds": summarize([i.rounds for i in self.items]),
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "items": [asdict(i) for i in self.items]}
+
+
+def router_recall(routing, positive_ids: list[int]) -> dict[str, float | None]:
+    """recall@k of the positives (memory IDs) per router layer's ranking, averaged over layers."""
+    result = {}
+    for k in RECALL_KS:
+        per_layer = [recall_at_k([d + 1 for d in layer.docs.tolist()], positive_ids, k) for layer in routing]
+        present = [r for r in per_layer if r is not None]
+        result[f"recall@{k}"] = sum(present) / len(present) if present else None
+    return result
+
+
+def run_qa(
+    model: EvalModel, dataset: RetrievalDataset, limit: int | None = None, judge: JudgeClient | None = None,
+) -> QAReport:
+    """Encode the corpus once as memory IDs 1..n and answer the first `limit` records."""
+    store = model.encode_memory(dataset.corpus)
+    loop = model.interleave(store, trace_k=max(RECALL_KS))
+    memory_id = {doc.doc_id: number for number, doc in enumerate(dataset.corpus, start=1)}
+    report = QAReport(memory_docs=store.num_docs, memory_tokens=store.num_tokens)
+    records = dataset.records[:limit] if limit else dataset.records
+    for record in tqdm(records, desc="QA", disable=not model.settings.show_progress):
+        result = model.ask(loop, record.query)
+        first_routing = result.rounds[0].routing if result.rounds else result.answer_routing
+        positives = [memory_id[d] for d in record.positives if d in memory_id]
+        item = QAItem(
+            query=record.query, reference=record.answer, answer=result.answer, positive_ids=positives,
+            retrieved_ids=result.retrieved_ids, rounds=len(result.rounds),
+            router_recall=router_recall(first_routing, positives),
+        )
+        if record.answer is not None:
+            item.exact_match = exact_match(result.answer, record.answer)
+            item.f1 = token_f1(result.answer, record.answer)
+            if judge is not None:
+                item.judge_score = judge.score(record.query, record.answer, result.answer)
+        report.items.append(item)
+    return report

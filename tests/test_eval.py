@@ -1,0 +1,135 @@
+"""Eval commands on a tiny random checkpoint with a locally trained tokenizer (no network)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from batches import tiny_msa
+from data_fixtures import train_sentencepiece
+
+from msa_train.data.records import Document, RetrievalDataset, RetrievalRecord
+from msa_train.data.synthetic import generate_kv_facts
+from msa_train.data.templates import TemplateConfig
+from msa_train.data.tokenization import SentencePieceTokenizer
+from msa_train.eval import evaluate
+from msa_train.eval.harness import EvalModel, LoopSettings
+from msa_train.eval.judge import RUBRIC, JudgeClient, parse_score
+from msa_train.eval.metrics import exact_match, recall_at_k, string_match_fraction, token_f1
+from msa_train.eval.niah import SUBTASKS
+from msa_train.eval.qa import run_qa
+from msa_train.eval.scaling import PAPER_NIAH_AVERAGE, comparison_table, matplotlib_available, write_scaling_curve
+
+FAST_LOOP = ["--max-rounds", "1", "--max-round-tokens", "3", "--max-answer-tokens", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A trainer-export-shaped folder: tiny MSA model + sentencepiece tokenizer with the template tokens."""
+    folder = tmp_path_factory.mktemp("export")
+    tokenizer = SentencePieceTokenizer(train_sentencepiece(folder))
+    tokenizer.ensure_special_tokens(TemplateConfig().special_strings(), report=False)
+    tokenizer.save(folder)
+    model = tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, top_k_docs=2, chunk_size=8)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
+    facts = generate_kv_facts(num_facts=6, num_queries=3, seed=0, filler_words=4)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": d.doc_id, "text": d.text}) + "\n" for d in facts.corpus))
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(
+        json.dumps({"query": r.query, "positives": r.positives, "answer": r.answer}) + "\n" for r in facts.records
+    ))
+    out = tmp_path / "out"
+    evaluate.main([
+        str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1",
+        "--qa-records", str(records), "--qa-corpus", str(corpus), *FAST_LOOP,
+    ])
+    results = json.loads((out / "results.json").read_text())
+    accuracy = results["niah"]["accuracy"]
+    assert list(accuracy) == ["96", "192"]
+    assert set(accuracy["96"]) == {*SUBTASKS, "average"}
+    assert all(0.0 <= v <= 1.0 for row in accuracy.values() for v in row.values())
+    assert len(results["niah"]["samples"]) == 2 * len(SUBTASKS)
+    sizes = [(s["memory_tokens"], s["encoded_tokens"]) for s in results["niah"]["samples"]]
+    # Long-document and needle-heavy subtasks overshoot tiny memories; short documents land near the size.
+    assert all(0.5 * asked <= got for asked, got in sizes)
+    assert all(abs(got - asked) <= 0.25 * asked for (asked, got), s in zip(sizes, results["niah"]["samples"])
+               if s["subtask"] == "niah_single_1")
+    assert (out / "niah_scaling.json").exists() and (out / "niah_scaling.md").exists()
+    assert (out / "niah_scaling.png").exists() == matplotlib_available()
+    summary = results["qa"]["summary"]
+    assert summary["questions"] == 3 and summary["memory_docs"] == len(facts.corpus)
+    assert set(summary["router_recall"]) == {"recall@1", "recall@5", "recall@10"}
+    assert summary["router_recall"]["recall@10"] == 1.0  # 6 documents: top-10 holds them all
+    assert summary["docs_chosen"]["count"] == 3 and summary["exact_match"] is not None
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    seen: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        FakeJudge.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        reply = json.dumps({"choices": [{"message": {"content": "Score: 4"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_server():
+    server = HTTPServer(("127.0.0.1", 0), FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_judge_scores_through_a_local_openai_compatible_server(judge_server, monkeypatch, checkpoint):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "secret")
+    judge = JudgeClient(judge_server, "judge-model", api_key_env="TEST_JUDGE_KEY")
+    FakeJudge.seen.clear()
+    model = EvalModel.load(checkpoint, settings=LoopSettings(max_rounds=1, max_round_tokens=2, max_answer_tokens=2,
+                                                             show_progress=False))
+    dataset = RetrievalDataset(
+        [Document("a", "alpha text"), Document("b", "beta text")], [RetrievalRecord("What?", ["b"], answer="beta")]
+    )
+    report = run_qa(model, dataset, judge=judge)
+    assert report.items[0].judge_score == 4 and report.summary()["judge_score"] == 4
+    request = FakeJudge.seen[0]
+    assert request["path"] == "/v1/chat/completions" and request["auth"] == "Bearer secret"
+    assert request["body"]["messages"][0]["content"] == RUBRIC
+    assert "Reference answer: beta" in request["body"]["messages"][1]["content"]
+
+
+def test_judge_reply_parsing():
+    assert parse_score("Score: 3") == 3
+    assert parse_score("I'd say 5.") == 5
+    assert parse_score("no idea") is None
+
+
+def test_answer_metrics():
+    assert exact_match("The Answer!", "answer") == 1.0
+    assert token_f1("red big house", "big red barn") == pytest.approx(2 / 3)
+    assert string_match_fraction("values 123 and 77", ["123", "456"]) == 0.5
+    assert recall_at_k([3, 1, 2], [1, 5], 2) == 0.5 and recall_at_k([1], [], 1) is None
+
+
+def test_scaling_table_compares_at_matching_sizes(tmp_path):
+    table = comparison_table({32768: 0.9, 50000: 0.8}, PAPER_NIAH_AVERAGE, "NIAH accuracy")
+    assert "| 32K | 0.900 | 0.990 | 0.950 |" in table and "| 50000 | 0.800 | n/a | n/a |" in table
+    files = write_scaling_curve({32768: 0.9}, "NIAH accuracy", tmp_path, "curve", PAPER_NIAH_AVERAGE)
+    assert json.loads((tmp_path / "curve.json").read_text())["points"] == [{"memory_tokens": 32768, "score": 0.9}]
+    assert ("png" in files) == matplotlib_available()
