@@ -213,7 +213,7 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
     builder = _sample_builder(_context)
     plans, lengths = [], []
     stats: dict = {"records": len(items), "records_unusable": 0, "examples": 0, "overlong_skipped": 0,
-                   "tail_tokens": 0, "training_tokens": 0, "examples_by_memory_docs": 0, "unusable_reasons": {}}
+                   "tail_tokens": 0, "training_tokens": 0, "memory_references": 0, "unusable_reasons": {}}
     for position, item in enumerate(items):
         try:
             if isinstance(item, str):
@@ -235,14 +235,15 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
             plans.append(plan)
             lengths.append(length)
             stats["tail_tokens"] += len(plan.tail_tokens)
-            stats["examples_by_memory_docs"] += len(plan.memory)
+            stats["memory_references"] += len(plan.memory)
     stats["examples"] = len(plans)
     stats["training_tokens"] = int(sum(lengths))
     write_example_shard(_context.output / "examples" / shard_name(index), plans, lengths, _context.dtype, stats)
     return stats
 
 
-def _run_tasks(tasks: Iterable, function, num_workers: int, initargs: tuple, description: str) -> None:  # noqa: ANN001
+def _run_tasks(tasks: Iterable, function: Callable[[Any], dict], num_workers: int, initargs: tuple,
+               description: str) -> None:
     """Run ``function`` over ``tasks`` (possibly a lazy stream) in ``num_workers`` processes.
 
     At most two tasks per worker are in flight, so a streamed corpus never piles up in memory.
@@ -403,7 +404,7 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         "examples_overlong_skipped": example_totals.get("overlong_skipped", 0),
         "training_tokens_per_epoch": example_totals.get("training_tokens", 0),
         "tail_tokens": example_totals.get("tail_tokens", 0),
-        "memory_references": example_totals.get("examples_by_memory_docs", 0),
+        "memory_references": example_totals.get("memory_references", 0),
         "document_shards": len(doc_shards),
         "example_shards": len(example_shards),
         "shards_reused": {"documents": reused_docs, "examples": reused_examples},

@@ -7,6 +7,7 @@ Each example is shown as its runs of tokens: the shared prefix, every memory doc
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from .loader import PackedRowLoader
 from .tokenization import load_tokenizer
 
 
-def describe_row(row: dict, decode, max_chars: int = 200) -> str:  # noqa: ANN001 - decode: ids -> str
+def describe_row(row: dict, decode: Callable[[list[int]], str], max_chars: int = 200) -> str:
     """Readable text of one packed row."""
     doc_ids = row["doc_ids"].numpy()
     example_ids = row["example_ids"].numpy()

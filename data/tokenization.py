@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class HuggingFaceTokenizer(TextTokenizer):
             raise TypeError("only fast Hugging Face tokenizers are supported; pass a sentencepiece .model instead")
 
     @property
-    def backend(self):  # noqa: ANN201 - tokenizers.Tokenizer
+    def backend(self) -> Any:
         """The Rust tokenizer that does the batched work."""
         return self.hf.backend_tokenizer
 
