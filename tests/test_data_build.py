@@ -216,3 +216,12 @@ def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: 
     values.update(sample_kind="retrieval", memory={"memory_tokens": 300, "max_memory_docs": 2})
     manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "few")
     assert manifest["records_unusable_reasons"] == {"more positives than max_memory_docs": 4}
+
+
+def test_shard_size_does_not_change_the_data(tmp_path: Path, sp_model: Path) -> None:
+    build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "small")
+    values = config_values(sp_model)
+    values.update(docs_per_shard=1000, records_per_shard=1000)
+    build_dataset(BuildConfig.from_dict(values), tmp_path / "large")
+    assert len(finished_shards(tmp_path / "large" / "examples")) == 1
+    assert all_rows(tmp_path / "small") == all_rows(tmp_path / "large")
