@@ -253,6 +253,10 @@ class MSAPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MSADecoderLayer", "MSASandwichDecoderLayer"]
     _supports_sdpa = True
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        get_backbone(self.config.backbone_model_type).init_weights(module)
+
 
 @dataclass
 class MSAModelOutput(ModelOutput):

@@ -27,7 +27,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     ),
     "mistral": dict(sliding_window=64),
     "gemma2": dict(
-        tie_word_embeddings=True, query_pre_attn_scalar=16, attn_logit_softcapping=4.0, final_logit_softcapping=3.0,
+        tie_word_embeddings=True, query_pre_attn_scalar=16, attn_logit_softcapping=1.0, final_logit_softcapping=3.0,
         sliding_window=64, initializer_range=0.2,
     ),
     "gemma3_text": dict(

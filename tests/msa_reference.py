@@ -8,9 +8,16 @@ vectorised across examples, so each rule of the spec maps onto a few readable
 lines. Speed is irrelevant here; only use it on tiny models and short inputs.
 
 Only the module/parameter naming contract of the MSA model is used:
-`model.config` (Qwen3 fields plus the MSA fields), `model.model.embed_tokens`,
+`model.config` (the backbone's fields plus the MSA fields), `model.model.embed_tokens`,
 `model.model.layers[i].{input_layernorm, self_attn.*, post_attention_layernorm,
-mlp}`, `model.model.norm`, `model.model.rotary_emb` and `model.lm_head`.
+mlp}` (Gemma also `pre_feedforward_layernorm`, `post_feedforward_layernorm`),
+`model.model.norm`, `model.model.rotary_emb` (Gemma 3's local layers:
+`model.model.rotary_emb_local`) and `model.lm_head`.
+
+Backbone families differ only in the few facts of `_FAMILIES`, transcribed from
+the Hugging Face modeling files (not from `msa_modeling.backbones`): q/k norms,
+Gemma's embedding scale, query scale, soft-caps and four norms per layer, and
+which layers are windowed or use the local RoPE.
 
 Conventions settled here where the spec leaves room:
 - Padding is any token with doc_ids == -1 (and example_ids == -1 when given;
@@ -24,6 +31,9 @@ Conventions settled here where the spec leaves room:
 - lm_loss is None when labels is None or no token is predicted; aux_loss is
   None when aux_labels is None or no example has a positive document; recall
   is then an empty dict.
+- A sliding window must not bind: in a windowed layer every prefix and
+  document, and every query's [prefix ; selected chunks ; query] key sequence,
+  fits in the window; otherwise ValueError.
 """
 
 from __future__ import annotations
@@ -34,6 +44,41 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+SLIDING = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What a backbone family does differently from the plain pre-norm Llama layer."""
+
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE
+    gemma: bool = False  # sqrt(hidden) embeddings, query_pre_attn_scalar, 4 norms/layer, soft-caps
+    local_rope: bool = False  # sliding layers use a second RoPE
+
+
+_FAMILIES = {
+    "qwen3": _Family(qk_norm=True),
+    "qwen2": _Family(),
+    "llama": _Family(),
+    "mistral": _Family(),
+    "gemma2": _Family(gemma=True),
+    "gemma3_text": _Family(qk_norm=True, gemma=True, local_rope=True),
+}
+
+
+def _layer_window(config: object, layer_idx: int) -> int | None:
+    """Sliding window of a layer: Mistral windows every layer, the others follow layer_types."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    if config.backbone_model_type == "mistral":
+        return window
+    layer_types = getattr(config, "layer_types", None) or []
+    return window if layer_types[layer_idx] == SLIDING else None
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
 PREFIX_ID = -2
 PAD_ID = -1
 QUERY_ID = 0
@@ -222,19 +267,21 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of n queries over m keys with an explicit mask.
 
     q [n, H, D]; k, v [m, Hkv, D]; allowed [n, m] bool. Query head h reads
-    key/value head h // (H / Hkv) (GQA). Returns [n, H, D].
+    key/value head h // (H / Hkv) (GQA). Scores are soft-capped (c * tanh(s / c))
+    after scaling and before masking when `softcap` is given. Returns [n, H, D].
     """
     num_heads, num_kv = q.shape[1], k.shape[1]
     group = num_heads // num_kv
     outputs = []
     for h in range(num_heads):
         g = h // group
-        scores = (q[:, h, :] @ k[:, g, :].transpose(0, 1)) * scaling
+        scores = _softcap((q[:, h, :] @ k[:, g, :].transpose(0, 1)) * scaling, softcap)
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         outputs.append(probs @ v[:, g, :])
@@ -300,6 +347,8 @@ def _layer_attention(
     is_router_layer: bool,
     config: object,
     num_docs: int,
+    layer_idx: int,
+    window: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention sub-block of one decoder layer (before o_proj).
 
@@ -309,15 +358,19 @@ def _layer_attention(
     """
     attn = layer.self_attn
     batch, length, _ = x.shape
-    head_dim = config.head_dim
+    family = _FAMILIES[config.backbone_model_type]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     num_heads = config.num_attention_heads
     num_kv = config.num_key_value_heads
-    scaling = head_dim**-0.5
+    scaling = config.query_pre_attn_scalar**-0.5 if family.gemma else head_dim**-0.5
+    softcap = getattr(config, "attn_logit_softcapping", None) if family.gemma else None
 
-    # Qwen3: per-head RMSNorm on q and k, then RoPE.
-    q = attn.q_norm(attn.q_proj(x).view(batch, length, num_heads, head_dim))
-    k = attn.k_norm(attn.k_proj(x).view(batch, length, num_kv, head_dim))
+    q = attn.q_proj(x).view(batch, length, num_heads, head_dim)
+    k = attn.k_proj(x).view(batch, length, num_kv, head_dim)
     v = attn.v_proj(x).view(batch, length, num_kv, head_dim)
+    if family.qk_norm:
+        # Qwen3, Gemma 3: per-head RMSNorm on q and k, then RoPE.
+        q, k = attn.q_norm(q), attn.k_norm(k)
     q = _apply_rope(q, cos, sin)
     k = _apply_rope(k, cos, sin)
 
@@ -334,7 +387,7 @@ def _layer_attention(
             if int(doc_ids[row, col]) == PAD_ID:
                 out[row, col] = attend(
                     q[row, col : col + 1], k[row, col : col + 1], v[row, col : col + 1],
-                    torch.ones(1, 1, dtype=torch.bool), scaling,
+                    torch.ones(1, 1, dtype=torch.bool), scaling, softcap,
                 )[0]
 
     layer_scores: list[torch.Tensor | None] = [None] * num_docs
@@ -345,12 +398,12 @@ def _layer_attention(
         # Prefix: causal within the prefix.
         if ex.prefix:
             idx = torch.tensor(ex.prefix)
-            out[row, idx] = attend(q[row, idx], k[row, idx], v[row, idx], causal_mask(len(idx)), scaling)
+            out[row, idx] = attend(q[row, idx], k[row, idx], v[row, idx], causal_mask(len(idx)), scaling, softcap)
 
         # Documents: causal within their own document only (no prefix).
         for doc in ex.docs:
             idx = torch.tensor(doc.positions_in_row)
-            out[row, idx] = attend(q[row, idx], k[row, idx], v[row, idx], causal_mask(len(idx)), scaling)
+            out[row, idx] = attend(q[row, idx], k[row, idx], v[row, idx], causal_mask(len(idx)), scaling, softcap)
 
         if not ex.query:
             continue  # (documents without routing tokens were rejected at parsing)
@@ -395,7 +448,11 @@ def _layer_attention(
         allowed = torch.zeros(len(ex.query), n_context + len(ex.query), dtype=torch.bool)
         allowed[:, :n_context] = True
         allowed[:, n_context:] = causal_mask(len(ex.query))
-        out[row, qry] = attend(q[row, qry], keys_cat, values_cat, allowed, scaling)
+        if window is not None:
+            longest = max([len(ex.prefix), len(keys_cat)] + [len(d.positions_in_row) for d in ex.docs])
+            if longest > window:
+                raise ValueError(f"a sliding window of {window} would bind in layer {layer_idx} ({longest} keys)")
+        out[row, qry] = attend(q[row, qry], keys_cat, values_cat, allowed, scaling, softcap)
 
     out = out.reshape(batch, length, num_heads * head_dim)
     if not is_router_layer:
@@ -479,8 +536,7 @@ def reference_forward(
     `lm_weight * lm_loss + aux_weight * aux_loss` gives parameter gradients.
     """
     config = model.config
-    if getattr(config, "layer_types", None) and any(t != "full_attention" for t in config.layer_types):
-        raise NotImplementedError("sliding-window layers are not part of the MSA spec")
+    family = _FAMILIES[config.backbone_model_type]
     batch, length = input_ids.shape
     router_layers = set(config.router_layers)
 
@@ -491,25 +547,39 @@ def reference_forward(
     )
 
     hidden = model.model.embed_tokens(input_ids)
-    cos, sin = model.model.rotary_emb(hidden, positions)
+    if family.gemma:
+        # Gemma: embeddings times sqrt(hidden_size), the factor rounded to their dtype.
+        hidden = hidden * torch.tensor(config.hidden_size**0.5).to(hidden.dtype)
+    global_rope = model.model.rotary_emb(hidden, positions)
+    local_rope = model.model.rotary_emb_local(hidden, positions) if family.local_rope else None
     all_hidden = [hidden]
     all_scores: list[torch.Tensor] = []
     all_selected: list[torch.Tensor] = []
 
     for layer_idx, layer in enumerate(model.model.layers):
         is_router = layer_idx in router_layers
+        window = _layer_window(config, layer_idx)
+        is_local = family.local_rope and config.layer_types[layer_idx] == SLIDING
+        cos, sin = local_rope if is_local else global_rope
         x = layer.input_layernorm(hidden)
         attn_out, scores, selected = _layer_attention(
-            layer, x, cos, sin, examples, doc_ids, is_router, config, num_docs
+            layer, x, cos, sin, examples, doc_ids, is_router, config, num_docs, layer_idx, window
         )
-        hidden = hidden + layer.self_attn.o_proj(attn_out)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if family.gemma:
+            # Gemma: normed attention output into the residual; MLP between pre/post norms.
+            hidden = hidden + layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out))
+            hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+        else:
+            hidden = hidden + layer.self_attn.o_proj(attn_out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         all_hidden.append(hidden)
         if is_router:
             all_scores.append(scores)
             all_selected.append(selected)
 
     logits = model.lm_head(model.model.norm(hidden))
+    if family.gemma:
+        logits = _softcap(logits, getattr(config, "final_logit_softcapping", None))
 
     if all_scores:
         doc_scores = torch.stack(all_scores)

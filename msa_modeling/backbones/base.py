@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
@@ -40,6 +41,20 @@ def accept_everything(config: PreTrainedConfig) -> None:
     return None
 
 
+def no_extra_init(module: nn.Module) -> None:
+    return None
+
+
+def set_if_uninitialised(tensor: torch.Tensor, value: torch.Tensor | float) -> None:
+    """Fill `tensor` unless Hugging Face's loader has already filled it from a checkpoint."""
+    if not getattr(tensor, "_is_hf_initialized", False):
+        with torch.no_grad():
+            if isinstance(value, torch.Tensor):
+                tensor.copy_(value)
+            else:
+                tensor.fill_(value)
+
+
 @dataclass(frozen=True)
 class BackboneAdapter:
     """One decoder family: its config and causal-LM classes and the modules MSA reuses.
@@ -67,6 +82,9 @@ class BackboneAdapter:
         sliding_window: the window of sliding layers, in tokens (each token sees itself and
             the window - 1 tokens before it). MSA accepts it only where it never binds.
         check_supported: raises `ValueError` for config features MSA cannot honour.
+        init_weights: runs on every module after the generic Hugging Face initialisation
+            (random init, and non-persistent buffers after `from_pretrained`): for what that
+            init gets wrong for the family, e.g. Gemma's (1 + w) norms start at w = 0.
     """
 
     model_type: str
@@ -87,6 +105,7 @@ class BackboneAdapter:
     layer_types: Callable[[PreTrainedConfig], list[str]] = all_full_attention
     sliding_window: Callable[[PreTrainedConfig], int | None] = no_value
     check_supported: Callable[[PreTrainedConfig], None] = accept_everything
+    init_weights: Callable[[nn.Module], None] = no_extra_init
 
     def sliding_windows(self, config: PreTrainedConfig) -> dict[int, int]:
         """{layer index: window} for the layers whose attention is windowed."""

@@ -16,7 +16,9 @@ from __future__ import annotations
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedConfig
 from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP, Gemma2RMSNorm, Gemma2RotaryEmbedding
 
-from .base import BackboneAdapter, config_layer_types
+from torch import nn
+
+from .base import BackboneAdapter, config_layer_types, set_if_uninitialised
 
 
 def reject_bidirectional_attention(config: PreTrainedConfig) -> None:
@@ -25,6 +27,12 @@ def reject_bidirectional_attention(config: PreTrainedConfig) -> None:
             f"{config.model_type} config sets use_bidirectional_attention (an encoder variant); "
             "MSA needs a causal decoder"
         )
+
+
+def init_unit_norms(module: nn.Module) -> None:
+    """Gemma's RMSNorm scales by (1 + w): the identity is w = 0, not the generic init's w = 1."""
+    if "RMSNorm" in type(module).__name__:
+        set_if_uninitialised(module.weight, 0.0)
 
 
 GEMMA2 = BackboneAdapter(
@@ -42,4 +50,5 @@ GEMMA2 = BackboneAdapter(
     layer_types=config_layer_types,
     sliding_window=lambda config: config.sliding_window,
     check_supported=reject_bidirectional_attention,
+    init_weights=init_unit_norms,
 )

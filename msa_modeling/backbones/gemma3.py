@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.gemma3.modeling_gemma3 import Gemma3MLP, Gemma3RMSNorm, Gemma3RotaryEmbedding
 
-from .base import FULL_ATTENTION, SLIDING_ATTENTION, BackboneAdapter, config_layer_types
-from .gemma2 import reject_bidirectional_attention
+from .base import FULL_ATTENTION, SLIDING_ATTENTION, BackboneAdapter, config_layer_types, set_if_uninitialised
+from .gemma2 import init_unit_norms, reject_bidirectional_attention
 
 
 class LayerTypeRotaryEmbedding(nn.Module):
@@ -33,6 +34,18 @@ class LayerTypeRotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(x, position_ids, self.layer_type)
+
+
+def init_module(module: nn.Module) -> None:
+    """Gemma's (1 + w) norms, and the per-layer-type RoPE buffers, which are not saved and which
+    the generic Hugging Face init does not recognise (it knows one `inv_freq` per module)."""
+    init_unit_norms(module)
+    if isinstance(module, Gemma3RotaryEmbedding):
+        for layer_type, rope_type in module.rope_type.items():
+            compute = module.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+            inv_freq, _ = compute(module.config, layer_type=layer_type)
+            set_if_uninitialised(getattr(module, f"{layer_type}_inv_freq"), inv_freq)
+            set_if_uninitialised(getattr(module, f"{layer_type}_original_inv_freq"), inv_freq)
 
 
 GEMMA3 = BackboneAdapter(
@@ -52,4 +65,5 @@ GEMMA3 = BackboneAdapter(
     layer_types=config_layer_types,
     sliding_window=lambda config: config.sliding_window,
     check_supported=reject_bidirectional_attention,
+    init_weights=init_module,
 )
