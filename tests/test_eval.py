@@ -57,9 +57,9 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     assert all(0.0 <= v <= 1.0 for row in accuracy.values() for v in row.values())
     assert len(results["niah"]["samples"]) == 2 * len(SUBTASKS)
     sizes = [(s["memory_tokens"], s["encoded_tokens"]) for s in results["niah"]["samples"]]
-    # Long-document and needle-heavy subtasks overshoot tiny memories; short documents land near the size.
+    # Long-document and needle-heavy subtasks overshoot tiny memories; 40-word documents land within one document.
     assert all(0.5 * asked <= got for asked, got in sizes)
-    assert all(abs(got - asked) <= 0.25 * asked for (asked, got), s in zip(sizes, results["niah"]["samples"])
+    assert all(abs(got - asked) <= 80 for (asked, got), s in zip(sizes, results["niah"]["samples"])
                if s["subtask"] == "niah_single_1")
     assert (out / "niah_scaling.json").exists() and (out / "niah_scaling.md").exists()
     assert (out / "niah_scaling.png").exists() == matplotlib_available()
