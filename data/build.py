@@ -78,6 +78,13 @@ class BuildConfig:
     skip_bad_records: bool = False
     overlong: Literal["skip", "error"] = "skip"
 
+    def __post_init__(self) -> None:
+        if (self.source.kind == "lm") != (self.sample_kind == "lm"):
+            raise ValueError(f"sample_kind {self.sample_kind!r} does not fit source kind {self.source.kind!r}: "
+                             "plain-text sources make 'lm' samples and only they do")
+        if self.sample_kind not in ("retrieval", "qa", "interleave", "lm"):
+            raise ValueError(f"unknown sample_kind {self.sample_kind!r}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
         """Build from plain (JSON/YAML) values; nested sections may be partial."""
