@@ -133,3 +133,19 @@ def test_scaling_table_compares_at_matching_sizes(tmp_path):
     files = write_scaling_curve({32768: 0.9}, "NIAH accuracy", tmp_path, "curve", PAPER_NIAH_AVERAGE)
     assert json.loads((tmp_path / "curve.json").read_text())["points"] == [{"memory_tokens": 32768, "score": 0.9}]
     assert ("png" in files) == matplotlib_available()
+
+
+def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
+    from msa_train.eval import bench_inference
+
+    out = tmp_path / "bench.json"
+    bench_inference.main([
+        "--gpus", "1", "2", "--sizes", "4096", "8192", "--shape", "tiny", "--router-layers", "2",
+        "--doc-length", "100", "--queries", "2", "--tile-size", "16", "--dtype", "float32", "--encode-tokens", "600",
+        "--routing-tokens", "6", "--out", str(out),
+    ])
+    results = json.loads(out.read_text())
+    assert [(r["memory_tokens"], r["chunks"]) for r in results["routing"]] == [(4096, 64), (8192, 128)] * 2
+    assert all(r["routing"]["median_ms"] > 0 and r["content"]["allocated"] for r in results["routing"])
+    assert [r["replicas"] for r in results["encoding"]] == [1, 1]  # two CPU "devices" share one replica
+    assert results["encoding"][0]["encoded_tokens"] == 600 and results["encoding"][0]["prefill"]["median_ms"] > 0
