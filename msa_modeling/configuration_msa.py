@@ -30,6 +30,10 @@ MSA_KEYS = (
     "router_init",
     "lm_loss_chunk_size",
     "attn_backend",
+    # Set by `convert_reference` on models read from the released reference layout: its
+    # `msa_config` and `temperature`, so that converting back reproduces the values that
+    # have no counterpart here (e.g. `recloss_weight`). Not an __init__ argument.
+    "reference_msa_config",
 )
 
 
