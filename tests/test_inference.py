@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import VOCAB, tiny_msa
+from batches import FAMILIES, VOCAB, tiny_msa
 
 from msa_modeling.inference import MemoryEncoder, MSAGenerator, RoutingIndex
 from msa_modeling.inference.routing_index import IndexShard, merge_top_k, top_k_lowest_index_first
@@ -44,9 +44,9 @@ def encoded_store(model, memory: dict, max_batch_tokens: int = 24):
     return store
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_inference_matches_the_training_forward(seed):
-    model = tiny_msa(seed, top_k_docs=2, chunk_size=4, query_position_offset=3)
+@pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), *((f, 2) for f in FAMILIES)])
+def test_inference_matches_the_training_forward(family, seed):
+    model = tiny_msa(seed, family=family, top_k_docs=2, chunk_size=4, query_position_offset=3)
     memory = random_memory(seed)
     row = training_row(memory)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..routing import l2_normalize
-from .layer_steps import attend, attention_residual, embed_tokens
+from .layer_steps import attend, attention_residual, embed_tokens, rotary_tables
 from .store import EncodedDocuments, MemoryStore, model_signature
 
 logger = logging.getLogger(__name__)
@@ -40,13 +40,13 @@ def causal_layer_states(model: nn.Module, input_ids: torch.Tensor, last_layer: i
     batch, length = input_ids.shape
     hidden = embed_tokens(model, input_ids)
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    cos, sin = model.model.rotary_emb(hidden, positions)
+    ropes = rotary_tables(model, hidden, positions)
     for index, layer in enumerate(model.model.layers[: last_layer + 1]):
         normed = layer.input_layernorm(hidden)
-        q, k, v = layer.self_attn.project(normed, cos, sin)
+        q, k, v = layer.self_attn.project(normed, *ropes[index])
         yield LayerStates(index=index, layer=layer, normed=normed, keys=k, values=v)
         if index < last_layer:
-            hidden = attention_residual(layer, hidden, attend(q, k, v, layer.self_attn.scaling, is_causal=True))
+            hidden = attention_residual(layer, hidden, attend(layer, q, k, v, is_causal=True))
 
 
 def pool_padded_chunks(states: torch.Tensor, lengths: torch.Tensor, chunk_size: int) -> torch.Tensor:

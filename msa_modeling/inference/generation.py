@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layer_steps import attend, attention_residual, embed_tokens, final_logits
+from .layer_steps import attend, attention_residual, embed_tokens, final_logits, rotary_tables
 from .routing_index import RoutingIndex, group_routing_queries
 from .store import MemoryStore, model_signature
 
@@ -124,10 +124,10 @@ class MSAGenerator:
         count, past = ids.shape[1], cache.length
         hidden = embed_tokens(self.model, ids)
         positions = self.query_start + past + torch.arange(count, device=self.device)
-        cos, sin = self.model.model.rotary_emb(hidden, positions[None])
+        ropes = rotary_tables(self.model, hidden, positions[None])
         for index, layer in enumerate(self.model.model.layers):
             normed = layer.input_layernorm(hidden)
-            q, k, v = layer.self_attn.project(normed, cos, sin)
+            q, k, v = layer.self_attn.project(normed, *ropes[index])
             if route and index in self.router_slot and self.store.num_docs > 0:
                 self._route(cache, index, layer, normed[0])
             cache.keys[index] = torch.cat([cache.keys[index], k[0]])
@@ -140,7 +140,7 @@ class MSAGenerator:
                 seen = keys.shape[0] - count
                 mask = torch.ones(count, keys.shape[0], dtype=torch.bool, device=self.device)
                 mask[:, seen:] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
-            attended = attend(q, keys[None], values[None], layer.self_attn.scaling, mask)
+            attended = attend(layer, q, keys[None], values[None], mask)
             hidden = attention_residual(layer, hidden, attended)
         return final_logits(self.model, hidden[0, -1])
 

@@ -1,9 +1,9 @@
 """The few per-layer steps inference composes, on top of the decoder layer's own seams.
 
-Inference never re-implements layer math: it calls `input_layernorm`, `self_attn.project`,
-the router projections, `self_attn.o_proj`, `feed_forward`, `model.model.norm` and
-`lm_head`. What a backbone port changes about how these pieces combine (an extra norm on
-the attention output, scaled embeddings) belongs in this file only.
+Inference never re-implements layer math: it calls the model's embedding (and its scale),
+`rotary_emb` / `rotary_emb_local`, `input_layernorm`, `self_attn.project`, the router
+projections, `self_attn.o_proj`, `attention_residual`, `feed_forward`, `model.model.norm`
+and `compute_logits`. Only the attention itself runs here, over inference's own key sets.
 """
 
 from __future__ import annotations
@@ -14,28 +14,60 @@ from torch import nn
 
 
 def embed_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Input embeddings of `input_ids` [B, L] -> [B, L, hidden]."""
-    return model.model.embed_tokens(input_ids)
+    """Input embeddings of `input_ids` [B, L] -> [B, L, hidden], scaled where the backbone scales them."""
+    hidden = model.model.embed_tokens(input_ids)
+    scale = getattr(model.model, "embedding_scale", None)
+    return hidden if scale is None else hidden * torch.tensor(scale).to(hidden.dtype)
+
+
+def rotary_tables(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) of every layer for `positions` [B, L]: local RoPE where a layer uses it (Gemma 3)."""
+    global_rope = model.model.rotary_emb(hidden, positions)
+    local_module = getattr(model.model, "rotary_emb_local", None)
+    local_rope = local_module(hidden, positions) if local_module is not None else None
+    return [
+        local_rope if getattr(layer.self_attn, "uses_local_rope", False) else global_rope for layer in model.model.layers
+    ]
 
 
 def attention_residual(layer: nn.Module, hidden_states: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """The layer's output given its input and the attention result [B, L, H, D] (before o_proj)."""
     batch, length = attended.shape[:2]
-    return layer.feed_forward(hidden_states + layer.self_attn.o_proj(attended.reshape(batch, length, -1)))
+    attention_output = layer.self_attn.o_proj(attended.reshape(batch, length, -1))
+    return layer.feed_forward(layer.attention_residual(hidden_states, attention_output))
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+    layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """Grouped-query attention on [B, L, heads, D] tensors; `mask` [L, K] bool (True = visible)."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True,
-    )
-    return out.transpose(1, 2)
+    """The layer's grouped-query attention on [B, L, heads, D] tensors; `mask` [L, K] bool (True = visible)."""
+    attention = layer.self_attn
+    window = getattr(attention, "sliding_window", None)
+    if window is not None and k.shape[1] > window:
+        # Training rejects batches where a window binds (MSA attends over whole segments).
+        raise ValueError(
+            f"layer {attention.layer_idx}: {k.shape[1]} key slots exceed its {window}-token sliding window"
+        )
+    softcap = getattr(attention, "softcap", None)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=attention.scaling,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
+    # SDPA has no logit soft-cap (Gemma 2): the scores are formed explicitly.
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh((q @ k.transpose(-1, -2)).float() * attention.scaling / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
 
 
 def final_logits(model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Next-token logits (fp32) of hidden states [..., hidden]."""
-    return model.lm_head(model.model.norm(hidden_states)).float()
+    """Next-token logits (fp32) of hidden states [..., hidden] (soft-capped where the backbone caps them)."""
+    normed = model.model.norm(hidden_states)
+    compute = getattr(model, "compute_logits", model.lm_head)
+    return compute(normed).float()
