@@ -362,6 +362,7 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         doc_tasks = ((index, [d.doc_id for d in chunk], [d.full_text() for d in chunk])
                      for index, chunk in _chunks(corpus, config.docs_per_shard) if shard_name(index) not in done_docs)
         _run_tasks(doc_tasks, _document_shard_task, num_workers, initargs, "tokenising documents")
+        DocumentStore(output / "docs").write_lengths()
         records = read_records()
         items = []
         for record_index, record in enumerate(records):

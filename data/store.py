@@ -124,28 +124,67 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         (temp / "shard.json").write_text(json.dumps(stats, indent=1))
 
 
+def _map(path: Path) -> np.ndarray:
+    """A read-only memory map of a .npy file as a plain ndarray (indexing a ``np.memmap``
+    goes through Python-level overrides that dominate row assembly)."""
+    try:
+        return np.load(path, mmap_mode="r").view(np.ndarray)
+    except ValueError:  # numpy cannot memory-map an empty array
+        return np.load(path)
+
+
 class DocumentStore:
-    """All document shards of a build, addressed by global corpus index."""
+    """All document shards of a build, addressed by global corpus index.
+
+    Everything is memory-mapped, so the data-parallel ranks and build workers of one machine
+    share one copy in the page cache.
+    """
+
+    LENGTHS_FILE = "lengths.npy"
 
     def __init__(self, docs_dir: Path) -> None:
+        self.docs_dir = docs_dir
         self.shards = finished_shards(docs_dir)
         self._tokens: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
-        lengths = []
         for shard in self.shards:
             dtype = np.dtype(json.loads((shard / "shard.json").read_text())["dtype"])
             size = (shard / "tokens.bin").stat().st_size // dtype.itemsize
-            tokens = np.memmap(shard / "tokens.bin", dtype=dtype, mode="r", shape=(size,)) if size else np.zeros(0, dtype)
-            offsets = np.load(shard / "offsets.npy")
+            tokens = (np.memmap(shard / "tokens.bin", dtype=dtype, mode="r", shape=(size,)).view(np.ndarray)
+                      if size else np.zeros(0, dtype))
             self._tokens.append(tokens)
-            self._offsets.append(offsets)
-            lengths.append(np.diff(offsets))
-        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+            self._offsets.append(_map(shard / "offsets.npy"))
         counts = [len(o) - 1 for o in self._offsets]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return int(self.shard_starts[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per document: the shared ``lengths.npy`` when the build wrote it."""
+        if self._lengths is None:
+            path = self.docs_dir / self.LENGTHS_FILE
+            mapped = _map(path) if path.is_file() else None
+            if mapped is not None and len(mapped) == len(self):
+                self._lengths = mapped
+            else:
+                self._lengths = self.compute_lengths()
+        return self._lengths
+
+    def compute_lengths(self) -> np.ndarray:
+        """Tokens per document, from the offsets (int32: no document has 2^31 tokens)."""
+        if not self._offsets:
+            return np.zeros(0, dtype=np.int32)
+        return np.concatenate([np.diff(offsets).astype(np.int32) for offsets in self._offsets])
+
+    def write_lengths(self) -> None:
+        """Store ``lengths.npy`` (atomically) for build workers to share."""
+        temp = self.docs_dir / f"{TEMP_PREFIX}{self.LENGTHS_FILE}-{os.getpid()}.npy"
+        np.save(temp, self.compute_lengths())
+        os.replace(temp, self.docs_dir / self.LENGTHS_FILE)
+        self._lengths = None
 
     def locate(self, index: int) -> tuple[np.ndarray, int, int]:
         """(token array, start, end) of document ``index``."""
@@ -157,7 +196,7 @@ class DocumentStore:
     def tokens(self, index: int) -> np.ndarray:
         """Token ids of document ``index``."""
         array, start, end = self.locate(index)
-        return np.asarray(array[start:end])
+        return np.array(array[start:end])
 
     def doc_ids(self) -> list[str]:
         """The corpus's own ids, in index order."""
@@ -171,18 +210,12 @@ class ExampleShard:
     """One example shard, memory-mapped."""
 
     def __init__(self, directory: Path) -> None:
-        def load(name: str) -> np.ndarray:
-            try:
-                return np.load(directory / name, mmap_mode="r")
-            except ValueError:  # numpy cannot memory-map an empty array
-                return np.load(directory / name)
-
         self.directory = directory
-        self.memory = load("memory.npy")
-        self.positive = load("positive.npy")
+        self.memory = _map(directory / "memory.npy")
+        self.positive = _map(directory / "positive.npy")
         self.memory_offsets = np.load(directory / "memory_offsets.npy")
-        self.tail_tokens = load("tail_tokens.npy")
-        self.tail_labelled = load("tail_labelled.npy")
+        self.tail_tokens = _map(directory / "tail_tokens.npy")
+        self.tail_labelled = _map(directory / "tail_labelled.npy")
         self.tail_offsets = np.load(directory / "tail_offsets.npy")
         self.example_tokens = np.load(directory / "example_tokens.npy")
         self.example_origin = np.load(directory / "example_origin.npy")
