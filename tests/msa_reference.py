@@ -71,10 +71,15 @@ def _layer_window(config: object, layer_idx: int) -> int | None:
     window = getattr(config, "sliding_window", None)
     if window is None:
         return None
-    if config.backbone_model_type == "mistral":
+    if _family_name(config) == "mistral":
         return window
     layer_types = getattr(config, "layer_types", None) or []
     return window if layer_types[layer_idx] == SLIDING else None
+
+
+def _family_name(config: object) -> str:
+    """An MSA config names its backbone; a plain backbone config (with MSA fields set on it) is its own."""
+    return getattr(config, "backbone_model_type", None) or config.model_type
 
 
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -358,7 +363,7 @@ def _layer_attention(
     """
     attn = layer.self_attn
     batch, length, _ = x.shape
-    family = _FAMILIES[config.backbone_model_type]
+    family = _FAMILIES[_family_name(config)]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     num_heads = config.num_attention_heads
     num_kv = config.num_key_value_heads
@@ -536,7 +541,7 @@ def reference_forward(
     `lm_weight * lm_loss + aux_weight * aux_loss` gives parameter gradients.
     """
     config = model.config
-    family = _FAMILIES[config.backbone_model_type]
+    family = _FAMILIES[_family_name(config)]
     batch, length = input_ids.shape
     router_layers = set(config.router_layers)
 
