@@ -530,7 +530,7 @@ class MSAForCausalLM(MSAPreTrainedModel):
             if k not in ("model_type", "architectures", "transformers_version", "auto_map")
         }
         config = MSAConfig(backbone_model_type=adapter.model_type, **backbone_fields, **msa_settings)
-        model = cls(config).to(dtype=backbone.dtype)
+        model = cls(config).to(device=backbone.device, dtype=backbone.dtype)
         incompatible = model.load_state_dict(backbone.state_dict(), strict=False)
         router_keys = {name for name, _ in model.named_parameters() if ".router_" in name}
         missing = set(incompatible.missing_keys) - router_keys
