@@ -244,3 +244,25 @@ def test_show_rows_names_every_run(builds: dict[str, Path]) -> None:
     rows, _, _ = rows_of(builds["qa"])
     text = describe_row(rows[0], tokenizer.decode)
     assert "ex 0     doc 1" in text and " + (" in text and "query" in text and "generate" in text
+
+
+def test_memory_holds_hard_negatives_then_random_fill(builds: dict[str, Path], tmp_path: Path, sp_model: Path) -> None:
+    manifest = json.loads((builds["beir"] / "manifest.json").read_text())
+    source = load_source(BuildConfig.from_dict(manifest["config"]).source, BadRecordTally())
+    _, origins, loader = rows_of(builds["beir"])
+    dataset = loader.datasets[0]
+    corpus_ids = dataset.docs.doc_ids()
+    for _, example in (item for row_examples in origins for item in row_examples):
+        record = source.records[dataset.example_origin(example)[0]]
+        memory = {corpus_ids[i] for i in dataset.example_parts(example)[0].tolist()}
+        assert set(record.positives) | set(record.negatives) <= memory
+        assert len(memory) > len(set(record.positives) | set(record.negatives)), "random negatives fill the rest"
+    values = dict(manifest["config"])
+    values["memory"] = {**values["memory"], "random_negatives": False}
+    build_dataset(BuildConfig.from_dict(values), tmp_path / "hard-only")
+    _, origins, loader = rows_of(tmp_path / "hard-only")
+    dataset = loader.datasets[0]
+    for _, example in (item for row_examples in origins for item in row_examples):
+        record = source.records[dataset.example_origin(example)[0]]
+        memory = [corpus_ids[i] for i in dataset.example_parts(example)[0].tolist()]
+        assert sorted(memory) == sorted(set(record.positives) | set(record.negatives))
