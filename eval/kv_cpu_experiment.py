@@ -178,11 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    results = run_experiment(args.recipe, args.overrides, args.results_dir, args.seed, args.memories, args.questions,
-                             args.name)
-    heldout = results["heldout"]
+    run_experiment(args.recipe, args.overrides, args.results_dir, args.seed, args.memories, args.questions, args.name)
     logger.info("results: %s", args.results_dir / f"{args.name}.json")
-    return 0 if heldout["exact_match"] is not None else 1
+    return 0
 
 
 if __name__ == "__main__":
