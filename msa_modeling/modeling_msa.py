@@ -206,7 +206,7 @@ class MSADecoderLayer(nn.Module):
         attention: AttentionContext,
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
         attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
-        return self.feed_forward(hidden_states + attended), router_output
+        return self.feed_forward(self.attention_residual(hidden_states, attended)), router_output
 
     def attention_residual(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
         """The residual stream after the attention block (`attention_output` is o_proj's output)."""
@@ -226,17 +226,6 @@ class MSASandwichDecoderLayer(MSADecoderLayer):
         super().__init__(config, adapter, backbone_config, layer_idx)
         self.pre_feedforward_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_feedforward_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        layout: PackedLayout,
-        attention: AttentionContext,
-    ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
-        attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
-        return self.feed_forward(self.attention_residual(hidden_states, attended)), router_output
 
     def attention_residual(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.post_attention_layernorm(attention_output)
