@@ -137,6 +137,12 @@ def test_parameter_groups_route_router_weights_and_freeze_the_backbone() -> None
     recipe = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.param_groups=[{name: router, pattern: 'router_'}]"])
     with pytest.raises(ValueError, match="match no param_groups pattern"):
         parameter_groups(model, recipe.stage("cpt_warmup"))
+    recipe = load_recipe(
+        TINY_RECIPE,
+        ["stages.cpt_warmup.param_groups=[{name: all, pattern: '.*'}, {name: router, pattern: 'router_'}]"],
+    )
+    with pytest.raises(ValueError, match="param group 'router' .* matches no parameter"):
+        parameter_groups(model, recipe.stage("cpt_warmup"))
     assert isinstance(groups[0]["params"][0], torch.nn.Parameter)
 
 

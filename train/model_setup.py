@@ -92,12 +92,20 @@ def parameter_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[st
     if unmatched:
         raise ValueError(f"stage {stage.name}: parameters match no param_groups pattern: {unmatched[:5]}"
                          f"{' ...' if len(unmatched) > 5 else ''}; add a catch-all group such as pattern '.*'")
+    # A group that catches nothing is almost always a mis-escaped regex or one shadowed by an
+    # earlier group; training would silently run without it.
+    empty = [group for group, params in zip(stage.param_groups, members) if not params]
+    if empty:
+        raise ValueError(
+            f"stage {stage.name}: param group {empty[0].name!r} (pattern {empty[0].pattern!r}) matches no parameter; "
+            "check the regex (YAML: write '\\.router_' in single quotes) and that no earlier group takes its parameters"
+        )
     groups = []
     for group, params in zip(stage.param_groups, members):
         count = sum(p.numel() for p in params)
         logger.info("param group %s: %d tensors, %d parameters, %s", group.name, len(params), count,
                     "frozen" if group.frozen else f"lr {group.lr if group.lr is not None else optimizer.lr:g}")
-        if group.frozen or not params:
+        if group.frozen:
             continue
         groups.append({
             "name": group.name,
