@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -37,11 +38,27 @@ MSA_KEYS = (
 )
 
 
+def _reject_misspelt_msa_keys(backbone_fields: dict[str, Any], backbone_defaults: dict[str, Any]) -> None:
+    """A key the backbone does not know that is one typo away from an MSA field is a mistake.
+
+    Unknown keys are otherwise kept as backbone fields (real checkpoints carry extras), so
+    `top_k_doc=8` would be silently stored and ignored.
+    """
+    for key in backbone_fields:
+        if key in backbone_defaults or key in MSA_KEYS:
+            continue
+        close = difflib.get_close_matches(key, MSA_KEYS, n=1, cutoff=0.85)
+        if close:
+            raise ValueError(f"MSAConfig got unknown setting {key!r}; did you mean {close[0]!r}?")
+
+
 def _with_backbone_defaults(backbone_model_type: str, fields: dict[str, Any]) -> dict[str, Any]:
     """`fields` completed with the backbone config class's defaults (e.g. Qwen3's `rms_norm_eps`)."""
     from .backbones import get_backbone
 
-    complete = get_backbone(backbone_model_type).config_class(**fields).to_dict()
+    config_class = get_backbone(backbone_model_type).config_class
+    _reject_misspelt_msa_keys(fields, config_class().to_dict())
+    complete = config_class(**fields).to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         complete.pop(key, None)
     complete.update({k: v for k, v in fields.items() if k in ("architectures", "auto_map")})

@@ -365,3 +365,10 @@ def test_bad_aux_labels_raise_value_error():
 def test_bad_config_raises_value_error(field, value):
     with pytest.raises(ValueError, match=field):
         MSAConfig(num_hidden_layers=4, **{field: value})
+
+
+def test_misspelt_msa_setting_is_rejected_but_backbone_extras_are_kept():
+    with pytest.raises(ValueError, match="did you mean 'top_k_docs'"):
+        MSAConfig(num_hidden_layers=4, top_k_doc=8)
+    config = MSAConfig(num_hidden_layers=4, quantization_note="kept")
+    assert config.quantization_note == "kept"
