@@ -137,7 +137,6 @@ class VarlenKeys:
     order: torch.Tensor  # [K] long, index into cat([tokens, prefix copies, chunks])
     cu_seqlens: torch.Tensor  # [S+1] int32
     max_length: int
-    token_position: torch.Tensor  # [N] long, where each row token landed in the regrouped buffer
 
 
 _SLOT_OWN, _SLOT_CHUNK, _SLOT_QUERY = 0, 1, 2
@@ -169,9 +168,7 @@ def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None)
     counts = torch.zeros(num_segments + 1, dtype=torch.int32, device=device)
     counts.scatter_add_(0, segment, torch.ones_like(segment, dtype=torch.int32))
     cu_seqlens = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_segments], 0, dtype=torch.int32)])
-    position = torch.empty_like(order)
-    position.scatter_(0, order, torch.arange(order.numel(), device=device))
-    return VarlenKeys(order=order, cu_seqlens=cu_seqlens, max_length=max_length, token_position=position[: layout.num_tokens])
+    return VarlenKeys(order=order, cu_seqlens=cu_seqlens, max_length=max_length)
 
 
 def gather_varlen_keys(
@@ -182,6 +179,22 @@ def gather_varlen_keys(
     if pooled is not None:
         parts.append(pooled)
     return torch.cat(parts)[keys.order]
+
+
+def regroup_key_values(
+    k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, memory: PooledMemory | None
+) -> tuple[VarlenKeys, torch.Tensor, torch.Tensor]:
+    """K/V [B, L, Hkv, D] (+ the memory's pooled chunks) regrouped for a varlen-style call.
+
+    Layers without memory share the order precomputed in `plan`; router layers sort anew,
+    since their selection decides which chunks join which query segment.
+    """
+    flat = lambda x: x.reshape(-1, *x.shape[2:])  # noqa: E731
+    if memory is None:
+        keys, pooled_k, pooled_v = plan["keys_without_memory"], None, None
+    else:
+        keys, pooled_k, pooled_v = varlen_key_order(layout, memory.selected_chunks), memory.keys, memory.values
+    return keys, gather_varlen_keys(flat(k), layout, keys, pooled_k), gather_varlen_keys(flat(v), layout, keys, pooled_v)
 
 
 VarlenKernel = Callable[..., torch.Tensor]
@@ -207,20 +220,11 @@ class _ZeroGradientPastEnd(torch.autograd.Function):
 
 
 class VarlenBackend:
-    """Any causal varlen kernel with flash-attn's calling convention (bottom-right causal, GQA).
+    """Any causal varlen kernel with flash-attn's calling convention (bottom-right causal, GQA)."""
 
-    With `regroup_queries`, queries are regrouped exactly like the keys, so that every
-    segment has as many queries as keys (plain causal self-attention); the extra query rows
-    (prefix copies, chunks) are computed and dropped. This is for kernels whose backward is
-    only right when query and key segments coincide.
-    """
-
-    def __init__(
-        self, name: str, kernel: VarlenKernel, regroup_queries: bool = False, supports_softcap: bool = False
-    ) -> None:
+    def __init__(self, name: str, kernel: VarlenKernel, supports_softcap: bool = False) -> None:
         self.name = name
         self.kernel = kernel
-        self.regroup_queries = regroup_queries
         self.supports_softcap = supports_softcap
 
     def prepare(self, layout: PackedLayout) -> dict:
@@ -237,28 +241,15 @@ class VarlenBackend:
                 reject_softcap(self.name, softcap)
             softcap_kwargs = {"softcap": softcap}
         batch, length = q.shape[:2]
-        flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
-        if memory is None:
-            keys, pooled_k, pooled_v = plan["keys_without_memory"], None, None
-        else:
-            keys = varlen_key_order(layout, memory.selected_chunks)
-            pooled_k, pooled_v = memory.keys, memory.values
+        keys, k_buffer, v_buffer = regroup_key_values(k, v, layout, plan, memory)
         end = keys.cu_seqlens[-1]
-        k_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(k), layout, keys, pooled_k), end)
-        v_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(v), layout, keys, pooled_v), end)
-        if self.regroup_queries:
-            chunk_queries = None if pooled_k is None else q.new_zeros(pooled_k.shape[0], *q.shape[2:])
-            q_buffer = _ZeroGradientPastEnd.apply(gather_varlen_keys(flat(q), layout, keys, chunk_queries), end)
-            out = self.kernel(
-                q_buffer, k_buffer, v_buffer, keys.cu_seqlens, keys.cu_seqlens, keys.max_length, keys.max_length, scale,
-                **softcap_kwargs,
-            )
-            out = out[keys.token_position]
-        else:
-            out = self.kernel(
-                flat(q), k_buffer, v_buffer, layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale,
-                **softcap_kwargs,
-            )
+        out = self.kernel(
+            q.reshape(batch * length, *q.shape[2:]),
+            _ZeroGradientPastEnd.apply(k_buffer, end),
+            _ZeroGradientPastEnd.apply(v_buffer, end),
+            layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale,
+            **softcap_kwargs,
+        )
         return out.view(batch, length, *out.shape[1:])
 
 
@@ -342,23 +333,17 @@ class FlexBackend:
         memory: PooledMemory | None, softcap: float | None = None,
     ) -> torch.Tensor:
         batch, length = q.shape[:2]
-        flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
-        if memory is None:
-            keys = plan["keys_without_memory"]
-            k_buffer = gather_varlen_keys(flat(k), layout, keys, None)
-            v_buffer = gather_varlen_keys(flat(v), layout, keys, None)
+        keys, k_buffer, v_buffer = regroup_key_values(k, v, layout, plan, memory)
+        if memory is not None:
+            block_mask = self.block_mask(layout, keys, k_buffer.shape[0])
+        else:
             if "block_mask" not in plan:
                 plan["block_mask"] = self.block_mask(layout, keys, k_buffer.shape[0])
             block_mask = plan["block_mask"]
-        else:
-            keys = varlen_key_order(layout, memory.selected_chunks)
-            k_buffer = gather_varlen_keys(flat(k), layout, keys, memory.keys)
-            v_buffer = gather_varlen_keys(flat(v), layout, keys, memory.values)
-            block_mask = self.block_mask(layout, keys, k_buffer.shape[0])
         heads = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
         score_mod = None if softcap is None else _softcap_score_mod(softcap)
         out = self.flex_attention(
-            heads(flat(q)), heads(k_buffer), heads(v_buffer), score_mod=score_mod, block_mask=block_mask, scale=scale,
+            heads(q.reshape(batch * length, *q.shape[2:])), heads(k_buffer), heads(v_buffer), score_mod=score_mod, block_mask=block_mask, scale=scale,
             enable_gqa=True,
         )
         return out.squeeze(0).transpose(0, 1).reshape(batch, length, *q.shape[2:])

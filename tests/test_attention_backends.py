@@ -65,13 +65,12 @@ def run_with_backend(model, backend, batch):
     return out, grads
 
 
-@pytest.mark.parametrize("regroup_queries", [False, True], ids=["cross", "self"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_varlen_regrouping_matches_masked_sdpa(seed, regroup_queries):
+def test_varlen_regrouping_matches_masked_sdpa(seed):
     model = tiny_msa(seed, chunk_size=3).train()
     batch = random_packed_batch(seed, batch_size=2, examples_per_row=2)
     dense, dense_grads = run_with_backend(model, make_attention_backend("sdpa", torch.device("cpu")), batch)
-    backend = VarlenBackend("loop", loop_varlen_kernel, regroup_queries=regroup_queries)
+    backend = VarlenBackend("loop", loop_varlen_kernel)
     varlen, varlen_grads = run_with_backend(model, backend, batch)
     real = batch["doc_ids"] != -1
     for h_dense, h_varlen in zip(dense.hidden_states, varlen.hidden_states, strict=True):
