@@ -66,6 +66,46 @@ def test_inference_matches_the_training_forward(family, seed):
         torch.testing.assert_close(routing.scores, scores[routing.docs], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), ("llama", 2), ("gemma3_text", 3)])
+def test_extending_a_segment_with_routing_equals_a_full_prefill(family, seed):
+    """A memory-interleave round: the grown segment routes again; the incremental path
+    (lower layers for the new tokens only, router half re-run) equals prefilling it whole."""
+    model = tiny_msa(seed, family=family, top_k_docs=2, chunk_size=4, query_position_offset=3)
+    memory = random_memory(seed, num_docs=9)
+    generator = MSAGenerator(model, encoded_store(model, memory), trace_k=4)
+    first, _ = generator.generate(memory["question"], max_new_tokens=3)
+    selections_changed = 0
+    for doc in memory["docs"]:
+        # The round's stop token, an injected document and the delimiter.
+        appended = [first.token_ids[-1], *doc, 5]
+        _, cache = generator.generate(memory["question"], max_new_tokens=2)  # holds the question + 2 tokens
+        grown = memory["question"] + first.token_ids[:2] + appended
+        assert cache.token_ids == grown[: cache.length]
+        logits = generator.extend(cache, appended)
+        expected, full = generator.prefill(grown)
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+        assert [(r.layer, r.docs.tolist()) for r in cache.routing] == [(r.layer, r.docs.tolist()) for r in full.routing]
+        selections_changed += any(
+            not torch.equal(a.docs[:2].sort().values, b.docs[:2].sort().values) for a, b in zip(first.routing, full.routing)
+        )
+        for token in (7, 11, 13):  # decoding goes on identically on both caches
+            torch.testing.assert_close(generator.decode(cache, token), generator.decode(full, token), rtol=1e-4, atol=1e-5)
+        assert cache.length == full.length and cache.token_ids == full.token_ids
+    assert selections_changed, "no appended document changed a selection: the test would not cover re-routing"
+
+
+def test_decoding_past_the_reserved_capacity_grows_the_cache():
+    model = tiny_msa(6, top_k_docs=2, chunk_size=4)
+    memory = random_memory(6)
+    generator = MSAGenerator(model, encoded_store(model, memory))
+    _, small = generator.prefill(memory["question"])
+    _, roomy = generator.prefill(memory["question"], reserve=16)
+    assert small.capacity == len(memory["question"]) and roomy.capacity == len(memory["question"]) + 16
+    for token in range(3, 15):
+        torch.testing.assert_close(generator.decode(small, token), generator.decode(roomy, token))
+    assert small.capacity >= small.length == roomy.length
+
+
 def test_generation_with_an_empty_memory_equals_the_backbone():
     model = tiny_msa(3)
     memory = random_memory(3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,11 +86,14 @@ class ScriptedGenerator:
         self.rounds = list(rounds)
         self.contexts: list[list[int]] = []
 
-    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None):
+    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None, route=None):
+        if cache is not None and route:  # a routed extension: the round sees the whole segment
+            query_ids = cache.token_ids + list(query_ids)
         self.contexts.append(list(query_ids))
         tokens = self.rounds.pop(0)
         stop = tokens[-1] if tokens[-1] in stop_token_ids else None
-        return GenerationOutput(tokens, stop, [], torch.zeros(1)), object()
+        cached = list(query_ids) + (tokens[:-1] if stop is not None else tokens)
+        return GenerationOutput(tokens, stop, [], torch.zeros(1)), SimpleNamespace(token_ids=cached)
 
 
 DELIM, END, EOS = 90, 91, 92
@@ -127,3 +131,28 @@ def test_interleave_forces_the_end_marker_after_the_round_limit():
     result = MemoryInterleave(scripted, decode, InterleaveFormat(DELIM, END, stop_token_ids=[EOS], max_rounds=2)).answer([1])
     assert len(result.rounds) == 2 and result.rounds[1].memory_ids == [1]
     assert scripted.contexts[-1][-1] == END and result.answer == "3"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_incremental_interleave_rounds_equal_full_re_prefills(seed):
+    model = tiny_msa(seed, top_k_docs=2, chunk_size=4)
+    memory = random_memory(seed, num_docs=9)
+    encoder = MemoryEncoder(model, max_batch_tokens=40, show_progress=False)
+    store = encoder.new_store(memory["prefix"])
+    encoder.add_documents(store, memory["docs"])
+    generator = MSAGenerator(model, store, trace_k=4)
+    # The model's first token ends round 1, so that rounds happen with random weights.
+    delimiter = generator.generate(memory["question"], 1)[0].token_ids[0]
+    protocol = InterleaveFormat(delimiter, end_of_retrieval_id=-1, stop_token_ids=[-2], max_rounds=3, max_round_tokens=4,
+                                max_answer_tokens=4)
+    to_text = lambda ids: "".join(f"[{t % 9 + 1}]" for t in ids)  # noqa: E731
+
+    def run(incremental: bool):
+        result = MemoryInterleave(generator, to_text, protocol, incremental=incremental).answer(memory["question"])
+        return (result.answer_token_ids, [r.memory_ids for r in result.rounds],
+                [[(x.layer, x.docs.tolist()) for x in r.routing] for r in result.rounds],
+                [(x.layer, x.docs.tolist()) for x in result.answer_routing])
+
+    incremental, full = run(True), run(False)
+    assert incremental[1], "no retrieval round happened"
+    assert incremental == full

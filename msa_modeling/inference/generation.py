@@ -5,6 +5,26 @@ at positions `T + query_position_offset + j` (spec section 4). Every layer atten
 cached prefix K/V; router layers also attend to the pooled K̄/V̄ of the documents their own
 routing selected, which stays fixed while the round decodes, as one selection per example
 serves every answer token in training.
+
+**The KV cache.** Each layer keeps one preallocated buffer `[context ; query segment]`:
+the prefix K/V, then (router layers) the selected chunks' K̄/V̄, then one slot per query
+token. A decode step writes its K/V in place and attends to a view of the buffer, so a step
+moves O(1) data besides the attention's own reads, and the only host synchronisation per
+token is the stop check. Buffers are sized `prompt + max_new_tokens` and grow by doubling
+when a segment is extended past them.
+
+**Extending a segment with routing (memory interleave, spec sections 7 and 8).** Routing
+uses every token of the segment (S_c is a max over routing tokens), so appending tokens can
+change the selection of any router layer. A changed selection at router layer l changes the
+attention output of every earlier token from layer l on, hence their K/V in every layer
+above l, and the routing queries of the router layers above l. What stays provably identical
+is everything below the first router layer: those layers never see the memory, and a
+causal token's states do not depend on later tokens. `extend` therefore keeps, for the
+earlier tokens, the K/V of the layers below the first router layer and the residual stream
+entering it (cached per token as the segment is built); it runs only the new tokens through
+the lower layers, and then re-runs the whole segment through the router half from that
+cached boundary, routing with every token as a full re-prefill does. The result equals a
+full re-prefill (tested), at the cost of the upper half only.
 """
 
 from __future__ import annotations
@@ -34,17 +54,30 @@ class LayerRouting:
 
 @dataclass
 class QueryCache:
-    """Per layer: the context K/V (prefix, selected chunks) and the query segment's K/V so far."""
+    """Per layer, one buffer `[context ; query segment ; free slots]` of keys and of values.
 
-    context_keys: list[torch.Tensor]
-    context_values: list[torch.Tensor]
-    keys: list[torch.Tensor]
+    `context_lengths[l]` rows of layer l hold the prefix K/V and, in router layers, the
+    selected chunks' K̄/V̄; the next `length` rows hold the segment's K/V. `boundary` holds
+    the residual stream entering the first router layer for each segment token (what
+    `MSAGenerator.extend` restarts the router half from).
+    """
+
+    keys: list[torch.Tensor]  # per layer [capacity_l, Hkv, D]
     values: list[torch.Tensor]
+    context_lengths: list[int]
+    boundary: torch.Tensor | None  # [capacity, hidden], None without router layers or memory
+    length: int = 0
+    token_ids: list[int] = field(default_factory=list)
     routing: list[LayerRouting] = field(default_factory=list)
 
     @property
-    def length(self) -> int:
-        return self.keys[0].shape[0]
+    def capacity(self) -> int:
+        return self.keys[0].shape[0] - self.context_lengths[0]
+
+    def layer_keys(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of layer `layer`'s context and first `end` segment rows: ([1, n, Hkv, D], same)."""
+        stop = self.context_lengths[layer] + end
+        return self.keys[layer][None, :stop], self.values[layer][None, :stop]
 
 
 @dataclass
@@ -53,6 +86,13 @@ class GenerationOutput:
     stop_token: int | None  # the stop token that ended generation, None at the length limit
     routing: list[LayerRouting]  # the selection (and trace) of every router layer
     first_logits: torch.Tensor  # [vocab] fp32, the distribution of the first generated token
+
+
+def _grown(buffer: torch.Tensor, rows: int, keep: int) -> torch.Tensor:
+    """A buffer of `rows` rows whose first `keep` rows are `buffer`'s."""
+    new = buffer.new_empty((rows, *buffer.shape[1:]))
+    new[:keep] = buffer[:keep]
+    return new
 
 
 class MSAGenerator:
@@ -77,83 +117,163 @@ class MSAGenerator:
         self.index = index if index is not None else RoutingIndex.from_store(store, [self.device])
         self.trace_k = trace_k
         self.router_slot = {layer: slot for slot, layer in enumerate(self.config.router_layers)}
+        # Layers below this one never see the memory (None: no layer does, nothing to re-run).
+        self.first_router = min(self.router_slot) if self.router_slot and store.num_docs > 0 else None
         to_device = lambda tensors: [t.to(self.device, self.dtype) for t in tensors]  # noqa: E731
         self.prefix_keys, self.prefix_values = to_device(store.prefix_keys), to_device(store.prefix_values)
         self.query_start = store.prefix_ids.numel() + self.config.query_position_offset
 
-    def new_cache(self) -> QueryCache:
-        empty = self.prefix_keys[0].new_zeros((0, *self.prefix_keys[0].shape[1:]))
-        layers = range(self.config.num_hidden_layers)
-        return QueryCache(list(self.prefix_keys), list(self.prefix_values), [empty for _ in layers], [empty for _ in layers])
+    def new_cache(self, capacity: int = 64) -> QueryCache:
+        """An empty segment after the prefix, with room for `capacity` tokens."""
+        keys, values, lengths = [], [], []
+        for prefix_k, prefix_v in zip(self.prefix_keys, self.prefix_values):
+            lengths.append(prefix_k.shape[0])
+            keys.append(_grown(prefix_k, prefix_k.shape[0] + capacity, prefix_k.shape[0]))
+            values.append(_grown(prefix_v, prefix_v.shape[0] + capacity, prefix_v.shape[0]))
+        boundary = None
+        if self.first_router is not None:
+            boundary = torch.empty((capacity, self.config.hidden_size), dtype=self.dtype, device=self.device)
+        return QueryCache(keys, values, lengths, boundary)
 
     @torch.no_grad()
-    def prefill(self, query_ids: Sequence[int]) -> tuple[torch.Tensor, QueryCache]:
-        """Route with every token of `query_ids`, attend, and return (next-token logits [vocab], cache)."""
+    def prefill(self, query_ids: Sequence[int], reserve: int = 0) -> tuple[torch.Tensor, QueryCache]:
+        """Route with every token of `query_ids`, attend, and return (next-token logits [vocab], cache).
+
+        `reserve`: room for that many more tokens (e.g. max_new_tokens) before the cache grows.
+        """
         if len(query_ids) == 0:
             raise ValueError("the query segment is empty")
-        cache = self.new_cache()
-        return self._forward(cache, query_ids, route=True), cache
+        cache = self.new_cache(len(query_ids) + reserve)
+        return self._forward(cache, self._ids(query_ids), route=True, known_ids=list(query_ids)), cache
 
     @torch.no_grad()
-    def decode(self, cache: QueryCache, token_id: int) -> torch.Tensor:
-        """Append one token to the cache; return the next-token logits [vocab]."""
-        return self._forward(cache, [token_id], route=False)
+    def decode(self, cache: QueryCache, token_id: int | torch.Tensor) -> torch.Tensor:
+        """Append one token (an int, or a device tensor to avoid a host copy); return the next-token logits."""
+        if isinstance(token_id, torch.Tensor):
+            return self._forward(cache, self._ids(token_id), route=False)
+        return self._forward(cache, self._ids([token_id]), route=False, known_ids=[token_id])
+
+    @torch.no_grad()
+    def extend(self, cache: QueryCache, token_ids: Sequence[int], route: bool = True, reserve: int = 0) -> torch.Tensor:
+        """Append `token_ids` to the segment; return the next-token logits.
+
+        With `route`, every router layer selects again with the whole segment, exactly as a
+        full prefill of the grown segment would (see the module docstring); without it the
+        selection stays and the tokens are attended like decoded ones.
+        """
+        if len(token_ids) == 0:
+            raise ValueError("nothing to append")
+        self._reserve(cache, cache.length + len(token_ids) + reserve)
+        return self._forward(cache, self._ids(token_ids), route=route, known_ids=list(token_ids))
 
     @torch.no_grad()
     def generate(
         self, query_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Collection[int] = (),
-        cache: QueryCache | None = None,
+        cache: QueryCache | None = None, route: bool | None = None,
     ) -> tuple[GenerationOutput, QueryCache]:
-        """Greedy decoding after a prefill of `query_ids` (or, with `cache`, after appending them)."""
+        """Greedy decoding after a prefill of `query_ids`, or, with `cache`, after appending them.
+
+        `route` (default: True for a prefill, False on a cache): whether appending re-selects
+        the documents (`extend`). The stop token is not appended to the returned cache.
+        """
         if cache is None:
-            logits, cache = self.prefill(query_ids)
+            logits, cache = self.prefill(query_ids, reserve=max_new_tokens)
         else:
-            logits = self._forward(cache, query_ids, route=False)
+            logits = self.extend(cache, query_ids, route=bool(route), reserve=max_new_tokens)
         first_logits, generated, stop = logits, [], None
+        stops = set(stop_token_ids)
         for _ in range(max_new_tokens):
-            token = int(logits.argmax())
-            generated.append(token)
-            if token in stop_token_ids:
-                stop = token
+            token = logits.argmax()
+            token_id = int(token)  # the one host synchronisation per token: the stop check
+            generated.append(token_id)
+            if token_id in stops:
+                stop = token_id
                 break
-            logits = self.decode(cache, token)
+            logits = self._forward(cache, token.view(1, 1), route=False, known_ids=[token_id])
         return GenerationOutput(generated, stop, cache.routing, first_logits.cpu()), cache
 
-    def _forward(self, cache: QueryCache, token_ids: Sequence[int], route: bool) -> torch.Tensor:
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+    # ----------------------------------------------------------------- internals
+
+    def _ids(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(token_ids, torch.Tensor):
+            return token_ids.to(self.device).view(1, -1)
+        return torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+
+    def _reserve(self, cache: QueryCache, tokens: int) -> None:
+        """Room for `tokens` segment tokens in every buffer (doubling, so growth is amortised O(1))."""
+        if tokens <= cache.capacity:
+            return
+        capacity = max(tokens, 2 * cache.capacity)
+        for layer, context in enumerate(cache.context_lengths):
+            keep = context + cache.length
+            cache.keys[layer] = _grown(cache.keys[layer], context + capacity, keep)
+            cache.values[layer] = _grown(cache.values[layer], context + capacity, keep)
+        if cache.boundary is not None:
+            cache.boundary = _grown(cache.boundary, capacity, cache.length)
+
+    def _forward(
+        self, cache: QueryCache, ids: torch.Tensor, route: bool, known_ids: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Run `ids` [1, n] after the cached segment; with `route`, (re)select in every router layer."""
         count, past = ids.shape[1], cache.length
+        self._reserve(cache, past + count)
+        token_ids = known_ids if known_ids is not None else ids[0].tolist()
+        route = route and self.first_router is not None
+        if route:
+            cache.routing = []
         hidden = embed_tokens(self.model, ids)
-        positions = self.query_start + past + torch.arange(count, device=self.device)
-        ropes = rotary_tables(self.model, hidden, positions[None])
+        start = past  # the segment row of hidden's first token
+        ropes = rotary_tables(self.model, hidden, (self.query_start + past + torch.arange(count, device=self.device))[None])
         for index, layer in enumerate(self.model.model.layers):
+            if index == self.first_router:
+                cache.boundary[past : past + count] = hidden[0]
+                if route and past > 0:
+                    # The selection may change: the router half is re-run over the whole segment.
+                    hidden, start = cache.boundary[None, : past + count], 0
+                    positions = self.query_start + torch.arange(past + count, device=self.device)
+                    ropes = rotary_tables(self.model, hidden, positions[None])
+            rows = hidden.shape[1]
             normed = layer.input_layernorm(hidden)
             q, k, v = layer.self_attn.project(normed, *ropes[index])
-            if route and index in self.router_slot and self.store.num_docs > 0:
+            if route and index in self.router_slot:
                 self._route(cache, index, layer, normed[0])
-            cache.keys[index] = torch.cat([cache.keys[index], k[0]])
-            cache.values[index] = torch.cat([cache.values[index], v[0]])
-            keys = torch.cat([cache.context_keys[index], cache.keys[index]])
-            values = torch.cat([cache.context_values[index], cache.values[index]])
-            # Context and earlier query tokens are all visible; the new tokens see each other causally.
+            context = cache.context_lengths[index]
+            cache.keys[index][context + start : context + start + rows] = k[0]
+            cache.values[index][context + start : context + start + rows] = v[0]
+            keys, values = cache.layer_keys(index, start + rows)
+            # Context and earlier segment tokens are all visible; the new tokens see each other causally.
             mask = None
-            if count > 1:
-                seen = keys.shape[0] - count
-                mask = torch.ones(count, keys.shape[0], dtype=torch.bool, device=self.device)
-                mask[:, seen:] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
-            attended = attend(layer, q, keys[None], values[None], mask)
+            if rows > 1:
+                seen = keys.shape[1] - rows
+                mask = torch.ones(rows, keys.shape[1], dtype=torch.bool, device=self.device)
+                mask[:, seen:] = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
+            attended = attend(layer, q, keys, values, mask)
             hidden = attention_residual(layer, hidden, attended)
+        cache.length = past + count
+        cache.token_ids.extend(token_ids)
         return final_logits(self.model, hidden[0, -1])
 
     def _route(self, cache: QueryCache, index: int, layer: nn.Module, normed: torch.Tensor) -> None:
-        """Select this layer's documents and put their pooled K̄/V̄ after the prefix in its context."""
+        """Select this layer's documents and put their pooled K̄/V̄ after the prefix in its buffer.
+
+        Only called when the segment's rows of this layer are all about to be rewritten, so
+        the buffer is rebuilt with the new context and room for the segment.
+        """
         attention = layer.self_attn
         slot = self.router_slot[index]
         routing_queries = attention.router_q_proj(normed).view(normed.shape[0], attention.num_heads, -1)
         grouped = group_routing_queries(routing_queries, attention.num_kv_heads)
         scores, docs = self.index.top_documents(slot, grouped, max(self.config.top_k_docs, self.trace_k))
-        cache.routing.append(LayerRouting(layer=index, docs=docs.cpu(), scores=scores.cpu()))
+        docs, scores = docs.cpu(), scores.cpu()
+        cache.routing.append(LayerRouting(layer=index, docs=docs, scores=scores))
         # Chunks in document order, as the training forward lays them out.
         selected = torch.sort(docs[: self.config.top_k_docs]).values
         keys, values = self.store.gather_chunks(slot, selected)
-        cache.context_keys[index] = torch.cat([self.prefix_keys[index], keys.to(self.device, self.dtype, non_blocking=True)])
-        cache.context_values[index] = torch.cat([self.prefix_values[index], values.to(self.device, self.dtype, non_blocking=True)])
+        prefix = self.prefix_keys[index].shape[0]
+        context, capacity = prefix + keys.shape[0], cache.capacity
+        for buffers, prefix_part, chunks in ((cache.keys, self.prefix_keys, keys), (cache.values, self.prefix_values, values)):
+            buffer = buffers[index].new_empty((context + capacity, *buffers[index].shape[1:]))
+            buffer[:prefix] = prefix_part[index]
+            buffer[prefix:context].copy_(chunks, non_blocking=True)  # pinned host -> device, asynchronous
+            buffers[index] = buffer
+        cache.context_lengths[index] = context

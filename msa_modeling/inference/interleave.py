@@ -2,9 +2,15 @@
 
 Each round the model generates document IDs and the round delimiter; the original text of
 those documents (as stored: `[i]. text` + suffix) and the delimiter are appended to the query
-segment, which is routed and prefilled again. The model ends retrieval with
-`<End-of-Retrieve>` and goes on with the answer; after `max_rounds` rounds the end marker is
-appended for it. This mirrors how the data package lays out interleave training samples.
+segment, which is routed again. The model ends retrieval with `<End-of-Retrieve>` and goes
+on with the answer; after `max_rounds` rounds the end marker is appended for it. This mirrors
+how the data package lays out interleave training samples.
+
+A new round extends the round's KV cache (`MSAGenerator.extend`): the new tokens run through
+the layers below the first router layer only, while the router half is re-run over the whole
+segment, because routing with the grown segment may select other documents, and a changed
+selection changes every earlier token's states from that layer up (spec sections 3 and 7).
+`incremental=False` re-prefills the whole segment each round instead (the same result).
 """
 
 from __future__ import annotations
@@ -70,10 +76,14 @@ class MemoryInterleave:
         protocol: token ids and limits of the loop.
     """
 
-    def __init__(self, generator: MSAGenerator, decode: Callable[[Sequence[int]], str], protocol: InterleaveFormat) -> None:
+    def __init__(
+        self, generator: MSAGenerator, decode: Callable[[Sequence[int]], str], protocol: InterleaveFormat,
+        incremental: bool = True,
+    ) -> None:
         self.generator = generator
         self.decode = decode
         self.protocol = protocol
+        self.incremental = incremental
         self.id_pattern = re.compile(protocol.memory_id_pattern)
 
     def answer(self, query_ids: Sequence[int]) -> InterleaveResult:
@@ -82,12 +92,13 @@ class MemoryInterleave:
         context = list(query_ids)
         rounds: list[RetrievalRound] = []
         round_stops = {protocol.delimiter_id, protocol.end_of_retrieval_id, *protocol.stop_token_ids}
+        cache = None  # the previous round's cache: it holds `context` minus the round's stop and injection
         while True:
             if len(rounds) == protocol.max_rounds:
                 context.append(protocol.end_of_retrieval_id)
-                output, _ = self.generator.generate(context, protocol.max_answer_tokens, protocol.stop_token_ids)
+                output, _ = self._round(context, cache, protocol.max_answer_tokens, protocol.stop_token_ids)
                 return self._result(output.token_ids, rounds, output.routing)
-            output, cache = self.generator.generate(context, protocol.max_round_tokens, round_stops)
+            output, cache = self._round(context, cache, protocol.max_round_tokens, round_stops)
             if output.stop_token == protocol.end_of_retrieval_id:
                 # The answer follows on the same cache and selection, as in the training sample.
                 answer, _ = self.generator.generate(
@@ -100,6 +111,15 @@ class MemoryInterleave:
             memory_ids = self.parse_memory_ids(output.token_ids)
             rounds.append(RetrievalRound(memory_ids=memory_ids, routing=output.routing))
             context += output.token_ids + self.injected_tokens(memory_ids)
+
+    def _round(self, context: list[int], cache, max_new_tokens: int, stops):
+        """Generate after the routed `context`: extending `cache` (which holds a prefix of it) or from scratch."""
+        if cache is None or not self.incremental:
+            return self.generator.generate(context, max_new_tokens, stops)
+        cached = cache.token_ids
+        if context[: len(cached)] != cached:
+            raise RuntimeError("the round cache does not hold a prefix of the context")
+        return self.generator.generate(context[len(cached) :], max_new_tokens, stops, cache=cache, route=True)
 
     def parse_memory_ids(self, token_ids: Sequence[int]) -> list[int]:
         """Valid memory IDs in generated tokens, in order, without repeats."""
