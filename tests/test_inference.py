@@ -138,6 +138,18 @@ def test_top_k_breaks_ties_towards_the_lower_index():
     assert merged_docs.tolist() == [2, 5, 3]
 
 
+def test_top_k_matches_a_stable_sort_on_many_ties():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (200,), generator=generator).float() / 4  # many ties, -0.0 and 0.0 among them
+    scores[::7] = -scores[::7]
+    reference = sorted(range(200), key=lambda i: (-float(scores[i]), i))
+    values, index = top_k_lowest_index_first(scores, 50)
+    assert index.tolist() == reference[:50] and torch.equal(values, scores[index])
+    docs = torch.randperm(200, generator=generator)
+    _, merged = merge_top_k(scores, docs, 30)
+    assert merged.tolist() == sorted(docs.tolist(), key=lambda d: (-float(scores[(docs == d).nonzero()]), d))[:30]
+
+
 def test_sharded_index_agrees_with_one_shard():
     model = tiny_msa(5, top_k_docs=3, chunk_size=4)
     store = encoded_store(model, random_memory(5, num_docs=11))

@@ -49,11 +49,14 @@ def causal_layer_states(model: nn.Module, input_ids: torch.Tensor, last_layer: i
             hidden = attention_residual(layer, hidden, attend(layer, q, k, v, is_causal=True))
 
 
-def pool_padded_chunks(states: torch.Tensor, lengths: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def pool_padded_chunks(
+    states: torch.Tensor, lengths: torch.Tensor, chunk_size: int, present: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean of [B, L, ...] states over each row's chunks of real tokens, in fp32.
 
     Returns [C, ...]: the chunks of row 0, then of row 1, ...; a last partial chunk is
-    averaged over its real tokens, as `routing.pool_chunks` does in training.
+    averaged over its real tokens, as `routing.pool_chunks` does in training. `present`
+    (from `present_chunks`, on the states' device) avoids a device synchronisation.
     """
     batch, length = states.shape[:2]
     padded_length = -(-length // chunk_size) * chunk_size
@@ -61,10 +64,17 @@ def pool_padded_chunks(states: torch.Tensor, lengths: torch.Tensor, chunk_size: 
     padded = states.new_zeros((batch, padded_length, *states.shape[2:]), dtype=torch.float32)
     padded[:, :length] = states.float()
     padded = padded * real.view(batch, padded_length, *([1] * (states.dim() - 2)))
-    sums = padded.view(batch, padded_length // chunk_size, chunk_size, *states.shape[2:]).sum(2)
-    counts = real.view(batch, -1, chunk_size).sum(2)
-    present = counts > 0
+    sums = padded.view(batch * (padded_length // chunk_size), chunk_size, *states.shape[2:]).sum(1)
+    counts = real.view(-1, chunk_size).sum(1)
+    if present is None:
+        present = torch.nonzero(counts > 0).flatten()
     return sums[present] / counts[present].view(-1, *([1] * (states.dim() - 2)))
+
+
+def present_chunks(lengths: Sequence[int], length: int, chunk_size: int) -> torch.Tensor:
+    """Flat indices (row-major over [B, ceil(length / chunk_size)]) of the chunks holding real tokens."""
+    per_row = -(-length // chunk_size)
+    return torch.cat([row * per_row + torch.arange(-(-n // chunk_size)) for row, n in enumerate(lengths)])
 
 
 def length_sorted_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -171,7 +181,8 @@ class MemoryEncoder:
         ids = ids.to(self.device)
         lengths = torch.tensor([len(doc) for doc in documents], device=self.device)
         chunk_size = self.config.chunk_size
-        to_host = lambda x: x.to("cpu", self.storage_dtype)  # noqa: E731
+        present = present_chunks([len(doc) for doc in documents], longest, chunk_size).to(self.device)
+        on_device: dict[str, dict[int, torch.Tensor]] = {name: {} for name in parts}
         for states in causal_layer_states(self.model, ids, max(self.config.router_layers)):
             slot = self.router_slot.get(states.index)
             if slot is None:
@@ -179,9 +190,14 @@ class MemoryEncoder:
             attention = states.layer.self_attn
             routing_keys = attention.router_k_proj(states.normed).view(*ids.shape, attention.num_kv_heads, -1)
             # Training casts pooled K/V back to the model dtype before attending to them.
-            keys = pool_padded_chunks(states.keys, lengths, chunk_size).to(states.keys.dtype)
-            values = pool_padded_chunks(states.values, lengths, chunk_size).to(states.values.dtype)
-            normalised = l2_normalize(pool_padded_chunks(routing_keys, lengths, chunk_size)).flatten(1)
-            parts["k"][slot].append(to_host(keys))
-            parts["v"][slot].append(to_host(values))
-            parts["r"][slot].append(to_host(normalised))
+            keys = pool_padded_chunks(states.keys, lengths, chunk_size, present).to(states.keys.dtype)
+            values = pool_padded_chunks(states.values, lengths, chunk_size, present).to(states.values.dtype)
+            normalised = l2_normalize(pool_padded_chunks(routing_keys, lengths, chunk_size, present)).flatten(1)
+            on_device["k"][slot] = keys.to(self.storage_dtype)
+            on_device["v"][slot] = values.to(self.storage_dtype)
+            on_device["r"][slot] = normalised.to(self.storage_dtype)
+        # One copy per tensor kind and batch: the device is waited for once per batch, not per layer.
+        for name, layers in on_device.items():
+            stacked = torch.stack([layers[slot] for slot in range(len(layers))])
+            for slot, host in enumerate(stacked.to("cpu").unbind(0)):
+                parts[name][slot].append(host)

@@ -30,24 +30,37 @@ def group_routing_queries(routing_queries: torch.Tensor, num_kv_heads: int) -> t
     return grouped.flatten(1)
 
 
+def ranking_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering (score descending, index ascending): one `topk` ranks without ties.
+
+    The fp32 score's bits are mapped to an int32 that orders like the float (negative floats
+    have their magnitude bits flipped; -0.0 is folded into +0.0 first), and the index fills
+    the low 32 bits inverted, so that a lower index wins a tie. No NaN scores.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return ordered * (1 << 32) + ((1 << 32) - 1 - index.long())
+
+
 def top_k_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (score, index) pairs, best first; equal scores keep the lower index first."""
+    """The k best (score, index) pairs, best first; equal scores keep the lower index first.
+
+    Nothing here waits for the device (no `nonzero`, no `.item()`), so the shards of an
+    index on several GPUs are scored concurrently.
+    """
     k = min(k, scores.numel())
     if k == 0:
         return scores.new_zeros(0), torch.zeros(0, dtype=torch.long, device=scores.device)
-    threshold = torch.topk(scores, k).values[-1]
-    # Everything tied with the k-th score is a candidate; a stable sort of the (ascending)
-    # candidates breaks the ties towards the lower index.
-    candidates = torch.nonzero(scores >= threshold).flatten()
-    order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
-    return scores[candidates[order]], candidates[order]
+    keys = ranking_keys(scores, torch.arange(scores.numel(), device=scores.device))
+    index = torch.topk(keys, k).indices
+    return scores[index], index
 
 
 def merge_top_k(scores: torch.Tensor, docs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge shard candidates: the k best overall, ties to the lower document index."""
-    by_doc = torch.argsort(docs)
-    best_scores, position = top_k_lowest_index_first(scores[by_doc], k)
-    return best_scores, docs[by_doc][position]
+    k = min(k, scores.numel())
+    position = torch.topk(ranking_keys(scores, docs), k).indices
+    return scores[position], docs[position]
 
 
 @dataclass
@@ -66,7 +79,8 @@ class IndexShard:
         queries = grouped_queries.to(self.device, keys.dtype)
         doc_scores = torch.full((self.num_docs,), float("-inf"), device=self.device)
         for start in range(0, keys.shape[0], tile_size):
-            chunk_scores = (queries @ keys[start : start + tile_size].T).float().amax(0)
+            # The max over routing tokens is exact in the keys' dtype; only [tile] is cast.
+            chunk_scores = (queries @ keys[start : start + tile_size].T).amax(0).float()
             doc_scores.scatter_reduce_(0, self.chunk_doc[start : start + tile_size], chunk_scores, reduce="amax")
         scores, local = top_k_lowest_index_first(doc_scores, k)
         return scores, local + self.first_doc
@@ -121,8 +135,11 @@ class RoutingIndex:
         return cls(shards, tile_size)
 
     def top_documents(self, layer_slot: int, grouped_queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores fp32 [k'], document indices [k']) best first, k' = min(k, documents), on the first shard's device."""
-        # Launches on every device are asynchronous; the merge is the one synchronisation.
+        """(scores fp32 [k'], document indices [k']) best first, k' = min(k, documents), on the first shard's device.
+
+        Nothing waits for a device: each shard's kernels are queued on its GPU's stream one
+        after the other and run concurrently; the caller's first read of the result waits.
+        """
         results = [shard.top_documents(layer_slot, grouped_queries, k, self.tile_size) for shard in self.shards if shard.num_docs]
         home = self.shards[0].device
         scores = torch.cat([s.to(home) for s, _ in results])
