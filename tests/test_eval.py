@@ -145,7 +145,29 @@ def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
         "--routing-tokens", "6", "--out", str(out),
     ])
     results = json.loads(out.read_text())
-    assert [(r["memory_tokens"], r["chunks"]) for r in results["routing"]] == [(4096, 64), (8192, 128)] * 2
-    assert all(r["routing"]["median_ms"] > 0 and r["content"]["allocated"] for r in results["routing"])
-    assert [r["replicas"] for r in results["encoding"]] == [1, 1]  # two CPU "devices" share one replica
+    assert not [r for section in ("routing", "content", "encoding") for r in results[section] if "error" in r]
+    routing = results["routing"]
+    assert [(r["memory_tokens"], r["gpus"], r["chunks"]) for r in routing] == [
+        (4096, 1, 64), (8192, 1, 128), (4096, 2, 64), (8192, 2, 128)
+    ]
+    assert all(r["routing"]["median_ms"] > 0 and len(r["top_docs_sample"]) == 4 for r in routing)
+    assert [len(r["routing_key_bytes_by_device"]) for r in routing] == [1, 1, 1, 1]  # two CPU "devices" are one
+    assert [(c["memory_tokens"], c["allocated_layers"]) for c in results["content"]] == [(4096, 1), (8192, 1)]
+    assert all(c["fetch_all_layers"]["median_ms"] > 0 and c["fetched_chunks_per_layer"] > 0 for c in results["content"])
+    assert [r["replicas"] for r in results["encoding"]] == [1, 1]
     assert results["encoding"][0]["encoded_tokens"] == 600 and results["encoding"][0]["prefill"]["median_ms"] > 0
+    assert results["encoding"][0]["decode_step"]["median_ms"] > 0
+
+
+def test_inference_benchmark_memory_estimates_at_100m_tokens():
+    """The spec's sizing (section 8): 100M tokens, P=64, 8 KV heads, D=128, 18 router layers, bf16."""
+    import torch
+
+    from msa_train.eval import bench_inference
+
+    args = bench_inference.build_parser().parse_args([])
+    args.dtype = torch.bfloat16
+    estimate = bench_inference.memory_estimates(args, bench_inference.MODEL_SHAPES["qwen3-4b"], 100_000_000)
+    assert estimate["chunks"] == 1_562_500
+    assert estimate["routing_key_bytes"] == 1_562_500 * (18 * 8 * 128 * 2 + 8)  # ~57.6 GB: K̄R plus the chunk map
+    assert estimate["content_host_bytes"] == 1_562_500 * 18 * 2 * 8 * 128 * 2  # ~115 GB of K̄/V̄
