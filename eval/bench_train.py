@@ -163,6 +163,47 @@ def time_steps(step, warmup: int, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+KERNEL_CLASSES = (
+    # (class, substrings of CUDA kernel names); the first match wins.
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention")),
+    ("fused (compiled)", ("triton",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "cat")),
+    ("index / gather / scatter", ("index", "gather", "scatter", "embedding")),
+    ("reduction / sort", ("reduce", "sort", "topk", "scan", "softmax")),
+    ("pointwise (eager)", ("elementwise", "vectorized", "unrolled")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+)
+
+
+def kernel_class(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other")
+
+
+def profile_step(step, label: str) -> dict:
+    """GPU time of one step by kernel class and the top kernels, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e3
+    total = sum(kernels.values())
+    classes: dict[str, float] = {}
+    for name, ms in kernels.items():
+        classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:25]
+    lines = [f"{label}: {total:.1f} ms of GPU kernels"]
+    lines += [f"  {name:<28}{ms:>10.1f} ms {100 * ms / total:>6.1f}%" for name, ms in sorted(classes.items(), key=lambda i: -i[1])]
+    lines += [f"    {ms:>9.2f} ms  {name[:110]}" for name, ms in top]
+    print("\n".join(lines), flush=True)
+    return {"label": label, "kernel_ms": total, "classes_ms": classes, "top_kernels_ms": dict(top)}
+
+
 def make_step(model, inputs: dict, optimizer, use_optimizer: bool):
     def step():
         out = model(**inputs)
@@ -174,15 +215,18 @@ def make_step(model, inputs: dict, optimizer, use_optimizer: bool):
     return step
 
 
-def run_config(name: str, build, row: dict, cfg: dict, args, flops: float) -> Result:
+def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profiles: list) -> Result:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = optimizer = None
     try:
         model, inputs = build()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        seconds = time_steps(make_step(model, inputs, optimizer, not args.no_optimizer), args.warmup, args.repeats)
+        step = make_step(model, inputs, optimizer, not args.no_optimizer)
+        seconds = time_steps(step, args.warmup, args.repeats)
         tokens = row["input_ids"].numel()
+        if name in args.profile:
+            profiles.append(profile_step(step, f"{name} at {tokens} tokens"))
         result = Result(
             config=name,
             row_length=tokens,
@@ -209,6 +253,7 @@ def build_msa(cfg: dict, row: dict, args):
     with torch.device("cuda"):
         model = MSAForCausalLM(config).to(torch.bfloat16)
     model.model.gradient_checkpointing = True
+    model.model.checkpointed_layers = args.checkpointed_layers
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -247,6 +292,10 @@ def main() -> None:
     parser.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
     parser.add_argument("--compile", action="store_true", help="torch.compile the MSA layers' token-wise blocks")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
+    parser.add_argument("--checkpointed-layers", type=int, default=None,
+                        help="MSA: recompute only the first N layers in backward (default: all)")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG",
+                        help="also profile one step of these configs: GPU time by kernel class and the top kernels")
     parser.add_argument("--out", default="bench_train.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -255,17 +304,17 @@ def main() -> None:
         cfg["num_hidden_layers"] = args.layers
     router_layers = len(MSAConfig(**cfg).router_layers)
 
-    results = []
+    results, profiles = [], []
     for length in args.lengths:
         row = random_memory_row(length, torch.Generator().manual_seed(length), vocab_size=cfg["vocab_size"])
         for name in args.configs:
             if name == "msa":
                 flops = msa_step_flops(row, cfg, router_layers, args.top_k, args.chunk_size)
-                results.append(run_config(name, lambda: build_msa(cfg, row, args), row, cfg, args, flops))
+                results.append(run_config(name, lambda: build_msa(cfg, row, args), row, cfg, args, flops, profiles))
             else:
                 masked = name == "dense_docmask"
                 flops = dense_step_flops(row, cfg, masked)
-                results.append(run_config(name, lambda: build_dense(cfg, row, masked), row, cfg, args, flops))
+                results.append(run_config(name, lambda: build_dense(cfg, row, masked), row, cfg, args, flops, profiles))
 
     device = torch.cuda.get_device_name()
     report = {
@@ -274,6 +323,7 @@ def main() -> None:
         "optimizer_step_included": not args.no_optimizer,
         "args": vars(args),
         "results": [asdict(r) for r in results],
+        "profiles": profiles,
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

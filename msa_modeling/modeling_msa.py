@@ -278,11 +278,14 @@ class MSAModel(MSAPreTrainedModel):
         )
         self.sliding_windows = adapter.sliding_windows(backbone_config)
         self.gradient_checkpointing = False
+        # With gradient checkpointing: recompute only the first this-many layers in backward and
+        # keep the rest's activations (None: every layer). Trades memory for speed at short rows.
+        self.checkpointed_layers: int | None = None
         self._attention_backends: dict[str, object] = {}
         self.post_init()
 
     def compile_dense_blocks(self) -> None:
-        """`torch.compile` the token-wise parts of every layer (projections, norms, RoPE, MLP).
+        """`torch.compile` the token-wise parts of every layer (norms, projections, RoPE, MLP).
 
         Their shapes depend only on the row length, so they compile once per length; routing
         and attention, whose sizes follow the data, stay eager. Fusing the norms, RoPE and the
@@ -291,8 +294,10 @@ class MSAModel(MSAPreTrainedModel):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # Instance attributes shadow the methods, so parameter names (and checkpoints) stay the same.
         for layer in self.layers:
+            layer.input_layernorm.compile(dynamic=False)
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
             layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
+        self.norm.compile(dynamic=False)
 
     def attention_backend(self, device: torch.device):
         """The configured attention backend for `device`, chosen once per device type and logged."""
@@ -326,9 +331,10 @@ class MSAModel(MSAPreTrainedModel):
         attention = AttentionContext(backend=backend, plan=backend.prepare(layout))
         all_hidden = [hidden_states] if output_hidden_states else None
         router_outputs = []
-        for layer in self.layers:
+        recomputed = len(self.layers) if self.checkpointed_layers is None else self.checkpointed_layers
+        for index, layer in enumerate(self.layers):
             layer_cos, layer_sin = local_rope if layer.self_attn.uses_local_rope else (cos, sin)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and index < recomputed:
                 hidden_states, router_output = checkpoint(
                     layer, hidden_states, layer_cos, layer_sin, layout, attention, use_reentrant=False
                 )

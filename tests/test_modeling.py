@@ -286,15 +286,27 @@ def test_bf16_forward_and_backward_on_cpu():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     batch = random_packed_batch(14)
-    grads = []
-    for checkpointing in (False, True):
+    grads, forward_calls = [], []
+    for checkpointing, checkpointed_layers in ((False, None), (True, None), (True, 1)):
         model = tiny_msa(14).train()
         model.model.gradient_checkpointing = checkpointing
+        model.model.checkpointed_layers = checkpointed_layers
+        calls = [0] * len(model.model.layers)
+        for index, layer in enumerate(model.model.layers):
+            def counted(hidden, index=index, feed_forward=layer.feed_forward):
+                calls[index] += 1
+                return feed_forward(hidden)
+            layer.feed_forward = counted
         model(**batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+        forward_calls.append(calls)
+    # A recomputed layer runs its forward twice: once in the forward pass, once in backward.
+    layers = len(forward_calls[0])
+    assert forward_calls == [[1] * layers, [2] * layers, [2] + [1] * (layers - 1)]
+    for other in grads[1:]:
+        assert grads[0].keys() == other.keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], other[name], rtol=1e-5, atol=1e-7)
 
 
 def test_top_k_ties_break_towards_lower_document_id():
