@@ -4,6 +4,7 @@ the memory-interleave loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ from msa_modeling.inference import (
 )
 
 from ..data.records import Document
-from ..data.templates import TemplateConfig, TemplateTokens
+from ..data.templates import ChatFormat, TemplateConfig, TemplateTokens
 from ..data.tokenization import TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,14 @@ class EvalModel:
 
         model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype or torch.float32)
         tokenizer = load_tokenizer(checkpoint)
-        tokenizer.ensure_special_tokens((template or TemplateConfig()).special_strings(), report=True)
+        template = template or TemplateConfig()
+        if template.chat_from_tokenizer:
+            # As the data build resolves it: the chat markers of the tokenizer's own chat template.
+            hf = getattr(tokenizer, "hf", None)
+            if hf is None or not getattr(hf, "chat_template", None):
+                raise ValueError(f"{checkpoint}: the template asks for chat_from_tokenizer, the tokenizer has no chat template")
+            template = dataclasses.replace(template, chat=ChatFormat.from_hf_tokenizer(hf), chat_from_tokenizer=False)
+        tokenizer.ensure_special_tokens(template.special_strings(), report=True)
         return cls(model.to(device).eval(), tokenizer, template, settings, index_devices)
 
     def _stop_token_ids(self) -> list[int]:

@@ -4,17 +4,22 @@ Reports exact match and F1 against the records' answers, router recall@k (rankin
 first round's routing, per router layer, averaged), recall of the IDs the model chose, the
 statistics of how many documents it chose (the adaptive retrieval count), and, optionally,
 the LLM judge's 0-5 score.
+
+`run_qa_scaling` asks the same questions over memories of growing size: each memory holds
+the questions' positive documents plus other corpus documents (distractors, in a seeded
+order) up to the size, shuffled; the scores per size give the curve against memory tokens.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..data.records import RetrievalDataset
+from ..data.records import Document, RetrievalDataset, RetrievalRecord
 from .harness import EvalModel
 from .judge import JudgeClient
 from .metrics import exact_match, recall_at_k, summarize, token_f1
@@ -80,12 +85,20 @@ def run_qa(
     model: EvalModel, dataset: RetrievalDataset, limit: int | None = None, judge: JudgeClient | None = None,
 ) -> QAReport:
     """Encode the corpus once as memory IDs 1..n and answer the first `limit` records."""
-    store = model.encode_memory(dataset.corpus)
-    loop = model.interleave(store, trace_k=max(RECALL_KS))
-    memory_id = {doc.doc_id: number for number, doc in enumerate(dataset.corpus, start=1)}
-    report = QAReport(memory_docs=store.num_docs, memory_tokens=store.num_tokens)
     records = dataset.records[:limit] if limit else dataset.records
-    for record in tqdm(records, desc="QA", disable=not model.settings.show_progress):
+    return answer_over_memory(model, dataset.corpus, records, judge)
+
+
+def answer_over_memory(
+    model: EvalModel, memory: Sequence[Document], records: Sequence[RetrievalRecord], judge: JudgeClient | None = None,
+    desc: str = "QA",
+) -> QAReport:
+    """Encode `memory` as memory IDs 1..n and answer `records` over it."""
+    store = model.encode_memory(memory)
+    loop = model.interleave(store, trace_k=max(RECALL_KS))
+    memory_id = {doc.doc_id: number for number, doc in enumerate(memory, start=1)}
+    report = QAReport(memory_docs=store.num_docs, memory_tokens=store.num_tokens)
+    for record in tqdm(records, desc=desc, disable=not model.settings.show_progress):
         result = model.ask(loop, record.query)
         first_routing = result.rounds[0].routing if result.rounds else result.answer_routing
         positives = [memory_id[d] for d in record.positives if d in memory_id]
@@ -101,3 +114,71 @@ def run_qa(
                 item.judge_score = judge.score(record.query, record.answer, result.answer)
         report.items.append(item)
     return report
+
+
+@dataclass
+class QAScalingReport:
+    """One `QAReport` per memory size asked for (tokens of rendered memory)."""
+
+    reports: dict[int, QAReport] = field(default_factory=dict)
+
+    def curves(self) -> dict[str, dict[int, float]]:
+        """{metric: {memory size: value}} for the metrics every size has (EM, F1, recall, judge)."""
+        summaries = {size: report.summary() for size, report in self.reports.items()}
+        picks = {
+            "exact_match": lambda s: s["exact_match"],
+            "f1": lambda s: s["f1"],
+            **{f"router_recall@{k}": (lambda s, k=k: s["router_recall"][f"recall@{k}"]) for k in RECALL_KS},
+            "retrieved_recall": lambda s: s["retrieved_recall"],
+            "judge_score": lambda s: s["judge_score"],
+        }
+        curves = {}
+        for metric, pick in picks.items():
+            points = {size: pick(summary) for size, summary in summaries.items()}
+            if points and all(v is not None for v in points.values()):
+                curves[metric] = points
+        return curves
+
+    def to_dict(self) -> dict:
+        return {str(size): report.to_dict() for size, report in self.reports.items()}
+
+
+def scaling_memory(
+    model: EvalModel, dataset: RetrievalDataset, records: Sequence[RetrievalRecord], memory_tokens: int, seed: int,
+    lengths: dict[str, int] | None = None,
+) -> list[Document]:
+    """The records' positives plus distractors (seeded order) up to about `memory_tokens`
+    rendered tokens, shuffled. Never smaller than the positives; capped by the corpus."""
+    by_id = dataset.corpus_by_id()
+    needed = list(dict.fromkeys(d for r in records for d in r.positives if d in by_id))
+    others = [doc.doc_id for doc in dataset.corpus if doc.doc_id not in set(needed)]
+    random.Random(seed).shuffle(others)
+    if lengths is None:
+        lengths = {doc.doc_id: len(t) for doc, t in zip(dataset.corpus, model.render_documents(dataset.corpus))}
+    chosen, total = list(needed), sum(lengths[d] for d in needed)
+    for doc_id in others:
+        if total + lengths[doc_id] > memory_tokens:
+            break
+        chosen.append(doc_id)
+        total += lengths[doc_id]
+    random.Random(seed + 1).shuffle(chosen)
+    return [by_id[d] for d in chosen]
+
+
+def run_qa_scaling(
+    model: EvalModel, dataset: RetrievalDataset, sizes: Sequence[int], limit: int | None = None,
+    judge: JudgeClient | None = None, seed: int = 0,
+) -> QAScalingReport:
+    """Ask the first `limit` records over a memory of each size (see `scaling_memory`)."""
+    records = dataset.records[:limit] if limit else dataset.records
+    lengths = {doc.doc_id: len(t) for doc, t in zip(dataset.corpus, model.render_documents(dataset.corpus))}
+    corpus_tokens = sum(lengths.values())
+    result = QAScalingReport()
+    for size in sorted(sizes):
+        if size > corpus_tokens:
+            logger.warning("QA memory of %d tokens asked for, the corpus renders to %d: using all of it", size, corpus_tokens)
+        memory = scaling_memory(model, dataset, records, size, seed, lengths)
+        result.reports[size] = answer_over_memory(model, memory, records, judge, desc=f"QA at {size} tokens")
+        logger.info("QA at %d tokens (%d encoded, %d docs): %s", size, result.reports[size].memory_tokens, len(memory),
+                    {k: v for k, v in result.reports[size].summary().items() if k in ("exact_match", "f1")})
+    return result

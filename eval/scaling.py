@@ -83,3 +83,49 @@ def write_scaling_curve(
     else:
         logger.warning("matplotlib is not installed: no PNG for %s (pip install matplotlib)", name)
     return written
+
+
+def write_scaling_curves(
+    curves: dict[str, dict[int, float]], out_dir: Path, name: str, memory_tokens: dict[int, int] | None = None,
+) -> dict[str, str]:
+    """Several metrics against the same memory sizes: `{name}.json`, a `{name}.md` table (one
+    column per metric) and, with matplotlib, `{name}.png` (one line per metric).
+
+    `memory_tokens`: the encoded size of each requested size, recorded beside it.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = sorted({size for points in curves.values() for size in points})
+    metrics = list(curves)
+    lines = ["| memory | " + " | ".join(metrics) + " |", "|---" * (1 + len(metrics)) + "|"]
+    for size in sizes:
+        cells = [f"{curves[m][size]:.3f}" if size in curves[m] else "n/a" for m in metrics]
+        lines.append(f"| {size_label(size)} | " + " | ".join(cells) + " |")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps({
+        "metrics": metrics,
+        "points": [{"memory_tokens": size, "encoded_tokens": (memory_tokens or {}).get(size),
+                    **{m: curves[m].get(size) for m in metrics}} for size in sizes],
+    }, indent=1))
+    written = {"json": str(json_path), "table": str(out_dir / f"{name}.md")}
+    if matplotlib_available() and sizes:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+
+        figure, axes = pyplot.subplots(figsize=(6, 4))
+        for metric in metrics:
+            points = sorted(curves[metric].items())
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=metric)
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("memory tokens")
+        axes.set_ylabel("score")
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(out_dir / f"{name}.png", dpi=120)
+        pyplot.close(figure)
+        written["png"] = str(out_dir / f"{name}.png")
+    elif not matplotlib_available():
+        logger.warning("matplotlib is not installed: no PNG for %s (pip install matplotlib)", name)
+    return written

@@ -48,7 +48,7 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     out = tmp_path / "out"
     evaluate.main([
         str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1",
-        "--qa-records", str(records), "--qa-corpus", str(corpus), *FAST_LOOP,
+        "--qa-records", str(records), "--qa-corpus", str(corpus), "--qa-sizes", "40", "100000", *FAST_LOOP,
     ])
     results = json.loads((out / "results.json").read_text())
     accuracy = results["niah"]["accuracy"]
@@ -68,6 +68,40 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     assert set(summary["router_recall"]) == {"recall@1", "recall@5", "recall@10"}
     assert summary["router_recall"]["recall@10"] == 1.0  # 6 documents: top-10 holds them all
     assert summary["docs_chosen"]["count"] == 3 and summary["exact_match"] is not None
+    assert results["template"]["source"].startswith("reference format")  # the fixture has no recipe copy
+    # QA against memory size: the small memory holds the positives only, the large one the whole corpus.
+    scaling = results["qa_scaling"]
+    positives = {d for r in facts.records for d in r.positives}
+    assert [scaling["sizes"][s]["summary"]["memory_docs"] for s in ("40", "100000")] == [len(positives), len(facts.corpus)]
+    assert {"exact_match", "f1", "router_recall@1", "router_recall@5", "router_recall@10"} <= set(scaling["curves"])
+    curve = json.loads((out / "qa_scaling.json").read_text())
+    assert [p["memory_tokens"] for p in curve["points"]] == [40, 100000] and "f1" in curve["metrics"]
+    assert (out / "qa_scaling.md").exists() and (out / "qa_scaling.png").exists() == matplotlib_available()
+
+
+def test_evaluate_reads_the_template_from_the_exports_recipe_copy(tmp_path):
+    import yaml
+
+    export = tmp_path / "run" / "stages" / "sft_short" / "export"
+    export.mkdir(parents=True)
+    chat_free = {"query_format": "Q: {query}\n", "doc_suffix": " "}
+    recipe = {
+        "data": {"sources": {
+            "qa": {"sample_kind": "qa", "template": chat_free},
+            "retrieval": {"sample_kind": "retrieval"},
+        }},
+        "stages": [{"name": "cpt", "sources": {"retrieval": 1.0}}, {"name": "sft_short", "sources": {"qa": 1.0}}],
+    }
+    (export / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    template, source = evaluate.resolve_template(export, None)
+    assert template == TemplateConfig(**chat_free) and "sft_short" in source
+    (tmp_path / "cpt_export").mkdir()
+    (tmp_path / "cpt_export" / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "stages": recipe["stages"][:1]}))
+    assert evaluate.resolve_template(tmp_path / "cpt_export", None)[0] == TemplateConfig()  # the last stage's source
+    assert evaluate.resolve_template(export, "reference")[0] == TemplateConfig()
+    override = tmp_path / "template.json"
+    override.write_text(json.dumps({"query_format": "Question? {query}\n"}))
+    assert evaluate.resolve_template(export, str(override))[0].query_format == "Question? {query}\n"
 
 
 class FakeJudge(BaseHTTPRequestHandler):
