@@ -21,6 +21,8 @@ the others go on):
 
 Timing: every timed call is followed by `torch.cuda.synchronize` on every GPU of the run
 before the clock is read; nothing inside the timed routing and fetch calls waits for a GPU.
+Routing reads each router layer's selection on the host, as generation does, so the figure is
+the sum over layers of (score every chunk, merge the shards' top-k, copy to the host).
 With no GPU, "devices" are the CPU (to exercise the sharding and merging code).
 """
 
@@ -228,7 +230,8 @@ def bench_routing(args: argparse.Namespace, shape: dict, size: int, devices: lis
 
     def route_all_layers() -> None:
         for slot in range(args.router_layers):
-            index.top_documents(slot, queries, args.top_k)
+            _, docs = index.top_documents(slot, queries, args.top_k)
+            docs.cpu()  # as in generation: each layer's selection is read on the host to fetch its K̄/V̄
 
     latency = timed_ms(route_all_layers, devices, args.queries)
     scores, docs = index.top_documents(0, queries, args.top_k)
@@ -292,7 +295,8 @@ def bench_content(args: argparse.Namespace, shape: dict, size: int, device: torc
             k, v = store.gather_chunks(slot % layers, docs)
             k.to(device, non_blocking=True), v.to(device, non_blocking=True)
 
-    fetch = timed_ms(fetch_all_layers, [device], args.queries)
+    # More warm-up: the first fetches allocate the pinned staging blocks they reuse later.
+    fetch = timed_ms(fetch_all_layers, [device], args.queries, warmup=5)
     fetched = sum(int(store.doc_chunk_offsets[d + 1] - store.doc_chunk_offsets[d]) for d in docs.tolist())
     result.update({
         "allocated_layers": layers, "pinned": pinned, "allocate_seconds": allocate_seconds,
