@@ -9,6 +9,7 @@ the filler, so a correct answer can only come from the needle document.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -181,19 +182,43 @@ def generate_kv_facts(
     num_queries: int,
     seed: int,
     filler_words: int = 20,
+    attributes: Sequence[str] | None = None,
+    memory_size: int | None = None,
 ) -> RetrievalDataset:
     """A shared memory of ``num_facts`` "The <attribute> of <entity> is <value>." documents.
 
     Each query asks for one fact; the fact's document is its only positive and every
-    other fact is a negative, so all records share one corpus.
+    other fact is a negative, so all records share one corpus. ``attributes`` restricts the
+    attributes drawn (default: all of them), e.g. to those whose value is one word.
+
+    With ``memory_size``, the facts come in consecutive groups of that many (``num_facts`` must
+    be a multiple of it): within a group, no two facts share a first name or a last name, and a
+    record's negatives are the other facts of its group only, so each group is one memory.
     """
+    if attributes is None:
+        attributes = _ATTRIBUTES
+    unknown = [a for a in attributes if a not in _ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(f"attributes must be a non-empty subset of {_ATTRIBUTES}, got {list(attributes)}")
+    attributes = list(attributes)
+    if memory_size is not None and not (
+            0 < memory_size <= min(len(_FIRST_NAMES), len(_LAST_NAMES)) and num_facts % memory_size == 0):
+        raise ValueError(f"memory_size must divide num_facts ({num_facts}) and be at most "
+                         f"{min(len(_FIRST_NAMES), len(_LAST_NAMES))}, got {memory_size}")
     rng = random.Random(f"kv/{seed}")
     entities_taken: set[str] = set()
     facts: list[_Fact] = []
     for fact_index in range(num_facts):
-        attribute = rng.choice(_ATTRIBUTES)
+        attribute = rng.choice(attributes)
+        if memory_size is not None:
+            if fact_index % memory_size == 0:
+                group_names = list(zip(rng.sample(_FIRST_NAMES, memory_size), rng.sample(_LAST_NAMES, memory_size)))
+            entity = " ".join(group_names[fact_index % memory_size])
         # Past 300 of the 352 possible names, drawing an unused one would take ever longer.
-        entity = _full_name(rng, entities_taken) if len(entities_taken) < 300 else f"entity {fact_index}"
+        elif len(entities_taken) < 300:
+            entity = _full_name(rng, entities_taken)
+        else:
+            entity = f"entity {fact_index}"
         facts.append(_Fact(f"fact-{fact_index}", entity, attribute, _attribute_value(rng, attribute)))
     corpus = []
     for fact in facts:
@@ -201,11 +226,13 @@ def generate_kv_facts(
         corpus.append(Document(fact.doc_id, f"{statement} {filler_text(rng, filler_words)}"))
     records = []
     for query_index in range(num_queries):
-        fact = rng.choice(facts)
+        fact_index = rng.randrange(len(facts))
+        fact = facts[fact_index]
+        group = facts if memory_size is None else facts[fact_index - fact_index % memory_size:][:memory_size]
         records.append(RetrievalRecord(
             query=f"What is the {fact.attribute} of {fact.entity}?",
             positives=[fact.doc_id],
-            negatives=[other.doc_id for other in facts if other.doc_id != fact.doc_id],
+            negatives=[other.doc_id for other in group if other.doc_id != fact.doc_id],
             answer=fact.value,
             query_id=f"kv-{query_index}",
         ))
@@ -218,12 +245,17 @@ def generate_multihop_chains(
     hops: int = 2,
     distractors_per_chain: int = 6,
     filler_words: int = 20,
+    hop_positives: bool = False,
 ) -> RetrievalDataset:
     """Chains "A works with B." -> "B works with C." -> ... -> "Z lives in <city>.".
 
     The query names A and asks where the last person of the chain lives; ``hops[i]`` is the
     document needed at retrieval step i. Distractors reuse the same sentence shapes with
     other people, so they are hard negatives.
+
+    ``hop_positives``: also list every hop document as a positive, so that a ``retrieval`` or
+    ``qa`` sample retrieves the whole chain in one round (the ablation without interleave
+    steps); by default records have no positives and only ``interleave`` samples use them.
     """
     if hops < 1:
         raise ValueError("a chain needs at least one hop")
@@ -263,7 +295,7 @@ def generate_multihop_chains(
         subject = f"{relation} of {people[0]}" if hops > 1 else people[0]
         records.append(RetrievalRecord(
             query=f"In which city does {subject} live?",
-            positives=[],
+            positives=[doc_id for hop in hop_ids for doc_id in hop] if hop_positives else [],
             negatives=distractor_ids,
             answer=city,
             hops=hop_ids,

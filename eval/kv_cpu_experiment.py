@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..data.synthetic import generate_kv_facts
+from ..data.templates import TemplateConfig
 from ..train.config import Recipe, load_recipe
 from ..train.runner import main as run_training
 from ..train.trainer import export_dir, stage_dir
@@ -61,14 +62,39 @@ def memory_docs_of(recipe: Recipe) -> int:
     return max(int(recipe.data.sources[name].get("memory", {}).get("max_memory_docs", 512)) for name in sources)
 
 
-def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: int, seed: int) -> dict[str, Any]:
-    """Router recall@k and answer exact match over `memories` new fact memories of `memory_docs` documents."""
-    model = EvalModel.load(export, settings=LoopSettings(max_rounds=1, max_round_tokens=16, max_answer_tokens=16,
-                                                         show_progress=False))
+def qa_source_of(recipe: Recipe) -> dict[str, Any]:
+    """The last stage's first `qa` source: held-out facts use its generator options and template."""
+    for name in recipe.stages[-1].sources:
+        source = recipe.data.sources[name]
+        if source.get("sample_kind") == "qa" and source.get("source", {}).get("kind") == "synthetic":
+            return source
+    raise ValueError("the recipe's last stage has no synthetic qa source")
+
+
+def heldout_generator_options(source: dict[str, Any]) -> dict[str, Any]:
+    """The training generator's task options (attributes, filler), without its size and seed."""
+    options = dict(source["source"]["synthetic"])
+    if options.pop("generator", None) != "kv_facts":
+        raise ValueError("the qa source must use the kv_facts generator")
+    for key in ("num_facts", "num_queries", "seed"):
+        options.pop(key, None)
+    return options
+
+
+def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: int, seed: int,
+                     source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Router recall@k and answer exact match over `memories` new fact memories of `memory_docs` documents,
+    drawn with the training source's generator options and asked with its template."""
+    source = source or {"source": {"synthetic": {"generator": "kv_facts", "filler_words": 0}}}
+    options = heldout_generator_options(source)
+    template = TemplateConfig.from_dict(source["template"]) if source.get("template") else None
+    model = EvalModel.load(export, template=template,
+                           settings=LoopSettings(max_rounds=1, max_round_tokens=16, max_answer_tokens=16,
+                                                 show_progress=False))
     merged = QAReport()
     for memory_index in range(memories):
         dataset = generate_kv_facts(num_facts=memory_docs, num_queries=questions,
-                                    seed=HELDOUT_SEED_BASE + 100 * seed + memory_index, filler_words=0)
+                                    seed=HELDOUT_SEED_BASE + 100 * seed + memory_index, **options)
         report = run_qa(model, dataset)
         merged.items += report.items
         merged.memory_docs = report.memory_docs
@@ -79,6 +105,7 @@ def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: i
     summary["examples"] = [{"query": item.query, "reference": item.reference, "answer": item.answer,
                             "positive_ids": item.positive_ids, "retrieved_ids": item.retrieved_ids}
                            for item in merged.items[:8]]
+    summary["generator_options"] = options
     return summary
 
 
@@ -141,7 +168,7 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
         raise RuntimeError(f"training exited with code {code}")
     trained = time.perf_counter()
     heldout = evaluate_heldout(export_dir(run_dir, recipe.stages[-1].name), memory_docs_of(recipe), memories,
-                               questions, seed)
+                               questions, seed, qa_source_of(recipe))
     evaluated = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
     curves = stage_curves(run_dir, recipe)
