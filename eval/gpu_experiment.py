@@ -1,0 +1,1206 @@
+"""The GPU-scale MSA experiment of issue 7, from one command, inside a wall-clock budget.
+
+    python -m msa_train.eval.gpu_experiment --gpus 0 1 2 3 --results-dir docs/experiments
+    python eval/gpu_experiment.py --gpus 0 1 --time-budget 7    # a bare checkout: no install needed
+    python -m msa_train.eval.gpu_experiment --smoke --results-dir /tmp/gpu_smoke   # CPU, toy scale
+
+What it does:
+1. Trains one tokenizer for every variant (the recipe's `train_tiny`, on the recipe's sources).
+2. Runs four variants of `recipes/qwen3_350m_synthetic.yaml` through its four stages (CPT
+   warm-up, CPT main, SFT short at 8K rows, SFT long at 16K rows), one process per GPU
+   (`CUDA_VISIBLE_DEVICES`; DeepSpeed ZeRO-2 in a world of one). With fewer GPUs than variants,
+   the variants queue, each GPU running its share one after the other:
+   - `main`: the recipe;
+   - `no_aux`: `loss_weights.aux: 0` in every stage (the router is never trained);
+   - `global_positions`: `model.msa.document_positions: false`: positions count from the start
+     of each example instead of restarting in each document; inference then encodes each
+     document at its offset in the memory and the question after the whole memory;
+   - `no_interleave`: every interleave (multi-hop, one example per retrieval step) source is
+     replaced by its one-round counterpart, which retrieves both hops' IDs at once.
+   Data builds run in separate CPU processes, one per source, while the workers start.
+3. Fits the steps to the budget: the first stage uses the recipe's steps, or fewer when the
+   assumed throughput says they would not fit; each later stage is scaled (up to
+   `--max-step-scale`) to the time left, from the throughput and per-stage overhead measured so far.
+4. Evaluates each variant's last export, in order of importance, until its deadline:
+   RULER-style NIAH (`eval/niah.py`) and held-out needle QA in one shared memory (router
+   recall@1/5/10, exact match, whether the generated ID was the needle) at memories of L, 64L,
+   8L, 2L, 4L, 16L and 32L tokens (L: the longest training row), multi-hop QA through the
+   interleave loop and key-value QA at about L tokens. (Cheap sizes come before 32L.)
+5. Writes to `--results-dir` (at most 6 files): `<name>.json` (every number, the per-step
+   curves, timings), `<name>_loss.png`, `<name>_recall.png` (training curves of all variants),
+   `<name>_niah.png` (NIAH accuracy against memory size), `<name>_memory_recall.png` (held-out
+   router recall@k against memory size) and `<name>_log.txt` (the summary table and the tail of
+   every process's log). It prints the summary, with the acceptance check: NIAH accuracy at
+   64L within 10% of the accuracy at L.
+
+Work folders (runs, data builds, logs) go under `--work-dir`. `key=value` arguments are recipe
+overrides applied to every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shim_dir(repo: Path) -> Path:
+    """A folder holding `msa_train/{data,train,eval}` links to `repo`'s folders, so that the
+    `msa_train` namespace imports from a bare checkout (pyproject maps it the same way)."""
+    digest = hashlib.sha1(str(repo).encode()).hexdigest()[:10]
+    shim = Path(tempfile.gettempdir()) / f"msa_train_shim_{digest}"
+    package = shim / "msa_train"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "train", "eval"):
+        link = package / name
+        if not link.exists():
+            try:
+                link.symlink_to(repo / name, target_is_directory=True)
+            except FileExistsError:  # another process made it meanwhile
+                pass
+    return shim
+
+
+if __name__ == "__main__" and not __package__:
+    # `python eval/gpu_experiment.py ...`: import the module as `msa_train.eval.gpu_experiment`.
+    import importlib.util
+
+    if importlib.util.find_spec("msa_train") is None:
+        _shim = _shim_dir(REPO)
+        sys.path[:0] = [str(_shim), str(REPO)]
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(_shim), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    from msa_train.eval.gpu_experiment import main as _main
+
+    raise SystemExit(_main())
+
+logger = logging.getLogger("msa_train.gpu_experiment")
+
+DEFAULT_RECIPE = REPO / "recipes" / "qwen3_350m_synthetic.yaml"
+VARIANTS = ("main", "no_aux", "global_positions", "no_interleave")
+VARIANT_TITLES = {
+    "main": "MSA (all stages)",
+    "no_aux": "without the aux loss",
+    "global_positions": "global positions",
+    "no_interleave": "without interleave steps",
+}
+HELDOUT_SEED = 1000  # generator seeds of held-out evaluation data; training sources use seeds < 100
+RECALL_KS = (1, 5, 10)
+# Evaluation memory sizes as multiples of the longest training row, in order of importance.
+SIZE_MULTIPLES = (1, 64, 8, 2, 4, 16, 32)
+NIAH_SUBTASKS = ("niah_single_1", "niah_multikey_2", "niah_multivalue", "niah_multiquery")
+LOG_TAIL_LINES = 120
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+def one_round_counterpart(sources: dict[str, dict], name: str) -> str:
+    """The `qa` source whose generator config equals interleave source `name`'s plus `hop_positives: true`."""
+    source = sources[name]
+    wanted = dict(source["source"])
+    wanted["synthetic"] = {**wanted.get("synthetic", {}), "hop_positives": True}
+    for candidate, values in sources.items():
+        if (values.get("sample_kind") == "qa" and values.get("source") == wanted
+                and values.get("memory") == source.get("memory")):
+            return candidate
+    raise ValueError(f"the no_interleave variant needs a one-round counterpart of interleave source {name!r}: a "
+                     "qa source with the same generator settings plus hop_positives: true and the same memory")
+
+
+def variant_overrides(recipe: Any, variant: str) -> list[str]:
+    """Recipe overrides (key=value) that turn the recipe into `variant`."""
+    if variant == "main":
+        return []
+    if variant == "no_aux":
+        return [f"stages.{index}.loss_weights.aux=0.0" for index in range(len(recipe.stages))]
+    if variant == "global_positions":
+        return ["model.msa.document_positions=false"]
+    if variant == "no_interleave":
+        sources = recipe.data.sources
+        overrides = []
+        for index, stage in enumerate(recipe.stages):
+            if any(sources[name].get("sample_kind") == "interleave" for name in stage.sources):
+                replaced = {one_round_counterpart(sources, name) if sources[name].get("sample_kind") == "interleave"
+                            else name: weight for name, weight in stage.sources.items()}
+                overrides.append(f"stages.{index}.sources={json.dumps(replaced)}")
+        if not overrides:
+            raise ValueError("the no_interleave variant needs a stage with an interleave source")
+        return overrides
+    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+
+
+def smoke_overrides(recipe: Any) -> list[str]:
+    """Shrink the recipe to a few-minute CPU run that takes every code path of the real one:
+    a 4-layer model (bf16, as on GPUs), rows of 768/1536 tokens, 2-3 steps per stage, small sources."""
+    overrides = [
+        "model.inline_config.hidden_size=64", "model.inline_config.intermediate_size=128",
+        "model.inline_config.num_hidden_layers=4", "model.inline_config.num_attention_heads=4",
+        "model.inline_config.num_key_value_heads=2", "model.inline_config.head_dim=16",
+        "model.msa.top_k_docs=2", "model.msa.chunk_size=32",
+        "tokenizer.train_tiny.vocab_size=768", "tokenizer.train_tiny.sample_records=60",
+    ]
+    caps = {"num_samples": 40, "num_queries": 60, "num_chains": 40, "num_facts": 60, "words_per_doc": 40,
+            "haystack_docs": 3, "num_keys": 4}
+    long_rows = max(stage.row_length for stage in recipe.stages)
+    for name, values in recipe.data.sources.items():
+        synthetic = values.get("source", {}).get("synthetic", {})
+        for key, cap in caps.items():
+            if key in synthetic and int(synthetic[key]) > cap:
+                overrides.append(f"data.sources.{name}.source.synthetic.{key}={cap}")
+        long = int(values.get("max_example_tokens", 16384)) > 8192
+        overrides += [f"data.sources.{name}.memory.memory_tokens={1152 if long else 384}",
+                      f"data.sources.{name}.max_example_tokens={1536 if long else 768}"]
+    for index, stage in enumerate(recipe.stages):
+        row = 1536 if stage.row_length == long_rows and long_rows > 8192 else 768
+        steps = 3 if index < 2 else 2
+        overrides += [f"stages.{index}.row_length={row}", f"stages.{index}.micro_batch_tokens={row}",
+                      f"stages.{index}.global_batch_tokens={2 * row}", f"stages.{index}.budget.steps={steps}",
+                      f"stages.{index}.budget.tokens=null", f"stages.{index}.schedule.warmup_steps=1"]
+    return overrides
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(staging, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def longest_row(recipe: Any) -> int:
+    return max(stage.row_length for stage in recipe.stages)
+
+
+def stage_sources(recipe: Any) -> list[str]:
+    return list(dict.fromkeys(name for stage in recipe.stages for name in [*stage.sources, *stage.eval.sources]))
+
+
+def size_label(tokens: int) -> str:
+    for unit, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if tokens >= scale and tokens % scale == 0:
+            return f"{tokens // scale}{unit}"
+    return str(tokens)
+
+
+# ----------------------------------------------------------------------------- tokenizer and data
+
+
+def tokenizer_texts(recipe: Any, tokenizer_dir: Path, limit: int) -> list[str]:
+    """The texts `train.runner.tokenizer_texts` trains the tiny tokenizer on, without generating
+    whole sources: the synthetic generators are sequential, so a source generated with its counts
+    capped at `limit` has the same first `limit` documents and records."""
+    from ..data.build import load_source
+    from ..data.errors import BadRecordTally
+    from ..train.data_stream import build_config_for
+
+    texts: list[str] = []
+    for name in recipe.data.sources:
+        source = build_config_for(recipe, name, tokenizer_dir).source
+        if source.kind == "synthetic":
+            options = dict(source.synthetic)
+            for key in ("num_samples", "num_queries", "num_chains"):
+                if key in options:
+                    options[key] = min(int(options[key]), limit)
+            source = dataclasses.replace(source, synthetic=options)
+        dataset = load_source(source, BadRecordTally())
+        texts += [doc.full_text() for doc in dataset.corpus[:limit]]
+        texts += [f"{record.query} {record.answer or ''}" for record in dataset.records[:limit]]
+    return texts
+
+
+def prepare_shared_tokenizer(recipe: Any, directory: Path) -> Path:
+    """One tokenizer for every variant: the recipe's own (`tokenizer.path`) or its tiny one."""
+    from ..train.runner import special_strings
+    from ..train.tokenizer import prepare_tokenizer
+
+    tiny = recipe.tokenizer.train_tiny
+    texts = None
+    if recipe.tokenizer.path is None:
+        if tiny is None:
+            raise ValueError("the recipe has neither tokenizer.path nor tokenizer.train_tiny")
+        texts = tokenizer_texts(recipe, directory, tiny.sample_records)
+    prepare_tokenizer(directory, special_strings(recipe, directory), recipe.tokenizer.path, texts,
+                      tiny.vocab_size if tiny else 0)
+    return directory
+
+
+def _build_source(config: Any, output: str) -> dict:
+    from ..data.build import build_dataset
+
+    started = time.perf_counter()
+    manifest = build_dataset(config, output)
+    return {"seconds": round(time.perf_counter() - started, 2), "examples": manifest.get("examples"),
+            "overlong_skipped": manifest.get("examples_overlong_skipped"),
+            "corpus_tokens": manifest.get("corpus_tokens"), "unusable": manifest.get("records_unusable")}
+
+
+def prepare_variant(spec: dict) -> None:
+    """A variant's tokenizer copy and data builds (one process per source); writes `prep_done.json`."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from ..train.config import load_recipe
+    from ..train.data_stream import build_config_for, source_build_dir
+    from ..train.runner import special_strings
+    from ..train.tokenizer import prepare_tokenizer
+
+    started = time.perf_counter()
+    run_dir = Path(spec["run_dir"])
+    try:
+        recipe = load_recipe(spec["recipe"], spec["overrides"])
+        tokenizer_dir = run_dir / "tokenizer"
+        prepare_tokenizer(tokenizer_dir, special_strings(recipe, tokenizer_dir), spec["tokenizer_source"], None, 0)
+        names = stage_sources(recipe)
+        configs = {name: build_config_for(recipe, name, tokenizer_dir) for name in names}
+        workers = max(1, min(len(names), int(spec["build_workers"])))
+        summary: dict[str, Any] = {}
+        if workers == 1:
+            for name in names:
+                summary[name] = _build_source(configs[name], str(source_build_dir(run_dir, name)))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {name: pool.submit(_build_source, configs[name], str(source_build_dir(run_dir, name)))
+                           for name in names}
+                summary = {name: future.result() for name, future in futures.items()}
+        write_json_atomic(run_dir / "prep_done.json", {"seconds": time.perf_counter() - started, "sources": summary})
+        logger.info("prepared %d sources in %.1f s", len(names), time.perf_counter() - started)
+    except BaseException:
+        write_json_atomic(run_dir / "prep_failed.json", {"traceback": traceback.format_exc()})
+        raise
+
+
+def wait_for_prep(run_dir: Path, deadline: float) -> dict:
+    while True:
+        done = read_json(run_dir / "prep_done.json")
+        if done is not None:
+            return done
+        failed = read_json(run_dir / "prep_failed.json")
+        if failed is not None:
+            raise RuntimeError(f"data preparation failed:\n{failed.get('traceback')}")
+        if time.time() > deadline:
+            raise TimeoutError("data preparation did not finish before the training deadline")
+        time.sleep(0.25)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def stage_throughput(metrics_path: Path) -> dict[str, float] | None:
+    """Median tokens/s and step seconds of a stage's logged steps (the first two, warm-up, left out when possible)."""
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r.get("tokens_per_s_per_device")]
+    if not steps:
+        return None
+    steady = steps[2:] if len(steps) > 4 else steps
+    return {"tokens_per_s": statistics.median(r["tokens_per_s_per_device"] for r in steady),
+            "step_seconds_total": sum(r.get("step_seconds", 0.0) for r in steps), "steps": len(steps)}
+
+
+class StepPlanner:
+    """Steps per stage so that training ends by `deadline`: recipe steps scaled by the time left over
+    the time they would take, from the measured (or, before the first stage, assumed) throughput."""
+
+    def __init__(self, planned: list[tuple[int, int]], deadline: float, tokens_per_s: float, overhead_s: float,
+                 max_scale: float, min_steps: int) -> None:
+        self.planned = planned  # (recipe steps, global batch tokens) per stage
+        self.deadline = deadline
+        self.tokens_per_s = tokens_per_s
+        self.overhead_s = overhead_s
+        self.max_scale = max_scale
+        self.min_steps = min_steps
+        self.measured = False
+
+    def steps_for(self, index: int, now: float) -> tuple[int, float]:
+        remaining = self.planned[index:]
+        available = self.deadline - now - self.overhead_s * len(remaining)
+        needed = sum(steps * tokens for steps, tokens in remaining) / self.tokens_per_s
+        scale = available / needed if needed > 0 else 1.0
+        scale = min(scale, self.max_scale if self.measured else 1.0)
+        steps = max(self.min_steps, int(round(self.planned[index][0] * scale)))
+        return steps, scale
+
+    def update(self, tokens_per_s: float | None, overhead_s: float | None) -> None:
+        if tokens_per_s:
+            self.tokens_per_s = 0.9 * tokens_per_s  # a margin for longer rows and noise
+            self.measured = True
+        if overhead_s is not None:
+            self.overhead_s = max(self.overhead_s * 0.5, overhead_s)
+
+
+def train_variant(spec: dict, result: dict, save: Any) -> Path | None:
+    """Run the stages in order with planned steps; returns the last complete export (None if none)."""
+    import gc
+
+    import torch
+
+    from ..data.tokenization import load_tokenizer
+    from ..train.config import load_recipe
+    from ..train.distributed import init_distributed
+    from ..train.export import is_complete_export
+    from ..train.runner import previous_export
+    from ..train.trainer import NonFiniteLossError, StageTrainer, export_dir, stage_dir, total_steps
+
+    run_dir = Path(spec["run_dir"])
+    base = load_recipe(spec["recipe"], spec["overrides"])
+    planner = StepPlanner([(total_steps(s), s.global_batch_tokens) for s in base.stages], spec["train_deadline"],
+                          spec["assumed_tokens_per_s"], spec["stage_overhead_s"], spec["max_step_scale"],
+                          spec["min_steps"])
+    wait_started = time.time()
+    result["prep"] = wait_for_prep(run_dir, spec["train_deadline"])
+    result["timing"]["prep_wait_s"] = time.time() - wait_started
+    context = init_distributed()
+    tokenizer_dir = run_dir / "tokenizer"
+    vocab_size = load_tokenizer(tokenizer_dir).vocab_size
+    step_overrides: list[str] = []
+    last_export = None
+    for index, base_stage in enumerate(base.stages):
+        destination = export_dir(run_dir, base_stage.name)
+        if is_complete_export(destination):
+            last_export = destination
+            continue
+        steps, scale = planner.steps_for(index, time.time())
+        warmup = min(base_stage.schedule.warmup_steps, max(1, steps // 4)) if base_stage.schedule.warmup_steps else 0
+        step_overrides += [f"stages.{index}.budget.steps={steps}", f"stages.{index}.budget.tokens=null",
+                           f"stages.{index}.schedule.warmup_steps={warmup}"]
+        recipe = load_recipe(spec["recipe"], [*spec["overrides"], *step_overrides])
+        stage = recipe.stages[index]
+        record = {"stage": stage.name, "steps": steps, "recipe_steps": planner.planned[index][0],
+                  "scale": round(scale, 3), "row_length": stage.row_length, "global_batch_tokens": stage.global_batch_tokens}
+        result["stages"].append(record)
+        save()
+        started = time.time()
+        logger.info("stage %s: %d steps (recipe %d, scale %.2f)", stage.name, steps, planner.planned[index][0], scale)
+        try:
+            trainer = StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size,
+                                   previous_export(recipe, stage, run_dir), context)
+            trainer.run()
+        except NonFiniteLossError as error:
+            record["error"] = f"non-finite loss: {error}"
+            result["errors"].append(f"{stage.name}: {record['error']}")
+            save()
+            break
+        finally:
+            trainer = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        record["wall_s"] = time.time() - started
+        measured = stage_throughput(stage_dir(run_dir, stage.name) / "metrics.jsonl")
+        if measured:
+            record.update(tokens_per_s=measured["tokens_per_s"], step_seconds_total=measured["step_seconds_total"])
+            planner.update(measured["tokens_per_s"], record["wall_s"] - measured["step_seconds_total"])
+        # The export is what the next stage and the evaluation use; the checkpoints are not needed.
+        shutil.rmtree(stage_dir(run_dir, stage.name) / "checkpoints", ignore_errors=True)
+        last_export = destination
+        save()
+    return last_export
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _global_position_classes() -> tuple[type, type]:
+    """An `EvalModel` for models trained with `document_positions: false` (built lazily: torch imports)."""
+    import torch
+
+    from msa_modeling.inference import MemoryEncoder
+    from msa_modeling.inference.encoder import pool_padded_chunks
+    from msa_modeling.inference.layer_steps import attend, attention_residual, embed_tokens, rotary_tables
+    from msa_modeling.routing import l2_normalize
+
+    from .harness import EvalModel
+
+    class GlobalPositionEncoder(MemoryEncoder):
+        """Encodes each document at its offset in the memory: positions run on from the prefix
+        through the documents in order, as training positions do with `document_positions: false`
+        (where each example counts from its first token). `start` is the first document's position."""
+
+        def __init__(self, model: torch.nn.Module, start: int, **kwargs: Any) -> None:
+            config = model.config
+            saved = config.document_positions
+            config.document_positions = True  # MemoryEncoder refuses global positions
+            try:
+                super().__init__(model, **kwargs)
+            finally:
+                config.document_positions = saved
+            self.start = start
+            self._offsets: dict[int, int] = {}
+
+        def encode_documents(self, documents: Sequence[Sequence[int]]) -> Any:
+            offset = self.start
+            self._offsets = {}
+            for document in documents:
+                self._offsets[id(document)] = offset
+                offset += len(document)
+            try:
+                encoded = super().encode_documents(documents)
+            finally:
+                self._offsets = {}
+            self.start = offset
+            return encoded
+
+        @torch.no_grad()
+        def _encode_batch(self, documents: list[Sequence[int]], parts: dict) -> None:
+            longest = max(len(doc) for doc in documents)
+            ids = torch.zeros((len(documents), longest), dtype=torch.long)
+            for row, doc in enumerate(documents):
+                ids[row, : len(doc)] = torch.as_tensor(list(doc), dtype=torch.long)
+            ids = ids.to(self.device)
+            lengths = torch.tensor([len(doc) for doc in documents], device=self.device)
+            offsets = torch.tensor([self._offsets[id(doc)] for doc in documents], device=self.device)
+            positions = offsets[:, None] + torch.arange(longest, device=self.device)[None, :]
+            chunk_size = self.config.chunk_size
+            last_layer = max(self.config.router_layers)
+            model = self.model
+            hidden = embed_tokens(model, ids)
+            ropes = rotary_tables(model, hidden, positions)
+            for index, layer in enumerate(model.model.layers[: last_layer + 1]):
+                normed = layer.input_layernorm(hidden)
+                q, k, v = layer.self_attn.project(normed, *ropes[index])
+                slot = self.router_slot.get(index)
+                if slot is not None:
+                    attention = layer.self_attn
+                    routing_keys = attention.router_k_proj(normed).view(*ids.shape, attention.num_kv_heads, -1)
+                    keys = pool_padded_chunks(k, lengths, chunk_size).to(k.dtype)
+                    values = pool_padded_chunks(v, lengths, chunk_size).to(v.dtype)
+                    normalised = l2_normalize(pool_padded_chunks(routing_keys, lengths, chunk_size)).flatten(1)
+                    parts["k"][slot].append(keys.to("cpu", self.storage_dtype))
+                    parts["v"][slot].append(values.to("cpu", self.storage_dtype))
+                    parts["r"][slot].append(normalised.to("cpu", self.storage_dtype))
+                if index < last_layer:
+                    hidden = attention_residual(layer, hidden, attend(layer, q, k, v, is_causal=True))
+
+    class GlobalPositionEvalModel(EvalModel):
+        """Memories encoded at global positions; the question starts after the whole memory."""
+
+        def encode_memory(self, documents):
+            encoder = GlobalPositionEncoder(self.model, start=0, max_batch_tokens=self.settings.max_batch_tokens,
+                                            show_progress=self.settings.show_progress)
+            store = encoder.new_store(self.prefix_ids())
+            encoder.start = store.prefix_ids.numel()
+            encoder.add_documents(store, self.render_documents(documents))
+            return store.pin_memory() if self.device.type == "cuda" else store
+
+        def interleave(self, store, trace_k: int = 0):
+            loop = super().interleave(store, trace_k=trace_k)
+            if not hasattr(loop.generator, "query_start"):
+                raise RuntimeError("MSAGenerator has no query_start: the global-position evaluation needs updating")
+            loop.generator.query_start = store.prefix_ids.numel() + store.num_tokens
+            return loop
+
+    return GlobalPositionEncoder, GlobalPositionEvalModel
+
+
+def load_eval_model(export: Path, device: str, settings: Any) -> Any:
+    import torch
+
+    from transformers import AutoConfig
+
+    import msa_modeling  # noqa: F401
+
+    from .harness import EvalModel
+
+    config = AutoConfig.from_pretrained(str(export))
+    cls = EvalModel if config.document_positions else _global_position_classes()[1]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return cls.load(export, device=device, dtype=dtype, settings=settings)
+
+
+def rendered_tokens_per_doc(model: Any, documents: Sequence[Any]) -> float:
+    lengths = [len(tokens) for tokens in model.render_documents(documents)]
+    return sum(lengths) / max(len(lengths), 1)
+
+
+def needle_memory(model: Any, memory_tokens: int, questions: int, seed: int) -> Any:
+    """One shared memory of about `memory_tokens` rendered tokens with `questions` needles in haystack
+    documents (40 words each); each record asks one needle, and the corpus order is shuffled."""
+    from ..data.records import RetrievalDataset
+    from ..data.synthetic import generate_needles
+
+    probe = generate_needles("single", 1, seed, haystack_docs=8, words_per_doc=40)
+    per_doc = rendered_tokens_per_doc(model, probe.corpus)
+    haystack = max(0, round(memory_tokens / per_doc / questions) - 1)
+    dataset = generate_needles("single", questions, seed, haystack_docs=haystack, words_per_doc=40)
+    needles = {doc.doc_id: doc.text for doc in dataset.corpus if "-needle" in doc.doc_id}
+    kept = []
+    for record in dataset.records:
+        key = record.query.removeprefix("What is the special magic number for ").removesuffix("?")
+        if sum(f"for {key} is:" in text for text in needles.values()) == 1:  # keys are unique per sample only
+            kept.append(record)
+    corpus = list(dataset.corpus)
+    random.Random(seed).shuffle(corpus)
+    return RetrievalDataset(corpus=corpus, records=kept)
+
+
+def chains_memory(model: Any, memory_tokens: int, seed: int, questions: int) -> Any:
+    """Two-hop chains (with distractors) filling about `memory_tokens`; positives are both hops."""
+    from ..data.records import RetrievalDataset
+    from ..data.synthetic import generate_multihop_chains
+
+    options = dict(hops=2, distractors_per_chain=6, filler_words=12, hop_positives=True)
+    probe = generate_multihop_chains(2, seed, **options)
+    per_chain = rendered_tokens_per_doc(model, probe.corpus) * len(probe.corpus) / 2
+    chains = max(questions, round(memory_tokens / per_chain))
+    dataset = generate_multihop_chains(chains, seed, **options)
+    corpus = list(dataset.corpus)
+    random.Random(seed).shuffle(corpus)
+    return RetrievalDataset(corpus=corpus, records=dataset.records[:questions])
+
+
+def qa_summary(report: Any) -> dict[str, Any]:
+    summary = report.summary()
+    summary["id_correct"] = (sum(bool(set(i.retrieved_ids) & set(i.positive_ids)) for i in report.items)
+                             / max(len(report.items), 1))
+    summary["examples"] = [{"query": i.query, "reference": i.reference, "answer": i.answer,
+                            "positive_ids": i.positive_ids, "retrieved_ids": i.retrieved_ids} for i in report.items[:4]]
+    return summary
+
+
+def niah_summary(report: Any, size: int) -> dict[str, Any]:
+    accuracy = report.accuracy().get(size, {})
+    samples = [s for s in report.samples if s.memory_tokens == size]
+    return {
+        "accuracy": accuracy,
+        "average": accuracy.get("average"),
+        "needle_retrieved": sum(bool(set(s.needle_ids) & set(s.retrieved_ids)) for s in samples) / max(len(samples), 1),
+        "encoded_tokens": statistics.mean(s.encoded_tokens for s in samples) if samples else None,
+        "samples": [{"subtask": s.subtask, "score": s.score, "answer": s.answer[:120], "expected": s.expected,
+                     "needle_ids": s.needle_ids, "retrieved_ids": s.retrieved_ids} for s in samples],
+    }
+
+
+def eval_jobs(row: int, settings: dict) -> list[dict]:
+    """Evaluation jobs in order of importance: the acceptance points first."""
+    sizes = [row * m for m in settings["size_multiples"]]
+    jobs = [{"kind": "niah", "size": sizes[0]}, {"kind": "niah", "size": sizes[1]},
+            {"kind": "multihop", "size": row}, {"kind": "qa_recall", "size": sizes[0]},
+            {"kind": "qa_recall", "size": sizes[1]}, {"kind": "kv", "size": row}]
+    for size in sizes[2:]:
+        jobs += [{"kind": "niah", "size": size}, {"kind": "qa_recall", "size": size}]
+    return jobs
+
+
+def job_cost(job: dict, settings: dict, rates: dict) -> float:
+    """Predicted seconds: tokens to encode over the encoding rate, plus questions times the time per question."""
+    if job["kind"] == "niah":
+        memories = len(settings["niah_subtasks"]) * settings["niah_samples"]
+        return memories * job["size"] / rates["encode_tokens_per_s"] + memories * rates["question_s"]
+    questions = settings["qa_questions"]
+    return job["size"] / rates["encode_tokens_per_s"] + questions * rates["question_s"] * (1.6 if job["kind"] == "multihop" else 1.0)
+
+
+def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
+    """Run the evaluation jobs in order while the predicted end stays before the deadline."""
+    from ..data.synthetic import generate_kv_facts
+    from .harness import LoopSettings
+    from .niah import run_niah
+    from .qa import run_qa
+
+    settings = spec["eval"]
+    device = spec["device"]
+    deadline = spec["end_deadline"] - settings["margin_s"]
+    # Two rounds cover the two-hop chains; short limits bound the cost of a model that rambles.
+    loop = LoopSettings(max_rounds=2, max_round_tokens=24, max_answer_tokens=40,
+                        max_batch_tokens=settings["max_batch_tokens"], show_progress=False)
+    model = load_eval_model(export, device, loop)
+    evaluation = result["eval"]
+    evaluation.update(export=str(export), niah={}, qa_recall={}, skipped=[], settings=settings)
+    rates = {"encode_tokens_per_s": settings["assumed_encode_tokens_per_s"], "question_s": settings["assumed_question_s"]}
+    encoded = {"tokens": 0.0, "seconds": 0.0}
+    row = spec["longest_row"]
+    for job in eval_jobs(row, settings):
+        predicted = job_cost(job, settings, rates)
+        label = f"{job['kind']}@{size_label(job['size'])}"
+        if time.time() + predicted > deadline:
+            evaluation["skipped"].append({"job": label, "predicted_s": round(predicted, 1)})
+            save()
+            continue
+        started = time.time()
+        try:
+            if job["kind"] == "niah":
+                report = run_niah(model, sizes=[job["size"]], samples_per_task=settings["niah_samples"],
+                                  subtasks=list(settings["niah_subtasks"]), seed=0)
+                summary = niah_summary(report, job["size"])
+                tokens, questions = sum(s.encoded_tokens for s in report.samples), len(report.samples)
+                evaluation["niah"][str(job["size"])] = summary
+            else:
+                if job["kind"] == "qa_recall":
+                    dataset = needle_memory(model, job["size"], settings["qa_questions"], HELDOUT_SEED + job["size"] % 997)
+                elif job["kind"] == "multihop":
+                    dataset = chains_memory(model, job["size"], HELDOUT_SEED + 1, settings["qa_questions"])
+                else:
+                    dataset = generate_kv_facts(num_facts=300, num_queries=settings["qa_questions"],
+                                                seed=HELDOUT_SEED + 2, filler_words=12)
+                report = run_qa(model, dataset)
+                summary = qa_summary(report)
+                tokens, questions = report.memory_tokens, len(report.items)
+                if job["kind"] == "qa_recall":
+                    evaluation["qa_recall"][str(job["size"])] = summary
+                else:
+                    evaluation[job["kind"]] = summary
+            summary["seconds"] = time.time() - started
+            # Rates for the next predictions: encoding measured over all jobs so far, questions from this one.
+            encoded["tokens"] += tokens
+            encoded["seconds"] += max(summary["seconds"] - questions * rates["question_s"], 0.05 * summary["seconds"])
+            rates["encode_tokens_per_s"] = max(encoded["tokens"] / encoded["seconds"], 1.0)
+            rates["question_s"] = max(0.5 * rates["question_s"],
+                                      (summary["seconds"] - tokens / rates["encode_tokens_per_s"]) / max(questions, 1))
+            logger.info("eval %s: %.1f s (predicted %.1f)", label, summary["seconds"], predicted)
+        except Exception:
+            evaluation.setdefault("errors", []).append({"job": label, "traceback": traceback.format_exc()})
+            logger.exception("eval %s failed", label)
+        evaluation["rates"] = rates
+        save()
+
+
+def run_worker(spec_path: Path) -> int:
+    """One variant on one device: wait for its data, train the stages, evaluate; `result.json` throughout."""
+    import torch
+
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    run_dir = Path(spec["run_dir"])
+    result: dict[str, Any] = {"variant": spec["variant"], "overrides": spec["overrides"], "status": "running",
+                              "errors": [], "stages": [], "eval": {}, "device": spec["device"],
+                              "timing": {"started": time.time()}}
+    if torch.cuda.is_available() and spec["device"].startswith("cuda"):
+        result["device_name"] = torch.cuda.get_device_name(0)
+    save = lambda: write_json_atomic(run_dir / "result.json", result)  # noqa: E731
+    save()
+    export = None
+    try:
+        export = train_variant(spec, result, save)
+    except Exception:
+        result["errors"].append(f"training: {traceback.format_exc()}")
+        logger.exception("training failed")
+        from ..train.export import is_complete_export
+        from ..train.trainer import export_dir
+
+        exports = [export_dir(run_dir, s["stage"]) for s in result["stages"]]
+        complete = [e for e in exports if is_complete_export(e)]
+        export = complete[-1] if complete else None
+    result["timing"]["train_end"] = time.time()
+    save()
+    if export is not None:
+        try:
+            evaluate_variant(export, spec, result, save)
+        except Exception:
+            result["errors"].append(f"evaluation: {traceback.format_exc()}")
+            logger.exception("evaluation failed")
+    else:
+        result["errors"].append("no complete export to evaluate")
+    result["timing"]["end"] = time.time()
+    result["status"] = "ok" if not result["errors"] and not result["eval"].get("errors") else "errors"
+    save()
+    return 0 if result["status"] == "ok" else 1
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclasses.dataclass
+class Job:
+    variant: str
+    slot: int  # GPU index, or -1 for a CPU slot
+    run_dir: Path
+    spec_path: Path
+    log_path: Path
+    prep: subprocess.Popen | None = None
+    process: subprocess.Popen | None = None
+    hard_deadline: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+
+
+def python_path_env() -> str:
+    """PYTHONPATH for child processes: `msa_train` importable even from a bare checkout."""
+    import importlib.util
+
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    spec = importlib.util.find_spec("msa_train.eval")
+    locations = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    if REPO / "eval" not in locations:
+        parts[:0] = [str(_shim_dir(REPO)), str(REPO)]
+    return os.pathsep.join(dict.fromkeys(parts))
+
+
+def child_env(device: str, slot: int, port: int, threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=python_path_env(), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WANDB_MODE="disabled")
+    if device == "cuda":
+        # Workers tokenise memories of up to a million tokens per sample; nothing forks after that.
+        env.update(CUDA_VISIBLE_DEVICES=str(slot), DS_ACCELERATOR="cuda", TOKENIZERS_PARALLELISM="true")
+    else:
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    return env
+
+
+def launch(mode: str, spec_path: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "msa_train.eval.gpu_experiment", mode, str(spec_path)],
+                                cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()
+
+
+def stop(process: subprocess.Popen | None, wait_s: float = 5.0) -> None:
+    """End a child we started, and its own children (it leads its process group)."""
+    if process is None or process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stage_curves(run_dir: Path, stage_names: Sequence[str]) -> list[dict[str, Any]]:
+    keys = ["loss", "lm_loss", "aux_loss", *(f"recall@{k}" for k in RECALL_KS), "tokens_per_s_per_device", "mfu"]
+    curves = []
+    for name in stage_names:
+        path = run_dir / "stages" / name / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        train = [{"step": r["step"], **{k: r.get(k) for k in keys}} for r in records if "loss" in r]
+        evals = [{"step": r["step"], **{k: r.get(f"eval/{k}") for k in keys[:6]}} for r in records if "eval/loss" in r]
+        curves.append({"stage": name, "train": train, "eval": evals})
+    return curves
+
+
+def acceptance(variant: dict, row: int) -> dict[str, Any]:
+    """NIAH at 64 x the row length against NIAH at the row length (relative drop at most 10%)."""
+    niah = variant.get("eval", {}).get("niah", {})
+    at_row, at_64 = niah.get(str(row), {}).get("average"), niah.get(str(64 * row), {}).get("average")
+    check: dict[str, Any] = {"niah_at_L": at_row, "niah_at_64L": at_64, "L": row}
+    if at_row is None or at_64 is None:
+        check.update(passed=None, reason="not measured")
+    elif at_row == 0:
+        check.update(passed=None, reason="accuracy at L is 0: no relative drop to judge")
+    else:
+        check["relative_drop"] = (at_row - at_64) / at_row
+        check["passed"] = check["relative_drop"] <= 0.10
+    return check
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    row = results["longest_row"]
+    head = ("| variant | status | steps per stage | train s | final LM loss | final recall@1 (train) | "
+            f"NIAH @{size_label(row)} | NIAH @{size_label(64 * row)} | within 10% | router R@1 @{size_label(row)} | "
+            f"R@1 @{size_label(64 * row)} | multi-hop EM | KV EM |")
+    lines = [head, "|" + "---|" * 13]
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+
+    for name, variant in results["variants"].items():
+        stages = variant.get("stages", [])
+        curves = variant.get("curves", [])
+        last = curves[-1]["train"][-1] if curves and curves[-1]["train"] else {}
+        timing = variant.get("timing", {})
+        train_s = (timing.get("train_end") or 0) - (timing.get("started") or 0) if timing.get("train_end") else None
+        ev = variant.get("eval", {})
+        qa = ev.get("qa_recall", {})
+        check = variant.get("acceptance", {})
+        passed = {True: "yes", False: "NO", None: check.get("reason", "-")}[check.get("passed")]
+        lines.append("| " + " | ".join([
+            name, variant.get("status", "missing"), "/".join(str(s.get("steps")) for s in stages) or "-",
+            fmt(round(train_s) if train_s else None), fmt(last.get("lm_loss")), fmt(last.get("recall@1")),
+            fmt(check.get("niah_at_L")), fmt(check.get("niah_at_64L")), passed,
+            fmt(qa.get(str(row), {}).get("router_recall", {}).get("recall@1")),
+            fmt(qa.get(str(64 * row), {}).get("router_recall", {}).get("recall@1")),
+            fmt(ev.get("multihop", {}).get("exact_match")), fmt(ev.get("kv", {}).get("exact_match")),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], results_dir: Path, name: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots")
+        return []
+    from .scaling import PAPER_NIAH_AVERAGE
+
+    paths = []
+    variants = results["variants"]
+    colours = {v: f"C{i}" for i, v in enumerate(variants)}
+
+    def stage_axis(curves: list[dict]) -> list[tuple[dict, int]]:
+        out, offset = [], 0
+        for curve in curves:
+            out.append((curve, offset))
+            offset += curve["train"][-1]["step"] if curve["train"] else 0
+        return out
+
+    for kind, panels in (("loss", ("lm_loss", "aux_loss")), ("recall", ("recall@1", "recall@5"))):
+        figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for axis, key in zip(axes, panels):
+            for variant, data in variants.items():
+                placed = stage_axis(data.get("curves", []))
+                for index, (curve, start) in enumerate(placed):
+                    points = [(start + r["step"], r[key]) for r in curve["train"] if r.get(key) is not None]
+                    if points:
+                        axis.plot(*zip(*points), color=colours[variant], alpha=0.85, linewidth=1,
+                                  label=VARIANT_TITLES.get(variant, variant) if index == 0 else None)
+                    evals = [(start + r["step"], r[key]) for r in curve["eval"] if r.get(key) is not None]
+                    if evals:
+                        axis.scatter(*zip(*evals), color=colours[variant], edgecolor="black", zorder=3, s=18)
+                    if variant == next(iter(variants)) and index > 0:
+                        axis.axvline(start, color="grey", linestyle="--", linewidth=0.7)
+                        axis.text(start, 1.0, f" {curve['stage']}", transform=axis.get_xaxis_transform(),
+                                  va="top", fontsize=7, color="grey")
+            axis.set_xlabel("optimizer step (stages in order)")
+            axis.set_ylabel(key)
+            if kind == "loss":
+                axis.set_yscale("log")
+            else:
+                axis.set_ylim(0, 1.05)
+            axis.legend(fontsize=7)
+        figure.suptitle(f"{name}: training {kind} (lines: training rows; dots: held-out rows at each stage end)",
+                        fontsize=9)
+        figure.tight_layout()
+        path = results_dir / f"{name}_{kind}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        paths.append(str(path))
+
+    row = results["longest_row"]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for variant, data in variants.items():
+        niah = data.get("eval", {}).get("niah", {})
+        points = sorted((int(size), value["average"]) for size, value in niah.items() if value.get("average") is not None)
+        if points:
+            axis.plot(*zip(*points), marker="o", color=colours[variant], label=VARIANT_TITLES.get(variant, variant))
+    for reference, values in PAPER_NIAH_AVERAGE.items():
+        if reference.startswith("MSA"):
+            axis.plot(sorted(values), [values[s] for s in sorted(values)], color="grey", linestyle=":", marker="x",
+                      label=reference)
+    for size, text in ((row, "L (longest training row)"), (64 * row, "64 L")):
+        axis.axvline(size, color="black", linestyle="--", linewidth=0.7)
+        axis.text(size, 1.02, f" {text}", fontsize=7)
+    axis.set_xscale("log", base=2)
+    axis.set_ylim(0, 1.08)
+    axis.set_xlabel("memory tokens")
+    axis.set_ylabel("NIAH accuracy (average over subtasks)")
+    axis.set_title(f"{name}: NIAH against memory size", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = results_dir / f"{name}_niah.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    paths.append(str(path))
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for axis, key in zip(axes, ("recall@1", "recall@5")):
+        for variant, data in variants.items():
+            qa = data.get("eval", {}).get("qa_recall", {})
+            points = sorted((int(size), value["router_recall"][key]) for size, value in qa.items()
+                            if value.get("router_recall", {}).get(key) is not None)
+            if points:
+                axis.plot(*zip(*points), marker="o", color=colours[variant], label=VARIANT_TITLES.get(variant, variant))
+        axis.axvline(row, color="black", linestyle="--", linewidth=0.7)
+        axis.axvline(64 * row, color="black", linestyle="--", linewidth=0.7)
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(0, 1.05)
+        axis.set_xlabel("memory tokens")
+        axis.set_ylabel(f"held-out router {key}")
+        axis.legend(fontsize=7)
+    figure.suptitle(f"{name}: router {'/'.join(f'recall@{k}' for k in RECALL_KS[:2])} of the needle among every "
+                    "document of one shared memory (first round, mean over router layers)", fontsize=9)
+    figure.tight_layout()
+    path = results_dir / f"{name}_memory_recall.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    paths.append(str(path))
+    return paths
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    if not path.is_file():
+        return "(no log)\n"
+    text = path.read_bytes()[-400_000:].decode("utf-8", errors="replace").replace("\r", "\n")
+    kept = [line for line in text.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    return "\n".join(kept[-lines:]) + "\n"
+
+
+def run_driver(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    from ..train.config import load_recipe
+
+    budget_s = args.time_budget * 60.0
+    end_all = t0 + budget_s - args.aggregation_reserve
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    recipe_path = args.recipe.resolve()
+    user_overrides = list(args.overrides)
+    base = load_recipe(recipe_path, user_overrides)
+    if args.smoke:
+        user_overrides = [*smoke_overrides(base), *user_overrides]
+        base = load_recipe(recipe_path, user_overrides)
+    variants = list(args.variants or (("main", "global_positions") if args.smoke else VARIANTS))
+    if device == "cuda":
+        slots = list(args.gpus) if args.gpus else list(range(__import__("torch").cuda.device_count()))
+        if not slots:
+            raise SystemExit("no GPU visible; pass --device cpu (or --smoke) to run on the CPU")
+    else:
+        slots = [-1 - i for i in range(max(1, args.parallel))]
+    work_dir = args.work_dir.resolve()
+    results_dir = args.results_dir.resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    row = longest_row(base)
+    logger.info("variants %s on %s slots %s; budget %.1f min; longest row %d", variants, device, slots,
+                args.time_budget, row)
+
+    tokenizer_dir = work_dir / "tokenizer"
+    started = time.time()
+    prepare_shared_tokenizer(base, tokenizer_dir)
+    tokenizer_s = time.time() - started
+
+    cpu_count = os.cpu_count() or 2
+    parallel = min(len(slots), len(variants))
+    threads = args.threads or (max(1, min(8, cpu_count // max(parallel, 1))) if device == "cuda" else 1)
+    build_workers = args.build_workers or max(1, min(16, cpu_count // max(len(variants), 1)))
+    ports = free_ports(len(variants))
+    queues: dict[int, list[Job]] = {slot: [] for slot in slots}
+    jobs: list[Job] = []
+    for index, variant in enumerate(variants):
+        slot = slots[index % len(slots)]
+        run_dir = work_dir / variant / "run"
+        if run_dir.exists() and not args.resume:
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        job = Job(variant, slot, run_dir, work_dir / variant / "spec.json", work_dir / variant / "worker.log")
+        job.log_path.unlink(missing_ok=True)
+        queues[slot].append(job)
+        jobs.append(job)
+    eval_settings = {
+        "size_multiples": list(SIZE_MULTIPLES),
+        "niah_subtasks": list(NIAH_SUBTASKS[:2] if args.smoke else NIAH_SUBTASKS),
+        "niah_samples": 1 if args.smoke else args.niah_samples,
+        "qa_questions": 4 if args.smoke else args.qa_questions,
+        "max_batch_tokens": 65536 if device == "cuda" else 8192,
+        "assumed_encode_tokens_per_s": 150_000.0 if device == "cuda" else 20_000.0,
+        "assumed_question_s": 0.4 if device == "cuda" else 0.3,
+        "margin_s": 5.0,
+    }
+
+    def spec_for(job: Job, index: int, slot_end: float) -> dict:
+        variant_ovr = variant_overrides(base, job.variant)
+        eval_reserve = args.eval_reserve if args.eval_reserve is not None else (120.0 if device == "cuda" else 40.0)
+        eval_reserve = min(eval_reserve, 0.35 * (slot_end - time.time()))  # queued variants get shorter slots
+        return {
+            "variant": job.variant, "recipe": str(recipe_path), "run_dir": str(job.run_dir),
+            "overrides": [*user_overrides, *variant_ovr, f"run.output_dir={job.run_dir}"],
+            "tokenizer_source": str(tokenizer_dir), "build_workers": build_workers, "device": device,
+            "threads": threads, "train_deadline": slot_end - eval_reserve, "end_deadline": slot_end,
+            "assumed_tokens_per_s": args.assumed_tokens_per_s if device == "cuda" else 3000.0,
+            "stage_overhead_s": 20.0 if device == "cuda" else 8.0,
+            "max_step_scale": 1.0 if args.smoke else args.max_step_scale,
+            "min_steps": 2 if args.smoke else 5, "longest_row": row, "eval": eval_settings,
+            "port": ports[index],
+        }
+
+    # Data builds for every variant start now, on the CPU, beside the first workers.
+    for index, job in enumerate(jobs):
+        write_json_atomic(job.spec_path, spec_for(job, index, end_all))
+        job.prep = launch("--prep", job.spec_path, work_dir / job.variant / "prep.log",
+                          child_env("cpu", -1, ports[index], 1))
+
+    def start(job: Job) -> None:
+        now = time.time()
+        waiting = len([j for j in queues[job.slot] if j.process is None])
+        slot_end = now + (end_all - now) / max(waiting, 1)
+        index = jobs.index(job)
+        spec = spec_for(job, index, slot_end)
+        write_json_atomic(job.spec_path, spec)
+        job.hard_deadline = slot_end + args.grace
+        job.started = now
+        job.process = launch("--worker", job.spec_path, job.log_path, child_env(device, job.slot, ports[index], threads))
+        logger.info("started %s on %s until %s (train until %s)", job.variant,
+                    f"GPU {job.slot}" if job.slot >= 0 else "CPU", time.strftime("%H:%M:%S", time.localtime(slot_end)),
+                    time.strftime("%H:%M:%S", time.localtime(spec["train_deadline"])))
+
+    try:
+        while True:
+            for slot, queue in queues.items():
+                running = [j for j in queue if j.process is not None and j.process.poll() is None]
+                if running:
+                    job = running[0]
+                    if time.time() > job.hard_deadline:
+                        logger.warning("%s ran past its deadline: stopping it", job.variant)
+                        stop(job.process)
+                    continue
+                waiting = [j for j in queue if j.process is None]
+                if waiting and time.time() < end_all - 30:
+                    start(waiting[0])
+            for job in jobs:
+                if job.process is not None and job.process.poll() is not None and not job.finished:
+                    job.finished = time.time()
+                    logger.info("%s finished (exit %s) after %.0f s", job.variant, job.process.returncode,
+                                job.finished - job.started)
+            pending = [j for j in jobs if j.process is None and time.time() < end_all - 30]
+            active = [j for j in jobs if j.process is not None and j.process.poll() is None]
+            if not pending and not active:
+                break
+            time.sleep(1.0)
+    finally:
+        for job in jobs:
+            stop(job.process)
+            stop(job.prep)
+
+    results = aggregate(jobs, base, device, row, args, t0, tokenizer_s, results_dir, work_dir)
+    return 0 if all(v.get("status") == "ok" for v in results["variants"].values()) else 1
+
+
+def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.Namespace, t0: float,
+              tokenizer_s: float, results_dir: Path, work_dir: Path) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    stage_names = [stage.name for stage in base.stages]
+    results: dict[str, Any] = {
+        "recipe": str(args.recipe), "overrides": list(args.overrides), "smoke": args.smoke, "device": device,
+        "longest_row": row, "memory_sizes": [row * m for m in sorted(SIZE_MULTIPLES)],
+        "time_budget_min": args.time_budget, "tokenizer_s": tokenizer_s,
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                    if torch.cuda.is_available() else []},
+        "variants": {},
+    }
+    for job in jobs:
+        variant = read_json(job.run_dir / "result.json") or {"variant": job.variant, "status": "missing"}
+        if variant.get("status") == "running":
+            variant["status"] = "stopped (deadline or crash)"
+        if job.process is not None and job.process.returncode not in (0, None):
+            variant["exit_code"] = job.process.returncode
+        variant["slot"] = f"GPU {job.slot}" if job.slot >= 0 else "CPU"
+        variant["wall_s"] = (job.finished or time.time()) - job.started if job.started else None
+        variant["curves"] = stage_curves(job.run_dir, stage_names)
+        variant["acceptance"] = acceptance(variant, row)
+        results["variants"][job.variant] = variant
+    results["wall_s"] = time.time() - t0
+    name = args.name or ("gpu_scale_smoke" if args.smoke else "gpu_scale")
+    results["plots"] = plot_results(results, results_dir, name)
+    table = summary_table(results)
+    results["summary_table"] = table
+    results["wall_s"] = time.time() - t0
+    write_json_atomic(results_dir / f"{name}.json", results)
+    log = [f"# {name}: {device}, budget {args.time_budget} min, wall {results['wall_s']:.0f} s\n", table, ""]
+    for job in jobs:
+        log += [f"\n## {job.variant}: prep log\n", log_tail(work_dir / job.variant / "prep.log", 30),
+                f"\n## {job.variant}: worker log\n", log_tail(job.log_path)]
+        errors = results["variants"][job.variant].get("errors") or []
+        if errors:
+            log += [f"\n## {job.variant}: errors\n", *[str(e)[-3000:] + "\n" for e in errors]]
+    (results_dir / f"{name}_log.txt").write_text("\n".join(log))
+    print(table)
+    print(f"\nwall {results['wall_s']:.0f} s; results in {results_dir / (name + '.json')}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="recipe key=value overrides for every variant")
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--results-dir", type=Path, default=REPO / "docs" / "experiments")
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "msa_gpu_experiment")
+    parser.add_argument("--name", help="file stem of the outputs (default gpu_scale, or gpu_scale_smoke)")
+    parser.add_argument("--gpus", type=int, nargs="*", help="GPU indices, one variant per GPU at a time (default: all)")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS,
+                        help="default: all four (main and global_positions with --smoke)")
+    parser.add_argument("--time-budget", type=float, default=7.0, help="minutes of wall clock for everything")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--parallel", type=int, default=1, help="variants at once on the CPU")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy scale on the CPU (a 4-layer model, 768/1536-token rows, 2-3 steps per stage)")
+    parser.add_argument("--assumed-tokens-per-s", type=float, default=100_000.0,
+                        help="training throughput per GPU assumed before the first stage is measured")
+    parser.add_argument("--max-step-scale", type=float, default=2.0,
+                        help="at most this many times the recipe's steps when time allows")
+    parser.add_argument("--eval-reserve", type=float, help="seconds kept for evaluation (default 120 on GPUs, 40 on the CPU; at most 35%% of a variant's time)")
+    parser.add_argument("--aggregation-reserve", type=float, default=20.0, help="seconds kept for plots and JSON")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds past its deadline before a worker is stopped")
+    parser.add_argument("--niah-samples", type=int, default=2, help="samples per NIAH subtask and memory size")
+    parser.add_argument("--qa-questions", type=int, default=16, help="questions per held-out QA memory")
+    parser.add_argument("--threads", type=int, help="torch threads per worker")
+    parser.add_argument("--build-workers", type=int, help="processes per variant for the data builds")
+    parser.add_argument("--resume", action="store_true", help="keep existing run folders (finished stages are skipped)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--worker"], ["--prep"]):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if argv[0] == "--prep":
+            prepare_variant(json.loads(Path(argv[1]).read_text()))
+            return 0
+        return run_worker(Path(argv[1]))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_intermixed_args(argv)
+    return run_driver(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Pieces of the GPU-scale experiment driver that can be checked on the CPU in seconds.
+
+The whole driver at toy scale (`python -m msa_train.eval.gpu_experiment --smoke`) takes about
+three minutes on 2 CPU cores, so it is documented in docs/EXPERIMENTS.md, not run here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from batches import tiny_msa
+from test_inference import random_memory, training_row
+
+from msa_modeling.inference import MSAGenerator
+from msa_train.eval import gpu_experiment as experiment
+from msa_train.train.config import load_recipe
+from msa_train.train.runner import tokenizer_texts as runner_tokenizer_texts
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_global_position_inference_matches_the_training_forward(seed):
+    """Documents encoded at their offsets in the memory and a question after the whole memory
+    reproduce the training forward of a model trained with document_positions=False."""
+    model = tiny_msa(seed, top_k_docs=2, chunk_size=4, query_position_offset=3, document_positions=False)
+    memory = random_memory(seed)
+    row = training_row(memory)
+    with torch.no_grad():
+        trained = model(**row, return_logits=True)
+    encoder_class, _ = experiment._global_position_classes()
+    encoder = encoder_class(model, start=len(memory["prefix"]), max_batch_tokens=24, show_progress=False)
+    store = encoder.new_store(memory["prefix"])
+    encoder.add_documents(store, memory["docs"][:3])
+    encoder.add_documents(store, memory["docs"][3:])  # a second call continues the positions
+    generator = MSAGenerator(model, store)
+    generator.query_start = len(memory["prefix"]) + store.num_tokens
+
+    logits, cache = generator.prefill(memory["question"])
+    first_answer = len(row["input_ids"][0]) - len(memory["answer"])
+    torch.testing.assert_close(logits, trained.logits[0, first_answer - 1], rtol=1e-4, atol=1e-5)
+    for offset, token in enumerate(memory["answer"][:-1]):
+        logits = generator.decode(cache, token)
+        torch.testing.assert_close(logits, trained.logits[0, first_answer + offset], rtol=1e-4, atol=1e-5)
+    assert model.config.document_positions is False
+
+
+def test_variant_overrides_express_the_three_ablations():
+    recipe = load_recipe(experiment.DEFAULT_RECIPE)
+    load = lambda variant: load_recipe(experiment.DEFAULT_RECIPE, experiment.variant_overrides(recipe, variant))  # noqa: E731
+    assert experiment.variant_overrides(recipe, "main") == []
+    assert all(stage.loss_weights.aux == 0 for stage in load("no_aux").stages)
+    assert load("global_positions").model.msa["document_positions"] is False
+    no_interleave = load("no_interleave")
+    kinds = {name: values["sample_kind"] for name, values in no_interleave.data.sources.items()}
+    for stage, original in zip(no_interleave.stages, recipe.stages):
+        assert all(kinds[name] != "interleave" for name in stage.sources)
+        assert sorted(stage.sources.values()) == sorted(original.sources.values())
+    used = {name for stage in recipe.stages for name in stage.sources}
+    assert any(kinds[name] == "interleave" for name in used)
+
+
+def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
+    recipe = load_recipe(experiment.DEFAULT_RECIPE)
+    recipe = load_recipe(experiment.DEFAULT_RECIPE, experiment.smoke_overrides(recipe))
+    limit = recipe.tokenizer.train_tiny.sample_records
+    assert experiment.tokenizer_texts(recipe, tmp_path, limit) == runner_tokenizer_texts(recipe, tmp_path, limit)
+
+
+def test_step_planner_fits_the_stages_to_the_time_left():
+    # Two stages of 100 steps x 1000 tokens at 1000 tokens/s need 200 s; 100 s are left.
+    planner = experiment.StepPlanner([(100, 1000), (100, 1000)], deadline=100.0, tokens_per_s=1000.0, overhead_s=0.0,
+                                     max_scale=2.0, min_steps=5)
+    assert planner.steps_for(0, now=0.0) == (50, 0.5)
+    # Measured at twice the speed, the second stage may use more than its recipe steps, up to max_scale.
+    planner.update(tokens_per_s=4000.0, overhead_s=0.0)
+    steps, scale = planner.steps_for(1, now=50.0)
+    assert steps == 180 and scale == pytest.approx(1.8)
+    assert planner.steps_for(1, now=99.9)[0] == 5  # never below min_steps
