@@ -44,7 +44,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -613,30 +612,65 @@ def niah_summary(report: Any, size: int) -> dict[str, Any]:
 
 
 def eval_jobs(row: int, settings: dict) -> list[dict]:
-    """Evaluation jobs in order of importance: the acceptance points first."""
+    """Evaluation jobs in order of importance. NIAH runs one subtask per job, so that a deadline
+    leaves whole subtasks; the jobs of the acceptance check (NIAH at L and 64L) are `required`."""
     sizes = [row * m for m in settings["size_multiples"]]
-    jobs = [{"kind": "niah", "size": sizes[0]}, {"kind": "niah", "size": sizes[1]},
-            {"kind": "multihop", "size": row}, {"kind": "qa_recall", "size": sizes[0]},
-            {"kind": "qa_recall", "size": sizes[1]}, {"kind": "kv", "size": row}]
+
+    def niah(size: int, required: bool = False) -> list[dict]:
+        return [{"kind": "niah", "size": size, "subtask": task, "required": required}
+                for task in settings["niah_subtasks"]]
+
+    jobs = [*niah(sizes[0], True), *niah(sizes[1], True), {"kind": "multihop", "size": row},
+            {"kind": "qa_recall", "size": sizes[0]}, {"kind": "qa_recall", "size": sizes[1]}, {"kind": "kv", "size": row}]
     for size in sizes[2:]:
-        jobs += [{"kind": "niah", "size": size}, {"kind": "qa_recall", "size": size}]
+        jobs += [*niah(size), {"kind": "qa_recall", "size": size}]
     return jobs
 
 
-def job_cost(job: dict, settings: dict, rates: dict) -> float:
-    """Predicted seconds: tokens to encode over the encoding rate, plus questions times the time per question."""
+class CostModel:
+    """Predicted seconds of an evaluation job: encoding (tokens over a rate) plus questions (each a
+    fixed time). The encoding rate is measured on jobs of at least `min_tokens`, so that the
+    fixed costs of small memories never make a million-token job look unaffordable."""
+
+    def __init__(self, encode_tokens_per_s: float, question_s: float, min_tokens: int) -> None:
+        self.encode_tokens_per_s = encode_tokens_per_s
+        self.question_s = question_s
+        self.min_tokens = min_tokens
+        self.samples: list[tuple[float, float]] = []  # (tokens, encoding seconds) of large jobs
+        self.question_measured = False
+
+    def predict(self, tokens: float, questions: float) -> float:
+        return tokens / self.encode_tokens_per_s + questions * self.question_s
+
+    def observe(self, tokens: float, questions: int, seconds: float) -> None:
+        """A small memory measures the time per question; a large one the encoding rate."""
+        if tokens < self.min_tokens:
+            if questions:
+                estimate = max(0.02, (seconds - tokens / self.encode_tokens_per_s) / questions)
+                self.question_s = 0.5 * (self.question_s + estimate) if self.question_measured else estimate
+                self.question_measured = True
+            return
+        self.samples.append((tokens, max(seconds - questions * self.question_s, 0.1 * seconds)))
+        self.encode_tokens_per_s = sum(t for t, _ in self.samples) / sum(e for _, e in self.samples)
+
+    def state(self) -> dict[str, float]:
+        return {"encode_tokens_per_s": self.encode_tokens_per_s, "question_s": self.question_s}
+
+
+def job_size(job: dict, settings: dict) -> tuple[float, float]:
+    """(memory tokens to encode, questions) of a job."""
     if job["kind"] == "niah":
-        memories = len(settings["niah_subtasks"]) * settings["niah_samples"]
-        return memories * job["size"] / rates["encode_tokens_per_s"] + memories * rates["question_s"]
-    questions = settings["qa_questions"]
-    return job["size"] / rates["encode_tokens_per_s"] + questions * rates["question_s"] * (1.6 if job["kind"] == "multihop" else 1.0)
+        return job["size"] * settings["niah_samples"], settings["niah_samples"]
+    questions = settings["qa_questions"] * (2 if job["kind"] == "multihop" else 1)  # two rounds
+    return job["size"], questions
 
 
 def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
-    """Run the evaluation jobs in order while the predicted end stays before the deadline."""
+    """Run the evaluation jobs in order while the predicted end stays before the deadline (required
+    jobs run with fewer NIAH samples rather than not at all)."""
     from ..data.synthetic import generate_kv_facts
     from .harness import LoopSettings
-    from .niah import run_niah
+    from .niah import NIAHReport, run_niah
     from .qa import run_qa
 
     settings = spec["eval"]
@@ -645,27 +679,37 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
     # Two rounds cover the two-hop chains; short limits bound the cost of a model that rambles.
     loop = LoopSettings(max_rounds=2, max_round_tokens=24, max_answer_tokens=40,
                         max_batch_tokens=settings["max_batch_tokens"], show_progress=False)
+    started = time.time()
     model = load_eval_model(export, device, loop)
     evaluation = result["eval"]
-    evaluation.update(export=str(export), niah={}, qa_recall={}, skipped=[], settings=settings)
-    rates = {"encode_tokens_per_s": settings["assumed_encode_tokens_per_s"], "question_s": settings["assumed_question_s"]}
-    encoded = {"tokens": 0.0, "seconds": 0.0}
-    row = spec["longest_row"]
-    for job in eval_jobs(row, settings):
-        predicted = job_cost(job, settings, rates)
-        label = f"{job['kind']}@{size_label(job['size'])}"
-        if time.time() + predicted > deadline:
-            evaluation["skipped"].append({"job": label, "predicted_s": round(predicted, 1)})
-            save()
-            continue
+    evaluation.update(export=str(export), niah={}, qa_recall={}, skipped=[], settings=settings,
+                      load_s=time.time() - started)
+    costs = CostModel(settings["assumed_encode_tokens_per_s"], settings["assumed_question_s"],
+                      min_tokens=4 * spec["longest_row"])
+    niah_reports: dict[int, Any] = {}
+    for job in eval_jobs(spec["longest_row"], settings):
+        tokens, questions = job_size(job, settings)
+        predicted = costs.predict(tokens, questions)
+        label = f"{job['kind']}@{size_label(job['size'])}" + (f"/{job['subtask']}" if "subtask" in job else "")
+        samples = settings["niah_samples"]
+        left = (deadline + settings["margin_s"] if job.get("required") else deadline) - time.time()
+        if predicted > left:
+            if job.get("required") and left > 0:
+                samples = max(1, int(samples * left / predicted))
+                predicted = costs.predict(job["size"] * samples, samples)
+            else:
+                evaluation["skipped"].append({"job": label, "predicted_s": round(predicted, 1)})
+                save()
+                continue
         started = time.time()
         try:
             if job["kind"] == "niah":
-                report = run_niah(model, sizes=[job["size"]], samples_per_task=settings["niah_samples"],
-                                  subtasks=list(settings["niah_subtasks"]), seed=0)
-                summary = niah_summary(report, job["size"])
-                tokens, questions = sum(s.encoded_tokens for s in report.samples), len(report.samples)
+                report = run_niah(model, sizes=[job["size"]], samples_per_task=samples, subtasks=[job["subtask"]], seed=0)
+                merged = niah_reports.setdefault(job["size"], NIAHReport())
+                merged.samples += report.samples
+                summary = niah_summary(merged, job["size"])
                 evaluation["niah"][str(job["size"])] = summary
+                encoded, asked = sum(s.encoded_tokens for s in report.samples), len(report.samples)
             else:
                 if job["kind"] == "qa_recall":
                     dataset = needle_memory(model, job["size"], settings["qa_questions"], HELDOUT_SEED + job["size"] % 997)
@@ -676,23 +720,20 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
                                                 seed=HELDOUT_SEED + 2, filler_words=12)
                 report = run_qa(model, dataset)
                 summary = qa_summary(report)
-                tokens, questions = report.memory_tokens, len(report.items)
                 if job["kind"] == "qa_recall":
                     evaluation["qa_recall"][str(job["size"])] = summary
                 else:
                     evaluation[job["kind"]] = summary
-            summary["seconds"] = time.time() - started
-            # Rates for the next predictions: encoding measured over all jobs so far, questions from this one.
-            encoded["tokens"] += tokens
-            encoded["seconds"] += max(summary["seconds"] - questions * rates["question_s"], 0.05 * summary["seconds"])
-            rates["encode_tokens_per_s"] = max(encoded["tokens"] / encoded["seconds"], 1.0)
-            rates["question_s"] = max(0.5 * rates["question_s"],
-                                      (summary["seconds"] - tokens / rates["encode_tokens_per_s"]) / max(questions, 1))
-            logger.info("eval %s: %.1f s (predicted %.1f)", label, summary["seconds"], predicted)
+                encoded, asked = report.memory_tokens, len(report.items)
+            seconds = time.time() - started
+            summary.setdefault("seconds", 0.0)
+            summary["seconds"] += seconds
+            costs.observe(encoded, asked * (2 if job["kind"] == "multihop" else 1), seconds)
+            logger.info("eval %s: %.1f s (predicted %.1f)", label, seconds, predicted)
         except Exception:
             evaluation.setdefault("errors", []).append({"job": label, "traceback": traceback.format_exc()})
             logger.exception("eval %s failed", label)
-        evaluation["rates"] = rates
+        evaluation["rates"] = costs.state()
         save()
 
 
@@ -821,16 +862,22 @@ def stage_curves(run_dir: Path, stage_names: Sequence[str]) -> list[dict[str, An
 
 
 def acceptance(variant: dict, row: int) -> dict[str, Any]:
-    """NIAH at 64 x the row length against NIAH at the row length (relative drop at most 10%)."""
+    """NIAH at 64 x the row length against NIAH at the row length (relative drop at most 10%),
+    averaged over the subtasks measured at both sizes."""
     niah = variant.get("eval", {}).get("niah", {})
-    at_row, at_64 = niah.get(str(row), {}).get("average"), niah.get(str(64 * row), {}).get("average")
-    check: dict[str, Any] = {"niah_at_L": at_row, "niah_at_64L": at_64, "L": row}
-    if at_row is None or at_64 is None:
+    at_row = niah.get(str(row), {}).get("accuracy", {})
+    at_64 = niah.get(str(64 * row), {}).get("accuracy", {})
+    common = [task for task in at_row if task != "average" and task in at_64]
+    check: dict[str, Any] = {"L": row, "subtasks": common, "niah_at_L": None, "niah_at_64L": None}
+    if not common:
         check.update(passed=None, reason="not measured")
-    elif at_row == 0:
+        return check
+    check["niah_at_L"] = sum(at_row[t] for t in common) / len(common)
+    check["niah_at_64L"] = sum(at_64[t] for t in common) / len(common)
+    if check["niah_at_L"] == 0:
         check.update(passed=None, reason="accuracy at L is 0: no relative drop to judge")
     else:
-        check["relative_drop"] = (at_row - at_64) / at_row
+        check["relative_drop"] = (check["niah_at_L"] - check["niah_at_64L"]) / check["niah_at_L"]
         check["passed"] = check["relative_drop"] <= 0.10
     return check
 
@@ -911,7 +958,8 @@ def plot_results(results: dict[str, Any], results_dir: Path, name: str) -> list[
                 axis.set_yscale("log")
             else:
                 axis.set_ylim(0, 1.05)
-            axis.legend(fontsize=7)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7)
         figure.suptitle(f"{name}: training {kind} (lines: training rows; dots: held-out rows at each stage end)",
                         fontsize=9)
         figure.tight_layout()
@@ -960,7 +1008,8 @@ def plot_results(results: dict[str, Any], results_dir: Path, name: str) -> list[
         axis.set_ylim(0, 1.05)
         axis.set_xlabel("memory tokens")
         axis.set_ylabel(f"held-out router {key}")
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
     figure.suptitle(f"{name}: router {'/'.join(f'recall@{k}' for k in RECALL_KS[:2])} of the needle among every "
                     "document of one shared memory (first round, mean over router layers)", fontsize=9)
     figure.tight_layout()
@@ -1139,22 +1188,38 @@ def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.
         variant["curves"] = stage_curves(job.run_dir, stage_names)
         variant["acceptance"] = acceptance(variant, row)
         results["variants"][job.variant] = variant
-    results["wall_s"] = time.time() - t0
     name = args.name or ("gpu_scale_smoke" if args.smoke else "gpu_scale")
-    results["plots"] = plot_results(results, results_dir, name)
-    table = summary_table(results)
+    results["wall_s"] = time.time() - t0
+    write_json_atomic(results_dir / f"{name}.json", results)  # first, so a failure below keeps the numbers
+    problems = []
+    try:
+        table = summary_table(results)
+    except Exception:
+        table = "(no summary table)"
+        problems.append(f"summary table: {traceback.format_exc()}")
     results["summary_table"] = table
+    try:
+        results["plots"] = plot_results(results, results_dir, name)
+    except Exception:
+        results["plots"] = []
+        problems.append(f"plots: {traceback.format_exc()}")
+    results["driver_errors"] = problems
     results["wall_s"] = time.time() - t0
     write_json_atomic(results_dir / f"{name}.json", results)
-    log = [f"# {name}: {device}, budget {args.time_budget} min, wall {results['wall_s']:.0f} s\n", table, ""]
+    log = [f"# {name}: {device}, budget {args.time_budget} min, wall {results['wall_s']:.0f} s\n", table, "",
+           *problems]
     for job in jobs:
         log += [f"\n## {job.variant}: prep log\n", log_tail(work_dir / job.variant / "prep.log", 30),
                 f"\n## {job.variant}: worker log\n", log_tail(job.log_path)]
         errors = results["variants"][job.variant].get("errors") or []
         if errors:
             log += [f"\n## {job.variant}: errors\n", *[str(e)[-3000:] + "\n" for e in errors]]
+        eval_errors = results["variants"][job.variant].get("eval", {}).get("errors") or []
+        log += [f"\n## {job.variant}: evaluation error in {e.get('job')}\n{str(e.get('traceback'))[-2000:]}\n"
+                for e in eval_errors[:5]]
     (results_dir / f"{name}_log.txt").write_text("\n".join(log))
     print(table)
+    print(*problems, sep="\n")
     print(f"\nwall {results['wall_s']:.0f} s; results in {results_dir / (name + '.json')}")
     return results
 

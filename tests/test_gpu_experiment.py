@@ -75,3 +75,20 @@ def test_step_planner_fits_the_stages_to_the_time_left():
     steps, scale = planner.steps_for(1, now=50.0)
     assert steps == 180 and scale == pytest.approx(1.8)
     assert planner.steps_for(1, now=99.9)[0] == 5  # never below min_steps
+
+
+def test_cost_model_learns_question_time_from_small_jobs_and_rate_from_large_ones():
+    costs = experiment.CostModel(encode_tokens_per_s=1000.0, question_s=1.0, min_tokens=10_000)
+    costs.observe(tokens=1000, questions=4, seconds=3.0)  # 1 s of encoding, 0.5 s per question
+    assert costs.question_s == pytest.approx(0.5) and costs.encode_tokens_per_s == 1000.0
+    costs.observe(tokens=40_000, questions=2, seconds=11.0)  # 10 s of encoding
+    assert costs.encode_tokens_per_s == pytest.approx(4000.0)
+    assert costs.predict(8000, 2) == pytest.approx(3.0)
+
+
+def test_acceptance_compares_the_subtasks_measured_at_both_sizes():
+    niah = {"16": {"accuracy": {"a": 1.0, "b": 0.5, "average": 0.75}},
+            "1024": {"accuracy": {"a": 0.9, "average": 0.9}}}
+    check = experiment.acceptance({"eval": {"niah": niah}}, row=16)
+    assert check["subtasks"] == ["a"] and check["relative_drop"] == pytest.approx(0.1) and check["passed"]
+    assert experiment.acceptance({"eval": {}}, row=16)["passed"] is None
