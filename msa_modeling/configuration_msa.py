@@ -11,7 +11,7 @@ from .attention import BACKENDS
 
 ROUTING_TOKEN_MODES = ("prompt", "query")
 AUX_LOSS_TYPES = ("decoupled_infonce", "infonce")
-ROUTER_INITS = ("random", "qk")
+ROUTER_INITS = ("random", "qk", "tied")
 
 # Keys that belong to MSA, not to the backbone; everything else in the config is the
 # backbone's own and is handed back to it unchanged (see `backbone_config_dict`).
@@ -93,8 +93,11 @@ class MSAConfig(PreTrainedConfig):
         lm_loss_weight / aux_loss_weight: weights of the total loss `w_lm L_LM + w_aux L_aux`.
         detach_router_input: stop the aux loss's gradient at the router projections' input,
             so that only the router learns from it.
-        router_init: `"random"` (paper) or `"qk"` (copy the layer's q/k projections) when
-            building from a backbone.
+        router_init: how `from_backbone` initialises the router projections. `"random"`
+            (paper); `"qk"` (copy the layer's q/k projections); `"tied"` (`W_KR` random, and
+            each query head's rows of `W_QR` a copy of its KV group's rows of `W_KR`, so the
+            initial routing cosines follow token overlap between question and chunk). Only
+            the initialisation differs; the two projections train independently.
         lm_loss_chunk_size: tokens per chunk of the LM head + cross-entropy, so that the
             logits of a whole row are never materialised.
         attn_backend: `"auto"` (flash-attn, else torch varlen, else FlexAttention on CUDA;

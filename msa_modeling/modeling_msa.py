@@ -506,8 +506,10 @@ class MSAForCausalLM(MSAPreTrainedModel):
     ) -> "MSAForCausalLM":
         """Build an MSA model from a backbone model or checkpoint directory.
 
-        Every backbone weight is copied; the router projections are new: random (paper)
-        or, with `router_init="qk"`, copies of the layer's own q/k projections.
+        Every backbone weight is copied; the router projections are new: random (paper),
+        copies of the layer's own q/k projections (`router_init="qk"`), or, with
+        `router_init="tied"`, a random `router_k_proj` whose rows of each KV group are also
+        the rows of every query head of that group in `router_q_proj`.
 
         Args:
             backbone: a causal-LM `PreTrainedModel` or a local checkpoint directory.
@@ -543,6 +545,14 @@ class MSAForCausalLM(MSAPreTrainedModel):
                     if attention.is_router:
                         attention.router_q_proj.weight.copy_(attention.q_proj.weight)
                         attention.router_k_proj.weight.copy_(attention.k_proj.weight)
+        elif config.router_init == "tied":
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    attention = layer.self_attn
+                    if attention.is_router:
+                        keys = attention.router_k_proj.weight.view(attention.num_kv_heads, attention.head_dim, -1)
+                        group = attention.num_heads // attention.num_kv_heads
+                        attention.router_q_proj.weight.copy_(keys.repeat_interleave(group, dim=0).flatten(0, 1))
         logger.info(
             "built MSA model from %s backbone: %d layers, router layers %s, router init %s",
             adapter.model_type,

@@ -142,6 +142,33 @@ def test_conversion_copies_every_backbone_weight_and_inits_router():
         assert torch.equal(attention.router_k_proj.weight, attention.k_proj.weight)
 
 
+def test_tied_router_init_copies_each_kv_group_of_router_keys_to_its_query_heads():
+    backbone = tiny_qwen3(8)
+    before = {name: weight.clone() for name, weight in backbone.state_dict().items()}
+    model = MSAForCausalLM.from_backbone(backbone, router_init="tied")
+    assert model.config.router_init == "tied"
+    ours = model.state_dict()
+    for name, weight in before.items():
+        assert torch.equal(ours[name], weight), name
+        assert torch.equal(backbone.state_dict()[name], weight), name
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    assert heads > kv_heads > 1  # several groups of several query heads: a wrong mapping cannot pass
+    layers = [i for i, layer in enumerate(model.model.layers) if layer.self_attn.is_router]
+    assert layers == [2, 3]
+    for index in layers:
+        attention = model.model.layers[index].self_attn
+        head_dim = attention.head_dim
+        keys = attention.router_k_proj.weight.view(kv_heads, head_dim, -1)
+        queries = attention.router_q_proj.weight.view(heads, head_dim, -1)
+        assert keys.std() > 0
+        for head in range(heads):
+            assert torch.equal(queries[head], keys[head // (heads // kv_heads)]), (index, head)
+        assert not torch.equal(keys[0], keys[1])
+        assert not torch.equal(attention.router_k_proj.weight, attention.k_proj.weight)
+    with pytest.raises(ValueError, match="router_init"):
+        MSAForCausalLM.from_backbone(backbone, router_init="tie")
+
+
 def test_conversion_from_checkpoint_directory(tmp_path):
     backbone = tiny_qwen3(6)
     backbone.save_pretrained(tmp_path / "qwen3")
