@@ -411,3 +411,24 @@ def test_misspelt_msa_setting_is_rejected_but_backbone_extras_are_kept():
         MSAConfig(num_hidden_layers=4, top_k_doc=8)
     config = MSAConfig(num_hidden_layers=4, quantization_note="kept")
     assert config.quantization_note == "kept"
+
+
+def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
+    batch = random_packed_batch(3)
+    eager = tiny_msa(3).train()
+    compiled = tiny_msa(3).train()
+    for model in (eager, compiled):
+        model.model.gradient_checkpointing = True
+        model.model.checkpointed_layers = 1
+    compiled.model.compile_dense_blocks()
+    losses = []
+    for model in (eager, compiled):
+        out = model(**batch)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, p), (other_name, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert name == other_name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    assert list(eager.state_dict()) == list(compiled.state_dict())

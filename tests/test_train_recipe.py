@@ -13,7 +13,7 @@ from msa_train.train.config import RecipeError, load_recipe
 from msa_train.train.engine import batch_geometry
 from msa_train.train.model_setup import parameter_groups
 from msa_train.train.schedule import LRMultiplier
-from msa_train.train.trainer import total_steps
+from msa_train.train.trainer import configure_layer_execution, total_steps
 from train_runs import REPO, TINY_RECIPE, failure_report, run_launcher
 
 QWEN3_4B_RECIPE = REPO / "recipes" / "qwen3_4b.yaml"
@@ -96,6 +96,27 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_recipe(TINY_RECIPE, ["stages.cpt_warmup.sources={kv_retrival: 1.0}"])
     with pytest.raises(RecipeError, match="no stage named 'sft_lng'.*'sft_long'"):
         load_recipe(TINY_RECIPE).stage("sft_lng")
+    with pytest.raises(RecipeError, match="checkpointed_layers=2 needs deepspeed.activation_checkpointing: true"):
+        load_recipe(TINY_RECIPE, ["deepspeed.checkpointed_layers=2"])
+
+
+def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batches import tiny_msa
+
+    model = tiny_msa()
+    layers = model.config.num_hidden_layers
+    compiled = []
+    monkeypatch.setattr(type(model.model), "compile_dense_blocks", lambda self: compiled.append(self))
+    configure_layer_execution(model, load_recipe(TINY_RECIPE))
+    assert (model.model.gradient_checkpointing, model.model.checkpointed_layers, compiled) == (False, None, [])
+    recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true", "deepspeed.checkpointed_layers=1",
+                                       "model.compile=true"])
+    configure_layer_execution(model, recipe)
+    assert (model.model.gradient_checkpointing, model.model.checkpointed_layers, compiled) == (True, 1, [model.model])
+    recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true",
+                                       f"deepspeed.checkpointed_layers={layers + 1}"])
+    with pytest.raises(ValueError, match=f"checkpointed_layers={layers + 1} but the model has {layers} layers"):
+        configure_layer_execution(model, recipe)
 
 
 def test_launcher_rejects_a_typo_before_any_work(tmp_path: Path) -> None:

@@ -60,6 +60,9 @@ class ModelConfig:
     inline_config: dict[str, Any] | None = None
     msa: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # torch.compile each layer's token-wise blocks (norms, projections, RoPE, MLP): worth 6-7
+    # MFU points on an H100 (docs/BENCHMARKS.md); costs a compile per row length at start-up.
+    compile: bool = False
 
 
 @dataclass
@@ -147,6 +150,9 @@ class DeepSpeedConfig:
     offload_params: bool = False
     gradient_clipping: float = 1.0
     activation_checkpointing: bool = False
+    # With activation_checkpointing: recompute only the first this-many decoder layers and keep
+    # the others' activations (null: recompute every layer). Speed for memory; see BENCHMARKS.md.
+    checkpointed_layers: int | None = None
     torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPUs
 
 
@@ -280,6 +286,12 @@ def _check_model_settings(model: ModelConfig, source: str) -> None:
 def _check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-field rules that types alone cannot express."""
     _check_model_settings(recipe.model, source)
+    checkpointed = recipe.deepspeed.checkpointed_layers
+    if checkpointed is not None and (checkpointed < 0 or not recipe.deepspeed.activation_checkpointing):
+        raise RecipeError(
+            f"{source}: deepspeed.checkpointed_layers={checkpointed} needs deepspeed.activation_checkpointing: true "
+            "and a count >= 0 (null recomputes every layer)"
+        )
     names = [stage.name for stage in recipe.stages]
     if not names:
         raise RecipeError(f"{source}: the recipe has no stages")

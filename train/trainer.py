@@ -120,6 +120,18 @@ class StageState:
     wandb_run_id: str | None = None
 
 
+def configure_layer_execution(model: Any, recipe: Recipe) -> None:
+    """Activation checkpointing (all layers or the first `checkpointed_layers`) and `torch.compile`."""
+    layers = model.config.num_hidden_layers
+    checkpointed = recipe.deepspeed.checkpointed_layers
+    if checkpointed is not None and checkpointed > layers:
+        raise ValueError(f"deepspeed.checkpointed_layers={checkpointed} but the model has {layers} layers")
+    model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
+    model.model.checkpointed_layers = checkpointed
+    if recipe.model.compile:
+        model.model.compile_dense_blocks()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -143,7 +155,7 @@ class StageTrainer:
         # The trainer weighs the losses itself; the config copy makes the export record the weights.
         model.config.lm_loss_weight = stage.loss_weights.lm
         model.config.aux_loss_weight = stage.loss_weights.aux
-        model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
+        configure_layer_execution(model, recipe)
         model.train()
         self.model_config = model.config
         self.flops = FlopModel.from_model(model)
