@@ -62,7 +62,7 @@ def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
     recipe = load_recipe(experiment.DEFAULT_RECIPE)
     recipe = load_recipe(experiment.DEFAULT_RECIPE, experiment.smoke_overrides(recipe))
     limit = recipe.tokenizer.train_tiny.sample_records
-    assert experiment.tokenizer_texts(recipe, tmp_path, limit) == runner_tokenizer_texts(recipe, tmp_path, limit)
+    assert experiment.tokenizer_texts(recipe, tmp_path, limit) == list(runner_tokenizer_texts(recipe, tmp_path, limit))
 
 
 def test_step_planner_fits_the_stages_to_the_time_left():

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -64,15 +65,17 @@ def previous_export(recipe: Recipe, stage: StageConfig, run_dir: Path) -> Path |
     return path
 
 
-def tokenizer_texts(recipe: Recipe, tokenizer_dir: Path, limit: int) -> list[str]:
-    """Text to train a tiny tokenizer on: documents, queries and answers of the recipe's sources."""
-    texts: list[str] = []
+def tokenizer_texts(recipe: Recipe, tokenizer_dir: Path, limit: int) -> Iterator[str]:
+    """Text to train a tiny tokenizer on: documents, queries and answers of the recipe's sources.
+
+    A generator, so the sources are read only when a tokenizer is actually trained (not on a
+    resume, where it already exists).
+    """
     for name in recipe.data.sources:
         build = build_config_for(recipe, name, tokenizer_dir)
         dataset = load_source(build.source, BadRecordTally())
-        texts += [doc.full_text() for doc in dataset.corpus[:limit]]
-        texts += [f"{record.query} {record.answer or ''}" for record in dataset.records[:limit]]
-    return texts
+        yield from (doc.full_text() for doc in dataset.corpus[:limit])
+        yield from (f"{record.query} {record.answer or ''}" for record in dataset.records[:limit])
 
 
 def special_strings(recipe: Recipe, tokenizer_dir: Path) -> list[str]:
