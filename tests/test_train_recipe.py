@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msa_train.train.config import RecipeError, load_recipe
-from msa_train.train.engine import batch_geometry
+from msa_train.train.engine import batch_geometry, deepspeed_config
 from msa_train.train.model_setup import parameter_groups
 from msa_train.train.schedule import LRMultiplier
 from msa_train.train.trainer import configure_layer_execution, total_steps
@@ -125,6 +125,20 @@ def test_launcher_rejects_a_typo_before_any_work(tmp_path: Path) -> None:
     assert result.returncode == 2, failure_report(result)
     assert "did you mean 'zero_stage'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_zero_settings_reach_the_deepspeed_config() -> None:
+    def zero_block(overrides: list[str]) -> dict:
+        recipe = load_recipe(TINY_RECIPE, overrides)
+        return deepspeed_config(recipe, recipe.stages[0], 1, 1, 1, on_cpu=True)["zero_optimization"]
+
+    assert zero_block(["deepspeed.zero_stage=2"]) == {"stage": 2}
+    assert zero_block(["deepspeed.zero_stage=3"]) == {"stage": 3, "stage3_max_reuse_distance": 0}
+    assert zero_block(["deepspeed.zero_stage=3", "deepspeed.zero_config={stage3_max_reuse_distance: 1000000000, "
+                       "stage3_prefetch_bucket_size: 50000000}"]) == {
+        "stage": 3, "stage3_max_reuse_distance": 10**9, "stage3_prefetch_bucket_size": 5 * 10**7}
+    with pytest.raises(RecipeError, match="set the ZeRO stage with deepspeed.zero_stage"):
+        load_recipe(TINY_RECIPE, ["deepspeed.zero_config={stage: 3}"])
 
 
 def test_schedule_warms_up_then_anneals_to_the_final_ratio() -> None:

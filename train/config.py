@@ -154,6 +154,9 @@ class DeepSpeedConfig:
     # the others' activations (null: recompute every layer). Speed for memory; see BENCHMARKS.md.
     checkpointed_layers: int | None = None
     torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPUs
+    # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
+    # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
+    zero_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -292,6 +295,8 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
             f"{source}: deepspeed.checkpointed_layers={checkpointed} needs deepspeed.activation_checkpointing: true "
             "and a count >= 0 (null recomputes every layer)"
         )
+    if "stage" in recipe.deepspeed.zero_config:
+        raise RecipeError(f"{source}: deepspeed.zero_config.stage: set the ZeRO stage with deepspeed.zero_stage")
     names = [stage.name for stage in recipe.stages]
     if not names:
         raise RecipeError(f"{source}: the recipe has no stages")

@@ -31,6 +31,13 @@ def deepspeed_config(
     ds = recipe.deepspeed
     optimizer = stage.optimizer
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:
+        # DeepSpeed's default (1e9) makes every parameter release scan the rest of the step's
+        # module trace in Python, an overhead that grows with the square of the module count and
+        # dominated small-model steps (e.g. 0.84 of 1.48 s on CPU for a 16-layer model). Releasing
+        # at once costs one more all-gather per recomputed layer instead.
+        zero["stage3_max_reuse_distance"] = 0
+    zero.update(ds.zero_config)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
     if ds.offload_params:
