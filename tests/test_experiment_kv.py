@@ -1,11 +1,10 @@
 """Issue 7, CPU scale: the real pipeline (recipes/kv_cpu.yaml, two CPT stages, DeepSpeed) trains a
 tiny MSA model for a bounded number of steps, and on held-out key-value memories its router finds
-the fact's document far above chance.
+the fact's document (recall@1 >= 0.9, chance 1/8).
 
-The issue's acceptance (held-out recall@1 >= 0.9 and answer exact match >= 0.9) is not reached in
-this three-minute budget; docs/EXPERIMENTS.md has the numbers and why. The bound below is what the
-recipe reaches at seed 0, the default seed (0.66 measured; chance 1/8). Other seeds can collapse
-the router at initialisation (docs/EXPERIMENTS.md), so the test keeps the default seed.
+The issue's answer exact-match bound (>= 0.9) is not reached in this three-minute budget: the model
+copies the value out of the injected document but does not yet read the document ID out of the
+pooled memory (docs/EXPERIMENTS.md has the numbers and why), so only the recall bound is asserted.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def test_kv_experiment_routes_held_out_questions_far_above_chance(tmp_path: Path
     heldout = results["heldout"]
     assert heldout["questions"] >= 32
     assert heldout["chance_recall@1"] == 1 / 8
-    assert heldout["router_recall"]["recall@1"] >= 0.4, heldout["router_recall"]
+    assert heldout["router_recall"]["recall@1"] >= 0.9, heldout["router_recall"]
     assert heldout["exact_match"] is not None
     assert [curve["stage"] for curve in results["curves"]] == ["cpt_warmup", "cpt_main"]
     assert all(Path(path).is_file() for path in results["plots"])
