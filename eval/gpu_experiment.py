@@ -441,111 +441,17 @@ def train_variant(spec: dict, result: dict, save: Any) -> Path | None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _global_position_classes() -> tuple[type, type]:
-    """An `EvalModel` for models trained with `document_positions: false` (built lazily: torch imports)."""
-    import torch
-
-    from msa_modeling.inference import MemoryEncoder
-    from msa_modeling.inference.encoder import pool_padded_chunks
-    from msa_modeling.inference.layer_steps import attend, attention_residual, embed_tokens, rotary_tables
-    from msa_modeling.routing import l2_normalize
-
-    from .harness import EvalModel
-
-    class GlobalPositionEncoder(MemoryEncoder):
-        """Encodes each document at its offset in the memory: positions run on from the prefix
-        through the documents in order, as training positions do with `document_positions: false`
-        (where each example counts from its first token). `start` is the first document's position."""
-
-        def __init__(self, model: torch.nn.Module, start: int, **kwargs: Any) -> None:
-            config = model.config
-            saved = config.document_positions
-            config.document_positions = True  # MemoryEncoder refuses global positions
-            try:
-                super().__init__(model, **kwargs)
-            finally:
-                config.document_positions = saved
-            self.start = start
-            self._offsets: dict[int, int] = {}
-
-        def encode_documents(self, documents: Sequence[Sequence[int]]) -> Any:
-            offset = self.start
-            self._offsets = {}
-            for document in documents:
-                self._offsets[id(document)] = offset
-                offset += len(document)
-            try:
-                encoded = super().encode_documents(documents)
-            finally:
-                self._offsets = {}
-            self.start = offset
-            return encoded
-
-        @torch.no_grad()
-        def _encode_batch(self, documents: list[Sequence[int]], parts: dict) -> None:
-            longest = max(len(doc) for doc in documents)
-            ids = torch.zeros((len(documents), longest), dtype=torch.long)
-            for row, doc in enumerate(documents):
-                ids[row, : len(doc)] = torch.as_tensor(list(doc), dtype=torch.long)
-            ids = ids.to(self.device)
-            lengths = torch.tensor([len(doc) for doc in documents], device=self.device)
-            offsets = torch.tensor([self._offsets[id(doc)] for doc in documents], device=self.device)
-            positions = offsets[:, None] + torch.arange(longest, device=self.device)[None, :]
-            chunk_size = self.config.chunk_size
-            last_layer = max(self.config.router_layers)
-            model = self.model
-            hidden = embed_tokens(model, ids)
-            ropes = rotary_tables(model, hidden, positions)
-            for index, layer in enumerate(model.model.layers[: last_layer + 1]):
-                normed = layer.input_layernorm(hidden)
-                q, k, v = layer.self_attn.project(normed, *ropes[index])
-                slot = self.router_slot.get(index)
-                if slot is not None:
-                    attention = layer.self_attn
-                    routing_keys = attention.router_k_proj(normed).view(*ids.shape, attention.num_kv_heads, -1)
-                    keys = pool_padded_chunks(k, lengths, chunk_size).to(k.dtype)
-                    values = pool_padded_chunks(v, lengths, chunk_size).to(v.dtype)
-                    normalised = l2_normalize(pool_padded_chunks(routing_keys, lengths, chunk_size)).flatten(1)
-                    parts["k"][slot].append(keys.to("cpu", self.storage_dtype))
-                    parts["v"][slot].append(values.to("cpu", self.storage_dtype))
-                    parts["r"][slot].append(normalised.to("cpu", self.storage_dtype))
-                if index < last_layer:
-                    hidden = attention_residual(layer, hidden, attend(layer, q, k, v, is_causal=True))
-
-    class GlobalPositionEvalModel(EvalModel):
-        """Memories encoded at global positions; the question starts after the whole memory."""
-
-        def encode_memory(self, documents):
-            encoder = GlobalPositionEncoder(self.model, start=0, max_batch_tokens=self.settings.max_batch_tokens,
-                                            show_progress=self.settings.show_progress)
-            store = encoder.new_store(self.prefix_ids())
-            encoder.start = store.prefix_ids.numel()
-            encoder.add_documents(store, self.render_documents(documents))
-            return store.pin_memory() if self.device.type == "cuda" else store
-
-        def interleave(self, store, trace_k: int = 0):
-            loop = super().interleave(store, trace_k=trace_k)
-            if not hasattr(loop.generator, "query_start"):
-                raise RuntimeError("MSAGenerator has no query_start: the global-position evaluation needs updating")
-            loop.generator.query_start = store.prefix_ids.numel() + store.num_tokens
-            return loop
-
-    return GlobalPositionEncoder, GlobalPositionEvalModel
-
-
 def load_eval_model(export: Path, device: str, settings: Any) -> Any:
     import torch
-
-    from transformers import AutoConfig
 
     import msa_modeling  # noqa: F401
 
     from .harness import EvalModel
 
-    config = AutoConfig.from_pretrained(str(export))
-    cls = EvalModel if config.document_positions else _global_position_classes()[1]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return cls.load(export, device=device, dtype=dtype, settings=settings)
+    # A `global_positions` export (document_positions: false) needs nothing special: the
+    # inference library encodes its documents at their memory offsets and the question after them.
+    return EvalModel.load(export, device=device, dtype=dtype, settings=settings)
 
 
 def rendered_tokens_per_doc(model: Any, documents: Sequence[Any]) -> float:

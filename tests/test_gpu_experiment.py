@@ -9,38 +9,57 @@ from __future__ import annotations
 import pytest
 import torch
 from batches import tiny_msa
-from test_inference import random_memory, training_row
+from data_fixtures import train_sentencepiece
+from test_inference import training_row
 
-from msa_modeling.inference import MSAGenerator
+from msa_train.data.records import Document
+from msa_train.data.templates import TemplateConfig
+from msa_train.data.tokenization import SentencePieceTokenizer
 from msa_train.eval import gpu_experiment as experiment
+from msa_train.eval.harness import LoopSettings
 from msa_train.train.config import load_recipe
 from msa_train.train.runner import tokenizer_texts as runner_tokenizer_texts
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_global_position_inference_matches_the_training_forward(seed):
-    """Documents encoded at their offsets in the memory and a question after the whole memory
-    reproduce the training forward of a model trained with document_positions=False."""
-    model = tiny_msa(seed, top_k_docs=2, chunk_size=4, query_position_offset=3, document_positions=False)
-    memory = random_memory(seed)
-    row = training_row(memory)
-    with torch.no_grad():
-        trained = model(**row, return_logits=True)
-    encoder_class, _ = experiment._global_position_classes()
-    encoder = encoder_class(model, start=len(memory["prefix"]), max_batch_tokens=24, show_progress=False)
-    store = encoder.new_store(memory["prefix"])
-    encoder.add_documents(store, memory["docs"][:3])
-    encoder.add_documents(store, memory["docs"][3:])  # a second call continues the positions
-    generator = MSAGenerator(model, store)
-    generator.query_start = len(memory["prefix"]) + store.num_tokens
+@pytest.fixture(scope="module")
+def global_position_export(tmp_path_factory):
+    """A trainer-export-shaped folder of a tiny model trained with document_positions=False."""
+    folder = tmp_path_factory.mktemp("global_positions_export")
+    tokenizer = SentencePieceTokenizer(train_sentencepiece(folder))
+    tokenizer.ensure_special_tokens(TemplateConfig().special_strings(), report=False)
+    tokenizer.save(folder)
+    model = tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, top_k_docs=2, chunk_size=4,
+                     query_position_offset=3, document_positions=False)
+    model.save_pretrained(folder)
+    return folder
 
-    logits, cache = generator.prefill(memory["question"])
-    first_answer = len(row["input_ids"][0]) - len(memory["answer"])
+
+def test_global_position_evaluation_matches_the_training_forward(global_position_export):
+    """The `global_positions` variant is evaluated through the plain library path: documents
+    encoded at their offsets in the memory, the question after the whole memory. That reproduces
+    the training forward of the `[prefix][documents][question][answer]` row."""
+    model = experiment.load_eval_model(global_position_export, "cpu", LoopSettings(max_batch_tokens=64,
+                                                                                   show_progress=False))
+    assert model.model.config.document_positions is False
+    documents = [Document(str(i), text) for i, text in enumerate(
+        ["the cat sat on the mat", "a bird flew", "seven is a number", "the capital is far away", "blue"])]
+    store = model.encode_memory(documents)
+    generator = model.interleave(store).generator
+    rendered = model.render_documents(documents)
+    question, answer = model.query_ids("where did the cat sit?"), model.tokenizer.encode("on the mat")
+    assert generator.query_start == len(model.prefix_ids()) + sum(len(doc) for doc in rendered)
+
+    row = training_row({"prefix": model.prefix_ids(), "docs": rendered, "question": question, "answer": answer})
+    with torch.no_grad():
+        trained = model.model(**row, return_logits=True)
+    logits, cache = generator.prefill(question)
+    first_answer = len(row["input_ids"][0]) - len(answer)
     torch.testing.assert_close(logits, trained.logits[0, first_answer - 1], rtol=1e-4, atol=1e-5)
-    for offset, token in enumerate(memory["answer"][:-1]):
+    for offset, token in enumerate(answer[:-1]):
         logits = generator.decode(cache, token)
         torch.testing.assert_close(logits, trained.logits[0, first_answer + offset], rtol=1e-4, atol=1e-5)
-    assert model.config.document_positions is False
+    for routing, selected in zip(cache.routing, trained.selected_docs):
+        assert sorted(routing.docs.tolist()) == selected.nonzero().flatten().tolist()
 
 
 def test_variant_overrides_express_the_three_ablations():

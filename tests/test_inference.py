@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from batches import FAMILIES, VOCAB, tiny_msa
 
-from msa_modeling.inference import MemoryEncoder, MSAGenerator, RoutingIndex
+from msa_modeling.inference import MemoryEncoder, MemoryStore, MSAGenerator, RoutingIndex
 from msa_modeling.inference.routing_index import IndexShard, merge_top_k, top_k_lowest_index_first
 
 IGNORE = -100
@@ -44,14 +46,13 @@ def encoded_store(model, memory: dict, max_batch_tokens: int = 24):
     return store
 
 
-@pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), *((f, 2) for f in FAMILIES)])
-def test_inference_matches_the_training_forward(family, seed):
-    model = tiny_msa(seed, family=family, top_k_docs=2, chunk_size=4, query_position_offset=3)
-    memory = random_memory(seed)
+def assert_inference_matches_the_training_forward(model, memory: dict, store) -> None:
+    """The generator over `store` predicts every answer token of `memory`'s training row as the
+    training forward does (fp32), and its routing selects and scores the same documents."""
     row = training_row(memory)
     with torch.no_grad():
         trained = model(**row, return_logits=True)
-    generator = MSAGenerator(model, encoded_store(model, memory))
+    generator = MSAGenerator(model, store)
 
     logits, cache = generator.prefill(memory["question"])
     first_answer = len(row["input_ids"][0]) - len(memory["answer"])
@@ -64,6 +65,79 @@ def test_inference_matches_the_training_forward(family, seed):
     for routing, selected, scores in zip(cache.routing, trained.selected_docs, trained.doc_scores):
         assert sorted(routing.docs.tolist()) == selected.nonzero().flatten().tolist()
         torch.testing.assert_close(routing.scores, scores[routing.docs], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), *((f, 2) for f in FAMILIES)])
+def test_inference_matches_the_training_forward(family, seed):
+    model = tiny_msa(seed, family=family, top_k_docs=2, chunk_size=4, query_position_offset=3)
+    memory = random_memory(seed)
+    assert_inference_matches_the_training_forward(model, memory, encoded_store(model, memory))
+
+
+@pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), ("llama", 2), ("gemma3_text", 3)])
+def test_global_position_inference_matches_the_training_forward(family, seed):
+    """`document_positions=False`: training counts positions from the example's first token, so
+    documents are encoded at their offsets in the memory and the question follows the whole
+    memory (query_position_offset plays no part). Documents added in two calls continue."""
+    model = tiny_msa(seed, family=family, top_k_docs=2, chunk_size=4, query_position_offset=3, document_positions=False)
+    memory = random_memory(seed)
+    encoder = MemoryEncoder(model, max_batch_tokens=24, show_progress=False)
+    store = encoder.new_store(memory["prefix"])
+    encoder.add_documents(store, memory["docs"][:3])
+    encoder.add_documents(store, memory["docs"][3:])
+    generator = MSAGenerator(model, store)
+    assert generator.query_start == len(memory["prefix"]) + sum(len(doc) for doc in memory["docs"])
+    assert_inference_matches_the_training_forward(model, memory, store)
+
+
+def test_global_position_appending_equals_encoding_at_once():
+    model = tiny_msa(7, top_k_docs=2, chunk_size=4, document_positions=False)
+    memory = random_memory(7, num_docs=10)
+    at_once = MemoryEncoder(model, max_batch_tokens=40, show_progress=False)
+    store = at_once.new_store(memory["prefix"])
+    at_once.add_documents(store, memory["docs"])
+    appending = MemoryEncoder(model, max_batch_tokens=16, show_progress=False)  # other batches too
+    grown = appending.new_store(memory["prefix"])
+    for part in (memory["docs"][:4], memory["docs"][4:5], memory["docs"][5:]):
+        appending.add_documents(grown, part)
+    assert torch.equal(grown.doc_chunk_offsets, store.doc_chunk_offsets)
+    for name in ("keys", "values", "routing_keys"):
+        for a, b in zip(getattr(grown, name), getattr(store, name)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # The positions matter: the same weights with document-wise positions encode other keys.
+    document_wise = encoded_store(tiny_msa(7, top_k_docs=2, chunk_size=4), memory)
+    assert not torch.allclose(document_wise.keys[0], store.keys[0], rtol=1e-3, atol=1e-4)
+
+
+def test_a_memory_of_the_other_position_mode_is_refused(tmp_path):
+    memory = random_memory(8)
+    document_wise = tiny_msa(8, top_k_docs=2, chunk_size=4)
+    global_positions = tiny_msa(8, top_k_docs=2, chunk_size=4, document_positions=False)
+    store = encoded_store(global_positions, memory)
+    store.save(tmp_path / "memory")
+    message = r"encoded with global positions \(document_positions=False.*the model uses document-wise positions"
+    with pytest.raises(ValueError, match=message):
+        MemoryStore.load(tmp_path / "memory", config=document_wise.config)
+    with pytest.raises(ValueError, match=message):
+        MSAGenerator(document_wise, store)
+    with pytest.raises(ValueError, match=message):
+        MemoryEncoder(document_wise, show_progress=False).add_documents(store, memory["docs"][:1])
+    with pytest.raises(ValueError, match="encoded with document-wise positions"):
+        MSAGenerator(global_positions, encoded_store(document_wise, memory))
+    assert MemoryStore.load(tmp_path / "memory", config=global_positions.config).signature["document_positions"] is False
+
+
+def test_a_manifest_without_a_position_mode_loads_as_document_wise(tmp_path):
+    """Memories saved before the mode was recorded were all encoded with document-wise positions."""
+    model = tiny_msa(9, top_k_docs=2, chunk_size=4)
+    encoded_store(model, random_memory(9)).save(tmp_path / "memory")
+    manifest_path = tmp_path / "memory" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["signature"]["document_positions"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert MemoryStore.load(tmp_path / "memory", config=model.config).num_docs == 7
+    with pytest.raises(ValueError, match="encoded with document-wise positions"):
+        MemoryStore.load(tmp_path / "memory", config=tiny_msa(9, top_k_docs=2, chunk_size=4, document_positions=False).config)
 
 
 @pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), ("llama", 2), ("gemma3_text", 3)])

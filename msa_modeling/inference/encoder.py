@@ -1,7 +1,12 @@
 """`MemoryEncoder`: documents -> per-router-layer K̄, V̄, K̄R chunks; prefix -> K/V of every layer.
 
-Each document is encoded alone, causally, with positions 0..len-1 (spec section 4), exactly
-as document tokens are in the training forward. Documents are batched by length (right
+Each document is encoded alone, causally, with the positions the training forward gives its
+tokens (spec section 4): 0..len-1 (document-wise positions, the default), or, for a model with
+`document_positions=False` (global positions, counted from the example's first token), at its
+offset in the memory: prefix length + the tokens of the documents before it in the store, so
+that positions run on from the prefix through the documents in order. Either way a document's
+states depend only on its tokens and its start position, so appending documents later equals
+encoding them all at once. Documents are batched by length (right
 padding: under a causal mask real tokens never see the padding), and each batch's results
 go to the host at once, so device memory is bounded by `max_batch_tokens`.
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -18,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..routing import l2_normalize
 from .layer_steps import attend, attention_residual, embed_tokens, rotary_tables
-from .store import EncodedDocuments, MemoryStore, model_signature
+from .store import EncodedDocuments, MemoryStore, check_signature, model_signature
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +40,19 @@ class LayerStates:
     values: torch.Tensor  # [B, L, Hkv, D]
 
 
-def causal_layer_states(model: nn.Module, input_ids: torch.Tensor, last_layer: int) -> Iterator[LayerStates]:
-    """Run layers 0..last_layer over independent causal rows (positions from 0), yielding each
-    layer's states; the last layer's attention and feed-forward are skipped (nobody reads them)."""
+def causal_layer_states(
+    model: nn.Module, input_ids: torch.Tensor, last_layer: int, start_positions: torch.Tensor | None = None,
+) -> Iterator[LayerStates]:
+    """Run layers 0..last_layer over independent causal rows, yielding each layer's states; the
+    last layer's attention and feed-forward are skipped (nobody reads them).
+
+    Row b's positions are `start_positions[b] + 0..L-1` (default: from 0).
+    """
     batch, length = input_ids.shape
     hidden = embed_tokens(model, input_ids)
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    if start_positions is not None:
+        positions = positions + start_positions.to(input_ids.device).view(batch, 1)
     ropes = rotary_tables(model, hidden, positions)
     for index, layer in enumerate(model.model.layers[: last_layer + 1]):
         normed = layer.input_layernorm(hidden)
@@ -104,8 +117,6 @@ class MemoryEncoder:
         show_progress: bool = True,
     ) -> None:
         config = model.config
-        if not config.document_positions:
-            raise ValueError("inference needs document-wise positions (config.document_positions=True)")
         if not config.router_layers:
             raise ValueError("the model has no router layers, so there is no memory to encode")
         self.model = model
@@ -133,24 +144,38 @@ class MemoryEncoder:
                            prefix_values=values)
 
     def add_documents(self, store: MemoryStore, documents: Sequence[Sequence[int]]) -> None:
-        """Encode `documents` (token id lists, rendered as the model saw them in training) and append them."""
-        if store.signature != model_signature(self.config):
-            raise ValueError(f"store encoded for {store.signature}, the model has {model_signature(self.config)}")
-        store.extend(self.encode_documents(documents))
+        """Encode `documents` (token id lists, rendered as the model saw them in training) and append them.
+
+        With global positions the new documents continue after the store's last token:
+        the first starts at prefix length + `store.num_tokens`.
+        """
+        check_signature(store.signature, self.config, "the store")
+        start = store.prefix_ids.numel() + store.num_tokens
+        store.extend(self.encode_documents(documents, first_position=start))
 
     @torch.no_grad()
-    def encode_documents(self, documents: Sequence[Sequence[int]]) -> EncodedDocuments:
-        """Encode documents independently; the result keeps their order."""
+    def encode_documents(self, documents: Sequence[Sequence[int]], first_position: int = 0) -> EncodedDocuments:
+        """Encode documents independently; the result keeps their order.
+
+        `first_position` matters only with global positions (`document_positions=False`):
+        the position of the first document's first token; the others follow it in order
+        (document i starts at `first_position` + the lengths of documents 0..i-1).
+        `add_documents` passes prefix length + the tokens already in the store.
+        """
         lengths = [len(doc) for doc in documents]
         if any(n == 0 for n in lengths):
             raise ValueError(f"document {lengths.index(0)} is empty")
+        if self.config.document_positions:
+            starts = [0] * len(documents)
+        else:
+            starts = list(accumulate(lengths[:-1], initial=first_position))
         chunk_size = self.config.chunk_size
         num_slots = len(self.config.router_layers)
         parts: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in range(num_slots)] for name in ("k", "v", "r")}
         processed_order: list[int] = []
         progress = tqdm(total=len(documents), desc="encoding memory", unit="doc", disable=not self.show_progress)
         for batch in length_sorted_batches(lengths, self.max_batch_tokens):
-            self._encode_batch([documents[i] for i in batch], parts)
+            self._encode_batch([documents[i] for i in batch], [starts[i] for i in batch], parts)
             processed_order += batch
             progress.update(len(batch))
         progress.close()
@@ -173,7 +198,9 @@ class MemoryEncoder:
             routing_keys=reorder(parts["r"]),
         )
 
-    def _encode_batch(self, documents: list[Sequence[int]], parts: dict[str, list[list[torch.Tensor]]]) -> None:
+    def _encode_batch(
+        self, documents: list[Sequence[int]], starts: list[int], parts: dict[str, list[list[torch.Tensor]]],
+    ) -> None:
         longest = max(len(doc) for doc in documents)
         ids = torch.zeros((len(documents), longest), dtype=torch.long)
         for row, doc in enumerate(documents):
@@ -183,7 +210,8 @@ class MemoryEncoder:
         chunk_size = self.config.chunk_size
         present = present_chunks([len(doc) for doc in documents], longest, chunk_size).to(self.device)
         on_device: dict[str, dict[int, torch.Tensor]] = {name: {} for name in parts}
-        for states in causal_layer_states(self.model, ids, max(self.config.router_layers)):
+        start_positions = None if self.config.document_positions else torch.tensor(starts, device=self.device)
+        for states in causal_layer_states(self.model, ids, max(self.config.router_layers), start_positions):
             slot = self.router_slot.get(states.index)
             if slot is None:
                 continue

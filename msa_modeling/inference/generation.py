@@ -1,7 +1,9 @@
 """`MSAGenerator`: routing for the question, sparse prefill, then decoding with a KV cache.
 
 A round's query segment (the question, plus whatever earlier rounds appended) is prefilled
-at positions `T + query_position_offset + j` (spec section 4). Every layer attends to the
+at positions `T + query_position_offset + j` (spec section 4), or, for a model with global
+positions (`document_positions=False`), right after the whole memory, at `T + M + j` (M: the
+memory's tokens; `query_start_position`). Every layer attends to the
 cached prefix K/V; router layers also attend to the pooled K̄/V̄ of the documents their own
 routing selected, which stays fixed while the round decodes, as one selection per example
 serves every answer token in training.
@@ -38,7 +40,7 @@ from torch import nn
 
 from .layer_steps import attend, attention_residual, embed_tokens, final_logits, rotary_tables
 from .routing_index import RoutingIndex, group_routing_queries
-from .store import MemoryStore, model_signature
+from .store import MemoryStore, check_signature
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +97,18 @@ def _grown(buffer: torch.Tensor, rows: int, keep: int) -> torch.Tensor:
     return new
 
 
+def query_start_position(config, store: MemoryStore) -> int:
+    """Position of the query segment's first token, as the training layout places it (spec section 4).
+
+    Document-wise positions: prefix length + `query_position_offset`. Global positions
+    (`document_positions=False`, where training counts every token from the example's first):
+    right after the whole memory, prefix length + every document's tokens.
+    """
+    if config.document_positions:
+        return store.prefix_ids.numel() + config.query_position_offset
+    return store.prefix_ids.numel() + store.num_tokens
+
+
 class MSAGenerator:
     """Generation over a `MemoryStore` with an `MSAForCausalLM`.
 
@@ -107,8 +121,7 @@ class MSAGenerator:
     """
 
     def __init__(self, model: nn.Module, store: MemoryStore, index: RoutingIndex | None = None, trace_k: int = 0) -> None:
-        if store.signature != model_signature(model.config):
-            raise ValueError(f"store encoded for {store.signature}, the model has {model_signature(model.config)}")
+        check_signature(store.signature, model.config, "the store")
         self.model = model
         self.store = store
         self.config = model.config
@@ -121,7 +134,7 @@ class MSAGenerator:
         self.first_router = min(self.router_slot) if self.router_slot and store.num_docs > 0 else None
         to_device = lambda tensors: [t.to(self.device, self.dtype) for t in tensors]  # noqa: E731
         self.prefix_keys, self.prefix_values = to_device(store.prefix_keys), to_device(store.prefix_values)
-        self.query_start = store.prefix_ids.numel() + self.config.query_position_offset
+        self.query_start = query_start_position(self.config, store)
 
     def new_cache(self, capacity: int = 64) -> QueryCache:
         """An empty segment after the prefix, with room for `capacity` tokens."""

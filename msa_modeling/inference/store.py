@@ -33,7 +33,32 @@ def model_signature(config) -> dict:
         "num_key_value_heads": config.num_key_value_heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         "query_position_offset": config.query_position_offset,
+        "document_positions": bool(config.document_positions),
     }
+
+
+def _position_mode(document_positions: bool) -> str:
+    if document_positions:
+        return "document-wise positions (document_positions=True: each document from 0)"
+    return "global positions (document_positions=False: documents at their offsets in the memory)"
+
+
+def check_signature(signature: dict, config, what: str = "the memory") -> None:
+    """Raise ValueError unless `signature` (of an encoded memory) matches the model `config`.
+
+    A memory encoded with one position mode cannot serve a model of the other: its K̄/V̄
+    carry the rotary positions of that mode. That mismatch gets its own message.
+    """
+    expected = model_signature(config)
+    if signature == expected:
+        return
+    stored_mode, model_mode = signature.get("document_positions", True), expected["document_positions"]
+    if stored_mode != model_mode:
+        raise ValueError(
+            f"{what} was encoded with {_position_mode(stored_mode)}, but the model uses {_position_mode(model_mode)}; "
+            "re-encode the memory with this model"
+        )
+    raise ValueError(f"{what} was encoded for {signature}, the model has {expected}")
 
 
 @dataclass
@@ -195,10 +220,10 @@ class MemoryStore:
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest["format_version"] != FORMAT_VERSION:
             raise ValueError(f"{directory}: memory format {manifest['format_version']}, expected {FORMAT_VERSION}")
-        if config is not None and model_signature(config) != manifest["signature"]:
-            raise ValueError(
-                f"{directory} was encoded for {manifest['signature']}, the model has {model_signature(config)}"
-            )
+        # Memories saved before the position mode was recorded were all encoded document-wise.
+        manifest["signature"].setdefault("document_positions", True)
+        if config is not None:
+            check_signature(manifest["signature"], config, str(directory))
         prefix = load_file(str(directory / PREFIX_FILE))
         num_layers = manifest["signature"]["num_hidden_layers"]
         store = cls(
