@@ -431,8 +431,6 @@ def train_variant(spec: dict, result: dict, save: Any) -> Path | None:
         if measured:
             record.update(tokens_per_s=measured["tokens_per_s"], step_seconds_total=measured["step_seconds_total"])
             planner.update(measured["tokens_per_s"], record["wall_s"] - measured["step_seconds_total"])
-        # The export is what the next stage and the evaluation use; the checkpoints are not needed.
-        shutil.rmtree(stage_dir(run_dir, stage.name) / "checkpoints", ignore_errors=True)
         last_export = destination
         save()
     return last_export

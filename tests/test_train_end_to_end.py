@@ -33,16 +33,19 @@ def test_tiny_recipe_runs_every_stage_from_the_previous_export(tmp_path: Path) -
         "stages.cpt_main.budget.tokens=2048",
         "stages.sft_short.budget.steps=2",
         "stages.sft_long.budget.steps=1",
+        "checkpoint.save_final=false",
     ])
     assert result.returncode == 0, failure_report(result)
     log = result.stdout + result.stderr
     for previous, stage in zip(STAGES, STAGES[1:]):
         assert f"starting from MSA checkpoint {run_dir}/stages/{previous}/export" in log
 
-    # Checkpoints rotate: keep_last 2 of the warm-up's step 1 and step 2 checkpoints (+ final = step 2).
+    # Checkpoints rotate: keep_last 2 of the warm-up's step 1 and step 2 checkpoints.
     warmup = run_dir / "stages/cpt_warmup"
     assert sorted(p.name for p in (warmup / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
     assert (warmup / "checkpoints/latest").read_text() == "step_00000002"
+    # Without save_final, a stage shorter than its checkpoint interval leaves no checkpoint, only its export.
+    assert not (run_dir / "stages/sft_long/checkpoints/latest").exists()
 
     records = [json.loads(line) for line in (warmup / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]

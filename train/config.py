@@ -171,6 +171,9 @@ class TrackingConfig:
 @dataclass
 class CheckpointConfig:
     keep_last: int = 2
+    # Checkpoint at the end of a stage too, so a crash during the export resumes without
+    # retraining; false skips it (short experiments, where it is several GB of optimizer state).
+    save_final: bool = True
 
 
 @dataclass

@@ -246,7 +246,8 @@ class StageTrainer:
                     self.save_checkpoint()
         if stage.eval.sources:
             self._evaluate()
-        self.save_checkpoint()
+        if self.recipe.checkpoint.save_final:
+            self.save_checkpoint()
 
     def _handle_non_finite(self, record: dict[str, Any]) -> None:
         """DeepSpeed has already discarded the update (its overflow check); stop or go on per policy."""
