@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.records import RetrievalDataset
 from msa_train.data.synthetic import filler_text, generate_kv_facts, generate_multihop_chains, generate_needles
+from msa_train.data.templates import TemplateConfig
+from msa_train.data.tokenization import SentencePieceTokenizer
 
 DELIMITER = "<|object_ref_end|>"
 END_OF_RETRIEVAL = "<End-of-Retrieve>"
@@ -111,3 +113,14 @@ def doc_runs(doc_ids: np.ndarray) -> list[tuple[int, int, int]]:
             start = position
     return runs
 
+
+def write_tiny_export(folder: Path, **msa_settings) -> Path:
+    """A trainer-export-shaped folder: a tiny random MSA model (`msa_settings` go to `tiny_msa`)
+    and a sentencepiece tokenizer holding the template tokens."""
+    from batches import tiny_msa
+
+    tokenizer = SentencePieceTokenizer(train_sentencepiece(folder))
+    tokenizer.ensure_special_tokens(TemplateConfig().special_strings(), report=False)
+    tokenizer.save(folder)
+    tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, **msa_settings).save_pretrained(folder)
+    return folder

@@ -7,13 +7,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from batches import tiny_msa
-from data_fixtures import train_sentencepiece
+from data_fixtures import write_tiny_export
 
 from msa_train.data.records import Document, RetrievalDataset, RetrievalRecord
 from msa_train.data.synthetic import generate_kv_facts
 from msa_train.data.templates import TemplateConfig
-from msa_train.data.tokenization import SentencePieceTokenizer
 from msa_train.eval import evaluate
 from msa_train.eval.harness import EvalModel, LoopSettings
 from msa_train.eval.judge import RUBRIC, JudgeClient, parse_score
@@ -28,13 +26,7 @@ FAST_LOOP = ["--max-rounds", "1", "--max-round-tokens", "3", "--max-answer-token
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A trainer-export-shaped folder: tiny MSA model + sentencepiece tokenizer with the template tokens."""
-    folder = tmp_path_factory.mktemp("export")
-    tokenizer = SentencePieceTokenizer(train_sentencepiece(folder))
-    tokenizer.ensure_special_tokens(TemplateConfig().special_strings(), report=False)
-    tokenizer.save(folder)
-    model = tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, top_k_docs=2, chunk_size=8)
-    model.save_pretrained(folder)
-    return folder
+    return write_tiny_export(tmp_path_factory.mktemp("export"), top_k_docs=2, chunk_size=8)
 
 
 def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from batches import tiny_msa
-from data_fixtures import train_sentencepiece
+from data_fixtures import write_tiny_export
 from test_inference import training_row
 
 from msa_train.data.records import Document
-from msa_train.data.templates import TemplateConfig
-from msa_train.data.tokenization import SentencePieceTokenizer
 from msa_train.eval import gpu_experiment as experiment
 from msa_train.eval.harness import LoopSettings
 from msa_train.train.config import load_recipe
@@ -24,14 +21,8 @@ from msa_train.train.runner import tokenizer_texts as runner_tokenizer_texts
 @pytest.fixture(scope="module")
 def global_position_export(tmp_path_factory):
     """A trainer-export-shaped folder of a tiny model trained with document_positions=False."""
-    folder = tmp_path_factory.mktemp("global_positions_export")
-    tokenizer = SentencePieceTokenizer(train_sentencepiece(folder))
-    tokenizer.ensure_special_tokens(TemplateConfig().special_strings(), report=False)
-    tokenizer.save(folder)
-    model = tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, top_k_docs=2, chunk_size=4,
-                     query_position_offset=3, document_positions=False)
-    model.save_pretrained(folder)
-    return folder
+    return write_tiny_export(tmp_path_factory.mktemp("global_positions_export"), top_k_docs=2, chunk_size=4,
+                             query_position_offset=3, document_positions=False)
 
 
 def test_global_position_evaluation_matches_the_training_forward(global_position_export):
