@@ -194,6 +194,18 @@ def test_stage_starts_from_a_backbone_checkpoint_or_an_msa_export(tmp_path: Path
     assert reloaded.config.chunk_size == 4  # the export's own settings, not the recipe's
 
 
+def test_random_backbone_is_drawn_on_the_requested_device() -> None:
+    from msa_train.train.model_setup import load_stage_model
+
+    model_config = load_recipe(TINY_RECIPE).model
+    on_meta = load_stage_model("backbone", model_config, None, vocab_size=97, seed=0, device=torch.device("meta"))
+    assert {p.device.type for p in on_meta.parameters()} == {"meta"}
+    # Naming the CPU draws the same weights as the default path, so CPU runs are unchanged.
+    default = load_stage_model("backbone", model_config, None, vocab_size=97, seed=0)
+    on_cpu = load_stage_model("backbone", model_config, None, vocab_size=97, seed=0, device=torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), on_cpu.state_dict().values()))
+
+
 def test_tokenizer_from_a_path_gets_the_template_tokens(tmp_path: Path) -> None:
     from msa_train.train.tokenizer import prepare_tokenizer, train_tiny_tokenizer
 

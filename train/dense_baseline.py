@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from msa_train.data.loader import PackedRowLoader, stack_rows
 
@@ -23,7 +23,7 @@ from .config import Recipe, StageConfig
 from .data_stream import source_build_dir
 from .distributed import DistributedContext
 from .engine import batch_geometry, deepspeed_config, initialize_engine
-from .model_setup import DTYPES
+from .model_setup import DTYPES, random_backbone
 from .schedule import LRMultiplier
 from .throughput import FlopModel, memory_gb
 from .tracking import MetricsLogger
@@ -32,13 +32,11 @@ from .trainer import total_steps
 logger = logging.getLogger(__name__)
 
 
-def dense_backbone(recipe: Recipe, vocab_size: int) -> torch.nn.Module:
-    """The recipe's backbone as a plain Hugging Face causal LM (random for an inline config)."""
+def dense_backbone(recipe: Recipe, vocab_size: int, device: torch.device | None = None) -> torch.nn.Module:
+    """The recipe's backbone as a plain Hugging Face causal LM (random for an inline config, drawn on `device`)."""
     dtype = DTYPES[recipe.model.dtype]
     if recipe.model.inline_config is not None:
-        torch.manual_seed(recipe.run.seed)
-        config = Qwen3Config(**{"vocab_size": vocab_size, **recipe.model.inline_config})
-        return Qwen3ForCausalLM(config).to(dtype)
+        return random_backbone(recipe.model.inline_config, vocab_size, recipe.run.seed, dtype, device)
     return AutoModelForCausalLM.from_pretrained(recipe.model.backbone, dtype=dtype)
 
 
@@ -46,7 +44,7 @@ def run_dense_baseline(recipe: Recipe, stage: StageConfig, vocab_size: int, step
                        context: DistributedContext) -> Path:
     """Train the dense backbone on the stage's rows for `steps` (default: the stage budget);
     returns the folder of its metrics.jsonl."""
-    model = dense_backbone(recipe, vocab_size)
+    model = dense_backbone(recipe, vocab_size, context.device)
     if recipe.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -21,24 +21,39 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def build_from_backbone(model_config: ModelConfig, vocab_size: int, seed: int) -> MSAForCausalLM:
+def random_backbone(inline_config: dict[str, Any], vocab_size: int, seed: int, dtype: torch.dtype,
+                    device: torch.device | None = None) -> Qwen3ForCausalLM:
+    """A seeded random Qwen3 from an inline config (without `vocab_size`, the tokenizer's).
+
+    On an accelerator the weights are drawn there: a billion-parameter CPU initialisation takes
+    most of a minute in a launcher-started rank, which gets one thread. The draws then come
+    from that device's generator, so the same seed gives other weights than on the CPU.
+    """
+    fields = {"vocab_size": vocab_size, **inline_config}
+    torch.manual_seed(seed)  # the random backbone is part of the recipe, so seed it
+    with torch.device(device or "cpu"):
+        return Qwen3ForCausalLM(Qwen3Config(**fields)).to(dtype)
+
+
+def build_from_backbone(model_config: ModelConfig, vocab_size: int, seed: int,
+                        device: torch.device | None = None) -> MSAForCausalLM:
     """The MSA model converted from the recipe's backbone (a checkpoint path or an inline Qwen3 config).
 
     An inline config without `vocab_size` takes the tokenizer's. A backbone whose embedding
-    matrix is smaller than the tokenizer (special tokens were added) is resized first.
+    matrix is smaller than the tokenizer (special tokens were added) is resized first. A random
+    backbone, and the MSA model built from it, are initialised on `device` (default: the CPU).
     """
     dtype = DTYPES[model_config.dtype]
     if model_config.inline_config is not None:
-        fields = {"vocab_size": vocab_size, **model_config.inline_config}
-        torch.manual_seed(seed)  # the random backbone is part of the recipe, so seed it
-        backbone = Qwen3ForCausalLM(Qwen3Config(**fields)).to(dtype)
+        backbone = random_backbone(model_config.inline_config, vocab_size, seed, dtype, device)
     else:
         backbone = AutoModelForCausalLM.from_pretrained(model_config.backbone, dtype=dtype)
     if backbone.config.vocab_size < vocab_size:
         logger.warning("resizing the backbone's embeddings from %d to the tokenizer's %d ids",
                        backbone.config.vocab_size, vocab_size)
         backbone.resize_token_embeddings(vocab_size)
-    return MSAForCausalLM.from_backbone(backbone, **model_config.msa)
+    with torch.device(backbone.device):  # the new router projections are drawn beside the backbone
+        return MSAForCausalLM.from_backbone(backbone, **model_config.msa)
 
 
 def is_msa_checkpoint(path: str | Path) -> bool:
@@ -47,12 +62,14 @@ def is_msa_checkpoint(path: str | Path) -> bool:
 
 
 def load_stage_model(
-    init_from: str, model_config: ModelConfig, previous_export: Path | None, vocab_size: int, seed: int
+    init_from: str, model_config: ModelConfig, previous_export: Path | None, vocab_size: int, seed: int,
+    device: torch.device | None = None,
 ) -> MSAForCausalLM:
     """The model a stage starts from: the previous stage's export, the recipe backbone, or a path
-    (an MSA checkpoint, or a plain backbone that is converted with the recipe's MSA settings)."""
+    (an MSA checkpoint, or a plain backbone that is converted with the recipe's MSA settings).
+    A random backbone is initialised on `device`."""
     if init_from == "backbone":
-        return build_from_backbone(model_config, vocab_size, seed)
+        return build_from_backbone(model_config, vocab_size, seed, device)
     if init_from == "previous":
         if previous_export is None:
             raise ValueError("stage starts from the previous stage, but there is none")

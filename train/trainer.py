@@ -151,7 +151,8 @@ class StageTrainer:
         self.context = context
         self.total_steps = total_steps(stage)
 
-        model = load_stage_model(stage.init_from, recipe.model, previous_export, vocab_size, recipe.run.seed)
+        model = load_stage_model(stage.init_from, recipe.model, previous_export, vocab_size, recipe.run.seed,
+                                 context.device)
         # The trainer weighs the losses itself; the config copy makes the export record the weights.
         model.config.lm_loss_weight = stage.loss_weights.lm
         model.config.aux_loss_weight = stage.loss_weights.aux
