@@ -366,6 +366,8 @@ def _document_positives(
         raise ValueError(f"aux_labels must be 0 outside documents; found {int(flat[bad])} at {_describe(bad, row_length)}")
     if bool(((flat != 0) & (flat != 1)).any()):
         raise ValueError("aux_labels must be 0 or 1")
+    if num_docs == 0:  # nothing to index: a row of prefix and question only
+        return torch.zeros(0, dtype=torch.bool, device=is_doc.device)
     positive = flat[doc_start].bool()
     inconsistent = is_doc & (flat.bool() != positive[token_doc.clamp(min=0)])
     if bool(inconsistent.any()):

@@ -123,6 +123,20 @@ def test_empty_memory_matches_backbone(tied, offset):
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
 
 
+def test_labelled_row_without_documents_has_no_aux_loss():
+    """A row of prefix and question only, with the all-zero aux labels a loader emits for it,
+    trains exactly like the same row without aux labels: LM loss only."""
+    model = MSAForCausalLM.from_backbone(tiny_qwen3(4), top_k_docs=2, chunk_size=4)
+    input_ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    doc_ids = torch.tensor([[-2] * 4 + [0] * 16])
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -5:] = input_ids[:, -5:]
+    out = model(input_ids, doc_ids=doc_ids, labels=labels, aux_labels=torch.zeros_like(doc_ids))
+    without = model(input_ids, doc_ids=doc_ids, labels=labels)
+    assert out.aux_loss is None and torch.isfinite(out.loss)
+    assert torch.equal(out.loss, without.loss)
+
+
 def test_conversion_copies_every_backbone_weight_and_inits_router():
     backbone = tiny_qwen3(5)
     model = MSAForCausalLM.from_backbone(backbone)
