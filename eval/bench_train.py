@@ -260,6 +260,7 @@ def build_msa(cfg: dict, row: dict, args):
         model = MSAForCausalLM(config).to(torch.bfloat16)
     model.model.gradient_checkpointing = True
     model.model.checkpointed_layers = args.checkpointed_layers
+    model.model.saved_attention_layers = args.saved_attention_layers
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -301,6 +302,8 @@ def main() -> None:
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
     parser.add_argument("--checkpointed-layers", type=int, default=None,
                         help="MSA: recompute only the first N layers in backward (default: all)")
+    parser.add_argument("--saved-attention-layers", type=int, default=0,
+                        help="MSA: of the recomputed layers, the first N keep their attention kernel's output")
     parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG",
                         help="also profile one step of these configs: GPU time by kernel class and the top kernels")
     parser.add_argument("--out", default="bench_train.json")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout
 
@@ -358,6 +359,27 @@ def _softcap_score_mod(softcap: float):
 
 
 # ------------------------------------------------------------------ choice
+
+
+# The forward kernels of every backend that a recomputed layer may keep instead of running twice.
+# FlexAttention is absent: its higher-order op does not go through selective checkpointing.
+ATTENTION_KERNEL_OPS = frozenset({
+    "aten::_flash_attention_forward",
+    "aten::_efficient_attention_forward",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "torch_attn::_varlen_attn",
+    "flash_attn::_flash_attn_varlen_forward",
+})
+
+
+def keep_attention_kernel_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpoint policy: save the attention kernel's outputs (output and log-sum-exp),
+    recompute everything else. Backward still gets Q/K/V from the recomputed projections."""
+    name = op.name() if hasattr(op, "name") else str(op)
+    return CheckpointPolicy.MUST_SAVE if name in ATTENTION_KERNEL_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def torch_varlen_available() -> bool:

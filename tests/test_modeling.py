@@ -350,6 +350,41 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(grads[0][name], other[name], rtol=1e-5, atol=1e-7)
 
 
+def test_saved_attention_layers_skip_the_kernel_in_backward_with_the_same_gradients():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from msa_modeling.attention import ATTENTION_KERNEL_OPS
+
+    class CountAttentionKernels(TorchDispatchMode):
+        """Pushed before the checkpoint's own mode, so it sees only kernels that really run."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.runs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.runs += func.name() in ATTENTION_KERNEL_OPS
+            return func(*args, **(kwargs or {}))
+
+    batch = random_packed_batch(14)
+    grads, runs = [], []
+    for saved in (0, 1, 99):
+        model = tiny_msa(14, attn_backend="sdpa").train()
+        model.model.gradient_checkpointing = True
+        model.model.saved_attention_layers = saved
+        with CountAttentionKernels() as counter:
+            model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        runs.append(counter.runs)
+    layers = model.config.num_hidden_layers
+    # Forward and recompute run the kernel once per layer each; a saved layer skips the recompute.
+    assert runs == [2 * layers, 2 * layers - 1, layers]
+    for other in grads[1:]:
+        assert grads[0].keys() == other.keys()
+        for name in grads[0]:
+            assert torch.equal(grads[0][name], other[name]), name
+
+
 def test_top_k_ties_break_towards_lower_document_id():
     model = tiny_msa(15, top_k_docs=2)
     # Three identical documents score identically; the first two must win.

@@ -98,6 +98,8 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_recipe(TINY_RECIPE).stage("sft_lng")
     with pytest.raises(RecipeError, match="checkpointed_layers=2 needs deepspeed.activation_checkpointing: true"):
         load_recipe(TINY_RECIPE, ["deepspeed.checkpointed_layers=2"])
+    with pytest.raises(RecipeError, match="saved_attention_layers=2 needs deepspeed.activation_checkpointing: true"):
+        load_recipe(TINY_RECIPE, ["deepspeed.saved_attention_layers=2"])
 
 
 def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,9 +112,10 @@ def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> 
     configure_layer_execution(model, load_recipe(TINY_RECIPE))
     assert (model.model.gradient_checkpointing, model.model.checkpointed_layers, compiled) == (False, None, [])
     recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true", "deepspeed.checkpointed_layers=1",
-                                       "model.compile=true"])
+                                       "deepspeed.saved_attention_layers=1", "model.compile=true"])
     configure_layer_execution(model, recipe)
     assert (model.model.gradient_checkpointing, model.model.checkpointed_layers, compiled) == (True, 1, [model.model])
+    assert model.model.saved_attention_layers == 1
     recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true",
                                        f"deepspeed.checkpointed_layers={layers + 1}"])
     with pytest.raises(ValueError, match=f"checkpointed_layers={layers + 1} but the model has {layers} layers"):

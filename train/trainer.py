@@ -121,13 +121,15 @@ class StageState:
 
 
 def configure_layer_execution(model: Any, recipe: Recipe) -> None:
-    """Activation checkpointing (all layers or the first `checkpointed_layers`) and `torch.compile`."""
+    """Activation checkpointing (all layers or the first `checkpointed_layers`, of which the first
+    `saved_attention_layers` keep their attention output) and `torch.compile`."""
     layers = model.config.num_hidden_layers
     checkpointed = recipe.deepspeed.checkpointed_layers
     if checkpointed is not None and checkpointed > layers:
         raise ValueError(f"deepspeed.checkpointed_layers={checkpointed} but the model has {layers} layers")
     model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
     model.model.checkpointed_layers = checkpointed
+    model.model.saved_attention_layers = recipe.deepspeed.saved_attention_layers
     if recipe.model.compile:
         model.model.compile_dense_blocks()
 
