@@ -135,7 +135,8 @@ class SDPABackend:
 class VarlenKeys:
     """Keys/values regrouped segment by segment, with their boundaries."""
 
-    order: torch.Tensor  # [K] long, index into cat([tokens, prefix copies, chunks])
+    order: torch.Tensor  # [K] long, a permutation of cat([tokens, prefix copies, chunks])
+    inverse: torch.Tensor  # [K] long, its inverse: where each buffer row lands
     cu_seqlens: torch.Tensor  # [S+1] int32
     max_length: int
 
@@ -169,7 +170,9 @@ def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None)
     counts = torch.zeros(num_segments + 1, dtype=torch.int32, device=device)
     counts.scatter_add_(0, segment, torch.ones_like(segment, dtype=torch.int32))
     cu_seqlens = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_segments], 0, dtype=torch.int32)])
-    return VarlenKeys(order=order, cu_seqlens=cu_seqlens, max_length=max_length)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    return VarlenKeys(order=order, inverse=inverse, cu_seqlens=cu_seqlens, max_length=max_length)
 
 
 def gather_varlen_keys(
@@ -179,7 +182,22 @@ def gather_varlen_keys(
     parts = [tokens, tokens[layout.prefix_token_index]]
     if pooled is not None:
         parts.append(pooled)
-    return torch.cat(parts)[keys.order]
+    return _PermuteRows.apply(torch.cat(parts), keys.order, keys.inverse)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x[order]` for a permutation: backward gathers with the inverse permutation, where
+    autograd would scatter-add (a sort and atomics on the GPU)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 def regroup_key_values(

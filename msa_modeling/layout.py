@@ -40,6 +40,8 @@ class PackedLayout:
     chunk_example: torch.Tensor  # [C] long
     chunk_row: torch.Tensor  # [C] long
     chunk_length: torch.Tensor  # [C] float, real tokens in the chunk
+    chunk_first_token: torch.Tensor  # [C] long, flat index of each chunk's first token (its tokens are consecutive)
+    chunk_size: int  # P, the most tokens a chunk holds
     doc_example: torch.Tensor  # [D] long
     doc_id: torch.Tensor  # [D] long, the doc_ids value of each document
     doc_positive: torch.Tensor  # [D] bool
@@ -330,6 +332,8 @@ def build_packed_layout(
         chunk_example=chunk_example,
         chunk_row=chunk_row,
         chunk_length=chunk_length,
+        chunk_first_token=chunk_start.nonzero().flatten(),
+        chunk_size=chunk_size,
         doc_example=doc_example,
         doc_id=doc_id,
         doc_positive=doc_positive,

@@ -188,7 +188,7 @@ class MSADecoderLayer(nn.Module):
     """Pre-norm decoder layer (Llama, Mistral, Qwen): `h + attn(norm(h))`, then `feed_forward`.
 
     Engines that run the attention themselves use `input_layernorm`, then
-    `attention_residual(h, attention_output)`, then `feed_forward`.
+    `after_attention(h, attention_output)`: `attention_residual`, then `feed_forward`.
     """
 
     def __init__(self, config: MSAConfig, adapter: BackboneAdapter, backbone_config, layer_idx: int) -> None:
@@ -207,7 +207,12 @@ class MSADecoderLayer(nn.Module):
         attention: AttentionContext,
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
         attended, router_output = self.self_attn(self.input_layernorm(hidden_states), cos, sin, layout, attention)
-        return self.feed_forward(self.attention_residual(hidden_states, attended)), router_output
+        return self.after_attention(hidden_states, attended), router_output
+
+    def after_attention(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its input and o_proj's output: one seam, so that a compiled
+        layer fuses the attention residual into the MLP block's kernels."""
+        return self.feed_forward(self.attention_residual(hidden_states, attention_output))
 
     def attention_residual(self, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
         """The residual stream after the attention block (`attention_output` is o_proj's output)."""
@@ -292,7 +297,7 @@ class MSAModel(MSAPreTrainedModel):
         self.post_init()
 
     def compile_dense_blocks(self) -> None:
-        """`torch.compile` the token-wise parts of every layer (norms, projections, RoPE, MLP).
+        """`torch.compile` the token-wise parts of every layer (norms, projections, RoPE, residual adds, MLP).
 
         Their shapes depend only on the row length, so they compile once per length; routing
         and attention, whose sizes follow the data, stay eager. Fusing the norms, RoPE and the
@@ -303,7 +308,7 @@ class MSAModel(MSAPreTrainedModel):
         for layer in self.layers:
             layer.input_layernorm.compile(dynamic=False)
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
-            layer.feed_forward = torch.compile(layer.feed_forward, dynamic=False)
+            layer.after_attention = torch.compile(layer.after_attention, dynamic=False)
         self.norm.compile(dynamic=False)
 
     def attention_backend(self, device: torch.device):

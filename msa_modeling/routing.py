@@ -7,14 +7,40 @@ import torch
 from .layout import PackedLayout
 
 
+class _ChunkMean(torch.autograd.Function):
+    """Mean over each chunk's tokens, which are consecutive in the flat token order.
+
+    Forward gathers every chunk as a [C, P] block (padding masked to zero) and sums in fp32;
+    backward hands each document token its chunk's gradient / length. Both are plain gathers:
+    autograd's versions of a scatter-add pooling run atomics or a sort on the GPU.
+    """
+
+    @staticmethod
+    def forward(ctx, token_states, layout: PackedLayout):
+        slots = torch.arange(layout.chunk_size, device=token_states.device)
+        token_index = (layout.chunk_first_token[:, None] + slots).clamp(max=token_states.shape[0] - 1)
+        real = (slots[None, :] < layout.chunk_length[:, None]).view(*token_index.shape, *([1] * (token_states.dim() - 1)))
+        blocks = token_states[token_index].masked_fill(~real, 0)
+        ctx.layout = layout
+        ctx.dtype = token_states.dtype
+        return blocks.sum(1, dtype=torch.float32) / layout.chunk_length.view(-1, *([1] * (token_states.dim() - 1)))
+
+    @staticmethod
+    def backward(ctx, grad_pooled):
+        layout = ctx.layout
+        per_token = grad_pooled / layout.chunk_length.view(-1, *([1] * (grad_pooled.dim() - 1)))
+        is_doc = (layout.token_chunk >= 0).view(-1, *([1] * (grad_pooled.dim() - 1)))
+        return per_token[layout.token_chunk.clamp(min=0)].masked_fill(~is_doc, 0).to(ctx.dtype), None
+
+
 def pool_chunks(token_states: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """Mean of `token_states` ([N, ...], N = B*L tokens) over each chunk's real tokens.
 
     Sums run in fp32 (a 64-token bf16 sum loses precision); the result is fp32, [C, ...].
     """
-    pooled = token_states.new_zeros((layout.num_chunks, *token_states.shape[1:]), dtype=torch.float32)
-    pooled.index_add_(0, layout.doc_token_chunk, token_states[layout.doc_token_index].float())
-    return pooled / layout.chunk_length.view(-1, *([1] * (token_states.dim() - 1)))
+    if layout.num_chunks == 0:
+        return token_states.new_zeros((0, *token_states.shape[1:]), dtype=torch.float32)
+    return _ChunkMean.apply(token_states, layout)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

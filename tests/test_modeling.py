@@ -469,6 +469,7 @@ def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
     for model in (eager, compiled):
         model.model.gradient_checkpointing = True
         model.model.checkpointed_layers = 1
+    compiled.model.saved_attention_layers = 1  # selective checkpointing around compiled blocks too
     compiled.model.compile_dense_blocks()
     losses = []
     for model in (eager, compiled):

@@ -34,7 +34,7 @@ def attention_residual(layer: nn.Module, hidden_states: torch.Tensor, attended: 
     """The layer's output given its input and the attention result [B, L, H, D] (before o_proj)."""
     batch, length = attended.shape[:2]
     attention_output = layer.self_attn.o_proj(attended.reshape(batch, length, -1))
-    return layer.feed_forward(layer.attention_residual(hidden_states, attention_output))
+    return layer.after_attention(hidden_states, attention_output)
 
 
 def attend(
