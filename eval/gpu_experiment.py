@@ -1065,6 +1065,25 @@ def run_driver(args: argparse.Namespace) -> int:
     return 0 if all(v.get("status") == "ok" for v in results["variants"].values()) else 1
 
 
+def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
+    """Add the variants of earlier runs' result files that this run did not train, so that
+    machines with fewer GPUs than variants can run them over several calls and still get one
+    table and one set of plots. A file from another longest row or recipe is refused."""
+    for path in earlier:
+        previous = read_json(path)
+        if previous is None:
+            raise FileNotFoundError(f"--merge {path}: no readable results file there")
+        mine = {"recipe": Path(results["recipe"]).name, "overrides": results["overrides"],
+                "longest_row": results["longest_row"], "smoke": results["smoke"]}
+        theirs = {**{key: previous.get(key) for key in mine}, "recipe": Path(previous.get("recipe") or "").name}
+        for key in mine:
+            if theirs[key] != mine[key]:
+                raise ValueError(f"--merge {path}: its {key} is {theirs[key]!r}, this run's is {mine[key]!r}")
+        for name, variant in previous.get("variants", {}).items():
+            if name not in results["variants"]:
+                results["variants"][name] = {**variant, "merged_from": str(path), "merged_device": previous.get("device")}
+
+
 def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.Namespace, t0: float,
               tokenizer_s: float, results_dir: Path, work_dir: Path) -> dict[str, Any]:
     import platform
@@ -1092,6 +1111,7 @@ def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.
         variant["curves"] = stage_curves(job.run_dir, stage_names)
         variant["acceptance"] = acceptance(variant, row)
         results["variants"][job.variant] = variant
+    merge_variants(results, args.merge)
     name = args.name or ("gpu_scale_smoke" if args.smoke else "gpu_scale")
     results["wall_s"] = time.time() - t0
     write_json_atomic(results_dir / f"{name}.json", results)  # first, so a failure below keeps the numbers
@@ -1154,6 +1174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qa-questions", type=int, default=16, help="questions per held-out QA memory")
     parser.add_argument("--threads", type=int, help="torch threads per worker")
     parser.add_argument("--build-workers", type=int, help="processes per variant for the data builds")
+    parser.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
+                        help="earlier runs' gpu_scale JSON files whose other variants join this run's table and plots")
     parser.add_argument("--resume", action="store_true", help="keep existing run folders (finished stages are skipped)")
     return parser
 

@@ -6,6 +6,8 @@ three minutes on 2 CPU cores, so it is documented in docs/EXPERIMENTS.md, not ru
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from data_fixtures import write_tiny_export
@@ -102,3 +104,20 @@ def test_acceptance_compares_the_subtasks_measured_at_both_sizes():
     check = experiment.acceptance({"eval": {"niah": niah}}, row=16)
     assert check["subtasks"] == ["a"] and check["relative_drop"] == pytest.approx(0.1) and check["passed"]
     assert experiment.acceptance({"eval": {}}, row=16)["passed"] is None
+
+
+def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
+    run = {"recipe": "/repo/recipes/qwen3_350m_synthetic.yaml", "overrides": [], "longest_row": 16384, "smoke": False,
+           "variants": {"main": {"status": "done", "steps": 1}}}
+    earlier = {**run, "recipe": "/elsewhere/recipes/qwen3_350m_synthetic.yaml", "device": "cuda: H200",
+               "variants": {"main": {"status": "old"}, "no_aux": {"status": "done"}}}
+    (tmp_path / "a.json").write_text(json.dumps(earlier))
+    experiment.merge_variants(run, [tmp_path / "a.json"])
+    assert run["variants"]["main"] == {"status": "done", "steps": 1}  # this run's own result wins
+    assert run["variants"]["no_aux"]["status"] == "done"
+    assert run["variants"]["no_aux"]["merged_from"] == str(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({**earlier, "longest_row": 1536}))
+    with pytest.raises(ValueError, match="longest_row is 1536, this run's is 16384"):
+        experiment.merge_variants(run, [tmp_path / "b.json"])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        experiment.merge_variants(run, [tmp_path / "missing.json"])
