@@ -1,7 +1,8 @@
 """Issue 7, CPU scale: the real pipeline (recipes/kv_cpu.yaml, two CPT stages, DeepSpeed) trains a
 tiny MSA model for a bounded number of steps, and on held-out key-value memories its router finds
 the fact's document (recall@1 >= 0.9, chance 1/8) and the model answers with the document's ID and
-value (exact match >= 0.9). docs/EXPERIMENTS.md has the numbers.
+value (exact match >= 0.9), reading the ID from 4-token pooled chunks after a curriculum from
+1-token chunks. docs/EXPERIMENTS.md has the numbers.
 """
 
 from __future__ import annotations
@@ -31,5 +32,8 @@ def test_kv_experiment_routes_and_answers_held_out_questions(tmp_path: Path) -> 
     assert heldout["chance_recall@1"] == 1 / 8
     assert heldout["router_recall"]["recall@1"] >= 0.9, heldout["router_recall"]
     assert heldout["exact_match"] >= 0.9, heldout["examples"]
-    assert [curve["stage"] for curve in results["curves"]] == ["cpt_warmup", "cpt_main"]
+    assert [curve["stage"] for curve in results["curves"]] == ["cpt_warmup", "cpt_main", "cpt_pooled"]
+    # The evaluated model reads pooled 4-token chunks: the last stage's chunk size reached its export.
+    exported = json.loads((tmp_path / "run" / "stages" / "cpt_pooled" / "export" / "config.json").read_text())
+    assert exported["chunk_size"] == 4
     assert all(Path(path).is_file() for path in results["plots"])

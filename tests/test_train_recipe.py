@@ -100,6 +100,8 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_recipe(TINY_RECIPE, ["deepspeed.checkpointed_layers=2"])
     with pytest.raises(RecipeError, match="saved_attention_layers=2 needs deepspeed.activation_checkpointing: true"):
         load_recipe(TINY_RECIPE, ["deepspeed.saved_attention_layers=2"])
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(cpt_main\): chunk_size 0 must be at least 1"):
+        load_recipe(TINY_RECIPE, ["stages.cpt_main.chunk_size=0"])
 
 
 def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:

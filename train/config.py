@@ -141,6 +141,10 @@ class StageConfig:
     checkpoint_every_steps: int = 100
     eval: EvalConfig = field(default_factory=EvalConfig)
     nan_policy: Literal["stop", "skip"] = "stop"
+    # The MSA chunk size P from this stage on (null: the starting model's). Pooling has no
+    # parameters, so stages may change it: a curriculum from small chunks to large ones lets a
+    # small model learn to read document IDs before they are averaged into big chunks.
+    chunk_size: int | None = None
 
 
 @dataclass
@@ -337,6 +341,8 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
                     f"{where}: unknown data source {source_name!r}{_suggestion(source_name, recipe.data.sources)}; "
                     f"data.sources has {sorted(recipe.data.sources)}"
                 )
+        if stage.chunk_size is not None and stage.chunk_size < 1:
+            raise RecipeError(f"{where}: chunk_size {stage.chunk_size} must be at least 1 (or null: the model's own)")
         if stage.init_from == "previous" and index == 0:
             raise RecipeError(f"{where}: the first stage cannot start from the 'previous' stage; use 'backbone' or a path")
 

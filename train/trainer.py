@@ -158,6 +158,10 @@ class StageTrainer:
         # The trainer weighs the losses itself; the config copy makes the export record the weights.
         model.config.lm_loss_weight = stage.loss_weights.lm
         model.config.aux_loss_weight = stage.loss_weights.aux
+        if stage.chunk_size is not None and stage.chunk_size != model.config.chunk_size:
+            # Layouts (the data stream's and the model's own) and the export all read the config.
+            logger.info("stage %s: chunk size %d -> %d", stage.name, model.config.chunk_size, stage.chunk_size)
+            model.config.chunk_size = stage.chunk_size
         configure_layer_execution(model, recipe)
         model.train()
         self.model_config = model.config
