@@ -50,8 +50,6 @@ class PackedLayout:
     routing_token_example: torch.Tensor  # [R] long
     lm_token_index: torch.Tensor  # [T] long, flat indices of tokens whose next token is a target
     lm_targets: torch.Tensor  # [T] long
-    doc_token_index: torch.Tensor  # [N_doc] long, flat indices of document tokens
-    doc_token_chunk: torch.Tensor  # [N_doc] long, their chunks
     prefix_token_index: torch.Tensor  # [N_prefix] long, flat indices of prefix tokens
     cu_seqlens: torch.Tensor  # [S+1] int32, segment boundaries over the flat tokens
     example_query_segment: torch.Tensor  # [E] long, the segment holding each example's query
@@ -342,8 +340,6 @@ def build_packed_layout(
         routing_token_example=token_example[routing_token_index],
         lm_token_index=lm_token_index,
         lm_targets=lm_targets,
-        doc_token_index=is_doc.nonzero().flatten(),
-        doc_token_chunk=token_chunk[is_doc],
         prefix_token_index=is_prefix.nonzero().flatten(),
         cu_seqlens=cu_seqlens,
         example_query_segment=example_query_segment,
