@@ -7,6 +7,11 @@ import torch
 from .layout import PackedLayout
 
 
+def _per_row(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """A [C] or [C, P] tensor shaped to broadcast against [C, (P,) *features] with `dims` feature dims."""
+    return x.view(*x.shape, *([1] * dims))
+
+
 class _ChunkMean(torch.autograd.Function):
     """Mean over each chunk's tokens, which are consecutive in the flat token order.
 
@@ -17,20 +22,22 @@ class _ChunkMean(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token_states, layout: PackedLayout):
+        features = token_states.dim() - 1
         slots = torch.arange(layout.chunk_size, device=token_states.device)
         token_index = (layout.chunk_first_token[:, None] + slots).clamp(max=token_states.shape[0] - 1)
-        real = (slots[None, :] < layout.chunk_length[:, None]).view(*token_index.shape, *([1] * (token_states.dim() - 1)))
-        blocks = token_states[token_index].masked_fill(~real, 0)
+        padding = _per_row(slots[None, :] >= layout.chunk_length[:, None], features)
+        blocks = token_states[token_index].masked_fill(padding, 0)
         ctx.layout = layout
         ctx.dtype = token_states.dtype
-        return blocks.sum(1, dtype=torch.float32) / layout.chunk_length.view(-1, *([1] * (token_states.dim() - 1)))
+        return blocks.sum(1, dtype=torch.float32) / _per_row(layout.chunk_length, features)
 
     @staticmethod
     def backward(ctx, grad_pooled):
         layout = ctx.layout
-        per_token = grad_pooled / layout.chunk_length.view(-1, *([1] * (grad_pooled.dim() - 1)))
-        is_doc = (layout.token_chunk >= 0).view(-1, *([1] * (grad_pooled.dim() - 1)))
-        return per_token[layout.token_chunk.clamp(min=0)].masked_fill(~is_doc, 0).to(ctx.dtype), None
+        features = grad_pooled.dim() - 1
+        per_token = (grad_pooled / _per_row(layout.chunk_length, features))[layout.token_chunk.clamp(min=0)]
+        outside = _per_row(layout.token_chunk < 0, features)
+        return per_token.masked_fill(outside, 0).to(ctx.dtype), None
 
 
 def pool_chunks(token_states: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
