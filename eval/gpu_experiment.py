@@ -106,7 +106,9 @@ HELDOUT_SEED = 1000  # generator seeds of held-out evaluation data; training sou
 RECALL_KS = (1, 5, 10)
 # Evaluation memory sizes as multiples of the longest training row, in order of importance.
 SIZE_MULTIPLES = (1, 64, 8, 2, 4, 16, 32)
-NIAH_SUBTASKS = ("niah_single_1", "niah_multikey_2", "niah_multivalue", "niah_multiquery")
+# The single-answer RULER shapes: the recipe selects one document per example, and a multi-value
+# or multi-query question needs several at once (`--niah-subtasks` takes any of eval/niah.py's).
+NIAH_SUBTASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multikey_2")
 LOG_TAIL_LINES = 120
 
 
@@ -158,7 +160,7 @@ def smoke_overrides(recipe: Any) -> list[str]:
         "model.msa.top_k_docs=2", "model.msa.chunk_size=32",
         "tokenizer.train_tiny.vocab_size=768", "tokenizer.train_tiny.sample_records=60",
     ]
-    caps = {"num_samples": 40, "num_queries": 60, "num_chains": 40, "num_facts": 60, "words_per_doc": 40,
+    caps = {"num_samples": 40, "num_queries": 60, "num_chains": 40, "num_facts": 64, "words_per_doc": 40,
             "haystack_docs": 3, "num_keys": 4}
     long_rows = max(stage.row_length for stage in recipe.stages)
     for name, values in recipe.data.sources.items():
@@ -176,6 +178,25 @@ def smoke_overrides(recipe: Any) -> list[str]:
                       f"stages.{index}.global_batch_tokens={2 * row}", f"stages.{index}.budget.steps={steps}",
                       f"stages.{index}.budget.tokens=null", f"stages.{index}.schedule.warmup_steps=1"]
     return overrides
+
+
+def kv_generator_options(recipe: Any) -> dict[str, Any]:
+    """`generate_kv_facts` options of the recipe's key-value QA source (the latest stage's that has
+    one), so held-out key-value QA asks facts shaped as in training. The evaluation asks over one
+    memory of all the facts, so names must be unique in all of it: no `memory_size` groups (whose
+    names repeat across groups), and at most the 300 facts the generator names uniquely."""
+    sources = recipe.data.sources
+    for stage in reversed(recipe.stages):
+        for name in stage.sources:
+            source = sources[name]
+            synthetic = dict(source.get("source", {}).get("synthetic", {}))
+            if synthetic.get("generator") == "kv_facts" and source.get("sample_kind") == "qa":
+                synthetic.pop("generator")
+                options = {key: value for key, value in synthetic.items()
+                           if key not in ("seed", "num_queries", "memory_size")}
+                options["num_facts"] = min(int(options.get("num_facts", 300)), 300)
+                return options
+    return {"num_facts": 300, "filler_words": 12}
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -620,8 +641,8 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
                 elif job["kind"] == "multihop":
                     dataset = chains_memory(model, job["size"], HELDOUT_SEED + 1, settings["qa_questions"])
                 else:
-                    dataset = generate_kv_facts(num_facts=300, num_queries=settings["qa_questions"],
-                                                seed=HELDOUT_SEED + 2, filler_words=12)
+                    dataset = generate_kv_facts(**{**settings["kv_generator"], "num_queries": settings["qa_questions"],
+                                                   "seed": HELDOUT_SEED + 2})
                 report = run_qa(model, dataset)
                 summary = qa_summary(report)
                 if job["kind"] == "qa_recall":
@@ -690,6 +711,7 @@ def run_worker(spec_path: Path) -> int:
 class Job:
     variant: str
     slot: int  # GPU index, or -1 for a CPU slot
+    queue: int  # the worker queue it waits in: one per `--gpus` entry, so a repeated GPU index shares that GPU
     run_dir: Path
     spec_path: Path
     log_path: Path
@@ -974,21 +996,25 @@ def run_driver(args: argparse.Namespace) -> int:
     threads = args.threads or (max(1, min(8, cpu_count // max(parallel, 1))) if device == "cuda" else 1)
     build_workers = args.build_workers or max(1, min(16, cpu_count // max(len(variants), 1)))
     ports = free_ports(len(variants))
-    queues: dict[int, list[Job]] = {slot: [] for slot in slots}
+    queues: dict[int, list[Job]] = {queue: [] for queue in range(len(slots))}
+    # A GPU named k times in --gpus runs k workers at once; each gets about 1/k of its throughput.
+    workers_per_gpu = {slot: slots.count(slot) for slot in slots}
     jobs: list[Job] = []
     for index, variant in enumerate(variants):
-        slot = slots[index % len(slots)]
+        queue = index % len(slots)
+        slot = slots[queue]
         run_dir = work_dir / variant / "run"
         if run_dir.exists() and not args.resume:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        job = Job(variant, slot, run_dir, work_dir / variant / "spec.json", work_dir / variant / "worker.log")
+        job = Job(variant, slot, queue, run_dir, work_dir / variant / "spec.json", work_dir / variant / "worker.log")
         job.log_path.unlink(missing_ok=True)
-        queues[slot].append(job)
+        queues[queue].append(job)
         jobs.append(job)
     eval_settings = {
         "size_multiples": list(SIZE_MULTIPLES),
-        "niah_subtasks": list(NIAH_SUBTASKS[:2] if args.smoke else NIAH_SUBTASKS),
+        "niah_subtasks": list(args.niah_subtasks[:2] if args.smoke else args.niah_subtasks),
+        "kv_generator": kv_generator_options(base),
         "niah_samples": 1 if args.smoke else args.niah_samples,
         "qa_questions": 4 if args.smoke else args.qa_questions,
         "max_batch_tokens": 65536 if device == "cuda" else 8192,
@@ -1006,7 +1032,8 @@ def run_driver(args: argparse.Namespace) -> int:
             "overrides": [*user_overrides, *variant_ovr, f"run.output_dir={job.run_dir}"],
             "tokenizer_source": str(tokenizer_dir), "build_workers": build_workers, "device": device,
             "threads": threads, "train_deadline": slot_end - eval_reserve, "end_deadline": slot_end,
-            "assumed_tokens_per_s": args.assumed_tokens_per_s if device == "cuda" else 3000.0,
+            "assumed_tokens_per_s": (args.assumed_tokens_per_s / workers_per_gpu[job.slot]
+                                     if device == "cuda" else 3000.0),
             "stage_overhead_s": 20.0 if device == "cuda" else 8.0,
             "max_step_scale": 1.0 if args.smoke else args.max_step_scale,
             "min_steps": 2 if args.smoke else 5, "longest_row": row, "eval": eval_settings,
@@ -1021,7 +1048,7 @@ def run_driver(args: argparse.Namespace) -> int:
 
     def start(job: Job) -> None:
         now = time.time()
-        waiting = len([j for j in queues[job.slot] if j.process is None])
+        waiting = len([j for j in queues[job.queue] if j.process is None])
         slot_end = now + (end_all - now) / max(waiting, 1)
         index = jobs.index(job)
         spec = spec_for(job, index, slot_end)
@@ -1035,7 +1062,7 @@ def run_driver(args: argparse.Namespace) -> int:
 
     try:
         while True:
-            for slot, queue in queues.items():
+            for queue in queues.values():
                 running = [j for j in queue if j.process is not None and j.process.poll() is None]
                 if running:
                     job = running[0]
@@ -1155,7 +1182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, default=REPO / "docs" / "experiments")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "msa_gpu_experiment")
     parser.add_argument("--name", help="file stem of the outputs (default gpu_scale, or gpu_scale_smoke)")
-    parser.add_argument("--gpus", type=int, nargs="*", help="GPU indices, one variant per GPU at a time (default: all)")
+    parser.add_argument("--gpus", type=int, nargs="*",
+                        help="GPU indices, one worker each at a time (default: all); repeat an index to run several "
+                             "variants at once on that GPU, e.g. --gpus 0 0 0 0")
     parser.add_argument("--variants", nargs="*", choices=VARIANTS,
                         help="default: all four (main and global_positions with --smoke)")
     parser.add_argument("--time-budget", type=float, default=7.0, help="minutes of wall clock for everything")
@@ -1171,6 +1200,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--aggregation-reserve", type=float, default=20.0, help="seconds kept for plots and JSON")
     parser.add_argument("--grace", type=float, default=15.0, help="seconds past its deadline before a worker is stopped")
     parser.add_argument("--niah-samples", type=int, default=2, help="samples per NIAH subtask and memory size")
+    parser.add_argument("--niah-subtasks", nargs="+", default=list(NIAH_SUBTASKS), metavar="SUBTASK",
+                        help=f"eval/niah.py subtasks (default: {' '.join(NIAH_SUBTASKS)})")
     parser.add_argument("--qa-questions", type=int, default=16, help="questions per held-out QA memory")
     parser.add_argument("--threads", type=int, help="torch threads per worker")
     parser.add_argument("--build-workers", type=int, help="processes per variant for the data builds")
