@@ -160,6 +160,8 @@ def smoke_overrides(recipe: Any) -> list[str]:
         "model.msa.top_k_docs=2", "model.msa.chunk_size=32",
         "tokenizer.train_tiny.vocab_size=768", "tokenizer.train_tiny.sample_records=60",
     ]
+    if recipe.deepspeed.checkpointed_layers is not None:
+        overrides.append("deepspeed.checkpointed_layers=2")
     caps = {"num_samples": 40, "num_queries": 60, "num_chains": 40, "num_facts": 64, "words_per_doc": 40,
             "haystack_docs": 3, "num_keys": 4}
     long_rows = max(stage.row_length for stage in recipe.stages)
