@@ -2,14 +2,16 @@
 
     python -m msa_train.eval.gpu_experiment --gpus 0 1 2 3 --results-dir docs/experiments
     python eval/gpu_experiment.py --gpus 0 1 --time-budget 7    # a bare checkout: no install needed
+    python eval/gpu_experiment.py --gpus 0 0 0 --variants main no_aux global_positions   # three on GPU 0
     python -m msa_train.eval.gpu_experiment --smoke --results-dir /tmp/gpu_smoke   # CPU, toy scale
 
 What it does:
 1. Trains one tokenizer for every variant (the recipe's `train_tiny`, on the recipe's sources).
 2. Runs four variants of `recipes/qwen3_350m_synthetic.yaml` through its four stages (CPT
    warm-up, CPT main, SFT short at 8K rows, SFT long at 16K rows), one process per GPU
-   (`CUDA_VISIBLE_DEVICES`; DeepSpeed ZeRO-2 in a world of one). With fewer GPUs than variants,
-   the variants queue, each GPU running its share one after the other:
+   (`CUDA_VISIBLE_DEVICES`; DeepSpeed ZeRO-2 in a world of one). `--gpus` names one worker slot
+   per entry, so a GPU named twice runs two variants at once. With fewer slots than variants,
+   the variants queue, each slot running its share one after the other:
    - `main`: the recipe;
    - `no_aux`: `loss_weights.aux: 0` in every stage (the router is never trained);
    - `global_positions`: `model.msa.document_positions: false`: positions count from the start
@@ -724,6 +726,15 @@ class Job:
     finished: float = 0.0
 
 
+def assign_worker_slots(num_variants: int, slots: Sequence[int]) -> list[tuple[int, int]]:
+    """(device slot, queue) of each variant, round robin over the queues: one queue per entry of
+    `slots`, so a GPU named k times runs k variants at once (each with about 1/k of it) and the
+    variants past the number of entries wait for a queue to free up."""
+    if not slots:
+        raise ValueError("no worker slots: name at least one GPU (or CPU slot)")
+    return [(slots[index % len(slots)], index % len(slots)) for index in range(num_variants)]
+
+
 def python_path_env() -> str:
     """PYTHONPATH for child processes: `msa_train` importable even from a bare checkout."""
     import importlib.util
@@ -999,12 +1010,9 @@ def run_driver(args: argparse.Namespace) -> int:
     build_workers = args.build_workers or max(1, min(16, cpu_count // max(len(variants), 1)))
     ports = free_ports(len(variants))
     queues: dict[int, list[Job]] = {queue: [] for queue in range(len(slots))}
-    # A GPU named k times in --gpus runs k workers at once; each gets about 1/k of its throughput.
     workers_per_gpu = {slot: slots.count(slot) for slot in slots}
     jobs: list[Job] = []
-    for index, variant in enumerate(variants):
-        queue = index % len(slots)
-        slot = slots[queue]
+    for index, (variant, (slot, queue)) in enumerate(zip(variants, assign_worker_slots(len(variants), slots))):
         run_dir = work_dir / variant / "run"
         if run_dir.exists() and not args.resume:
             shutil.rmtree(run_dir)

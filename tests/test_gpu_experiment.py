@@ -77,6 +77,14 @@ def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
     assert experiment.tokenizer_texts(recipe, tmp_path, limit) == list(runner_tokenizer_texts(recipe, tmp_path, limit))
 
 
+def test_a_gpu_named_several_times_runs_that_many_variants_at_once():
+    assert experiment.assign_worker_slots(4, [0, 0, 0]) == [(0, 0), (0, 1), (0, 2), (0, 0)]
+    assert experiment.assign_worker_slots(3, [0, 1]) == [(0, 0), (1, 1), (0, 0)]
+    assert experiment.assign_worker_slots(2, [-1]) == [(-1, 0), (-1, 0)]
+    with pytest.raises(ValueError, match="no worker slots"):
+        experiment.assign_worker_slots(1, [])
+
+
 def test_step_planner_fits_the_stages_to_the_time_left():
     # Two stages of 100 steps x 1000 tokens at 1000 tokens/s need 200 s; 100 s are left.
     planner = experiment.StepPlanner([(100, 1000), (100, 1000)], deadline=100.0, tokens_per_s=1000.0, overhead_s=0.0,
