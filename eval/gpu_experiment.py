@@ -464,17 +464,29 @@ def train_variant(spec: dict, result: dict, save: Any) -> Path | None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def load_eval_model(export: Path, device: str, settings: Any) -> Any:
+def qa_template(recipe: Any) -> dict[str, Any] | None:
+    """The `template` of the last stage's first QA source (None: the default template), so that
+    evaluation asks and answers in the form the model was trained on."""
+    for name in recipe.stages[-1].sources:
+        source = recipe.data.sources[name]
+        if source.get("sample_kind") == "qa":
+            return dict(source["template"]) if source.get("template") else None
+    return None
+
+
+def load_eval_model(export: Path, device: str, settings: Any, template: dict[str, Any] | None = None) -> Any:
     import torch
 
     import msa_modeling  # noqa: F401
 
+    from ..data.templates import TemplateConfig
     from .harness import EvalModel
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     # A `global_positions` export (document_positions: false) needs nothing special: the
     # inference library encodes its documents at their memory offsets and the question after them.
-    return EvalModel.load(export, device=device, dtype=dtype, settings=settings)
+    return EvalModel.load(export, device=device, dtype=dtype, settings=settings,
+                          template=TemplateConfig.from_dict(template) if template else None)
 
 
 def rendered_tokens_per_doc(model: Any, documents: Sequence[Any]) -> float:
@@ -609,7 +621,7 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
     loop = LoopSettings(max_rounds=2, max_round_tokens=24, max_answer_tokens=40,
                         max_batch_tokens=settings["max_batch_tokens"], show_progress=False)
     started = time.time()
-    model = load_eval_model(export, device, loop)
+    model = load_eval_model(export, device, loop, settings.get("template"))
     evaluation = result["eval"]
     evaluation.update(export=str(export), niah={}, qa_recall={}, skipped=[], settings=settings,
                       load_s=time.time() - started)
@@ -1025,6 +1037,7 @@ def run_driver(args: argparse.Namespace) -> int:
         "size_multiples": list(SIZE_MULTIPLES),
         "niah_subtasks": list(args.niah_subtasks[:2] if args.smoke else args.niah_subtasks),
         "kv_generator": kv_generator_options(base),
+        "template": qa_template(base),
         "niah_samples": 1 if args.smoke else args.niah_samples,
         "qa_questions": 4 if args.smoke else args.qa_questions,
         "max_batch_tokens": 65536 if device == "cuda" else 8192,

@@ -77,6 +77,17 @@ def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
     assert experiment.tokenizer_texts(recipe, tmp_path, limit) == list(runner_tokenizer_texts(recipe, tmp_path, limit))
 
 
+def test_evaluation_asks_in_the_template_of_the_last_stages_qa_source():
+    recipe = load_recipe(experiment.DEFAULT_RECIPE)
+    assert experiment.qa_template(recipe) is None  # the recipe trains with the default template
+    custom = load_recipe(experiment.DEFAULT_RECIPE,
+                         ["data.sources.needles_single_qa_long.template.answer_format='A: {answer}'"])
+    assert experiment.qa_template(custom) == {"answer_format": "A: {answer}"}
+    # An earlier stage's template is not the one the evaluated export was last trained with.
+    earlier = load_recipe(experiment.DEFAULT_RECIPE, ["data.sources.needles_single_qa.template.answer_format='A: {answer}'"])
+    assert experiment.qa_template(earlier) is None
+
+
 def test_a_gpu_named_several_times_runs_that_many_variants_at_once():
     assert experiment.assign_worker_slots(4, [0, 0, 0]) == [(0, 0), (0, 1), (0, 2), (0, 0)]
     assert experiment.assign_worker_slots(3, [0, 1]) == [(0, 0), (1, 1), (0, 0)]
