@@ -79,9 +79,10 @@ class MSAConfig(PreTrainedConfig):
         top_k_docs: documents selected per example and router layer (paper: 16).
         chunk_size: tokens per pooled chunk, P (paper: 64).
         routing_tokens: which query tokens score the memory. `"prompt"` (default): tokens
-            with `doc_ids == 0` whose own label is ignored, i.e. the question, as at
-            inference. `"query"`: every `doc_ids == 0` token, answers included (the
-            reference training code's behaviour).
+            with `doc_ids == 0` whose own label is ignored and that precede the example's
+            first labelled token, i.e. the question, as in inference's first round (a QA
+            sample's injected document, after the ID, does not route). `"query"`: every
+            `doc_ids == 0` token, answers included (the reference training code's behaviour).
         query_position_offset: query/answer positions start at `prefix_len + offset`
             (paper: offset = k). Default: `top_k_docs`. Must match between training and
             inference.

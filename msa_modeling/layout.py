@@ -281,7 +281,15 @@ def build_packed_layout(
 
     flat_labels = None if labels is None else labels.reshape(-1).long()
     if routing_tokens == "prompt" and flat_labels is not None:
-        routes = is_query & (flat_labels == IGNORE_INDEX)
+        # The question, as in inference's first round: unlabelled query tokens before the
+        # example's first prediction target. Unlabelled text after it (a QA sample's injected
+        # document) would let the selection for the answer see the answer's own evidence.
+        flat_index = torch.arange(flat_doc.numel(), device=device)
+        is_target = is_query & (flat_labels != IGNORE_INDEX)
+        first_target = torch.full((max(num_examples, 1),), flat_doc.numel(), dtype=torch.long, device=device)
+        first_target.scatter_reduce_(0, token_example[is_target], flat_index[is_target], reduce="amin")
+        before_target = flat_index < first_target[token_example.clamp(min=0)]
+        routes = is_query & (flat_labels == IGNORE_INDEX) & before_target
     elif routing_tokens in ("prompt", "query"):
         routes = is_query
     else:

@@ -92,8 +92,11 @@ def random_packed_batch(
     prompt_length: tuple[int, int] = (1, 4),
     answer_length: tuple[int, int] = (1, 4),
     padding: int = 3,
+    injected_length: tuple[int, int] = (0, 0),
 ) -> dict[str, torch.Tensor]:
     """Rows of `[prefix][doc 1..n][prompt][answer]` examples with ragged lengths, right-padded.
+    With `injected_length`, each answer is followed by unlabelled text and a second answer, as in a
+    QA sample (`[ID]`, the injected document, then the value).
 
     Document lengths are drawn so that last chunks are often partial; every example has
     at least one positive document unless it has a single one.
@@ -121,6 +124,9 @@ def random_packed_batch(
                 add(draw(doc_length), doc + 1, example, False, doc in positives)
             add(draw(prompt_length), 0, example, False, False)
             add(draw(answer_length), 0, example, True, False)
+            if injected_length[1] > 0:
+                add(draw(injected_length), 0, example, False, False)
+                add(draw(answer_length), 0, example, True, False)
         add(padding, -1, -1, False, False)
         rows.append(columns)
 

@@ -216,9 +216,12 @@ def _parse_examples(
             if routing_tokens == "query" or labels is None:
                 routing = list(query)
             else:
-                # "prompt": the question only, i.e. query tokens that are not
-                # themselves a prediction target (their own label is ignored).
-                routing = [c for c in query if int(labels[row, c]) == IGNORE_INDEX]
+                # "prompt": the question only, as in inference's first round: query tokens
+                # that are not a prediction target and come before the example's first one.
+                # Unlabelled text after an answer (a QA sample's injected document) does not route.
+                targets = [c for c in query if int(labels[row, c]) != IGNORE_INDEX]
+                first_target = targets[0] if targets else length
+                routing = [c for c in query if int(labels[row, c]) == IGNORE_INDEX and c < first_target]
             if docs and not routing:
                 raise ValueError(f"example {ex} of row {row} has documents but no routing token")
 

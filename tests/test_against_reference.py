@@ -7,6 +7,8 @@ import torch
 from batches import random_packed_batch, tiny_msa
 from msa_reference import reference_forward
 
+from msa_modeling.layout import build_packed_layout
+
 TOLERANCE = 1e-4
 
 
@@ -66,6 +68,38 @@ def test_fast_path_matches_reference(seed):
 def test_fast_path_matches_reference_across_settings(settings):
     model = tiny_msa(11, **settings).train()
     compare(model, random_packed_batch(11))
+
+
+def test_fast_path_matches_reference_with_text_injected_after_the_answer():
+    model = tiny_msa(13, top_k_docs=1, chunk_size=2).train()
+    batch = random_packed_batch(13, injected_length=(2, 6))
+    compare(model, batch)
+
+
+def test_injected_text_after_an_answer_does_not_route():
+    """In a QA sample the retrieved document's text follows the ID unlabelled; routing with it
+    would let the ID's selection see its own evidence, which inference's first round cannot."""
+    batch = random_packed_batch(14, injected_length=(3, 3))
+    model = tiny_msa(14)
+    layout = build_packed_layout(batch["doc_ids"], example_ids=batch["example_ids"], labels=batch["labels"],
+                                 chunk_size=model.config.chunk_size, query_position_offset=0)
+    flat_labels = batch["labels"].reshape(-1)
+    row_length = batch["doc_ids"].shape[1]
+    # Example ids restart in every row: key examples by (row, example).
+    flat_example = batch["example_ids"].reshape(-1) + 1000 * (torch.arange(flat_labels.numel()) // row_length)
+    flat_doc = batch["doc_ids"].reshape(-1)
+    expected = []
+    for index in range(flat_doc.numel()):
+        if flat_doc[index] != 0 or flat_labels[index] != -100:
+            continue
+        same_example = (flat_example == flat_example[index]).nonzero().flatten()
+        first_target = min(i for i in same_example.tolist() if flat_labels[i] != -100)
+        if index < first_target:
+            expected.append(index)
+    assert layout.routing_token_index.tolist() == expected
+    # The row does hold unlabelled query text after the first answer, so the rule excluded something.
+    unlabelled_query = ((flat_doc == 0) & (flat_labels == -100)).sum().item()
+    assert unlabelled_query > len(expected)
 
 
 def test_fast_path_matches_reference_with_one_kv_head_and_no_prefix():
