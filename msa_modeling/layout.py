@@ -157,6 +157,7 @@ def build_packed_layout(
     batch_size, row_length = doc_ids.shape
     device = doc_ids.device
     flat_doc = doc_ids.reshape(-1).long()
+    flat_index = torch.arange(flat_doc.numel(), device=device)
     if bool((flat_doc < PREFIX_ID).any()):
         bad = int((flat_doc < PREFIX_ID).nonzero()[0])
         raise ValueError(
@@ -225,7 +226,7 @@ def build_packed_layout(
         bad = int(decreasing.nonzero()[0])
         doc_value = int(flat_doc[bad])
         example_tokens = (token_example == token_example[bad]) & is_doc
-        earlier = example_tokens & (torch.arange(flat_doc.numel(), device=device) < bad) & (flat_doc == doc_value)
+        earlier = example_tokens & (flat_index < bad) & (flat_doc == doc_value)
         if bool(earlier.any()):
             raise ValueError(
                 f"document {doc_value} is not contiguous: its tokens appear in two separate runs "
@@ -240,7 +241,7 @@ def build_packed_layout(
     # tokens are segments of their own so that they attend only to themselves.
     segment_start = is_pad | example_start | (role != prev_role) | doc_start
     token_segment = torch.cumsum(segment_start.long(), 0) - 1
-    position_in_segment = torch.arange(flat_doc.numel(), device=device) - _segment_start_index(segment_start)
+    position_in_segment = flat_index - _segment_start_index(segment_start)
 
     example_first_token = _segment_start_index(example_start)
     prefix_length = torch.zeros(max(num_examples, 1), dtype=torch.long, device=device)
@@ -250,7 +251,7 @@ def build_packed_layout(
         query_base = prefix_length[token_example.clamp(min=0)] + query_position_offset
         positions = torch.where(is_query, position_in_segment + query_base, positions)
     else:
-        positions = torch.arange(flat_doc.numel(), device=device) - example_first_token
+        positions = flat_index - example_first_token
     positions = torch.where(is_pad, torch.zeros_like(positions), positions)
 
     # Chunks of P tokens inside each document.
@@ -284,7 +285,6 @@ def build_packed_layout(
         # The question, as in inference's first round: unlabelled query tokens before the
         # example's first prediction target. Unlabelled text after it (a QA sample's injected
         # document) would let the selection for the answer see the answer's own evidence.
-        flat_index = torch.arange(flat_doc.numel(), device=device)
         is_target = is_query & (flat_labels != IGNORE_INDEX)
         first_target = torch.full((max(num_examples, 1),), flat_doc.numel(), dtype=torch.long, device=device)
         first_target.scatter_reduce_(0, token_example[is_target], flat_index[is_target], reduce="amin")
