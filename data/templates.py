@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,7 +56,12 @@ class TemplateConfig:
     """Prompt wording and markers. Defaults follow the reference format (spec section 7):
     documents rendered ``[i]. text``, targets ``[4][9]`` + ``<|object_ref_end|>``, and
     ``<End-of-Retrieve>`` when no more documents are needed. ``chat_from_tokenizer`` derives
-    ``chat`` from the tokenizer's own chat template when the build loads it."""
+    ``chat`` from the tokenizer's own chat template when the build loads it.
+
+    ``id_digits`` writes memory IDs with ten strings of their own instead of 0-9 (they become
+    special tokens, e.g. ``<id0>``..``<id9>``): when documents hold numbers, an ID made of the
+    same digit tokens is hard for a small model to tell from the text it must copy
+    (docs/EXPERIMENTS.md, "CPU probes of the needle task")."""
 
     system_prompt: str = ""
     doc_id_format: str = "[{i}]. "
@@ -68,6 +74,14 @@ class TemplateConfig:
     append_eos: bool = True
     chat: ChatFormat | None = None
     chat_from_tokenizer: bool = False
+    id_digits: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.id_digits is not None:
+            self.id_digits = list(self.id_digits)
+            if len(self.id_digits) != 10 or len(set(self.id_digits)) != 10 or not all(self.id_digits):
+                raise ValueError(f"template.id_digits must be ten distinct non-empty strings (for 0-9), "
+                                 f"got {self.id_digits!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TemplateConfig":
@@ -80,7 +94,27 @@ class TemplateConfig:
     def special_strings(self) -> list[str]:
         """Strings that must be single tokens."""
         extra = self.chat.special_strings() if self.chat else []
-        return [self.delimiter, self.end_of_retrieval, *extra]
+        return [self.delimiter, self.end_of_retrieval, *extra, *(self.id_digits or [])]
+
+    def memory_id_text(self, memory_id: int) -> str:
+        """The ID as written in documents and targets: decimal, in ``id_digits`` when set."""
+        if self.id_digits is None:
+            return str(memory_id)
+        return "".join(self.id_digits[int(digit)] for digit in str(memory_id))
+
+    def memory_id_pattern(self) -> str:
+        """A regex whose first group is a memory ID written with ``target_id_format``."""
+        before, after = self.target_id_format.split("{i}")
+        digit = "|".join(re.escape(d) for d in self.id_digits) if self.id_digits else r"\d"
+        return re.escape(before) + f"((?:{digit})+)" + re.escape(after)
+
+    def parse_memory_id(self, text: str) -> int:
+        """Inverse of ``memory_id_text`` for a group matched by ``memory_id_pattern``."""
+        if self.id_digits is None:
+            return int(text)
+        digit_of = {d: str(value) for value, d in enumerate(self.id_digits)}
+        pieces = re.findall("|".join(re.escape(d) for d in sorted(self.id_digits, key=len, reverse=True)), text)
+        return int("".join(digit_of[p] for p in pieces))
 
     def prefix_text(self) -> str:
         """The shared prefix (doc_ids -2) that precedes the memory."""
@@ -99,7 +133,7 @@ class TemplateConfig:
 
     def target_ids_text(self, memory_ids: list[int]) -> str:
         """IDs of the documents to retrieve, then the round delimiter."""
-        return "".join(self.target_id_format.format(i=i) for i in memory_ids) + self.delimiter
+        return "".join(self.target_id_format.format(i=self.memory_id_text(i)) for i in memory_ids) + self.delimiter
 
     def final_answer_text(self, answer: str) -> str:
         """End of retrieval, the answer, and the end of the assistant turn."""
@@ -124,7 +158,7 @@ class TemplateTokens:
     @classmethod
     def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_docs: int) -> "TemplateTokens":
         """Encode every piece once; id prefixes for 1..max_memory_docs."""
-        id_texts = [template.doc_id_format.format(i=i) for i in range(1, max_memory_docs + 1)]
+        id_texts = [template.doc_id_format.format(i=template.memory_id_text(i)) for i in range(1, max_memory_docs + 1)]
         encoded = tokenizer.encode_batch([template.prefix_text(), template.doc_suffix, *id_texts])
         # A chat format ends the assistant turn itself; a second end marker would be noise.
         wants_eos = template.append_eos and template.chat is None and tokenizer.eos_token_id is not None

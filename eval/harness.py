@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,8 @@ class EvalModel:
             delimiter_id=tokenizer.special_token_ids[self.template.delimiter],
             end_of_retrieval_id=tokenizer.special_token_ids[self.template.end_of_retrieval],
             stop_token_ids=self._stop_token_ids(),
-            memory_id_pattern=memory_id_pattern(self.template.target_id_format),
+            memory_id_pattern=self.template.memory_id_pattern(),
+            parse_memory_id=self.template.parse_memory_id,
             max_rounds=self.settings.max_rounds,
             max_round_tokens=self.settings.max_round_tokens,
             max_answer_tokens=self.settings.max_answer_tokens,
@@ -141,12 +141,6 @@ class EvalModel:
 
     def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
         return loop.answer(self.query_ids(question))
-
-
-def memory_id_pattern(target_id_format: str) -> str:
-    """A regex capturing the memory ID in text made with `target_id_format` (e.g. `[{i}]`)."""
-    before, after = target_id_format.split("{i}")
-    return re.escape(before) + r"(\d+)" + re.escape(after)
 
 
 def write_json(path: Path, payload: dict) -> Path:

@@ -79,13 +79,14 @@ def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
 
 def test_evaluation_asks_in_the_template_of_the_last_stages_qa_source():
     recipe = load_recipe(experiment.DEFAULT_RECIPE)
-    assert experiment.qa_template(recipe) is None  # the recipe trains with the default template
+    trained = experiment.qa_template(recipe)
+    assert trained == {"id_digits": [f"<id{d}>" for d in range(10)]}  # the recipe's dedicated ID tokens
     custom = load_recipe(experiment.DEFAULT_RECIPE,
                          ["data.sources.needles_single_qa_long.template.answer_format='A: {answer}'"])
-    assert experiment.qa_template(custom) == {"answer_format": "A: {answer}"}
+    assert experiment.qa_template(custom) == {**trained, "answer_format": "A: {answer}"}
     # An earlier stage's template is not the one the evaluated export was last trained with.
     earlier = load_recipe(experiment.DEFAULT_RECIPE, ["data.sources.needles_single_qa.template.answer_format='A: {answer}'"])
-    assert experiment.qa_template(earlier) is None
+    assert experiment.qa_template(earlier) == trained
 
 
 def test_a_gpu_named_several_times_runs_that_many_variants_at_once():

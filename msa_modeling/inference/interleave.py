@@ -34,6 +34,7 @@ class InterleaveFormat:
         end_of_retrieval_id: token ending retrieval (`<End-of-Retrieve>`).
         stop_token_ids: tokens ending the answer (EOS, a chat end marker).
         memory_id_pattern: regex whose first group is a memory ID (1-based) in generated text.
+        parse_memory_id: that group's text -> the ID (``int`` for decimal digits).
         max_rounds: retrieval rounds before the end marker is forced.
         max_round_tokens: tokens a round of IDs may take.
         max_answer_tokens: tokens the answer may take.
@@ -43,6 +44,7 @@ class InterleaveFormat:
     end_of_retrieval_id: int
     stop_token_ids: Sequence[int] = ()
     memory_id_pattern: str = r"\[(\d+)\]"
+    parse_memory_id: Callable[[str], int] = int
     max_rounds: int = 3
     max_round_tokens: int = 64
     max_answer_tokens: int = 64
@@ -123,7 +125,7 @@ class MemoryInterleave:
 
     def parse_memory_ids(self, token_ids: Sequence[int]) -> list[int]:
         """Valid memory IDs in generated tokens, in order, without repeats."""
-        found = [int(m) for m in self.id_pattern.findall(self.decode(token_ids))]
+        found = [self.protocol.parse_memory_id(m) for m in self.id_pattern.findall(self.decode(token_ids))]
         valid = [i for i in dict.fromkeys(found) if 1 <= i <= self.generator.store.num_docs]
         if len(valid) < len(dict.fromkeys(found)):
             logger.warning("ignored memory IDs outside 1..%d in %r", self.generator.store.num_docs, found)
