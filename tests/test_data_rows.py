@@ -4,6 +4,8 @@ labels, doc ids, positions and aux labels as the spec and the row contract say."
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,12 @@ from msa_train.data.errors import BadRecordTally
 from msa_train.data.layout import compute_position_ids
 from msa_train.data.loader import PackedRowLoader, stack_rows
 from msa_train.data.synthetic import generate_needles
+from msa_train.data.templates import TemplateConfig
 from msa_train.data.tokenization import load_tokenizer
 
 ROW_LENGTH = 1536
 OFFSET = 16
+ID_DIGITS = [f"<id{d}>" for d in range(10)]
 
 GENERATORS = {
     "retrieval": {"generator": "needles", "kind": "multi_query", "num_samples": 12, "seed": 3, "haystack_docs": 8},
@@ -45,6 +49,10 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     bpe = train_byte_bpe(tmp_path_factory.mktemp("bpe"))
     synthetic_build(root / "bpe-qa", bpe, "qa", GENERATORS["qa"])
     outputs["bpe-qa"] = root / "bpe-qa"
+    # Numeric values and IDs in tokens of their own.
+    synthetic_build(root / "qa-id-digits", sp_model, "qa", {**GENERATORS["qa"], "attributes": ["lucky number"]},
+                    template={"id_digits": ID_DIGITS})
+    outputs["qa-id-digits"] = root / "qa-id-digits"
     beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
     build_dataset(BuildConfig.from_dict({
         "source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
@@ -54,16 +62,18 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     return outputs
 
 
-def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int):
+def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int,
+                     id_text: Callable[[int], str] = str):
     """(full text, labelled text, positive corpus ids) the example must decode to."""
     memory_id_of = {doc_id: i for i, doc_id in enumerate(memory_ids, start=1)}
-    memory_text = "".join(f"[{i}]. {corpus[doc_id]}\n" for i, doc_id in enumerate(memory_ids, start=1))
+    memory_text = "".join(f"[{id_text(i)}]. {corpus[doc_id]}\n" for i, doc_id in enumerate(memory_ids, start=1))
 
     def ids_text(doc_ids: list[str]) -> str:
-        return "".join(f"[{i}]" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
+        return "".join(f"[{id_text(i)}]" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
 
     def injected(doc_ids: list[str]) -> str:
-        return "".join(f"[{i}]. {corpus[memory_ids[i - 1]]}\n" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
+        return "".join(f"[{id_text(i)}]. {corpus[memory_ids[i - 1]]}\n"
+                       for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
 
     tail = f"Question: {record.query}\n"
     if kind == "retrieval":
@@ -78,6 +88,11 @@ def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str,
         return memory_text + tail + ids_text(hops[step]), labelled + ids_text(hops[step]), set(hops[step])
     final = END_OF_RETRIEVAL + record.answer
     return memory_text + tail + final, labelled + final, set(record.positives)
+
+
+def id_numbers_in(text: str, template: TemplateConfig) -> list[int]:
+    """Every memory ID written in ``text`` (documents and targets), in order."""
+    return [template.parse_memory_id(m) for m in re.findall(template.memory_id_pattern(), text)]
 
 
 def rows_of(build: Path, world_size: int = 1, rank: int = 0) -> tuple[list[dict], list[list[tuple[int, int]]], PackedRowLoader]:
@@ -117,10 +132,10 @@ def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
         assert ((roles == 0) & (labels[example_ids == example] == -100)).any()
 
 
-@pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir"])
+@pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits"])
 def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> None:
     build = builds[name]
-    kind = {"bpe-qa": "qa", "beir": "retrieval"}.get(name, name)
+    kind = {"bpe-qa": "qa", "beir": "retrieval", "qa-id-digits": "qa"}.get(name, name)
     config = BuildConfig.from_dict(json.loads((build / "manifest.json").read_text())["config"])
     source = load_source(config.source, BadRecordTally())
     corpus = {doc.doc_id: doc.full_text() for doc in source.corpus}
@@ -137,7 +152,8 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             record_index, step = dataset.example_origin(example)
             memory, _, _, _ = dataset.example_parts(example)
             memory_ids = [corpus_ids[i] for i in memory.tolist()]
-            full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step)
+            full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step,
+                                                         config.template.memory_id_text)
             input_ids = row["input_ids"].numpy()[mask].tolist()
             labels = row["labels"].numpy()[mask]
             generated = labels[labels != -100].tolist()
@@ -152,7 +168,14 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             for doc, start, end in doc_runs(doc_ids):
                 expected_flag = int(memory_ids[doc - 1] in positives)
                 assert (aux[start:end] == expected_flag).all()
-                assert tokenizer.decode(input_ids[start:end]) == f"[{doc}]. {corpus[memory_ids[doc - 1]]}\n"
+                id_text = config.template.memory_id_text(doc)
+                assert tokenizer.decode(input_ids[start:end]) == f"[{id_text}]. {corpus[memory_ids[doc - 1]]}\n"
+            if config.template.id_digits:
+                # Each ID digit is one token of its own, which the documents' numbers never use.
+                digit_ids = {tokenizer.special_token_ids[d] for d in config.template.id_digits}
+                id_tokens = [t for t in input_ids if t in digit_ids]
+                assert tokenizer.decode(id_tokens) == "".join(
+                    config.template.memory_id_text(i) for i in id_numbers_in(tokenizer.decode(input_ids), config.template))
             seen += 1
     assert seen == len(dataset) > 0
 
@@ -266,3 +289,15 @@ def test_memory_holds_hard_negatives_then_random_fill(builds: dict[str, Path], t
         record = source.records[dataset.example_origin(example)[0]]
         memory = [corpus_ids[i] for i in dataset.example_parts(example)[0].tolist()]
         assert sorted(memory) == sorted(set(record.positives) | set(record.negatives))
+
+
+def test_memory_ids_in_id_digits_round_trip_and_reject_bad_digit_sets() -> None:
+    template = TemplateConfig(id_digits=ID_DIGITS)
+    text = template.target_ids_text([3, 12, 407]) + "the number 1234 is not an ID"
+    assert text.startswith("[<id3>][<id1><id2>][<id4><id0><id7>]")
+    assert id_numbers_in(text, template) == [3, 12, 407]
+    assert id_numbers_in(TemplateConfig().target_ids_text([3, 12]), TemplateConfig()) == [3, 12]
+    assert set(ID_DIGITS) <= set(template.special_strings())
+    for bad in (ID_DIGITS[:9], ID_DIGITS[:9] + ["<id0>"], ID_DIGITS[:9] + [""]):
+        with pytest.raises(ValueError, match="id_digits must be ten distinct non-empty strings"):
+            TemplateConfig(id_digits=bad)

@@ -12,6 +12,7 @@ from test_inference import random_memory
 
 from msa_modeling.inference import InterleaveFormat, MemoryEncoder, MemoryInterleave, MemoryStore, MSAGenerator
 from msa_modeling.inference.generation import GenerationOutput
+from msa_train.data.templates import TemplateConfig
 
 
 def answers(model, store, questions: list[list[int]]) -> list[tuple[list[int], list[list[int]]]]:
@@ -123,6 +124,25 @@ def test_interleave_injects_retrieved_texts_until_end_of_retrieval():
     assert scripted.contexts[1] == [1, 2, 62, 64, DELIM, 11, 12, 13, 14, DELIM]
     assert scripted.contexts[2] == scripted.contexts[1] + [65, DELIM, 14, 15, DELIM]
     assert scripted.contexts[3] == [END]  # the answer continues on the round's cache
+
+
+def test_interleave_reads_ids_written_in_id_digit_tokens():
+    # Memory IDs in tokens of their own (template.id_digits); the answer's digits are plain.
+    template = TemplateConfig(id_digits=[f"<id{d}>" for d in range(10)])
+    id_digit_tokens = {70 + d: f"<id{d}>" for d in range(10)}
+    brackets = {68: "[", 69: "]"}
+
+    def decode_id_digits(ids) -> str:
+        return "".join(DIGITS.get(t) or id_digit_tokens.get(t) or brackets.get(t, "") for t in ids)
+
+    store = scripted_store()
+    # [<id4>] [<id1><id2>] (12: outside the 5-document memory) [<id2>], then the answer 42.
+    scripted = ScriptedGenerator(store, [[68, 74, 69, 68, 71, 72, 69, 68, 72, 69, DELIM], [END], [84, 82, EOS]])
+    protocol = InterleaveFormat(DELIM, END, stop_token_ids=[EOS], memory_id_pattern=template.memory_id_pattern(),
+                                parse_memory_id=template.parse_memory_id)
+    result = MemoryInterleave(scripted, decode_id_digits, protocol).answer([1])
+    assert [r.memory_ids for r in result.rounds] == [[4, 2]]
+    assert result.answer == "42"
 
 
 def test_interleave_forces_the_end_marker_after_the_round_limit():
