@@ -60,11 +60,7 @@ class TemplateConfig:
 
     ``id_digits`` writes memory IDs with ten strings of their own instead of 0-9 (they become
     special tokens, e.g. ``<id0>``..``<id9>``): when documents hold numbers, an ID made of the
-    same digit tokens is hard for a small model to tell from the text it must copy.
-    ``id_places`` > 0 writes every ID with exactly that many digits, zero-padded, and each
-    ``id_digits`` string holds ``{place}`` (0 = units), so a digit's token also says its place
-    (``<p1d2><p0d7>`` for 27). A model that copies an ID from the routed document's first-layer
-    keys, which carry no context, can then find each digit by content alone
+    same digit tokens is hard for a small model to tell from the text it must copy
     (docs/EXPERIMENTS.md, "CPU probes of the needle task")."""
 
     system_prompt: str = ""
@@ -79,7 +75,6 @@ class TemplateConfig:
     chat: ChatFormat | None = None
     chat_from_tokenizer: bool = False
     id_digits: list[str] | None = None
-    id_places: int = 0
 
     def __post_init__(self) -> None:
         if self.id_digits is not None:
@@ -87,20 +82,6 @@ class TemplateConfig:
             if len(self.id_digits) != 10 or len(set(self.id_digits)) != 10 or not all(self.id_digits):
                 raise ValueError(f"template.id_digits must be ten distinct non-empty strings (for 0-9), "
                                  f"got {self.id_digits!r}")
-        if self.id_places:
-            if self.id_digits is None or not all("{place}" in d for d in self.id_digits):
-                raise ValueError("template.id_places needs template.id_digits strings that hold '{place}', "
-                                 "e.g. '<p{place}d0>' .. '<p{place}d9>'")
-        elif self.id_digits is not None and any("{place}" in d for d in self.id_digits):
-            raise ValueError("template.id_digits holds '{place}': set template.id_places to the ID width")
-
-    def id_digit_strings(self) -> list[list[str]]:
-        """The ten digit strings of each place (units first); one set when IDs carry no places."""
-        if self.id_digits is None:
-            return [list("0123456789")]
-        if not self.id_places:
-            return [self.id_digits]
-        return [[d.format(place=place) for d in self.id_digits] for place in range(self.id_places)]
 
     @classmethod
     def from_dict(cls, values: dict) -> "TemplateConfig":
@@ -113,38 +94,27 @@ class TemplateConfig:
     def special_strings(self) -> list[str]:
         """Strings that must be single tokens."""
         extra = self.chat.special_strings() if self.chat else []
-        ids = [d for place in self.id_digit_strings() for d in place] if self.id_digits else []
-        return [self.delimiter, self.end_of_retrieval, *extra, *ids]
+        return [self.delimiter, self.end_of_retrieval, *extra, *(self.id_digits or [])]
 
     def memory_id_text(self, memory_id: int) -> str:
         """The ID as written in documents and targets: decimal, in ``id_digits`` when set."""
         if self.id_digits is None:
             return str(memory_id)
-        if not self.id_places:
-            return "".join(self.id_digits[int(digit)] for digit in str(memory_id))
-        if memory_id >= 10 ** self.id_places:
-            raise ValueError(f"memory ID {memory_id} needs more than template.id_places={self.id_places} digits: "
-                             f"raise id_places or lower max_memory_docs")
-        places = self.id_digit_strings()
-        digits = str(memory_id).zfill(self.id_places)
-        return "".join(places[self.id_places - 1 - k][int(digit)] for k, digit in enumerate(digits))
-
-    def _id_digit_alternation(self) -> str:
-        strings = [d for place in self.id_digit_strings() for d in place]
-        return "|".join(re.escape(d) for d in sorted(strings, key=len, reverse=True))
+        return "".join(self.id_digits[int(digit)] for digit in str(memory_id))
 
     def memory_id_pattern(self) -> str:
         """A regex whose first group is a memory ID written with ``target_id_format``."""
         before, after = self.target_id_format.split("{i}")
-        digit = self._id_digit_alternation() if self.id_digits else r"\d"
+        digit = "|".join(re.escape(d) for d in self.id_digits) if self.id_digits else r"\d"
         return re.escape(before) + f"((?:{digit})+)" + re.escape(after)
 
     def parse_memory_id(self, text: str) -> int:
         """Inverse of ``memory_id_text`` for a group matched by ``memory_id_pattern``."""
         if self.id_digits is None:
             return int(text)
-        digit_of = {d: str(value) for place in self.id_digit_strings() for value, d in enumerate(place)}
-        return int("".join(digit_of[piece] for piece in re.findall(self._id_digit_alternation(), text)))
+        digit_of = {d: str(value) for value, d in enumerate(self.id_digits)}
+        pieces = re.findall("|".join(re.escape(d) for d in sorted(self.id_digits, key=len, reverse=True)), text)
+        return int("".join(digit_of[p] for p in pieces))
 
     def prefix_text(self) -> str:
         """The shared prefix (doc_ids -2) that precedes the memory."""

@@ -49,9 +49,9 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     bpe = train_byte_bpe(tmp_path_factory.mktemp("bpe"))
     synthetic_build(root / "bpe-qa", bpe, "qa", GENERATORS["qa"])
     outputs["bpe-qa"] = root / "bpe-qa"
-    # Numeric values, and IDs in tokens of their own that name each digit's place.
+    # Numeric values and IDs in tokens of their own.
     synthetic_build(root / "qa-id-digits", sp_model, "qa", {**GENERATORS["qa"], "attributes": ["lucky number"]},
-                    template={"id_digits": [f"<p{{place}}d{d}>" for d in range(10)], "id_places": 2})
+                    template={"id_digits": ID_DIGITS})
     outputs["qa-id-digits"] = root / "qa-id-digits"
     beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
     build_dataset(BuildConfig.from_dict({
@@ -172,7 +172,7 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
                 assert tokenizer.decode(input_ids[start:end]) == f"[{id_text}]. {corpus[memory_ids[doc - 1]]}\n"
             if config.template.id_digits:
                 # Each ID digit is one token of its own, which the documents' numbers never use.
-                digit_ids = {tokenizer.special_token_ids[d] for place in config.template.id_digit_strings() for d in place}
+                digit_ids = {tokenizer.special_token_ids[d] for d in config.template.id_digits}
                 id_tokens = [t for t in input_ids if t in digit_ids]
                 assert tokenizer.decode(id_tokens) == "".join(
                     config.template.memory_id_text(i) for i in id_numbers_in(tokenizer.decode(input_ids), config.template))
@@ -301,17 +301,3 @@ def test_memory_ids_in_id_digits_round_trip_and_reject_bad_digit_sets() -> None:
     for bad in (ID_DIGITS[:9], ID_DIGITS[:9] + ["<id0>"], ID_DIGITS[:9] + [""]):
         with pytest.raises(ValueError, match="id_digits must be ten distinct non-empty strings"):
             TemplateConfig(id_digits=bad)
-
-
-def test_place_tagged_id_digits_write_fixed_width_ids_each_digit_naming_its_place() -> None:
-    template = TemplateConfig(id_digits=[f"<p{{place}}d{d}>" for d in range(10)], id_places=3)
-    assert template.memory_id_text(27) == "<p2d0><p1d2><p0d7>"
-    text = template.target_ids_text([3, 27, 999])
-    assert id_numbers_in(text, template) == [3, 27, 999]
-    assert len(set(template.special_strings()) & {f"<p{p}d{d}>" for p in range(3) for d in range(10)}) == 30
-    with pytest.raises(ValueError, match="needs more than template.id_places=3 digits"):
-        template.memory_id_text(1000)
-    with pytest.raises(ValueError, match="needs template.id_digits strings that hold"):
-        TemplateConfig(id_digits=ID_DIGITS, id_places=2)
-    with pytest.raises(ValueError, match="set template.id_places"):
-        TemplateConfig(id_digits=[f"<p{{place}}d{d}>" for d in range(10)])
