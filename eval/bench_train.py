@@ -22,7 +22,6 @@ import gc
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,7 +48,11 @@ QWEN3_4B = dict(
 # The shape of recipes/qwen3_1b_synthetic.yaml (the trainer's multi-GPU acceptance run).
 QWEN3_1B = dict(QWEN3_4B, hidden_size=2048, intermediate_size=6144, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=8)
-SHAPES = {"qwen3-4b": QWEN3_4B, "qwen3-1b": QWEN3_1B}
+# The shape of recipes/qwen3_350m_synthetic.yaml (issue 7's GPU experiment; run it with --router-layers 0).
+QWEN3_350M = dict(QWEN3_4B, vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=20,
+                  num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=40960,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+SHAPES = {"qwen3-4b": QWEN3_4B, "qwen3-1b": QWEN3_1B, "qwen3-350m": QWEN3_350M}
 
 
 def random_memory_row(
@@ -255,7 +258,8 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
 
 
 def build_msa(cfg: dict, row: dict, args):
-    config = MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend, lm_loss_chunk_size=4096)
+    config = MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend, lm_loss_chunk_size=4096,
+                       **({"router_layers": args.router_layers} if args.router_layers is not None else {}))
     with torch.device("cuda"):
         model = MSAForCausalLM(config).to(torch.bfloat16)
     model.model.gradient_checkpointing = True
@@ -293,6 +297,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["msa", "dense_causal", "dense_docmask"])
     parser.add_argument("--backend", default="auto", help="MSA attention backend")
     parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--router-layers", type=int, nargs="+", help="MSA layers (default: the config's, the upper half)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -312,7 +317,7 @@ def main() -> None:
     cfg = dict(SHAPES[args.shape])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
-    router_layers = len(MSAConfig(**cfg).router_layers)
+    router_layers = len(args.router_layers) if args.router_layers is not None else len(MSAConfig(**cfg).router_layers)
 
     results, profiles = [], []
     for length in args.lengths:
