@@ -161,6 +161,7 @@ def smoke_overrides(recipe: Any) -> list[str]:
         "model.inline_config.num_key_value_heads=2", "model.inline_config.head_dim=16",
         "model.msa.top_k_docs=2", "model.msa.chunk_size=32",
         "tokenizer.train_tiny.vocab_size=768", "tokenizer.train_tiny.sample_records=60",
+        "model.compile=false",  # compiling costs more than it saves in a few CPU steps; tests cover it
     ]
     if recipe.deepspeed.checkpointed_layers is not None:
         overrides.append("deepspeed.checkpointed_layers=2")
