@@ -105,7 +105,7 @@ class TemplateConfig:
     def memory_id_pattern(self) -> str:
         """A regex whose first group is a memory ID written with ``target_id_format``."""
         before, after = self.target_id_format.split("{i}")
-        digit = "|".join(re.escape(d) for d in self.id_digits) if self.id_digits else r"\d"
+        digit = self._id_digit_alternation() if self.id_digits else r"\d"
         return re.escape(before) + f"((?:{digit})+)" + re.escape(after)
 
     def parse_memory_id(self, text: str) -> int:
@@ -113,8 +113,11 @@ class TemplateConfig:
         if self.id_digits is None:
             return int(text)
         digit_of = {d: str(value) for value, d in enumerate(self.id_digits)}
-        pieces = re.findall("|".join(re.escape(d) for d in sorted(self.id_digits, key=len, reverse=True)), text)
-        return int("".join(digit_of[p] for p in pieces))
+        return int("".join(digit_of[piece] for piece in re.findall(self._id_digit_alternation(), text)))
+
+    def _id_digit_alternation(self) -> str:
+        """``id_digits`` as one regex alternation, longest first so that no digit shadows a longer one."""
+        return "|".join(re.escape(d) for d in sorted(self.id_digits, key=len, reverse=True))
 
     def prefix_text(self) -> str:
         """The shared prefix (doc_ids -2) that precedes the memory."""
