@@ -102,9 +102,13 @@ def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: i
     summary = merged.summary()
     summary["chance_recall@1"] = 1 / memory_docs
     summary["memories"] = memories
-    summary["examples"] = [{"query": item.query, "reference": item.reference, "answer": item.answer,
-                            "positive_ids": item.positive_ids, "retrieved_ids": item.retrieved_ids}
-                           for item in merged.items[:8]]
+    def described(item: Any) -> dict[str, Any]:
+        return {"query": item.query, "reference": item.reference, "answer": item.answer,
+                "positive_ids": item.positive_ids, "retrieved_ids": item.retrieved_ids}
+
+    summary["examples"] = [described(item) for item in merged.items[:8]]
+    # Every wrong answer (there are few once training works), so a failed run shows what went wrong.
+    summary["errors"] = [described(item) for item in merged.items if (item.exact_match or 0.0) < 1.0]
     summary["generator_options"] = options
     return summary
 
