@@ -245,6 +245,10 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
             peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
             model_tflop_per_step=flops / 1e12,
         )
+        offload = getattr(getattr(model, "model", None), "_activation_offload", None)
+        if offload is not None:
+            result.note = (f"offloaded {offload.offloaded_bytes / 2**30:.1f} GiB a step, "
+                           f"{offload.late_fetches} tensors fetched without prefetch")
     except torch.OutOfMemoryError:
         result = Result(name, row["input_ids"].numel(), None, None, None, torch.cuda.max_memory_allocated() / 2**30, flops / 1e12, "out of memory")
     except Exception as error:  # noqa: BLE001 - a failing configuration is reported, the others still run
@@ -265,6 +269,7 @@ def build_msa(cfg: dict, row: dict, args):
     model.model.gradient_checkpointing = True
     model.model.checkpointed_layers = args.checkpointed_layers
     model.model.saved_attention_layers = args.saved_attention_layers
+    model.model.offloaded_layers = args.offloaded_layers
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -309,6 +314,9 @@ def main() -> None:
                         help="MSA: recompute only the first N layers in backward (default: all)")
     parser.add_argument("--saved-attention-layers", type=int, default=0,
                         help="MSA: of the recomputed layers, the first N keep their attention kernel's output")
+    parser.add_argument("--offloaded-layers", type=int, default=0,
+                        help="MSA: the first N layers keep their activations in pinned host memory (neither "
+                             "recomputed nor on the GPU); --checkpointed-layers counts from the layer after them")
     parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG",
                         help="also profile one step of these configs: GPU time by kernel class and the top kernels")
     parser.add_argument("--out", default="bench_train.json")

@@ -8,7 +8,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
@@ -20,6 +19,7 @@ from .configuration_msa import MSAConfig
 from .attention import PooledMemory, keep_attention_kernel_outputs, make_attention_backend
 from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
+from .offload import ActivationOffload
 from .routing import pool_chunks, rank_documents, score_chunks, score_documents, select_documents
 
 logger = logging.getLogger(__name__)
@@ -293,6 +293,11 @@ class MSAModel(MSAPreTrainedModel):
         # Of the recomputed layers, the first this-many keep their attention kernel's output
         # (0.5 GiB per layer at 64K tokens for the 4B shape), so backward does not run it again.
         self.saved_attention_layers = 0
+        # In training, the first this-many layers keep their saved activations in pinned host
+        # memory (copied out and back on side streams) instead of on the device or recomputed;
+        # `checkpointed_layers` and `saved_attention_layers` count from the layer after them.
+        self.offloaded_layers = 0
+        self._activation_offload: ActivationOffload | None = None
         self._attention_backends: dict[str, object] = {}
         self.post_init()
 
@@ -310,6 +315,17 @@ class MSAModel(MSAPreTrainedModel):
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
             layer.after_attention = torch.compile(layer.after_attention, dynamic=False)
         self.norm.compile(dynamic=False)
+
+    def activation_offload(self, device: torch.device) -> ActivationOffload | None:
+        """The offload of this training step's first `offloaded_layers` layers, or None when off."""
+        if not (self.offloaded_layers and self.training and torch.is_grad_enabled()):
+            return None
+        if self.offloaded_layers > len(self.layers):
+            raise ValueError(f"offloaded_layers={self.offloaded_layers} but the model has {len(self.layers)} layers")
+        if self._activation_offload is None or self._activation_offload.device != device:
+            self._activation_offload = ActivationOffload(device)
+        self._activation_offload.start_step()
+        return self._activation_offload
 
     def attention_backend(self, device: torch.device):
         """The configured attention backend for `device`, chosen once per device type and logged."""
@@ -343,16 +359,25 @@ class MSAModel(MSAPreTrainedModel):
         attention = AttentionContext(backend=backend, plan=backend.prepare(layout))
         all_hidden = [hidden_states] if output_hidden_states else None
         router_outputs = []
+        offload = self.activation_offload(hidden_states.device)
+        offloaded = self.offloaded_layers if offload is not None else 0
         recomputed = len(self.layers) if self.checkpointed_layers is None else self.checkpointed_layers
         for index, layer in enumerate(self.layers):
             layer_cos, layer_sin = local_rope if layer.self_attn.uses_local_rope else (cos, sin)
-            if self.gradient_checkpointing and self.training and index < recomputed:
-                selective = {"context_fn": KEEP_ATTENTION_CONTEXT} if index < self.saved_attention_layers else {}
+            after_offloaded = index - offloaded
+            if index < offloaded:
+                with offload.layer(index):
+                    hidden_states, router_output = layer(hidden_states, layer_cos, layer_sin, layout, attention)
+            elif self.gradient_checkpointing and self.training and after_offloaded < recomputed:
+                kept = after_offloaded < self.saved_attention_layers
+                selective = {"context_fn": KEEP_ATTENTION_CONTEXT} if kept else {}
                 hidden_states, router_output = checkpoint(
                     layer, hidden_states, layer_cos, layer_sin, layout, attention, use_reentrant=False, **selective
                 )
             else:
                 hidden_states, router_output = layer(hidden_states, layer_cos, layer_sin, layout, attention)
+            if offloaded:
+                offload.prefetch_hook(hidden_states, index)
             if router_output is not None:
                 router_outputs.append(router_output)
             if output_hidden_states:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from batches import VOCAB, document_token_mask, random_packed_batch, tiny_msa, tiny_qwen3
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout, compute_position_ids
+from msa_modeling.offload import ActivationOffload
 from msa_modeling.routing import rank_documents, select_documents
 
 
@@ -396,6 +400,65 @@ def test_identical_documents_score_alike_wherever_they_sit():
     # independent of where it is packed, but kernels may tile its rows differently.
     torch.testing.assert_close(out.doc_scores[:, 0], out.doc_scores[:, 1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.doc_scores[:, 0], out.doc_scores[:, 2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_layers_match_kept_activations_and_are_prefetched(compiled):
+    batch = random_packed_batch(16)
+    grads, losses, offloads = [], [], []
+    for offloaded in (0, 2):
+        model = tiny_msa(16).train()
+        model.model.gradient_checkpointing = True
+        model.model.checkpointed_layers = 1
+        model.model.offloaded_layers = offloaded
+        # Every saved tensor of the tiny model is small; offload them all.
+        model.model._activation_offload = ActivationOffload(torch.device("cpu"), min_bytes=0)
+        if compiled:
+            model.model.compile_dense_blocks()
+        calls = [0] * len(model.model.layers)
+        for index, layer in enumerate(model.model.layers):
+            def counted(hidden, attended, index=index, after=layer.after_attention):
+                calls[index] += 1
+                return after(hidden, attended)
+            layer.after_attention = counted
+        out = model(**batch)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        offloads.append((calls, model.model._activation_offload))
+    layers = len(offloads[0][0])
+    # Without offload layer 0 is recomputed; with 2 offloaded, layers 0-1 run once and layer 2 is recomputed.
+    assert offloads[0][0] == [2] + [1] * (layers - 1)
+    assert offloads[1][0] == [1, 1, 2] + [1] * (layers - 3)
+    offload = offloads[1][1]
+    assert offload.offloaded_bytes > 0 and sorted(offload.layers) == [0, 1]
+    assert all(offload.layers[i] for i in (0, 1))
+    assert offload.late_fetches == 0  # both layers were brought back ahead of their backward
+    assert all(entry.on_device is None for i in (0, 1) for entry in offload.layers[i])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7)
+
+
+def test_offload_keeps_parameters_and_small_tensors_in_place():
+    weight = nn.Parameter(torch.randn(8, 8))
+    small = torch.randn(4, requires_grad=True)
+
+    def loss_of(offload: ActivationOffload | None) -> torch.Tensor:
+        with offload.layer(0) if offload else contextlib.nullcontext():
+            rows = (small * 2).repeat(8).view(4, 8)
+            return ((rows @ weight.t()) ** 2).sum() + (small * small).sum()
+
+    expected = torch.autograd.grad(loss_of(None), (small, weight))
+    offload = ActivationOffload(torch.device("cpu"), min_bytes=64)
+    loss = loss_of(offload)
+    # Offloaded: the matmul's input and the square's input (4x8 floats each). Kept: the weight
+    # (a parameter, saved transposed) and `small` (16 bytes, under the threshold).
+    assert len(offload.layers[0]) == 2 and offload.offloaded_bytes == 2 * 4 * 8 * 4
+    got = torch.autograd.grad(loss, (small, weight))
+    assert offload.late_fetches == 2  # no later layer's hook prefetched them: fetched on demand
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_top_k_ties_break_towards_lower_document_id():

@@ -120,8 +120,16 @@ def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> 
     assert model.model.saved_attention_layers == 1
     recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true",
                                        f"deepspeed.checkpointed_layers={layers + 1}"])
-    with pytest.raises(ValueError, match=f"checkpointed_layers={layers + 1} but the model has {layers} layers"):
+    with pytest.raises(ValueError, match=f"checkpointed_layers={layers + 1} .*but the model has {layers} layers"):
         configure_layer_execution(model, recipe)
+    configure_layer_execution(model, load_recipe(TINY_RECIPE, ["deepspeed.offloaded_layers=1"]))
+    assert model.model.offloaded_layers == 1
+    recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true", "deepspeed.offloaded_layers=1",
+                                       f"deepspeed.checkpointed_layers={layers}"])
+    with pytest.raises(ValueError, match=f"checkpointed_layers={layers} \\(after 1 offloaded\\)"):
+        configure_layer_execution(model, recipe)
+    with pytest.raises(RecipeError, match="offloaded_layers=-1 must be >= 0"):
+        load_recipe(TINY_RECIPE, ["deepspeed.offloaded_layers=-1"])
 
 
 def test_launcher_rejects_a_typo_before_any_work(tmp_path: Path) -> None:

@@ -160,6 +160,10 @@ class DeepSpeedConfig:
     # Of the recomputed layers, the first this-many keep their attention kernel's output, so
     # backward skips that kernel's second run (0.5 GiB per layer at 64K tokens, 4B shape).
     saved_attention_layers: int = 0
+    # The first this-many decoder layers keep their saved activations in pinned host memory,
+    # copied out and back on side streams (neither recomputed nor held on the GPU); the two
+    # counts above start from the layer after them. For long rows on one GPU.
+    offloaded_layers: int = 0
     torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPUs
     # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
     # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
@@ -311,6 +315,8 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
             f"{source}: deepspeed.saved_attention_layers={saved} needs deepspeed.activation_checkpointing: true "
             "and a count >= 0"
         )
+    if recipe.deepspeed.offloaded_layers < 0:
+        raise RecipeError(f"{source}: deepspeed.offloaded_layers={recipe.deepspeed.offloaded_layers} must be >= 0")
     if "stage" in recipe.deepspeed.zero_config:
         raise RecipeError(f"{source}: deepspeed.zero_config.stage: set the ZeRO stage with deepspeed.zero_stage")
     names = [stage.name for stage in recipe.stages]

@@ -121,12 +121,18 @@ class StageState:
 
 
 def configure_layer_execution(model: Any, recipe: Recipe) -> None:
-    """Activation checkpointing (all layers or the first `checkpointed_layers`, of which the first
-    `saved_attention_layers` keep their attention output) and `torch.compile`."""
+    """Activation offload of the first `offloaded_layers`, checkpointing of the layers after them
+    (all, or the first `checkpointed_layers`, of which the first `saved_attention_layers` keep
+    their attention output), and `torch.compile`."""
     layers = model.config.num_hidden_layers
+    offloaded = recipe.deepspeed.offloaded_layers
     checkpointed = recipe.deepspeed.checkpointed_layers
-    if checkpointed is not None and checkpointed > layers:
-        raise ValueError(f"deepspeed.checkpointed_layers={checkpointed} but the model has {layers} layers")
+    if offloaded > layers:
+        raise ValueError(f"deepspeed.offloaded_layers={offloaded} but the model has {layers} layers")
+    if checkpointed is not None and offloaded + checkpointed > layers:
+        raise ValueError(f"deepspeed.checkpointed_layers={checkpointed} (after {offloaded} offloaded) "
+                         f"but the model has {layers} layers")
+    model.model.offloaded_layers = offloaded
     model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
     model.model.checkpointed_layers = checkpointed
     model.model.saved_attention_layers = recipe.deepspeed.saved_attention_layers
