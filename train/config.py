@@ -177,6 +177,10 @@ class TrackingConfig:
     log_every_steps: int = 1
     peak_flops_per_device: float = 989e12  # H100 SXM dense bf16
     progress_bar: bool = True
+    # torch.profiler over this many optimizer steps of every stage from profile_start_step on
+    # rank 0: a trace and a time table under <stage>/profile/ (train/profiling.py). 0: off.
+    profile_steps: int = 0
+    profile_start_step: int = 10
 
 
 @dataclass
@@ -315,6 +319,10 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
             f"{source}: deepspeed.saved_attention_layers={saved} needs deepspeed.activation_checkpointing: true "
             "and a count >= 0"
         )
+    if recipe.tracking.profile_steps < 0 or recipe.tracking.profile_start_step < 1:
+        raise RecipeError(f"{source}: tracking.profile_steps must be >= 0 and tracking.profile_start_step >= 1 "
+                          f"(steps count from 1), got {recipe.tracking.profile_steps} and "
+                          f"{recipe.tracking.profile_start_step}")
     if recipe.deepspeed.offloaded_layers < 0:
         raise RecipeError(f"{source}: deepspeed.offloaded_layers={recipe.deepspeed.offloaded_layers} must be >= 0")
     if "stage" in recipe.deepspeed.zero_config:

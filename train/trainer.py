@@ -24,6 +24,7 @@ from .engine import batch_geometry, deepspeed_config, initialize_engine
 from .export import export_stage
 from .model_setup import load_stage_model, parameter_groups
 from .prefetch import PrefetchingStream
+from .profiling import StepProfiler
 from .schedule import LRMultiplier
 from .throughput import FlopModel, memory_gb
 from .tracking import MetricsLogger, resolve_wandb_mode
@@ -236,10 +237,15 @@ class StageTrainer:
         budget_tokens = self.total_steps * stage.global_batch_tokens
         progress = tqdm(total=budget_tokens, initial=self.state.tokens_seen, unit="tok", unit_scale=True,
                         desc=stage.name, disable=not (self.context.is_main and self.recipe.tracking.progress_bar))
-        with progress:
+        tracking = self.recipe.tracking
+        profiler = StepProfiler(self.dir / "profile", tracking.profile_start_step, tracking.profile_steps,
+                                self.context.device, self.context.is_main)
+        with progress, profiler:
             while self.state.step < self.total_steps:
+                profiler.step_starting(self.state.step + 1)
                 record = self._train_step()
                 self.state.step += 1
+                profiler.step_finished(self.state.step)
                 self.state.tokens_seen += stage.global_batch_tokens
                 progress.update(stage.global_batch_tokens)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", r1=f"{record['recall@1']:.2f}")

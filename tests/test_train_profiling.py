@@ -1,0 +1,42 @@
+"""`tracking.profile_steps` profiles a window of a stage's steps on rank 0 and writes a trace and
+a summary of wall clock against device time. In-process, one rank."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from msa_train.train.config import RecipeError, load_recipe
+from msa_train.train.distributed import DistributedContext
+from train_runs import TINY_RECIPE, make_stage_trainer, single_process_world
+
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[DistributedContext]:
+    with single_process_world() as world:
+        yield world
+
+
+@pytest.mark.parametrize("start, steps, window", [(2, 2, "steps 2-3"), (3, 5, "steps 3-3")])
+def test_profile_window_writes_trace_and_summary(tmp_path: Path, context: DistributedContext,
+                                                 start: int, steps: int, window: str) -> None:
+    trainer = make_stage_trainer(tmp_path, context, [
+        "stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.checkpoint_every_steps=100",
+        f"tracking.profile_start_step={start}", f"tracking.profile_steps={steps}"])
+    trainer.run()
+    profile = tmp_path / "stages/cpt_warmup/profile"
+    summary = (profile / "summary.txt").read_text()
+    # A window running past the stage's last step ends with the stage.
+    assert summary.startswith(f"{window}: ") and "ms of wall clock a step" in summary
+    trace = json.loads((profile / "trace.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+
+
+def test_profile_settings_are_checked() -> None:
+    with pytest.raises(RecipeError, match="tracking.profile_steps must be >= 0"):
+        load_recipe(TINY_RECIPE, ["tracking.profile_steps=-1"])
+    with pytest.raises(RecipeError, match="profile_start_step >= 1"):
+        load_recipe(TINY_RECIPE, ["tracking.profile_start_step=0"])
