@@ -53,7 +53,7 @@ class ActivationOffload:
         self.copy_out_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.copy_in_stream = torch.cuda.Stream(self.device) if self.on_cuda else None
         self.layers: dict[int, list[_SavedOnHost]] = {}
-        self._seen: dict[tuple, _SavedOnHost] = {}
+        self._seen: dict[tuple, tuple[torch.Tensor, _SavedOnHost]] = {}
         self.offloaded_bytes = 0
         self.late_fetches = 0  # tensors backward needed before their prefetch began
 
@@ -69,8 +69,12 @@ class ActivationOffload:
         """Offload what autograd saves inside this block, filed under layer `index`."""
         saved = self.layers.setdefault(index, [])
         self._seen = {}
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, saved), self._unpack):
-            yield
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, saved), self._unpack):
+                yield
+        finally:
+            # The layer's device tensors were held until here (see `_pack`); now they may go.
+            self._seen = {}
 
     def prefetch_hook(self, output: torch.Tensor, index: int) -> None:
         """Start bringing back the offloaded layers before `index` once backward reaches layer `index`.
@@ -87,12 +91,14 @@ class ActivationOffload:
                 or tensor.numel() * tensor.element_size() < self.min_bytes):
             return tensor
         # The same tensor saved by several ops of the layer (e.g. the normed input of three
-        # projections) goes out once.
+        # projections) goes out once. `_seen` holds each tensor until the layer ends, so that no
+        # later tensor of the layer can reuse its memory and match its key.
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.dtype,
                tensor._version)
         if key in self._seen:
-            self._seen[key].uses_left += 1
-            return self._seen[key]
+            entry = self._seen[key][1]
+            entry.uses_left += 1
+            return entry
         if self.on_cuda:
             produced = torch.cuda.current_stream(self.device).record_event()
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -106,7 +112,7 @@ class ActivationOffload:
             host, copied_out = tensor.detach().clone(), None
         entry = _SavedOnHost(host, tensor.device, copied_out)
         saved.append(entry)
-        self._seen[key] = entry
+        self._seen[key] = (tensor, entry)
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
         return entry
 
