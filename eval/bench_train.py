@@ -103,6 +103,7 @@ class Result:
     peak_memory_gib: float | None
     model_tflop_per_step: float
     note: str = ""
+    offloaded_layers: int = 0
 
 
 def matmul_params_per_token(cfg: dict) -> tuple[int, int]:
@@ -261,7 +262,7 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
     return result
 
 
-def build_msa(cfg: dict, row: dict, args):
+def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     config = MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend, lm_loss_chunk_size=4096,
                        **({"router_layers": args.router_layers} if args.router_layers is not None else {}))
     with torch.device("cuda"):
@@ -269,7 +270,7 @@ def build_msa(cfg: dict, row: dict, args):
     model.model.gradient_checkpointing = True
     model.model.checkpointed_layers = args.checkpointed_layers
     model.model.saved_attention_layers = args.saved_attention_layers
-    model.model.offloaded_layers = args.offloaded_layers
+    model.model.offloaded_layers = offloaded_layers
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -314,9 +315,10 @@ def main() -> None:
                         help="MSA: recompute only the first N layers in backward (default: all)")
     parser.add_argument("--saved-attention-layers", type=int, default=0,
                         help="MSA: of the recomputed layers, the first N keep their attention kernel's output")
-    parser.add_argument("--offloaded-layers", type=int, default=0,
+    parser.add_argument("--offloaded-layers", type=int, nargs="+", default=[0],
                         help="MSA: the first N layers keep their activations in pinned host memory (neither "
-                             "recomputed nor on the GPU); --checkpointed-layers counts from the layer after them")
+                             "recomputed nor on the GPU); --checkpointed-layers counts from the layer after them. "
+                             "Several values run one MSA step each, in one process")
     parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG",
                         help="also profile one step of these configs: GPU time by kernel class and the top kernels")
     parser.add_argument("--out", default="bench_train.json")
@@ -333,7 +335,10 @@ def main() -> None:
         for name in args.configs:
             if name == "msa":
                 flops = msa_step_flops(row, cfg, router_layers, args.top_k, args.chunk_size)
-                results.append(run_config(name, lambda: build_msa(cfg, row, args), row, cfg, args, flops, profiles))
+                for offloaded in args.offloaded_layers:
+                    result = run_config(name, lambda: build_msa(cfg, row, args, offloaded), row, cfg, args, flops, profiles)
+                    result.offloaded_layers = offloaded
+                    results.append(result)
             else:
                 masked = name == "dense_docmask"
                 flops = dense_step_flops(row, cfg, masked)
@@ -351,11 +356,11 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\n{device}, torch {torch.__version__}, optimizer step {'included' if not args.no_optimizer else 'excluded'}")
-    print(f"{'config':<14}{'tokens':>8}{'step s':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  note")
+    print(f"{'config':<14}{'tokens':>8}{'offload':>8}{'step s':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  note")
     for r in results:
         fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
         print(
-            f"{r.config:<14}{r.row_length:>8}{fmt(r.step_s, '%.3f'):>9}{fmt(r.tokens_per_s, '%.0f'):>10}"
+            f"{r.config:<14}{r.row_length:>8}{r.offloaded_layers:>8}{fmt(r.step_s, '%.3f'):>9}{fmt(r.tokens_per_s, '%.0f'):>10}"
             f"{fmt(r.mfu and 100 * r.mfu, '%.1f%%'):>7}{fmt(r.peak_memory_gib, '%.1f'):>10}  {r.note}"
         )
 

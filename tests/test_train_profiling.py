@@ -40,3 +40,20 @@ def test_profile_settings_are_checked() -> None:
         load_recipe(TINY_RECIPE, ["tracking.profile_steps=-1"])
     with pytest.raises(RecipeError, match="profile_start_step >= 1"):
         load_recipe(TINY_RECIPE, ["tracking.profile_start_step=0"])
+
+
+def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: DistributedContext,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from msa_train.train import profiling
+
+    def fail(self) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(profiling.StepProfiler, "_write_profile", fail)
+    trainer = make_stage_trainer(tmp_path, context, [
+        "stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.checkpoint_every_steps=100",
+        "tracking.profile_start_step=1", "tracking.profile_steps=1"])
+    trainer.run()
+    assert trainer.state.step == 3
+    assert "profiling window failed" in caplog.text

@@ -69,6 +69,15 @@ class StepProfiler:
             self._finish()
 
     def _finish(self) -> None:
+        # The profile is a diagnostic: a failure to write it must not end the training run.
+        try:
+            self._write_profile()
+        except Exception:  # noqa: BLE001
+            logger.exception("profiling window failed; training continues without a profile")
+            self._profiler = None
+            self.enabled = False
+
+    def _write_profile(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall_s = time.perf_counter() - self._started
