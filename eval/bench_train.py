@@ -214,25 +214,44 @@ def profile_step(step, label: str) -> dict:
     return {"label": label, "kernel_ms": total, "classes_ms": classes, "top_kernels_ms": dict(top)}
 
 
-def make_step(model, inputs: dict, optimizer, use_optimizer: bool):
+def make_step(model, inputs: dict, optimizer, use_optimizer: bool, memory: dict):
+    """One training step. `memory` gets the phase it is in and the allocator's peak after forward
+    (host-side allocator counters: no device sync), so a run out of memory says where."""
     def step():
+        # Per-step peaks, so the forward peak is not the previous step's backward.
+        memory["peak"] = max(memory.get("peak", 0), torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        memory["phase"] = "forward"
         out = model(**inputs)
+        memory["forward_peak"] = torch.cuda.max_memory_allocated()
+        memory["after_forward"] = torch.cuda.memory_allocated()
+        memory["phase"] = "backward"
         out.loss.backward()
+        memory["phase"] = "optimizer"
         if use_optimizer:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        memory["phase"] = "done"
 
     return step
+
+
+def memory_note(memory: dict) -> str:
+    if "forward_peak" not in memory:
+        return f"in {memory.get('phase', 'build')}"
+    return (f"in {memory['phase']}; forward peak {memory['forward_peak'] / 2**30:.1f} GiB, "
+            f"{memory['after_forward'] / 2**30:.1f} GiB held into backward")
 
 
 def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profiles: list) -> Result:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = optimizer = None
+    memory: dict = {}
     try:
         model, inputs = build()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-        step = make_step(model, inputs, optimizer, not args.no_optimizer)
+        step = make_step(model, inputs, optimizer, not args.no_optimizer, memory)
         seconds = time_steps(step, args.warmup, args.repeats)
         tokens = row["input_ids"].numel()
         if name in args.profile:
@@ -243,15 +262,18 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
             step_s=seconds,
             tokens_per_s=tokens / seconds,
             mfu=flops / seconds / args.peak_flops,
-            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+            peak_memory_gib=max(memory["peak"], torch.cuda.max_memory_allocated()) / 2**30,
             model_tflop_per_step=flops / 1e12,
         )
+        result.note = memory_note(memory).removeprefix("in done; ")
         offload = getattr(getattr(model, "model", None), "_activation_offload", None)
         if offload is not None:
-            result.note = (f"offloaded {offload.offloaded_bytes / 2**30:.1f} GiB a step, "
-                           f"{offload.late_fetches} tensors fetched without prefetch")
+            result.note += (f"; offloaded {offload.offloaded_bytes / 2**30:.1f} GiB a step, "
+                            f"{offload.late_fetches} tensors fetched without prefetch")
     except torch.OutOfMemoryError:
-        result = Result(name, row["input_ids"].numel(), None, None, None, torch.cuda.max_memory_allocated() / 2**30, flops / 1e12, "out of memory")
+        peak = max(memory.get("peak", 0), torch.cuda.max_memory_allocated())
+        result = Result(name, row["input_ids"].numel(), None, None, None, peak / 2**30, flops / 1e12,
+                        f"out of memory {memory_note(memory)}")
     except Exception as error:  # noqa: BLE001 - a failing configuration is reported, the others still run
         logger.exception("%s failed", name)
         result = Result(name, row["input_ids"].numel(), None, None, None, None, flops / 1e12, f"{type(error).__name__}: {error}"[:200])
@@ -271,6 +293,7 @@ def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     model.model.checkpointed_layers = args.checkpointed_layers
     model.model.saved_attention_layers = args.saved_attention_layers
     model.model.offloaded_layers = offloaded_layers
+    model.model.offload_prefetch_layers = args.offload_prefetch_layers
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -319,6 +342,8 @@ def main() -> None:
                         help="MSA: the first N layers keep their activations in pinned host memory (neither "
                              "recomputed nor on the GPU); --checkpointed-layers counts from the layer after them. "
                              "Several values run one MSA step each, in one process")
+    parser.add_argument("--offload-prefetch-layers", type=int, default=2,
+                        help="MSA: offloaded layers that backward copies back ahead of need")
     parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG",
                         help="also profile one step of these configs: GPU time by kernel class and the top kernels")
     parser.add_argument("--out", default="bench_train.json")

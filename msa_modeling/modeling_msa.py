@@ -297,6 +297,9 @@ class MSAModel(MSAPreTrainedModel):
         # memory (copied out and back on side streams) instead of on the device or recomputed;
         # `checkpointed_layers` and `saved_attention_layers` count from the layer after them.
         self.offloaded_layers = 0
+        # How many offloaded layers backward brings back ahead of need: more hides the copies
+        # better, each costs one layer's saved activations on the device.
+        self.offload_prefetch_layers = 2
         self._activation_offload: ActivationOffload | None = None
         self._attention_backends: dict[str, object] = {}
         self.post_init()
@@ -322,8 +325,9 @@ class MSAModel(MSAPreTrainedModel):
             return None
         if self.offloaded_layers > len(self.layers):
             raise ValueError(f"offloaded_layers={self.offloaded_layers} but the model has {len(self.layers)} layers")
-        if self._activation_offload is None or self._activation_offload.device != device:
-            self._activation_offload = ActivationOffload(device)
+        if (self._activation_offload is None or self._activation_offload.device != device
+                or self._activation_offload.prefetch_layers != self.offload_prefetch_layers):
+            self._activation_offload = ActivationOffload(device, prefetch_layers=self.offload_prefetch_layers)
         self._activation_offload.start_step()
         return self._activation_offload
 

@@ -440,6 +440,24 @@ def test_offloaded_layers_match_kept_activations_and_are_prefetched(compiled):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7)
 
 
+def test_offload_prefetch_depth_follows_the_model_attribute():
+    model = tiny_msa(16).train()
+    model.model.offloaded_layers = 2
+    assert model.model.activation_offload(torch.device("cpu")).prefetch_layers == 2
+    model.model.offload_prefetch_layers = 1
+    offload = model.model.activation_offload(torch.device("cpu"))
+    assert offload.prefetch_layers == 1
+    hidden = torch.zeros(2, requires_grad=True) * 1.0
+    offload.prefetch_hook(hidden, 3)
+    offload.layers = {1: [], 2: []}
+    fetched = []
+    offload._prefetch = fetched.extend
+    hidden.sum().backward()
+    assert fetched == [2]  # layer 3's backward brings back only layer 2
+    with torch.no_grad():
+        assert model.model.activation_offload(torch.device("cpu")) is None
+
+
 def test_offload_keeps_parameters_and_small_tensors_in_place():
     weight = nn.Parameter(torch.randn(8, 8))
     small = torch.randn(4, requires_grad=True)
