@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from msa_train.train.config import RecipeError, load_recipe
 from msa_train.train.distributed import DistributedContext
@@ -47,7 +48,7 @@ def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: Distr
                                                   caplog: pytest.LogCaptureFixture) -> None:
     from msa_train.train import profiling
 
-    def fail(self) -> None:
+    def fail(self, profiler, wall_s: float) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(profiling.StepProfiler, "_write_profile", fail)
@@ -57,3 +58,21 @@ def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: Distr
     trainer.run()
     assert trainer.state.step == 3
     assert "profiling window failed" in caplog.text
+    # A profiler left running crashes the interpreter when it exits.
+    assert not torch.autograd.profiler._is_profiler_enabled
+
+
+def test_device_time_counts_kernels_once() -> None:
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from msa_train.train.profiling import device_kernel_ms
+
+    op = FunctionEvent(id=0, name="aten::mm", thread=0, start_us=0, end_us=900, use_device="cuda")
+    kernel = FunctionEvent(id=1, name="gemm_kernel", thread=0, start_us=100, end_us=800,
+                           device_type=DeviceType.CUDA)
+    op.append_kernel("gemm_kernel", 0, 700)  # the op's self device time is that kernel again
+    other = FunctionEvent(id=2, name="flash_bwd", thread=0, start_us=800, end_us=1100,
+                          device_type=DeviceType.CUDA)
+    assert op.self_device_time_total == 700
+    assert device_kernel_ms([op, kernel, other]) == pytest.approx(1.0)

@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile
 
 logger = logging.getLogger(__name__)
+
+
+def device_kernel_ms(events: Iterable[FunctionEvent]) -> float:
+    """Milliseconds of device kernels among profiler events, streams summed.
+
+    Only the kernel events count: an op's self device time is its kernels' time a second time.
+    """
+    return sum(event.time_range.elapsed_us() for event in events
+               if event.device_type == torch.autograd.DeviceType.CUDA) / 1e3
 
 
 class StepProfiler:
@@ -69,26 +80,27 @@ class StepProfiler:
             self._finish()
 
     def _finish(self) -> None:
-        # The profile is a diagnostic: a failure to write it must not end the training run.
+        profiler, self._profiler = self._profiler, None
+        self.enabled = False
+        # The profile is a diagnostic: a failure to write it must not end the training run, and the
+        # profiler is stopped whatever happens (one left running crashes the interpreter at exit).
         try:
-            self._write_profile()
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                wall_s = time.perf_counter() - self._started
+            finally:
+                profiler.__exit__(None, None, None)
+            self._write_profile(profiler, wall_s)
         except Exception:  # noqa: BLE001
             logger.exception("profiling window failed; training continues without a profile")
-            self._profiler = None
-            self.enabled = False
 
-    def _write_profile(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        wall_s = time.perf_counter() - self._started
-        profiler, self._profiler = self._profiler, None
-        profiler.__exit__(None, None, None)
-        self.enabled = False
+    def _write_profile(self, profiler: profile, wall_s: float) -> None:
         steps = max(self._last_finished - self._first + 1, 1)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(self.out_dir / "trace.json"))
         averages = profiler.key_averages()
-        device_ms = sum(event.self_device_time_total for event in averages) / 1e3
+        device_ms = device_kernel_ms(profiler.events())
         host_ms = sum(event.self_cpu_time_total for event in averages) / 1e3
         wall_ms = wall_s * 1e3
         summary = f"steps {self._first}-{self._first + steps - 1}: {wall_ms / steps:.1f} ms of wall clock a step; "
