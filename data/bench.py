@@ -78,7 +78,7 @@ def _time_example_building(config: BuildConfig, build_dir: Path, records_path: P
     store = DocumentStore(build_dir / "docs")
     index_of = {doc_id: index for index, doc_id in enumerate(store.doc_ids())}
     tokenizer = load_tokenizer(build_dir / "tokenizer")
-    template_tokens = TemplateTokens.build(config.template, tokenizer, config.memory.max_memory_docs)
+    template_tokens = TemplateTokens.build(config.template, tokenizer, config.memory.max_memory_id)
     builder = SampleBuilder(config.sample_kind, config.template, template_tokens, tokenizer, store.lengths,
                             store.tokens, config.memory, config.seed)
     records = [IndexedRecord(i, r.query, [index_of[d] for d in r.positives], [index_of[d] for d in r.negatives])

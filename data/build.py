@@ -192,7 +192,7 @@ def _sample_builder(context: _WorkerContext) -> SampleBuilder:
     if context.builder is None:
         store = DocumentStore(context.output / "docs")
         template_tokens = TemplateTokens.build(context.config.template, context.tokenizer,
-                                               context.config.memory.max_memory_docs)
+                                               context.config.memory.max_memory_id)
         context.builder = SampleBuilder(context.config.sample_kind, context.config.template, template_tokens,
                                         context.tokenizer, store.lengths, store.tokens, context.config.memory,
                                         context.config.seed)
@@ -386,7 +386,7 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     example_shards = finished_shards(output / "examples")
     doc_totals = _sum_stats(doc_shards)
     example_totals = _sum_stats(example_shards)
-    template_tokens = TemplateTokens.build(config.template, tokenizer, config.memory.max_memory_docs)
+    template_tokens = TemplateTokens.build(config.template, tokenizer, config.memory.max_memory_id)
     corpus_tokens = doc_totals.get("tokens", 0)
     doc_bytes = _directory_bytes(output / "docs")
     manifest = {

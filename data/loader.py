@@ -101,10 +101,16 @@ class PreparedDataset:
         origin = self.shards[shard_index].example_origin[index - int(self.shard_starts[shard_index])]
         return int(origin[0]), int(origin[1])
 
+    def example_id_offset(self, index: int) -> int:
+        """The offset of example ``index``'s document IDs: memory document i is shown as ID offset + i."""
+        shard_index = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        return int(self.shards[shard_index].id_offsets[index - int(self.shard_starts[shard_index])])
+
     def write_example(self, index: int, row: dict[str, np.ndarray], start: int, example_id: int,
                       query_position_offset: int, ramp: np.ndarray) -> int:
         """Write example ``index`` into ``row`` from ``start``; return the end position."""
         memory, positive, tail_tokens, tail_labelled = self.example_parts(index)
+        id_offset = self.example_id_offset(index)
         input_ids, doc_ids, positions = row["input_ids"], row["doc_ids"], row["position_ids"]
         position = start
         prefix_length = len(self.prefix)
@@ -115,7 +121,7 @@ class PreparedDataset:
             position += prefix_length
         suffix_length = len(self.doc_suffix)
         for memory_id, (doc, is_positive) in enumerate(zip(memory.tolist(), positive.tolist()), start=1):
-            id_prefix = self.doc_id_prefix[memory_id]
+            id_prefix = self.doc_id_prefix[id_offset + memory_id]
             tokens, begin, end = self.docs.locate(doc)
             head = len(id_prefix)
             body = end - begin

@@ -42,12 +42,37 @@ class MemoryConfig:
     The memory holds the positives plus negatives up to ``memory_tokens`` rendered tokens:
     first the record's own (hard) negatives, then, if ``random_negatives``, random corpus
     documents. Its order is shuffled, then documents get IDs 1..n in that order.
+
+    ``id_offset_max`` > 0 numbers each example's documents from a random offset o instead
+    (IDs o+1..o+n, o log-uniform in 0..id_offset_max, one o per record). Inference numbers a
+    memory of N documents 1..N, so a model trained only on small memories has never written
+    the longer IDs of a large one; offsets up to the largest evaluated memory train every ID
+    length equally often. Only the rendered ID text changes: ``doc_ids`` and routing do not.
     """
 
     memory_tokens: int = 8192
     max_memory_docs: int = 512
     random_negatives: bool = True
     random_draw_attempts: int = 64
+    id_offset_max: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("memory_tokens", "max_memory_docs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"memory.{key} must be >= 1, got {getattr(self, key)}")
+        if self.id_offset_max < 0:
+            raise ValueError(f"memory.id_offset_max must be >= 0, got {self.id_offset_max}")
+
+    @property
+    def max_memory_id(self) -> int:
+        """The largest document ID an example can carry."""
+        return self.max_memory_docs + self.id_offset_max
+
+    def draw_id_offset(self, rng: np.random.Generator) -> int:
+        """An ID offset, log-uniform over 0..id_offset_max (0 without drawing when that is 0)."""
+        if self.id_offset_max == 0:
+            return 0
+        return min(int(np.exp(rng.uniform(0.0, np.log(self.id_offset_max + 1)))) - 1, self.id_offset_max)
 
 
 @dataclass
@@ -72,11 +97,13 @@ class ExamplePlan:
     tail_labelled: np.ndarray
     record_index: int = -1
     step: int = 0
+    id_offset: int = 0  # memory document i is rendered with ID id_offset + i
 
     def num_tokens(self, template_tokens: TemplateTokens, doc_lengths: np.ndarray) -> int:
         """Length of the assembled example."""
         memory_tokens = int(doc_lengths[self.memory].sum()) if len(self.memory) else 0
-        id_prefix_tokens = sum(len(template_tokens.doc_id_prefix[i]) for i in range(1, len(self.memory) + 1))
+        id_prefix_tokens = sum(len(template_tokens.doc_id_prefix[self.id_offset + i])
+                               for i in range(1, len(self.memory) + 1))
         suffix_tokens = len(template_tokens.doc_suffix) * len(self.memory)
         return len(template_tokens.prefix) + memory_tokens + id_prefix_tokens + suffix_tokens + len(self.tail_tokens)
 
@@ -113,8 +140,9 @@ class SampleBuilder:
         memory: MemoryConfig,
         seed: int,
     ) -> None:
-        if len(template_tokens.doc_id_prefix) <= memory.max_memory_docs:
-            raise ValueError("template_tokens were built for fewer documents than max_memory_docs")
+        if len(template_tokens.doc_id_prefix) <= memory.max_memory_id:
+            raise ValueError(f"template_tokens hold ID prefixes up to {len(template_tokens.doc_id_prefix) - 1}, "
+                             f"fewer than max_memory_docs + id_offset_max = {memory.max_memory_id}")
         self.kind = kind
         self.template = template
         self.template_tokens = template_tokens
@@ -125,7 +153,7 @@ class SampleBuilder:
         self.seed = seed
         # Budgeting with the longest ID prefix keeps every memory within memory_tokens
         # whatever position a document ends up at after shuffling.
-        self._overhead = max(len(p) for p in template_tokens.doc_id_prefix[1:memory.max_memory_docs + 1]) + len(
+        self._overhead = max(len(p) for p in template_tokens.doc_id_prefix[1:memory.max_memory_id + 1]) + len(
             template_tokens.doc_suffix)
 
     def build(self, record: IndexedRecord) -> list[ExamplePlan]:
@@ -134,13 +162,16 @@ class SampleBuilder:
         if self.kind in ("qa", "interleave") and record.answer is None:
             raise MissingAnswerError(f"{self.kind} samples need an answer")
         memory, positive_flags = self._fill_memory(record, rng)
-        memory_id_of = {int(doc): position + 1 for position, doc in enumerate(memory)}
+        # Drawn after the memory, so that builds without offsets keep their exact examples.
+        id_offset = self.memory.draw_id_offset(rng)
+        memory_id_of = {int(doc): id_offset + position + 1 for position, doc in enumerate(memory)}
         if self.kind == "retrieval":
             plan = self._plan(memory, positive_flags, [
                 (self.template.query_text(record.query), False),
                 (self.template.target_ids_text(self._ids(record.positives, memory_id_of)), True),
             ])
             plan.record_index = record.record_index
+            plan.id_offset = id_offset
             return [plan]
         hops = record.hops if (self.kind == "interleave" and record.hops) else [record.positives]
         plans = []
@@ -152,7 +183,7 @@ class SampleBuilder:
             for hop in hops[:step]:
                 ids = self._ids(hop, memory_id_of)
                 segments.append((self.template.target_ids_text(ids), label_earlier))
-                segments.append((self._injected_tokens(ids, memory), False))
+                segments.append((self._injected_tokens(ids, memory, id_offset), False))
             if step < len(hops):
                 segments.append((self.template.target_ids_text(self._ids(hops[step], memory_id_of)), True))
                 step_positives = set(hops[step])
@@ -164,6 +195,7 @@ class SampleBuilder:
             plan = self._plan(memory, flags, segments)
             plan.record_index = record.record_index
             plan.step = step
+            plan.id_offset = id_offset
             plans.append(plan)
         return plans
 
@@ -183,12 +215,12 @@ class SampleBuilder:
     def _ids(doc_indices: Sequence[int], memory_id_of: dict[int, int]) -> list[int]:
         return sorted(memory_id_of[int(doc)] for doc in dict.fromkeys(doc_indices))
 
-    def _injected_tokens(self, memory_ids: list[int], memory: np.ndarray) -> list[int]:
+    def _injected_tokens(self, memory_ids: list[int], memory: np.ndarray, id_offset: int) -> list[int]:
         """The original text of the retrieved documents, rendered as in memory, + delimiter."""
         tokens: list[int] = []
         for memory_id in memory_ids:
             tokens += self.template_tokens.doc_id_prefix[memory_id]
-            tokens += self.doc_tokens(int(memory[memory_id - 1])).tolist()
+            tokens += self.doc_tokens(int(memory[memory_id - id_offset - 1])).tolist()
             tokens += self.template_tokens.doc_suffix
         tokens.append(self.tokenizer.special_token_ids[self.template.delimiter])
         return tokens

@@ -7,7 +7,9 @@ Example shard ``examples/shard-NNNNN/``:
   ``memory.npy`` int32 (int64 past 2^31 documents) corpus document indices, ``positive.npy`` uint8 (same length),
   ``memory_offsets.npy`` int64 [E+1], ``tail_tokens.npy``, ``tail_labelled.npy`` uint8,
   ``tail_offsets.npy`` int64 [E+1], ``example_tokens.npy`` int64 [E] assembled lengths,
-  ``example_origin.npy`` int64 [E, 2] (source record index, retrieval step), ``shard.json`` counts.
+  ``example_origin.npy`` int64 [E, 2] (source record index, retrieval step), ``id_offsets.npy``
+  int64 [E] (memory document i is rendered with ID offset + i; absent in older builds: 0),
+  ``shard.json`` counts.
 
 A shard is written into a hidden ``.tmp-*`` folder and renamed into place, so a visible
 shard folder is always complete, and a killed build leaves only hidden leftovers.
@@ -121,6 +123,7 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         np.save(temp / "example_tokens.npy", np.asarray(example_tokens, dtype=np.int64))
         np.save(temp / "example_origin.npy", np.asarray([[p.record_index, p.step] for p in plans],
                                                          dtype=np.int64).reshape(len(plans), 2))
+        np.save(temp / "id_offsets.npy", np.asarray([p.id_offset for p in plans], dtype=np.int64))
         (temp / "shard.json").write_text(json.dumps(stats, indent=1))
 
 
@@ -219,6 +222,9 @@ class ExampleShard:
         self.tail_offsets = np.load(directory / "tail_offsets.npy")
         self.example_tokens = np.load(directory / "example_tokens.npy")
         self.example_origin = np.load(directory / "example_origin.npy")
+        offsets_path = directory / "id_offsets.npy"
+        self.id_offsets = (np.load(offsets_path) if offsets_path.is_file()
+                           else np.zeros(len(self.example_tokens), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.example_tokens)

@@ -160,7 +160,7 @@ class TemplateTokens:
 
     @classmethod
     def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_docs: int) -> "TemplateTokens":
-        """Encode every piece once; id prefixes for 1..max_memory_docs."""
+        """Encode every piece once; id prefixes for IDs 1..max_memory_docs."""
         id_texts = [template.doc_id_format.format(i=template.memory_id_text(i)) for i in range(1, max_memory_docs + 1)]
         encoded = tokenizer.encode_batch([template.prefix_text(), template.doc_suffix, *id_texts])
         # A chat format ends the assistant turn itself; a second end marker would be noise.

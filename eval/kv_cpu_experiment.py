@@ -161,8 +161,10 @@ def machine_description() -> dict[str, Any]:
 
 
 def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, seed: int, memories: int,
-                   questions: int, name: str = "kv_cpu") -> dict[str, Any]:
-    """Train with the recipe, evaluate held out, write `<name>.json` and the plots; returns the JSON content."""
+                   questions: int, name: str = "kv_cpu", heldout_memory_docs: int | None = None) -> dict[str, Any]:
+    """Train with the recipe, evaluate held out, write `<name>.json` and the plots; returns the JSON content.
+
+    Held-out memories hold `heldout_memory_docs` facts, by default as many as a training memory."""
     overrides = [f"run.seed={seed}", *overrides]
     recipe = load_recipe(recipe_path, overrides)
     run_dir = Path(recipe.run.output_dir)
@@ -171,8 +173,8 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
     if code != 0:
         raise RuntimeError(f"training exited with code {code}")
     trained = time.perf_counter()
-    heldout = evaluate_heldout(export_dir(run_dir, recipe.stages[-1].name), memory_docs_of(recipe), memories,
-                               questions, seed, qa_source_of(recipe))
+    heldout = evaluate_heldout(export_dir(run_dir, recipe.stages[-1].name), heldout_memory_docs or memory_docs_of(recipe),
+                               memories, questions, seed, qa_source_of(recipe))
     evaluated = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
     curves = stage_curves(run_dir, recipe)
@@ -203,13 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="run.seed, and which held-out memories are drawn")
     parser.add_argument("--memories", type=int, default=4, help="held-out memories")
     parser.add_argument("--questions", type=int, default=16, help="questions per held-out memory")
+    parser.add_argument("--heldout-memory-docs", type=int, default=None,
+                        help="facts per held-out memory (default: as many as a training memory holds)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    run_experiment(args.recipe, args.overrides, args.results_dir, args.seed, args.memories, args.questions, args.name)
+    run_experiment(args.recipe, args.overrides, args.results_dir, args.seed, args.memories, args.questions, args.name,
+                   args.heldout_memory_docs)
     logger.info("results: %s", args.results_dir / f"{args.name}.json")
     return 0
 

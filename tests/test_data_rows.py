@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from msa_train.data.build import BuildConfig, build_dataset, load_source
 from msa_train.data.errors import BadRecordTally
 from msa_train.data.layout import compute_position_ids
 from msa_train.data.loader import PackedRowLoader, stack_rows
+from msa_train.data.samples import MemoryConfig
 from msa_train.data.synthetic import generate_needles
 from msa_train.data.templates import TemplateConfig
 from msa_train.data.tokenization import load_tokenizer
@@ -53,6 +55,13 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     synthetic_build(root / "qa-id-digits", sp_model, "qa", {**GENERATORS["qa"], "attributes": ["lucky number"]},
                     template={"id_digits": ID_DIGITS})
     outputs["qa-id-digits"] = root / "qa-id-digits"
+    # Document IDs numbered from random offsets: digit IDs, and ID tokens across interleave steps.
+    offsets = {"memory_tokens": 700, "max_memory_docs": 64, "id_offset_max": 5000}
+    synthetic_build(root / "retrieval-id-offset", sp_model, "retrieval", GENERATORS["retrieval"], memory=offsets)
+    outputs["retrieval-id-offset"] = root / "retrieval-id-offset"
+    synthetic_build(root / "interleave-id-offset", sp_model, "interleave", GENERATORS["interleave"], memory=offsets,
+                    template={"id_digits": ID_DIGITS})
+    outputs["interleave-id-offset"] = root / "interleave-id-offset"
     beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
     build_dataset(BuildConfig.from_dict({
         "source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
@@ -63,16 +72,16 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
 
 
 def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int,
-                     id_text: Callable[[int], str] = str):
+                     id_text: Callable[[int], str] = str, id_offset: int = 0):
     """(full text, labelled text, positive corpus ids) the example must decode to."""
-    memory_id_of = {doc_id: i for i, doc_id in enumerate(memory_ids, start=1)}
-    memory_text = "".join(f"[{id_text(i)}]. {corpus[doc_id]}\n" for i, doc_id in enumerate(memory_ids, start=1))
+    memory_id_of = {doc_id: id_offset + i for i, doc_id in enumerate(memory_ids, start=1)}
+    memory_text = "".join(f"[{id_text(memory_id_of[doc_id])}]. {corpus[doc_id]}\n" for doc_id in memory_ids)
 
     def ids_text(doc_ids: list[str]) -> str:
         return "".join(f"[{id_text(i)}]" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
 
     def injected(doc_ids: list[str]) -> str:
-        return "".join(f"[{id_text(i)}]. {corpus[memory_ids[i - 1]]}\n"
+        return "".join(f"[{id_text(i)}]. {corpus[memory_ids[i - id_offset - 1]]}\n"
                        for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
 
     tail = f"Question: {record.query}\n"
@@ -132,10 +141,12 @@ def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
         assert ((roles == 0) & (labels[example_ids == example] == -100)).any()
 
 
-@pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits"])
+@pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits",
+                                  "retrieval-id-offset", "interleave-id-offset"])
 def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> None:
     build = builds[name]
-    kind = {"bpe-qa": "qa", "beir": "retrieval", "qa-id-digits": "qa"}.get(name, name)
+    kind = {"bpe-qa": "qa", "beir": "retrieval", "qa-id-digits": "qa", "retrieval-id-offset": "retrieval",
+            "interleave-id-offset": "interleave"}.get(name, name)
     config = BuildConfig.from_dict(json.loads((build / "manifest.json").read_text())["config"])
     source = load_source(config.source, BadRecordTally())
     corpus = {doc.doc_id: doc.full_text() for doc in source.corpus}
@@ -145,6 +156,7 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
     corpus_ids = dataset.docs.doc_ids()
     eos = tokenizer.eos_token_id
     seen = 0
+    id_offsets: set[int] = set()
     for row, row_examples in zip(rows, origins):
         check_row_grammar(row)
         for example_id, (_, example) in enumerate(row_examples):
@@ -152,8 +164,11 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             record_index, step = dataset.example_origin(example)
             memory, _, _, _ = dataset.example_parts(example)
             memory_ids = [corpus_ids[i] for i in memory.tolist()]
+            id_offset = dataset.example_id_offset(example)
+            assert 0 <= id_offset <= config.memory.id_offset_max
+            id_offsets.add(id_offset)
             full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step,
-                                                         config.template.memory_id_text)
+                                                         config.template.memory_id_text, id_offset)
             input_ids = row["input_ids"].numpy()[mask].tolist()
             labels = row["labels"].numpy()[mask]
             generated = labels[labels != -100].tolist()
@@ -168,7 +183,7 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             for doc, start, end in doc_runs(doc_ids):
                 expected_flag = int(memory_ids[doc - 1] in positives)
                 assert (aux[start:end] == expected_flag).all()
-                id_text = config.template.memory_id_text(doc)
+                id_text = config.template.memory_id_text(id_offset + doc)
                 assert tokenizer.decode(input_ids[start:end]) == f"[{id_text}]. {corpus[memory_ids[doc - 1]]}\n"
             if config.template.id_digits:
                 # Each ID digit is one token of its own, which the documents' numbers never use.
@@ -178,6 +193,8 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
                     config.template.memory_id_text(i) for i in id_numbers_in(tokenizer.decode(input_ids), config.template))
             seen += 1
     assert seen == len(dataset) > 0
+    # Offsets vary between records and are absent unless asked for.
+    assert len(id_offsets) > 1 if config.memory.id_offset_max else id_offsets == {0}
 
 
 @pytest.mark.parametrize("name", ["retrieval", "interleave"])
@@ -301,3 +318,31 @@ def test_memory_ids_in_id_digits_round_trip_and_reject_bad_digit_sets() -> None:
     for bad in (ID_DIGITS[:9], ID_DIGITS[:9] + ["<id0>"], ID_DIGITS[:9] + [""]):
         with pytest.raises(ValueError, match="id_digits must be ten distinct non-empty strings"):
             TemplateConfig(id_digits=bad)
+
+
+def test_id_offsets_are_log_uniform_and_drawn_only_when_asked_for() -> None:
+    rng = np.random.default_rng(0)
+    config = MemoryConfig(id_offset_max=9999)
+    first_ids = np.array([config.draw_id_offset(rng) + 1 for _ in range(8000)])
+    assert first_ids.min() >= 1 and first_ids.max() <= 10_000
+    # Every ID length is equally likely: a quarter each for 1 to 4 digits.
+    shares = np.bincount([len(str(i)) for i in first_ids], minlength=6)[1:5] / len(first_ids)
+    assert np.all(np.abs(shares - 0.25) < 0.03), shares
+    state = rng.bit_generator.state
+    assert MemoryConfig().draw_id_offset(rng) == 0
+    assert rng.bit_generator.state == state, "builds without offsets keep their random draws"
+    with pytest.raises(ValueError, match="memory.id_offset_max must be >= 0"):
+        MemoryConfig(id_offset_max=-1)
+
+
+def test_shards_without_id_offsets_read_as_offset_zero(builds: dict[str, Path], tmp_path: Path) -> None:
+    """Builds written before ID offsets existed load unchanged."""
+    old = tmp_path / "retrieval"
+    shutil.copytree(builds["retrieval"], old)
+    for path in old.glob("examples/shard-*/id_offsets.npy"):
+        path.unlink()
+    new_rows, _, _ = rows_of(builds["retrieval"])
+    old_rows, _, _ = rows_of(old)
+    assert len(old_rows) == len(new_rows) > 0
+    for a, b in zip(old_rows, new_rows):
+        assert all(torch.equal(a[key], b[key]) for key in a)
