@@ -22,6 +22,7 @@ import gc
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -214,6 +215,29 @@ def profile_step(step, label: str) -> dict:
     return {"label": label, "kernel_ms": total, "classes_ms": classes, "top_kernels_ms": dict(top)}
 
 
+def optimizer_in_backward(params: Iterable[torch.nn.Parameter],
+                          make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+                          ) -> list[torch.optim.Optimizer]:
+    """One optimizer per parameter, stepped by a hook as soon as backward has accumulated that
+    parameter's gradient, which it then frees: the whole set of gradients (2 bytes a parameter
+    in bf16) never exists at once, which leaves room for kept activations. The update is the
+    plain optimizer's; a global-norm gradient clip is impossible this way (the benchmark clips
+    nothing)."""
+    optimizers = []
+    for param in params:
+        if not param.requires_grad:
+            continue
+        optimizer = make_optimizer([param])
+
+        def step_and_free(_: torch.Tensor, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        param.register_post_accumulate_grad_hook(step_and_free)
+        optimizers.append(optimizer)
+    return optimizers
+
+
 def make_step(model, inputs: dict, optimizer, use_optimizer: bool, memory: dict):
     """One training step. `memory` gets the phase it is in and the allocator's peak after forward
     (host-side allocator counters: no device sync), so a run out of memory says where."""
@@ -228,9 +252,10 @@ def make_step(model, inputs: dict, optimizer, use_optimizer: bool, memory: dict)
         memory["phase"] = "backward"
         out.loss.backward()
         memory["phase"] = "optimizer"
-        if use_optimizer:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:  # None: the optimizer ran inside backward
+            if use_optimizer:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         memory["phase"] = "done"
 
     return step
@@ -250,7 +275,12 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
     memory: dict = {}
     try:
         model, inputs = build()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        make_optimizer = lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True)  # noqa: E731
+        if args.optimizer_in_backward:
+            optimizer_in_backward(model.parameters(), make_optimizer)
+            optimizer = None
+        else:
+            optimizer = make_optimizer(model.parameters())
         step = make_step(model, inputs, optimizer, not args.no_optimizer, memory)
         seconds = time_steps(step, args.warmup, args.repeats)
         tokens = row["input_ids"].numel()
@@ -332,6 +362,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
+    parser.add_argument("--optimizer-in-backward", action="store_true",
+                        help="step AdamW per parameter inside backward, freeing each gradient at once")
     parser.add_argument("--compile", action="store_true", help="torch.compile the MSA layers' token-wise blocks")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
     parser.add_argument("--checkpointed-layers", type=int, default=None,
@@ -348,6 +380,8 @@ def main() -> None:
                         help="also profile one step of these configs: GPU time by kernel class and the top kernels")
     parser.add_argument("--out", default="bench_train.json")
     args = parser.parse_args()
+    if args.optimizer_in_backward and args.no_optimizer:
+        parser.error("--optimizer-in-backward and --no-optimizer exclude each other")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = dict(SHAPES[args.shape])
     if args.layers:
@@ -374,13 +408,16 @@ def main() -> None:
         "device": device,
         "torch": torch.__version__,
         "optimizer_step_included": not args.no_optimizer,
+        "optimizer_in_backward": args.optimizer_in_backward,
         "args": vars(args),
         "results": [asdict(r) for r in results],
         "profiles": profiles,
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\n{device}, torch {torch.__version__}, optimizer step {'included' if not args.no_optimizer else 'excluded'}")
+    placement = " (inside backward)" if args.optimizer_in_backward else ""
+    print(f"\n{device}, torch {torch.__version__}, optimizer step "
+          f"{'included' + placement if not args.no_optimizer else 'excluded'}")
     print(f"{'config':<14}{'tokens':>8}{'offload':>8}{'step s':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  note")
     for r in results:
         fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731

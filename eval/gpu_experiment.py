@@ -98,12 +98,17 @@ logger = logging.getLogger("msa_train.gpu_experiment")
 
 DEFAULT_RECIPE = REPO / "recipes" / "qwen3_350m_synthetic.yaml"
 VARIANTS = ("main", "no_aux", "global_positions", "no_interleave")
+# Not an ablation, so not run by default: main with every training memory numbered from a random offset.
+EXTRA_VARIANTS = ("id_offsets",)
 VARIANT_TITLES = {
     "main": "MSA (all stages)",
     "no_aux": "without the aux loss",
     "global_positions": "global positions",
     "no_interleave": "without interleave steps",
+    "id_offsets": "IDs from random offsets",
 }
+# Evaluation reaches 64 times the longest training row, so IDs up to 64 times a training memory's.
+ID_OFFSET_FACTOR = 64
 HELDOUT_SEED = 1000  # generator seeds of held-out evaluation data; training sources use seeds < 100
 RECALL_KS = (1, 5, 10)
 # Evaluation memory sizes as multiples of the longest training row, in order of importance.
@@ -149,7 +154,12 @@ def variant_overrides(recipe: Any, variant: str) -> list[str]:
         if not overrides:
             raise ValueError("the no_interleave variant needs a stage with an interleave source")
         return overrides
-    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+    if variant == "id_offsets":
+        sources = recipe.data.sources
+        memory_sources = [name for name in sources if sources[name].get("sample_kind") != "lm"]
+        largest = max(int(sources[name].get("memory", {}).get("max_memory_docs", 512)) for name in memory_sources)
+        return [f"data.sources.{name}.memory.id_offset_max={ID_OFFSET_FACTOR * largest}" for name in memory_sources]
+    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS + EXTRA_VARIANTS)}")
 
 
 def smoke_overrides(recipe: Any) -> list[str]:
@@ -1209,8 +1219,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int, nargs="*",
                         help="GPU indices, one worker each at a time (default: all); repeat an index to run several "
                              "variants at once on that GPU, e.g. --gpus 0 0 0 0")
-    parser.add_argument("--variants", nargs="*", choices=VARIANTS,
-                        help="default: all four (main and global_positions with --smoke)")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS + EXTRA_VARIANTS,
+                        help="default: the four of VARIANTS (main and global_positions with --smoke); id_offsets "
+                             "numbers every training memory's documents from a random offset (memory.id_offset_max)")
     parser.add_argument("--time-budget", type=float, default=7.0, help="minutes of wall clock for everything")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--parallel", type=int, default=1, help="variants at once on the CPU")

@@ -104,7 +104,7 @@ def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: i
     summary["memories"] = memories
     def described(item: Any) -> dict[str, Any]:
         return {"query": item.query, "reference": item.reference, "answer": item.answer,
-                "positive_ids": item.positive_ids, "retrieved_ids": item.retrieved_ids}
+                "positive_ids": item.positive_ids, "retrieved_ids": item.retrieved_ids, "routed_ids": item.routed_ids}
 
     summary["examples"] = [described(item) for item in merged.items[:8]]
     # Every wrong answer (there are few once training works), so a failed run shows what went wrong.
@@ -173,8 +173,9 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
     if code != 0:
         raise RuntimeError(f"training exited with code {code}")
     trained = time.perf_counter()
-    heldout = evaluate_heldout(export_dir(run_dir, recipe.stages[-1].name), heldout_memory_docs or memory_docs_of(recipe),
-                               memories, questions, seed, qa_source_of(recipe))
+    heldout = evaluate_heldout(export_dir(run_dir, recipe.stages[-1].name),
+                               heldout_memory_docs or memory_docs_of(recipe), memories, questions, seed,
+                               qa_source_of(recipe))
     evaluated = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
     curves = stage_curves(run_dir, recipe)

@@ -38,6 +38,7 @@ class QAItem:
     retrieved_ids: list[int]
     rounds: int
     router_recall: dict[str, float | None]
+    routed_ids: list[int] = field(default_factory=list)  # the first round's selection (every router layer)
     exact_match: float | None = None
     f1: float | None = None
     judge_score: int | None = None
@@ -63,6 +64,10 @@ class QAReport:
             "judge_score": mean_of([i.judge_score for i in self.items]),
             "router_recall": {f"recall@{k}": mean_of([i.router_recall[f"recall@{k}"] for i in self.items]) for k in RECALL_KS},
             "retrieved_recall": mean_of([recall_at_k(i.retrieved_ids, i.positive_ids, len(i.retrieved_ids)) for i in self.items]),
+            # Whether the model writes the IDs of the documents it was shown, right or wrong: reading
+            # the ID out of memory, apart from routing.
+            "ids_from_routed": mean_of([recall_at_k(i.routed_ids, i.retrieved_ids[:1], len(i.routed_ids))
+                                        for i in self.items if i.retrieved_ids]),
             "docs_chosen": summarize([len(i.retrieved_ids) for i in self.items]),
             "rounds": summarize([i.rounds for i in self.items]),
         }
@@ -98,6 +103,7 @@ def answer_over_memory(
     loop = model.interleave(store, trace_k=max(RECALL_KS))
     memory_id = {doc.doc_id: number for number, doc in enumerate(memory, start=1)}
     report = QAReport(memory_docs=store.num_docs, memory_tokens=store.num_tokens)
+    top_k = model.model.config.top_k_docs
     for record in tqdm(records, desc=desc, disable=not model.settings.show_progress):
         result = model.ask(loop, record.query)
         first_routing = result.rounds[0].routing if result.rounds else result.answer_routing
@@ -106,6 +112,7 @@ def answer_over_memory(
             query=record.query, reference=record.answer, answer=result.answer, positive_ids=positives,
             retrieved_ids=result.retrieved_ids, rounds=len(result.rounds),
             router_recall=router_recall(first_routing, positives),
+            routed_ids=sorted({d + 1 for layer in first_routing for d in layer.docs[:top_k].tolist()}),
         )
         if record.answer is not None:
             item.exact_match = exact_match(result.answer, record.answer)

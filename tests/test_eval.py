@@ -197,3 +197,16 @@ def test_inference_benchmark_memory_estimates_at_100m_tokens():
     assert estimate["chunks"] == 1_562_500
     assert estimate["routing_key_bytes"] == 1_562_500 * (18 * 8 * 128 * 2 + 8)  # ~57.6 GB: K̄R plus the chunk map
     assert estimate["content_host_bytes"] == 1_562_500 * 18 * 2 * 8 * 128 * 2  # ~115 GB of K̄/V̄
+
+
+def test_ids_from_routed_counts_generated_ids_among_the_documents_shown() -> None:
+    from msa_train.eval.qa import QAItem, QAReport
+
+    def item(routed: list[int], retrieved: list[int]) -> QAItem:
+        no_recall = {"recall@1": None, "recall@5": None, "recall@10": None}
+        return QAItem(query="q", reference="a", answer="a", positive_ids=[1], retrieved_ids=retrieved, rounds=1,
+                      router_recall=no_recall, routed_ids=routed)
+
+    # Shown document 3 and wrote 3 (a wrong ID, but read); shown 3 and wrote 5; wrote no ID at all.
+    report = QAReport(items=[item([3], [3]), item([3], [5]), item([2, 3], [3, 7]), item([3], [])])
+    assert report.summary()["ids_from_routed"] == pytest.approx(2 / 3)

@@ -68,6 +68,10 @@ def test_variant_overrides_express_the_three_ablations():
         assert sorted(stage.sources.values()) == sorted(original.sources.values())
     used = {name for stage in recipe.stages for name in stage.sources}
     assert any(kinds[name] == "interleave" for name in used)
+    # Every training memory numbered from offsets up to 64 times the largest memory's document count.
+    offsets = load("id_offsets").data.sources
+    assert {values["memory"]["id_offset_max"] for values in offsets.values()} == {64 * 512}
+    assert all(values.get("memory", {}).get("id_offset_max", 0) == 0 for values in recipe.data.sources.values())
 
 
 def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
