@@ -546,7 +546,8 @@ def qa_summary(report: Any) -> dict[str, Any]:
     summary["id_correct"] = (sum(bool(set(i.retrieved_ids) & set(i.positive_ids)) for i in report.items)
                              / max(len(report.items), 1))
     summary["examples"] = [{"query": i.query, "reference": i.reference, "answer": i.answer,
-                            "positive_ids": i.positive_ids, "retrieved_ids": i.retrieved_ids} for i in report.items[:4]]
+                            "positive_ids": i.positive_ids, "retrieved_ids": i.retrieved_ids,
+                            "routed_ids": i.routed_ids} for i in report.items[:4]]
     return summary
 
 
@@ -848,8 +849,9 @@ def summary_table(results: dict[str, Any]) -> str:
     row = results["longest_row"]
     head = ("| variant | status | steps per stage | train s | final LM loss | final recall@1 (train) | "
             f"NIAH @{size_label(row)} | NIAH @{size_label(64 * row)} | within 10% | router R@1 @{size_label(row)} | "
-            f"R@1 @{size_label(64 * row)} | multi-hop EM | KV EM |")
-    lines = [head, "|" + "---|" * 13]
+            f"R@1 @{size_label(64 * row)} | ID = routed @{size_label(row)} / @{size_label(64 * row)} | multi-hop EM | "
+            "KV EM |")
+    lines = [head, "|" + "---|" * 14]
 
     def fmt(value: Any) -> str:
         return "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
@@ -870,6 +872,7 @@ def summary_table(results: dict[str, Any]) -> str:
             fmt(check.get("niah_at_L")), fmt(check.get("niah_at_64L")), passed,
             fmt(qa.get(str(row), {}).get("router_recall", {}).get("recall@1")),
             fmt(qa.get(str(64 * row), {}).get("router_recall", {}).get("recall@1")),
+            " / ".join(fmt(qa.get(str(size), {}).get("ids_from_routed")) for size in (row, 64 * row)),
             fmt(ev.get("multihop", {}).get("exact_match")), fmt(ev.get("kv", {}).get("exact_match")),
         ]) + " |")
     return "\n".join(lines)

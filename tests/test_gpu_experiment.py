@@ -145,3 +145,15 @@ def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
         experiment.merge_variants(run, [tmp_path / "b.json"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         experiment.merge_variants(run, [tmp_path / "missing.json"])
+
+
+def test_summary_table_reports_whether_the_model_wrote_the_routed_id():
+    row = 1024
+    results = {"longest_row": row, "variants": {"main": {
+        "status": "ok", "eval": {"qa_recall": {str(row): {"ids_from_routed": 0.75, "router_recall": {"recall@1": 1.0}},
+                                               str(64 * row): {"ids_from_routed": 0.25}}}}}}
+    table = experiment.summary_table(results).splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    cells = [cell.strip() for cell in table[2].strip("|").split("|")]
+    assert len(header) == len(cells) == table[1].count("---")
+    assert cells[header.index("ID = routed @1K / @64K")] == "0.750 / 0.250"
