@@ -72,6 +72,8 @@ def test_variant_overrides_express_the_three_ablations():
     offsets = load("id_offsets").data.sources
     assert {values["memory"]["id_offset_max"] for values in offsets.values()} == {64 * 512}
     assert all(values.get("memory", {}).get("id_offset_max", 0) == 0 for values in recipe.data.sources.values())
+    assert load("memory_layers").model.msa["router_layers"] == [0, 1, 2, 3]
+    assert recipe.model.msa["router_layers"] == [0]
 
 
 def test_capped_tokenizer_texts_equal_the_runners(tmp_path):
