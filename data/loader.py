@@ -86,31 +86,37 @@ class PreparedDataset:
     def __len__(self) -> int:
         return len(self.example_tokens)
 
+    def _locate(self, index: int) -> tuple[ExampleShard, int]:
+        """(shard, index within it) of example ``index``."""
+        shard_index = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+        return self.shards[shard_index], index - int(self.shard_starts[shard_index])
+
     def example_parts(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(memory document indices, positive flags, tail tokens, tail labelled flags) of an example."""
-        shard_index = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        shard = self.shards[shard_index]
-        local = index - int(self.shard_starts[shard_index])
+        return self._parts(*self._locate(index))
+
+    @staticmethod
+    def _parts(shard: ExampleShard, local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         m0, m1 = int(shard.memory_offsets[local]), int(shard.memory_offsets[local + 1])
         t0, t1 = int(shard.tail_offsets[local]), int(shard.tail_offsets[local + 1])
         return shard.memory[m0:m1], shard.positive[m0:m1], shard.tail_tokens[t0:t1], shard.tail_labelled[t0:t1]
 
     def example_origin(self, index: int) -> tuple[int, int]:
         """(index of the source record or text, retrieval step) that example ``index`` came from."""
-        shard_index = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        origin = self.shards[shard_index].example_origin[index - int(self.shard_starts[shard_index])]
-        return int(origin[0]), int(origin[1])
+        shard, local = self._locate(index)
+        return int(shard.example_origin[local][0]), int(shard.example_origin[local][1])
 
     def example_id_offset(self, index: int) -> int:
         """The offset of example ``index``'s document IDs: memory document i is shown as ID offset + i."""
-        shard_index = int(np.searchsorted(self.shard_starts, index, side="right")) - 1
-        return int(self.shards[shard_index].id_offsets[index - int(self.shard_starts[shard_index])])
+        shard, local = self._locate(index)
+        return int(shard.id_offsets[local])
 
     def write_example(self, index: int, row: dict[str, np.ndarray], start: int, example_id: int,
                       query_position_offset: int, ramp: np.ndarray) -> int:
         """Write example ``index`` into ``row`` from ``start``; return the end position."""
-        memory, positive, tail_tokens, tail_labelled = self.example_parts(index)
-        id_offset = self.example_id_offset(index)
+        shard, local = self._locate(index)
+        memory, positive, tail_tokens, tail_labelled = self._parts(shard, local)
+        id_offset = int(shard.id_offsets[local])
         input_ids, doc_ids, positions = row["input_ids"], row["doc_ids"], row["position_ids"]
         position = start
         prefix_length = len(self.prefix)

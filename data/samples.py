@@ -72,7 +72,8 @@ class MemoryConfig:
         """An ID offset, log-uniform over 0..id_offset_max (0 without drawing when that is 0)."""
         if self.id_offset_max == 0:
             return 0
-        return min(int(np.exp(rng.uniform(0.0, np.log(self.id_offset_max + 1)))) - 1, self.id_offset_max)
+        # o + 1 log-uniform in [1, id_offset_max + 2): its integer part covers 1..id_offset_max + 1.
+        return int(np.exp(rng.uniform(0.0, np.log(self.id_offset_max + 2)))) - 1
 
 
 @dataclass
