@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.utils.hooks import RemovableHandle
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import msa_modeling  # noqa: F401
@@ -217,13 +218,15 @@ def profile_step(step, label: str) -> dict:
 
 def optimizer_in_backward(params: Iterable[torch.nn.Parameter],
                           make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-                          ) -> list[torch.optim.Optimizer]:
+                          ) -> list[RemovableHandle]:
     """One optimizer per parameter, stepped by a hook as soon as backward has accumulated that
     parameter's gradient, which it then frees: the whole set of gradients (2 bytes a parameter
     in bf16) never exists at once, which leaves room for kept activations. The update is the
     plain optimizer's; a global-norm gradient clip is impossible this way (the benchmark clips
-    nothing)."""
-    optimizers = []
+    nothing). Returns the hooks' handles: each hook holds its optimizer, which holds the
+    parameter, a cycle the garbage collector cannot see through, so the model and its optimizer
+    state outlive the caller until the handles are removed."""
+    handles = []
     for param in params:
         if not param.requires_grad:
             continue
@@ -233,9 +236,8 @@ def optimizer_in_backward(params: Iterable[torch.nn.Parameter],
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        param.register_post_accumulate_grad_hook(step_and_free)
-        optimizers.append(optimizer)
-    return optimizers
+        handles.append(param.register_post_accumulate_grad_hook(step_and_free))
+    return handles
 
 
 def make_step(model, inputs: dict, optimizer, use_optimizer: bool, memory: dict):
@@ -272,13 +274,13 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = optimizer = None
+    hooks: list[RemovableHandle] = []
     memory: dict = {}
     try:
         model, inputs = build()
         make_optimizer = lambda params: torch.optim.AdamW(params, lr=1e-5, fused=True)  # noqa: E731
         if args.optimizer_in_backward:
-            optimizer_in_backward(model.parameters(), make_optimizer)
-            optimizer = None
+            hooks = optimizer_in_backward(model.parameters(), make_optimizer)
         else:
             optimizer = make_optimizer(model.parameters())
         step = make_step(model, inputs, optimizer, not args.no_optimizer, memory)
@@ -307,7 +309,9 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
     except Exception as error:  # noqa: BLE001 - a failing configuration is reported, the others still run
         logger.exception("%s failed", name)
         result = Result(name, row["input_ids"].numel(), None, None, None, None, flops / 1e12, f"{type(error).__name__}: {error}"[:200])
-    del model, optimizer
+    for hook in hooks:
+        hook.remove()
+    del model, optimizer, hooks
     gc.collect()
     torch.cuda.empty_cache()
     logger.info("%s", result)
@@ -324,6 +328,7 @@ def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     model.model.saved_attention_layers = args.saved_attention_layers
     model.model.offloaded_layers = offloaded_layers
     model.model.offload_prefetch_layers = args.offload_prefetch_layers
+    model.model.fuse_projections(args.fused_projections)
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -365,6 +370,8 @@ def main() -> None:
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="step AdamW per parameter inside backward, freeing each gradient at once")
     parser.add_argument("--compile", action="store_true", help="torch.compile the MSA layers' token-wise blocks")
+    parser.add_argument("--fused-projections", action="store_true",
+                        help="MSA: q/k/v and the MLP's gate/up as one matmul each (MSAModel.fuse_projections)")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
     parser.add_argument("--checkpointed-layers", type=int, default=None,
                         help="MSA: recompute only the first N layers in backward (default: all)")

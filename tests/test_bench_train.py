@@ -1,6 +1,9 @@
-"""The training benchmark's optimizer-in-backward gives the plain optimizer's update."""
+"""The training benchmark's optimizer-in-backward: the plain optimizer's update, and no leak once its hooks are removed."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import torch
 from batches import random_packed_batch, tiny_msa
@@ -34,3 +37,17 @@ def test_optimizer_in_backward_matches_the_plain_step_and_frees_every_gradient()
         torch.testing.assert_close(stepped_in_backward[name], param, rtol=1e-6, atol=1e-6, msg=name)
     moved = sum(not torch.equal(param, initial[name]) for name, param in plain.items())
     assert moved > len(plain) // 2, "the steps moved the parameters"
+
+
+def test_removing_the_hooks_releases_the_model_and_its_optimizer_state() -> None:
+    model = tiny_msa(7).train()
+    hooks = optimizer_in_backward(model.parameters(), lambda params: torch.optim.AdamW(params, lr=1e-2))
+    model(**random_packed_batch(3)).loss.backward()
+    weight = weakref.ref(model.model.embed_tokens.weight)
+    kept = weakref.ref(tiny_msa(7).model.embed_tokens.weight)  # control: no hooks, freed at once
+    for hook in hooks:
+        hook.remove()
+    del model, hooks
+    gc.collect()
+    assert kept() is None
+    assert weight() is None, "the parameter (and its optimizer state) outlived the model"
