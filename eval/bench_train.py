@@ -328,7 +328,6 @@ def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     model.model.saved_attention_layers = args.saved_attention_layers
     model.model.offloaded_layers = offloaded_layers
     model.model.offload_prefetch_layers = args.offload_prefetch_layers
-    model.model.fuse_projections(args.fused_projections)
     if args.compile:
         model.model.compile_dense_blocks()
     model.train()
@@ -370,8 +369,6 @@ def main() -> None:
     parser.add_argument("--optimizer-in-backward", action="store_true",
                         help="step AdamW per parameter inside backward, freeing each gradient at once")
     parser.add_argument("--compile", action="store_true", help="torch.compile the MSA layers' token-wise blocks")
-    parser.add_argument("--fused-projections", action="store_true",
-                        help="MSA: q/k/v and the MLP's gate/up as one matmul each (MSAModel.fuse_projections)")
     parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
     parser.add_argument("--checkpointed-layers", type=int, default=None,
                         help="MSA: recompute only the first N layers in backward (default: all)")

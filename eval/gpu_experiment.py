@@ -826,7 +826,10 @@ def stage_curves(run_dir: Path, stage_names: Sequence[str]) -> list[dict[str, An
             continue
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         train = [{"step": r["step"], **{k: r.get(k) for k in keys}} for r in records if "loss" in r]
-        evals = [{"step": r["step"], **{k: r.get(f"eval/{k}") for k in keys[:6]}} for r in records if "eval/loss" in r]
+        # Evaluations also keep recall@1 per router layer: the mean hides a layer that stops routing.
+        evals = [{"step": r["step"], **{k: r.get(f"eval/{k}") for k in keys[:6]},
+                  **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/recall@1/layer_")}}
+                 for r in records if "eval/loss" in r]
         curves.append({"stage": name, "train": train, "eval": evals})
     return curves
 

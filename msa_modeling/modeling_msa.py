@@ -33,16 +33,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def fused_linear(x: torch.Tensor, projections: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
-    """The outputs of several linear layers of the same input from one matmul over their
-    concatenated weights: one large GEMM instead of several narrower ones, and in backward one
-    input-gradient GEMM instead of several plus their sum. The weights stay separate
-    parameters, so checkpoints keep the backbone's names."""
-    weight = torch.cat([p.weight for p in projections])
-    bias = None if projections[0].bias is None else torch.cat([p.bias for p in projections])
-    return nn.functional.linear(x, weight, bias).split([p.out_features for p in projections], dim=-1)
-
-
 def check_windows_never_bind(
     layout: PackedLayout, windows: dict[int, int], router_layers: list[int], top_k: int
 ) -> None:
@@ -145,8 +135,6 @@ class MSAAttention(nn.Module):
         if self.is_router:
             self.router_q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
             self.router_k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        # Set by `MSAModel.fuse_projections`: q, k and v in one matmul.
-        self.fused_qkv = False
 
     def forward(
         self,
@@ -178,13 +166,9 @@ class MSAAttention(nn.Module):
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Q [B, L, H, D] and K, V [B, L, Hkv, D], after the q/k norms and RoPE."""
         batch, length, _ = hidden_states.shape
-        if self.fused_qkv:
-            q, k, v = fused_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        q = q.view(batch, length, self.num_heads, self.head_dim)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
@@ -213,8 +197,6 @@ class MSADecoderLayer(nn.Module):
         self.mlp = adapter.mlp(backbone_config)
         self.input_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = adapter.rms_norm(config.hidden_size, eps=config.rms_norm_eps)
-        # Set by `MSAModel.fuse_projections`: the MLP's gate and up projections in one matmul.
-        self.fused_gate_up = False
 
     def forward(
         self,
@@ -238,14 +220,7 @@ class MSADecoderLayer(nn.Module):
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The MLP block with its residual, on the residual stream after attention."""
-        return hidden_states + self.run_mlp(self.post_attention_layernorm(hidden_states))
-
-    def run_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """down(act(gate(x)) * up(x)), the MLP of every supported family."""
-        if not self.fused_gate_up:
-            return self.mlp(hidden_states)
-        gate, up = fused_linear(hidden_states, (self.mlp.gate_proj, self.mlp.up_proj))
-        return self.mlp.down_proj(self.mlp.act_fn(gate) * up)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class MSASandwichDecoderLayer(MSADecoderLayer):
@@ -262,7 +237,7 @@ class MSASandwichDecoderLayer(MSADecoderLayer):
         return hidden_states + self.post_attention_layernorm(attention_output)
 
     def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states + self.post_feedforward_layernorm(self.run_mlp(self.pre_feedforward_layernorm(hidden_states)))
+        return hidden_states + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
 
 
 KEEP_ATTENTION_CONTEXT = functools.partial(create_selective_checkpoint_contexts, keep_attention_kernel_outputs)
@@ -343,15 +318,6 @@ class MSAModel(MSAPreTrainedModel):
             layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
             layer.after_attention = torch.compile(layer.after_attention, dynamic=False)
         self.norm.compile(dynamic=False)
-
-    def fuse_projections(self, enabled: bool = True) -> None:
-        """Run q/k/v, and the MLP's gate/up, as one matmul each (`fused_linear`).
-
-        Not under DeepSpeed ZeRO-3, which gathers a parameter only when its own module runs.
-        """
-        for layer in self.layers:
-            layer.self_attn.fused_qkv = enabled
-            layer.fused_gate_up = enabled
 
     def activation_offload(self, device: torch.device) -> ActivationOffload | None:
         """The offload of this training step's first `offloaded_layers` layers, or None when off."""

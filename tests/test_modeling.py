@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from batches import FAMILIES, VOCAB, document_token_mask, random_packed_batch, tiny_msa, tiny_qwen3
+from batches import VOCAB, document_token_mask, random_packed_batch, tiny_msa, tiny_qwen3
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout, compute_position_ids
@@ -567,7 +567,6 @@ def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
         model.model.gradient_checkpointing = True
         model.model.checkpointed_layers = 1
     compiled.model.saved_attention_layers = 1  # selective checkpointing around compiled blocks too
-    compiled.model.fuse_projections()  # and the fused projections inside them
     compiled.model.compile_dense_blocks()
     losses = []
     for model in (eager, compiled):
@@ -580,27 +579,3 @@ def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     assert list(eager.state_dict()) == list(compiled.state_dict())
-
-
-@pytest.mark.parametrize("family", FAMILIES)  # llama: biases on q/k/v and the MLP; gemma: sandwich norms, GELU
-def test_fused_projections_match_separate_ones_and_keep_parameter_names(family):
-    batch = random_packed_batch(5)
-    models = [tiny_msa(5, family=family).train() for _ in range(2)]
-    models[1].model.fuse_projections()
-    layer = models[1].model.layers[0]
-    calls = {"q": 0, "gate": 0}
-    layer.self_attn.q_proj.register_forward_hook(lambda *_: calls.__setitem__("q", calls["q"] + 1))
-    layer.mlp.gate_proj.register_forward_hook(lambda *_: calls.__setitem__("gate", calls["gate"] + 1))
-    losses = []
-    for model in models:
-        out = model(**batch)
-        out.loss.backward()
-        losses.append(out.loss.detach())
-    assert calls == {"q": 0, "gate": 0}, "the fused path does not call the separate projections"
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
-    separate, fused = (dict(m.named_parameters()) for m in models)
-    assert list(separate) == list(fused)
-    for name, param in separate.items():
-        if param.grad is not None:
-            torch.testing.assert_close(fused[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert sum(p.grad is not None for p in fused.values()) == sum(p.grad is not None for p in separate.values())

@@ -319,7 +319,10 @@ class StageTrainer:
                 sums.add(weighted_loss(output, self.stage.loss_weights), output)
         self.engine.train()
         record = {f"eval/{key}": value for key, value in sums.reduce(self.model_config.router_layers).items()}
-        logger.info("stage %s step %d eval: loss %.4f, recall@1 %.3f", self.stage.name, self.state.step,
-                    record["eval/loss"], record["eval/recall@1"])
+        layers = self.model_config.router_layers
+        per_layer = (" (" + ", ".join(f"layer {i}: {record[f'eval/recall@1/layer_{i}']:.3f}" for i in layers) + ")"
+                     if len(layers) > 1 else "")
+        logger.info("stage %s step %d eval: loss %.4f, recall@1 %.3f%s", self.stage.name, self.state.step,
+                    record["eval/loss"], record["eval/recall@1"], per_layer)
         if self.metrics is not None:
             self.metrics.log({"step": self.state.step, **record})
