@@ -19,8 +19,6 @@ What it does:
      document at its offset in the memory and the question after the whole memory;
    - `no_interleave`: every interleave (multi-hop, one example per retrieval step) source is
      replaced by its one-round counterpart, which retrieves both hops' IDs at once.
-   Two more run only when named in `--variants`: `id_offsets` (every training memory numbered
-   from a random offset, `memory.id_offset_max`) and `memory_layers` (memory in layers 0-3).
    Data builds run in separate CPU processes, one per source, while the workers start.
 3. Fits the steps to the budget: the first stage uses the recipe's steps, or fewer when the
    assumed throughput says they would not fit; each later stage is scaled (up to
@@ -100,20 +98,12 @@ logger = logging.getLogger("msa_train.gpu_experiment")
 
 DEFAULT_RECIPE = REPO / "recipes" / "qwen3_350m_synthetic.yaml"
 VARIANTS = ("main", "no_aux", "global_positions", "no_interleave")
-# Not ablations, so not run by default: main with every training memory numbered from a random offset,
-# and main with the memory in the first four layers instead of layer 0 alone.
-EXTRA_VARIANTS = ("id_offsets", "memory_layers")
-MEMORY_LAYERS = [0, 1, 2, 3]
 VARIANT_TITLES = {
     "main": "MSA (all stages)",
     "no_aux": "without the aux loss",
     "global_positions": "global positions",
     "no_interleave": "without interleave steps",
-    "id_offsets": "IDs from random offsets",
-    "memory_layers": "memory in layers 0-3",
 }
-# Evaluation reaches 64 times the longest training row, so IDs up to 64 times a training memory's.
-ID_OFFSET_FACTOR = 64
 HELDOUT_SEED = 1000  # generator seeds of held-out evaluation data; training sources use seeds < 100
 RECALL_KS = (1, 5, 10)
 # Evaluation memory sizes as multiples of the longest training row, in order of importance.
@@ -159,14 +149,7 @@ def variant_overrides(recipe: Any, variant: str) -> list[str]:
         if not overrides:
             raise ValueError("the no_interleave variant needs a stage with an interleave source")
         return overrides
-    if variant == "id_offsets":
-        sources = recipe.data.sources
-        memory_sources = [name for name in sources if sources[name].get("sample_kind") != "lm"]
-        largest = max(int(sources[name].get("memory", {}).get("max_memory_docs", 512)) for name in memory_sources)
-        return [f"data.sources.{name}.memory.id_offset_max={ID_OFFSET_FACTOR * largest}" for name in memory_sources]
-    if variant == "memory_layers":
-        return [f"model.msa.router_layers={json.dumps(MEMORY_LAYERS)}"]
-    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS + EXTRA_VARIANTS)}")
+    raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
 
 
 def smoke_overrides(recipe: Any) -> list[str]:
@@ -1232,10 +1215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=int, nargs="*",
                         help="GPU indices, one worker each at a time (default: all); repeat an index to run several "
                              "variants at once on that GPU, e.g. --gpus 0 0 0 0")
-    parser.add_argument("--variants", nargs="*", choices=VARIANTS + EXTRA_VARIANTS,
-                        help="default: the four of VARIANTS (main and global_positions with --smoke); id_offsets "
-                             "numbers every training memory's documents from a random offset (memory.id_offset_max); "
-                             "memory_layers routes and reads memory in layers 0-3")
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS,
+                        help="default: all four (main and global_positions with --smoke)")
     parser.add_argument("--time-budget", type=float, default=7.0, help="minutes of wall clock for everything")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--parallel", type=int, default=1, help="variants at once on the CPU")
