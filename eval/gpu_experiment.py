@@ -801,7 +801,7 @@ def stop(process: subprocess.Popen | None, wait_s: float = 5.0) -> None:
 
 
 def stage_curves(run_dir: Path, stage_names: Sequence[str]) -> list[dict[str, Any]]:
-    keys = ["loss", "lm_loss", "aux_loss", *(f"recall@{k}" for k in RECALL_KS), "tokens_per_s_per_device", "mfu"]
+    keys = ["loss", "lm_loss", "aux_loss", *(f"recall@{k}" for k in RECALL_KS), "tokens_per_s_per_device", "mfu", "memory_gb"]
     curves = []
     for name in stage_names:
         path = run_dir / "stages" / name / "metrics.jsonl"

@@ -169,7 +169,8 @@ def test_stage_curves_keep_each_router_layers_eval_recall(tmp_path):
     stage = tmp_path / "stages" / "sft_short"
     stage.mkdir(parents=True)
     records = [
-        {"step": 1, "loss": 2.0, "lm_loss": 1.9, "recall@1": 0.5, "recall@1/layer_0": 0.9, "recall@1/layer_1": 0.1},
+        {"step": 1, "loss": 2.0, "lm_loss": 1.9, "recall@1": 0.5, "recall@1/layer_0": 0.9, "recall@1/layer_1": 0.1,
+         "memory_gb": 35.5},
         {"step": 1, "eval/loss": 2.5, "eval/recall@1": 0.5, "eval/recall@1/layer_0": 0.9, "eval/recall@1/layer_1": 0.1},
     ]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -178,3 +179,4 @@ def test_stage_curves_keep_each_router_layers_eval_recall(tmp_path):
     assert curve["eval"] == [{"step": 1, "loss": 2.5, "lm_loss": None, "aux_loss": None, "recall@1": 0.5,
                               "recall@5": None, "recall@10": None, "recall@1/layer_0": 0.9, "recall@1/layer_1": 0.1}]
     assert curve["train"][0]["recall@1"] == 0.5 and "recall@1/layer_0" not in curve["train"][0]
+    assert curve["train"][0]["memory_gb"] == 35.5  # the peak, so a recipe's memory claims can be checked
