@@ -563,8 +563,10 @@ def eval_jobs(row: int, settings: dict) -> list[dict]:
         return [{"kind": "niah", "size": size, "subtask": task, "required": required}
                 for task in settings["niah_subtasks"]]
 
-    jobs = [*niah(sizes[0], True), *niah(sizes[1], True), {"kind": "multihop", "size": row},
-            {"kind": "qa_recall", "size": sizes[0]}, {"kind": "qa_recall", "size": sizes[1]}, {"kind": "kv", "size": row}]
+    # Router recall at L and 64L (one shared memory each, seconds) comes right after NIAH at the
+    # same size: a deadline after the million-token NIAH must not leave routing unmeasured.
+    jobs = [*niah(sizes[0], True), {"kind": "qa_recall", "size": sizes[0]}, *niah(sizes[1], True),
+            {"kind": "qa_recall", "size": sizes[1]}, {"kind": "multihop", "size": row}, {"kind": "kv", "size": row}]
     for size in sizes[2:]:
         jobs += [*niah(size), {"kind": "qa_recall", "size": size}]
     return jobs

@@ -180,3 +180,12 @@ def test_stage_curves_keep_each_router_layers_eval_recall(tmp_path):
                               "recall@5": None, "recall@10": None, "recall@1/layer_0": 0.9, "recall@1/layer_1": 0.1}]
     assert curve["train"][0]["recall@1"] == 0.5 and "recall@1/layer_0" not in curve["train"][0]
     assert curve["train"][0]["memory_gb"] == 35.5  # the peak, so a recipe's memory claims can be checked
+
+
+def test_evaluation_measures_niah_and_routing_at_l_and_64l_first():
+    settings = {"size_multiples": [1, 64, 8], "niah_subtasks": ["niah_single_1", "niah_multikey_1"]}
+    jobs = [(job["kind"], job["size"]) for job in experiment.eval_jobs(100, settings)]
+    assert jobs[:6] == [("niah", 100), ("niah", 100), ("qa_recall", 100), ("niah", 6400), ("niah", 6400),
+                        ("qa_recall", 6400)]
+    assert [job["required"] for job in experiment.eval_jobs(100, settings) if job["kind"] == "niah"] == [True] * 4 + [False] * 2
+    assert ("qa_recall", 800) in jobs and ("multihop", 100) in jobs and ("kv", 100) in jobs
