@@ -62,7 +62,7 @@ class QAReport:
             "exact_match": mean_of([i.exact_match for i in self.items]),
             "f1": mean_of([i.f1 for i in self.items]),
             "judge_score": mean_of([i.judge_score for i in self.items]),
-            "router_recall": {f"recall@{k}": mean_of([i.router_recall[f"recall@{k}"] for i in self.items]) for k in RECALL_KS},
+            "router_recall": {key: mean_of([i.router_recall.get(key) for i in self.items]) for key in self._recall_keys()},
             "retrieved_recall": mean_of([recall_at_k(i.retrieved_ids, i.positive_ids, len(i.retrieved_ids)) for i in self.items]),
             # Whether the model writes the IDs of the documents it was shown, right or wrong: reading
             # the ID out of memory, apart from routing.
@@ -72,17 +72,27 @@ class QAReport:
             "rounds": summarize([i.rounds for i in self.items]),
         }
 
+    def _recall_keys(self) -> list[str]:
+        """recall@k, then the per-layer recall@1 keys in layer order."""
+        per_layer = {key for item in self.items for key in item.router_recall if "/layer_" in key}
+        return [f"recall@{k}" for k in RECALL_KS] + sorted(per_layer, key=lambda key: int(key.rsplit("_", 1)[1]))
+
     def to_dict(self) -> dict:
         return {"summary": self.summary(), "items": [asdict(i) for i in self.items]}
 
 
 def router_recall(routing, positive_ids: list[int]) -> dict[str, float | None]:
-    """recall@k of the positives (memory IDs) per router layer's ranking, averaged over layers."""
+    """recall@k of the positives (memory IDs) per router layer's ranking, averaged over layers;
+    with several router layers also each layer's recall@1 (`recall@1/layer_N`), which the
+    average can hide (one layer at 1.0 and three at chance read as 0.3)."""
     result = {}
     for k in RECALL_KS:
         per_layer = [recall_at_k([d + 1 for d in layer.docs.tolist()], positive_ids, k) for layer in routing]
         present = [r for r in per_layer if r is not None]
         result[f"recall@{k}"] = sum(present) / len(present) if present else None
+    if len(routing) > 1:
+        for layer in routing:
+            result[f"recall@1/layer_{layer.layer}"] = recall_at_k([d + 1 for d in layer.docs.tolist()], positive_ids, 1)
     return result
 
 

@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+import torch
 from data_fixtures import write_tiny_export
 
 from msa_train.data.records import Document, RetrievalDataset, RetrievalRecord
@@ -57,7 +58,9 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     assert (out / "niah_scaling.png").exists() == matplotlib_available()
     summary = results["qa"]["summary"]
     assert summary["questions"] == 3 and summary["memory_docs"] == len(facts.corpus)
-    assert set(summary["router_recall"]) == {"recall@1", "recall@5", "recall@10"}
+    router_layers = json.loads((checkpoint / "config.json").read_text())["router_layers"]
+    assert len(router_layers) > 1  # so the per-layer recall is reported too
+    assert set(summary["router_recall"]) == {"recall@1", "recall@5", "recall@10", *(f"recall@1/layer_{n}" for n in router_layers)}
     assert summary["router_recall"]["recall@10"] == 1.0  # 6 documents: top-10 holds them all
     assert summary["docs_chosen"]["count"] == 3 and summary["exact_match"] is not None
     assert results["template"]["source"].startswith("reference format")  # the fixture has no recipe copy
@@ -210,3 +213,21 @@ def test_ids_from_routed_counts_generated_ids_among_the_documents_shown() -> Non
     # Shown document 3 and wrote 3 (a wrong ID, but read); shown 3 and wrote 5; wrote no ID at all.
     report = QAReport(items=[item([3], [3]), item([3], [5]), item([2, 3], [3, 7]), item([3], [])])
     assert report.summary()["ids_from_routed"] == pytest.approx(2 / 3)
+
+
+def test_router_recall_reports_each_router_layer_when_there_are_several() -> None:
+    from msa_modeling.inference.generation import LayerRouting
+    from msa_train.eval.qa import QAItem, QAReport, router_recall
+
+    def routing(layer: int, ranked: list[int]) -> LayerRouting:  # 0-based store indices, best first
+        return LayerRouting(layer=layer, docs=torch.tensor(ranked), scores=torch.zeros(len(ranked)))
+
+    # Layer 0 ranks memory ID 2 (index 1) first; layers 1 and 10 rank it second and third.
+    layers = [routing(0, [1, 0, 2]), routing(1, [0, 1, 2]), routing(10, [0, 2, 1])]
+    recall = router_recall(layers, positive_ids=[2])
+    assert recall["recall@1"] == pytest.approx(1 / 3)
+    assert [recall[f"recall@1/layer_{n}"] for n in (0, 1, 10)] == [1.0, 0.0, 0.0]
+    assert "recall@1/layer_0" not in router_recall(layers[:1], positive_ids=[2])  # one layer: the mean is the layer
+    item = QAItem(query="q", reference="a", answer="a", positive_ids=[2], retrieved_ids=[2], rounds=1, router_recall=recall)
+    summary = QAReport(items=[item, item]).summary()["router_recall"]
+    assert list(summary) == ["recall@1", "recall@5", "recall@10", "recall@1/layer_0", "recall@1/layer_1", "recall@1/layer_10"]
