@@ -159,9 +159,9 @@ class TemplateTokens:
     eos: list[int] = field(default_factory=list)
 
     @classmethod
-    def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_docs: int) -> "TemplateTokens":
-        """Encode every piece once; id prefixes for IDs 1..max_memory_docs."""
-        id_texts = [template.doc_id_format.format(i=template.memory_id_text(i)) for i in range(1, max_memory_docs + 1)]
+    def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_id: int) -> "TemplateTokens":
+        """Encode every piece once; id prefixes for IDs 1..max_memory_id."""
+        id_texts = [template.doc_id_format.format(i=template.memory_id_text(i)) for i in range(1, max_memory_id + 1)]
         encoded = tokenizer.encode_batch([template.prefix_text(), template.doc_suffix, *id_texts])
         # A chat format ends the assistant turn itself; a second end marker would be noise.
         wants_eos = template.append_eos and template.chat is None and tokenizer.eos_token_id is not None

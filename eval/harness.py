@@ -110,7 +110,7 @@ class EvalModel:
     def render_documents(self, documents: Sequence[Document], first_memory_id: int = 1) -> list[list[int]]:
         """Token ids of documents as memory IDs first_memory_id.. render them in training."""
         last = first_memory_id + len(documents) - 1
-        pieces = TemplateTokens.build(self.template, self.tokenizer, max_memory_docs=last)
+        pieces = TemplateTokens.build(self.template, self.tokenizer, max_memory_id=last)
         bodies = self.tokenizer.encode_batch([doc.full_text() for doc in documents])
         return [
             pieces.doc_id_prefix[memory_id] + body + pieces.doc_suffix

@@ -85,14 +85,15 @@ def router_recall(routing, positive_ids: list[int]) -> dict[str, float | None]:
     """recall@k of the positives (memory IDs) per router layer's ranking, averaged over layers;
     with several router layers also each layer's recall@1 (`recall@1/layer_N`), which the
     average can hide (one layer at 1.0 and three at chance read as 0.3)."""
+    ranked_ids = [[d + 1 for d in layer.docs.tolist()] for layer in routing]
     result = {}
     for k in RECALL_KS:
-        per_layer = [recall_at_k([d + 1 for d in layer.docs.tolist()], positive_ids, k) for layer in routing]
+        per_layer = [recall_at_k(ids, positive_ids, k) for ids in ranked_ids]
         present = [r for r in per_layer if r is not None]
         result[f"recall@{k}"] = sum(present) / len(present) if present else None
     if len(routing) > 1:
-        for layer in routing:
-            result[f"recall@1/layer_{layer.layer}"] = recall_at_k([d + 1 for d in layer.docs.tolist()], positive_ids, 1)
+        for layer, ids in zip(routing, ranked_ids):
+            result[f"recall@1/layer_{layer.layer}"] = recall_at_k(ids, positive_ids, 1)
     return result
 
 
