@@ -12,8 +12,9 @@ Some inputs are ill-conditioned in bf16 whatever the kernel: a gradient that sum
 cancelling terms can be 30% off in bf16 on the CPU too. So each seed also runs the CPU SDPA
 path in bf16 (`cpu_bf16`), and a GPU backend passes a quantity when its error is under
 `--tolerance` or at most `--floor-ratio` times that CPU bf16 error: the backend then adds
-nothing that bf16 arithmetic itself does not. The last case is a row without any document
-(no memory, no aux loss), which takes the backends' no-memory path.
+nothing that bf16 arithmetic itself does not. The `packed` case holds two rows of three
+examples each, the last row padded, as the trainer packs them; the last case is a row without
+any document (no memory, no aux loss), which takes the backends' no-memory path.
 """
 
 from __future__ import annotations
@@ -56,6 +57,23 @@ def memoryless_row(row_length: int, generator: torch.Generator, vocab_size: int,
             "aux_labels": torch.zeros_like(doc_ids)[None]}
 
 
+def packed_rows(row_length: int, generator: torch.Generator, vocab_size: int, examples: int = 3,
+                padding: int = 100) -> dict[str, torch.Tensor]:
+    """Two rows of `examples` examples each (`example_ids` set); the second row ends in padding."""
+    rows = []
+    for row in range(2):
+        tail = padding if row == 1 else 0
+        lengths = [(row_length - tail) // examples] * examples
+        lengths[-1] += row_length - tail - sum(lengths)
+        parts = [random_memory_row(n, generator, doc_length=(30, 400), vocab_size=vocab_size, prefix_length=8 * e,
+                                   prompt_length=24, answer_length=16) for e, n in enumerate(lengths)]
+        columns = {key: torch.cat([part[key][0] for part in parts]) for key in ("input_ids", "doc_ids", "labels", "aux_labels")}
+        columns["example_ids"] = torch.cat([torch.full((n,), e) for e, n in enumerate(lengths)])
+        pad = {"input_ids": 0, "doc_ids": -1, "labels": -100, "aux_labels": 0, "example_ids": -1}
+        rows.append({key: torch.cat([value, value.new_full((tail,), pad[key])]) for key, value in columns.items()})
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+
+
 QUANTITIES = ("logits", "lm_loss", "aux_loss", "doc_scores", "grads")
 
 
@@ -87,12 +105,14 @@ def main() -> None:
     parser.add_argument("--floor-ratio", type=float, default=1.25,
                         help="a quantity also passes within this factor of the CPU bf16 run's error")
     parser.add_argument("--out", default="check_backends.json")
+    parser.add_argument("--backends", nargs="+", help="GPU backends to check (default: every one available)")
     args = parser.parse_args()
-    backends = ["sdpa", "flex"] + (["varlen"] if torch_varlen_available() else [])
+    backends = ["sdpa", "flex"] + (["varlen", "varlen_split"] if torch_varlen_available() else [])
     backends += ["flash_attn"] if importlib.util.find_spec("flash_attn") else []
+    backends = args.backends or backends
 
     rows, failures = [], 0
-    cases = [(seed, "memory") for seed in range(args.seeds)] + [(args.seeds, "no memory")]
+    cases = [(seed, "memory") for seed in range(args.seeds)] + [(args.seeds, "packed"), (args.seeds + 1, "no memory")]
     for seed, case in cases:
         torch.manual_seed(seed)
         backbone = Qwen3ForCausalLM(
@@ -107,6 +127,8 @@ def main() -> None:
         generator = torch.Generator().manual_seed(seed)
         if case == "memory":
             batch = random_memory_row(args.row_length, generator, doc_length=(30, 400), vocab_size=1024)
+        elif case == "packed":
+            batch = packed_rows(args.row_length, generator, vocab_size=1024)
         else:
             batch = memoryless_row(args.row_length, generator, vocab_size=1024)
         expected, expected_grads = run(reference_model, batch, "cpu")

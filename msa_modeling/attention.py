@@ -5,17 +5,23 @@ its segment (the prefix, one document, or the query/answer of an example); query
 tokens also see their example's whole prefix and, in router layers, the pooled K/V of the
 selected documents' chunks.
 
-The variable-length backends express this as one causal varlen call. Queries stay in row
-order, one segment each. Keys are regrouped so that a query segment's keys read
-`[prefix ; selected chunks ; query]`. Causal masks in these kernels are aligned bottom-right,
-so query token j of a segment sees every prefix and chunk key plus query tokens 0..j.
-Document and prefix segments keep their own tokens as keys. Unselected chunks are sorted
-past the last segment, where no kernel reads them, so every tensor has a size known before
-routing and the step needs no host sync.
+The variable-length backends use causal varlen kernels, whose causal masks are aligned
+bottom-right: query token j of a segment with more keys than queries sees every extra key in
+front plus its own tokens 0..j. A query segment's keys read `[prefix ; selected chunks ; query]`;
+document and prefix segments have their own tokens as keys. Unselected chunks are sorted past
+the last segment, where no kernel reads them, so every tensor has a size known before routing
+and the step needs no host sync. Two ways to get there:
+    - one call over a key buffer regrouped segment by segment (`VarlenBackend`), which copies
+      every K/V row of the layer;
+    - two calls (`QueryContextVarlenBackend`): every segment over its own tokens with K/V in
+      place, then the query tokens over a small gathered `[prefix ; chunks ; query]` buffer,
+      whose output replaces the first call's query rows.
 
 Backends:
-    `flash_attn`: flash-attn's `flash_attn_varlen_func`, when installed (CUDA).
-    `varlen`: `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10).
+    `varlen`: `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10), in one call over
+        regrouped keys.
+    `varlen_split`: the same ATen flash kernels in two calls.
+    `flash_attn`: flash-attn's `flash_attn_varlen_func`, when installed (CUDA), in one call.
     `flex`: FlexAttention with a segment block mask (CUDA; compiled).
     `sdpa`: dense masked `scaled_dot_product_attention`; the CPU path, O(L^2) memory.
 
@@ -41,7 +47,7 @@ from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "varlen", "flex", "sdpa")
+BACKENDS = ("auto", "flash_attn", "varlen", "varlen_split", "flex", "sdpa")
 
 
 @dataclass
@@ -298,6 +304,164 @@ class _CausalFlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+@dataclass(frozen=True)
+class VarlenKernelOps:
+    """A causal (bottom-right aligned, GQA) varlen kernel as separate forward and backward ops.
+
+    `forward(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> (out, state)`;
+    `backward(grad_out, q, k, v, out, state, cu_q, cu_k, max_q, max_k, scale) -> (dq, dk, dv)`,
+    where `state` is a tuple of tensors the backward needs (the log-sum-exp, RNG state).
+    """
+
+    forward: Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _aten_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    out, lse, philox_seed, philox_offset, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
+    )
+    return out, (lse, philox_seed, philox_offset)
+
+
+def _aten_flash_backward(grad_out, q, k, v, out, state, cu_q, cu_k, max_q, max_k, scale):
+    lse, philox_seed, philox_offset = state
+    return torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, True, philox_seed, philox_offset, scale=scale
+    )[:3]
+
+
+# ATen's flash kernels (what `varlen_attn` runs): they take grouped K/V and `is_causal=True`.
+ATEN_FLASH_OPS = VarlenKernelOps(forward=_aten_flash_forward, backward=_aten_flash_backward)
+
+
+@dataclass
+class QueryContextKeys:
+    """The keys of each example's query segment, `[prefix ; selected chunks ; query]`, gathered
+    from `cat([prefix tokens, query tokens, chunks])` by `order` (unselected chunks past the end)."""
+
+    order: torch.Tensor  # [K2] long
+    inverse: torch.Tensor  # [K2] long
+    cu_seqlens: torch.Tensor  # [E+1] int32
+    cu_queries: torch.Tensor  # [E+1] int32, each example's query tokens in `layout.query_token_index`
+
+
+def query_context_keys(layout: PackedLayout, selected_chunks: torch.Tensor | None) -> QueryContextKeys:
+    """Sort keys `example * 3 + slot` (prefix 0, chunks 1, query 2), stable so that each slot keeps
+    row order; unselected chunks get the sentinel example E."""
+    num_examples = layout.num_examples
+    query_example = layout.token_example[layout.query_token_index]
+    examples = [layout.token_example[layout.prefix_token_index], query_example]
+    slots = [torch.full_like(examples[0], _SLOT_OWN), torch.full_like(query_example, _SLOT_QUERY)]
+    if selected_chunks is not None:
+        examples.append(torch.where(selected_chunks, layout.chunk_example, torch.full_like(layout.chunk_example, num_examples)))
+        slots.append(torch.full_like(layout.chunk_example, _SLOT_CHUNK))
+    example = torch.cat(examples)
+    order = torch.sort(example * 3 + torch.cat(slots), stable=True).indices
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+
+    def boundaries(owner: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros(num_examples + 1, dtype=torch.int32, device=owner.device)
+        counts.scatter_add_(0, owner, torch.ones_like(owner, dtype=torch.int32))
+        return torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_examples], 0, dtype=torch.int32)])
+
+    return QueryContextKeys(order=order, inverse=inverse, cu_seqlens=boundaries(example), cu_queries=boundaries(query_example))
+
+
+class _OwnSegmentsThenQueryContext(torch.autograd.Function):
+    """Attention of the packed row in two kernel calls that never copy the row's K/V.
+
+    1. Every segment over its own tokens, with the keys where they are (`cu_k = cu_q`).
+    2. Each example's query tokens over `[prefix ; selected chunks ; query]`, a buffer of a few
+       hundred rows; its output replaces call 1's rows of the query tokens.
+
+    Call 1's query rows are discarded, so their output gradient is zeroed before its backward:
+    with dO = 0 on a row, that row adds nothing to dQ, dK or dV.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, pooled_k, pooled_v, layout, keys, scale, ops):
+        query_rows, prefix_rows = layout.query_token_index, layout.prefix_token_index
+        own = (layout.cu_seqlens, layout.cu_seqlens, layout.max_segment_length, layout.max_segment_length)
+        context = (keys.cu_queries, keys.cu_seqlens, layout.max_query_length, layout.max_query_context)
+
+        def context_buffer(x: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+            parts = [x[prefix_rows], x[query_rows]] + ([] if pooled is None else [pooled])
+            return torch.cat(parts)[keys.order]
+
+        out, own_state = ops.forward(q, k, v, *own, scale)
+        q2, k2, v2 = q[query_rows], context_buffer(k, pooled_k), context_buffer(v, pooled_v)
+        out2, context_state = ops.forward(q2, k2, v2, *context, scale)
+        # Rewriting rows of the kernel's own output: idempotent, so a selective-checkpoint cache
+        # that hands this tensor back on recomputation still yields the same result.
+        out.index_copy_(0, query_rows, out2)
+        ctx.save_for_backward(q, k, v, out, q2, k2, v2, out2, *own_state, *context_state)
+        ctx.num_own_state = len(own_state)
+        ctx.layout, ctx.keys, ctx.scale, ctx.ops = layout, keys, scale, ops
+        ctx.has_pooled = pooled_k is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, q2, k2, v2, out2, *states = ctx.saved_tensors
+        own_state, context_state = tuple(states[: ctx.num_own_state]), tuple(states[ctx.num_own_state :])
+        layout, keys, ops = ctx.layout, ctx.keys, ctx.ops
+        query_rows, prefix_rows = layout.query_token_index, layout.prefix_token_index
+        grad_out = grad_out.contiguous()
+        grad_context = grad_out[query_rows]
+        # In place: the buffer is the output projection's input gradient, read by nobody else.
+        grad_out.index_fill_(0, query_rows, 0.0)
+        dq, dk, dv = ops.backward(
+            grad_out, q, k, v, out, own_state, layout.cu_seqlens, layout.cu_seqlens,
+            layout.max_segment_length, layout.max_segment_length, ctx.scale,
+        )
+        dq2, dk2, dv2 = ops.backward(
+            grad_context, q2, k2, v2, out2, context_state, keys.cu_queries, keys.cu_seqlens,
+            layout.max_query_length, layout.max_query_context, ctx.scale,
+        )
+        dq.index_add_(0, query_rows, dq2)
+        num_prefix, num_query = prefix_rows.numel(), query_rows.numel()
+        # Kernels leave rows outside every segment (the unselected chunks) unwritten.
+        outside = torch.arange(k2.shape[0], device=k2.device) >= keys.cu_seqlens[-1]
+
+        def scatter(grad_full: torch.Tensor, grad_buffer: torch.Tensor) -> torch.Tensor | None:
+            by_source = grad_buffer.masked_fill(outside.view(-1, 1, 1), 0.0)[keys.inverse]
+            grad_full.index_add_(0, prefix_rows, by_source[:num_prefix])
+            grad_full.index_add_(0, query_rows, by_source[num_prefix : num_prefix + num_query])
+            return by_source[num_prefix + num_query :] if ctx.has_pooled else None
+
+        dpooled_k, dpooled_v = scatter(dk, dk2), scatter(dv, dv2)
+        return dq, dk, dv, dpooled_k, dpooled_v, None, None, None, None
+
+
+class QueryContextVarlenBackend:
+    """Varlen attention as two calls (see `_OwnSegmentsThenQueryContext`): the row's own K/V are
+    read in place, and only each example's `[prefix ; chunks ; query]` keys are gathered.
+    `VarlenBackend` instead regroups every key row of the layer, twice the K/V traffic."""
+
+    def __init__(self, name: str, ops: VarlenKernelOps) -> None:
+        self.name = name
+        self.ops = ops
+
+    def prepare(self, layout: PackedLayout) -> dict:
+        return {"context_without_memory": query_context_keys(layout, None)}
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
+        memory: PooledMemory | None, softcap: float | None = None,
+    ) -> torch.Tensor:
+        reject_softcap(self.name, softcap)
+        batch, length = q.shape[:2]
+        flat = lambda x: x.reshape(batch * length, *x.shape[2:])  # noqa: E731
+        if memory is None:
+            keys, pooled_k, pooled_v = plan["context_without_memory"], None, None
+        else:
+            keys, pooled_k, pooled_v = query_context_keys(layout, memory.selected_chunks), memory.keys, memory.values
+        out = _OwnSegmentsThenQueryContext.apply(flat(q), flat(k), flat(v), pooled_k, pooled_v, layout, keys, scale, self.ops)
+        return out.view(batch, length, *out.shape[1:])
+
+
 def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -421,9 +585,11 @@ def make_attention_backend(name: str, device: torch.device) -> SDPABackend | Var
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention backend 'flash_attn' needs the flash-attn package (pip install '.[flash]')")
         return VarlenBackend("flash_attn", flash_attn_kernel, supports_softcap=True)
-    if name == "varlen":
+    if name in ("varlen", "varlen_split"):
         if not torch_varlen_available():
-            raise ValueError(f"attention backend 'varlen' needs torch >= 2.10 (have {torch.__version__})")
+            raise ValueError(f"attention backend {name!r} needs torch >= 2.10 (have {torch.__version__})")
+        if name == "varlen_split":
+            return QueryContextVarlenBackend("varlen_split", ATEN_FLASH_OPS)
         return VarlenBackend("varlen", torch_varlen_kernel)
     if name == "flex":
         return FlexBackend()

@@ -51,9 +51,11 @@ class PackedLayout:
     lm_token_index: torch.Tensor  # [T] long, flat indices of tokens whose next token is a target
     lm_targets: torch.Tensor  # [T] long
     prefix_token_index: torch.Tensor  # [N_prefix] long, flat indices of prefix tokens
+    query_token_index: torch.Tensor  # [N_query] long, flat indices of query/answer tokens (example after example)
     cu_seqlens: torch.Tensor  # [S+1] int32, segment boundaries over the flat tokens
     example_query_segment: torch.Tensor  # [E] long, the segment holding each example's query
     max_segment_length: int
+    max_query_length: int  # the longest query/answer segment
     max_query_context: int  # bound on prefix + chunks + query of one example (varlen max_k)
     has_positives: bool  # some example has a positive document
 
@@ -349,9 +351,11 @@ def build_packed_layout(
         lm_token_index=lm_token_index,
         lm_targets=lm_targets,
         prefix_token_index=is_prefix.nonzero().flatten(),
+        query_token_index=is_query.nonzero().flatten(),
         cu_seqlens=cu_seqlens,
         example_query_segment=example_query_segment,
         max_segment_length=int(segment_lengths.max()),
+        max_query_length=int(query_length.max()) if num_examples else 0,
         max_query_context=int(query_context.max()) if num_examples else 0,
         has_positives=bool(doc_positive.any()),
     )

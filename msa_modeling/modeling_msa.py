@@ -240,7 +240,11 @@ class MSASandwichDecoderLayer(MSADecoderLayer):
         return hidden_states + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
 
 
-KEEP_ATTENTION_CONTEXT = functools.partial(create_selective_checkpoint_contexts, keep_attention_kernel_outputs)
+# The two-call varlen backend rewrites rows of its first kernel output in place, the same rows
+# with the same values in forward and recomputation, so the cached tensor may be mutated.
+KEEP_ATTENTION_CONTEXT = functools.partial(
+    create_selective_checkpoint_contexts, keep_attention_kernel_outputs, allow_cache_entry_mutation=True
+)
 
 
 class MSAPreTrainedModel(PreTrainedModel):

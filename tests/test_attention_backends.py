@@ -1,9 +1,9 @@
-"""The varlen backends' key regrouping, checked on CPU with a loop-per-segment kernel.
+"""The varlen backends' key handling, checked on CPU with loop-per-segment kernels.
 
-The real kernels (flash-attn, torch varlen_attn, FlexAttention) need CUDA; the
-regrouping and the bottom-right causal convention they rely on are the same for all of
-them, so a slow kernel with that convention proves the plumbing here. The GPU kernels
-themselves are checked by `eval/check_backends.py` on a GPU.
+The real kernels (flash-attn, ATen's flash kernels, FlexAttention) need CUDA; the key
+regrouping, the two-call split and the bottom-right causal convention they rely on are the
+same for all of them, so slow kernels with that convention prove the plumbing here. The GPU
+kernels themselves are checked by `eval/check_backends.py` on a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from batches import random_packed_batch, tiny_msa
 
-from msa_modeling.attention import VarlenBackend, make_attention_backend, varlen_key_order
+from msa_modeling.attention import (
+    QueryContextVarlenBackend,
+    VarlenBackend,
+    VarlenKernelOps,
+    make_attention_backend,
+    query_context_keys,
+    varlen_key_order,
+)
 
 
 class _LoopVarlen(torch.autograd.Function):
@@ -56,6 +63,61 @@ def _loop_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     return out
 
 
+def _segment_scores(q, k, scale, lq, lk):
+    """fp32 scores [H, lq, lk] with GQA and the bottom-right causal mask, as the flash kernels."""
+    group = q.shape[1] // k.shape[1]
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float().repeat_interleave(group, dim=1)) * scale
+    visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
+def _reference_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """FlashAttention's forward math per segment: the output and the log-sum-exp [H, Nq]."""
+    out, lse = torch.zeros_like(q), torch.full((q.shape[1], q.shape[0]), float("inf"))
+    group = q.shape[1] // k.shape[1]
+    for s in range(cu_q.numel() - 1):
+        q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+        assert q1 - q0 <= max_q and k1 - k0 <= max_k
+        if q1 == q0 or k1 == k0:
+            continue
+        scores = _segment_scores(q[q0:q1], k[k0:k1], scale, q1 - q0, k1 - k0)
+        lse[:, q0:q1] = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[:, q0:q1, None])
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v[k0:k1].float().repeat_interleave(group, dim=1)).to(q.dtype)
+    return out, (lse,)
+
+
+def _reference_flash_backward(grad_out, q, k, v, out, state, cu_q, cu_k, max_q, max_k, scale):
+    """FlashAttention's backward math: probabilities from the saved log-sum-exp and D = rowsum(dO * O)
+    from the saved output, as the real kernels compute them. dK/dV rows outside every segment are
+    left unwritten (NaN here), as the real kernels leave them."""
+    (lse,) = state
+    group = q.shape[1] // k.shape[1]
+    dq = torch.zeros_like(q)
+    dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    for s in range(cu_q.numel() - 1):
+        q0, q1, k0, k1 = int(cu_q[s]), int(cu_q[s + 1]), int(cu_k[s]), int(cu_k[s + 1])
+        if k1 == k0:
+            continue
+        dk[k0:k1], dv[k0:k1] = 0.0, 0.0
+        if q1 == q0:
+            continue
+        scores = _segment_scores(q[q0:q1], k[k0:k1], scale, q1 - q0, k1 - k0)
+        probs = torch.exp(scores - lse[:, q0:q1, None])
+        d_out = grad_out[q0:q1].float()
+        delta = (d_out * out[q0:q1].float()).sum(-1).transpose(0, 1)  # [H, lq]
+        d_probs = torch.einsum("qhd,khd->hqk", d_out, v[k0:k1].float().repeat_interleave(group, dim=1))
+        d_scores = probs * (d_probs - delta[..., None])
+        grouped = lambda x: x.unflatten(1, (-1, group)).sum(2)  # noqa: E731  [lk, H, D] -> [lk, Hkv, D]
+        dq[q0:q1] = (torch.einsum("hqk,khd->qhd", d_scores, k[k0:k1].float().repeat_interleave(group, dim=1)) * scale).to(q.dtype)
+        dk[k0:k1] = grouped(torch.einsum("hqk,qhd->khd", d_scores, q[q0:q1].float()) * scale).to(k.dtype)
+        dv[k0:k1] = grouped(torch.einsum("hqk,qhd->khd", probs, d_out)).to(v.dtype)
+    return dq, dk, dv
+
+
+REFERENCE_FLASH_OPS = VarlenKernelOps(forward=_reference_flash_forward, backward=_reference_flash_backward)
+
+
 def run_with_backend(model, backend, batch):
     model.model._attention_backends = {"cpu": backend}
     model.zero_grad(set_to_none=True)
@@ -79,6 +141,66 @@ def test_varlen_regrouping_matches_masked_sdpa(seed):
     torch.testing.assert_close(varlen.loss, dense.loss)
     for name, grad in dense_grads.items():
         torch.testing.assert_close(varlen_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_call_varlen_matches_masked_sdpa(seed):
+    model = tiny_msa(seed, chunk_size=3).train()
+    batch = random_packed_batch(seed, batch_size=2, examples_per_row=2)
+    dense, dense_grads = run_with_backend(model, make_attention_backend("sdpa", torch.device("cpu")), batch)
+    split, split_grads = run_with_backend(model, QueryContextVarlenBackend("reference", REFERENCE_FLASH_OPS), batch)
+    real = batch["doc_ids"] != -1
+    for h_dense, h_split in zip(dense.hidden_states, split.hidden_states, strict=True):
+        torch.testing.assert_close(h_split[real], h_dense[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(dense.selected_docs, split.selected_docs)
+    torch.testing.assert_close(split.loss, dense.loss)
+    for name, grad in dense_grads.items():
+        assert torch.isfinite(split_grads[name]).all(), name
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_call_varlen_under_selective_checkpointing_keeps_the_same_gradients(monkeypatch):
+    """The kernel output that call 2 rewrites in place is what a selective-checkpoint cache hands
+    back on recomputation; rewriting it again must give the same gradients as no cache."""
+    import msa_modeling.attention as attention
+
+    @torch.library.custom_op("msa_test::reference_flash_forward", mutates_args=())
+    def cached_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                       max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out, (lse,) = _reference_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+        return out, lse
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        out, lse = cached_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+        return out, (lse,)
+
+    monkeypatch.setattr(attention, "ATTENTION_KERNEL_OPS", attention.ATTENTION_KERNEL_OPS | {"msa_test::reference_flash_forward"})
+    backend = QueryContextVarlenBackend("reference", VarlenKernelOps(forward=forward, backward=_reference_flash_backward))
+    batch = random_packed_batch(3, batch_size=2, examples_per_row=2)
+    grads = []
+    for saved in (0, 99):
+        model = tiny_msa(3, chunk_size=2).train()
+        model.model.gradient_checkpointing = True
+        model.model.saved_attention_layers = saved
+        grads.append(run_with_backend(model, backend, batch)[1])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_query_context_keys_hold_prefix_chunks_then_query_per_example():
+    model = tiny_msa(0, chunk_size=2)
+    doc_ids = torch.tensor([[-2, -2, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0]])
+    example_ids = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    layout = model.build_layout(doc_ids, example_ids=example_ids)
+    assert layout.query_token_index.tolist() == [5, 6, 9, 10, 11] and layout.max_query_length == 3
+    # Sources: prefix tokens 0-1 (0, 1); query tokens 5, 6, 9, 10, 11 (2-6); chunks (7-9):
+    # example 0's doc (tokens 2-3, token 4), example 1's doc (tokens 7-8).
+    keys = query_context_keys(layout, torch.tensor([True, False, True]))
+    segments = [keys.order[int(a) : int(b)].tolist() for a, b in zip(keys.cu_seqlens[:-1], keys.cu_seqlens[1:])]
+    assert segments == [[0, 1, 7, 2, 3], [9, 4, 5, 6]]
+    assert keys.order[int(keys.cu_seqlens[-1]) :].tolist() == [8]
+    assert keys.cu_queries.tolist() == [0, 2, 5]
+    assert torch.equal(keys.order[keys.inverse], torch.arange(keys.order.numel()))
 
 
 def test_key_order_puts_prefix_chunks_then_query_and_drops_unselected_chunks():
