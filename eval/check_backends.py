@@ -12,9 +12,12 @@ Some inputs are ill-conditioned in bf16 whatever the kernel: a gradient that sum
 cancelling terms can be 30% off in bf16 on the CPU too. So each seed also runs the CPU SDPA
 path in bf16 (`cpu_bf16`), and a GPU backend passes a quantity when its error is under
 `--tolerance` or at most `--floor-ratio` times that CPU bf16 error: the backend then adds
-nothing that bf16 arithmetic itself does not. The `packed` case holds two rows of three
-examples each, the last row padded, as the trainer packs them; the last case is a row without
-any document (no memory, no aux loss), which takes the backends' no-memory path.
+nothing that bf16 arithmetic itself does not. Likewise its document selection must equal the
+fp32 one, or the CPU bf16 run's where bf16 rounding flips a near-tie between documents.
+
+The `packed` case holds two rows of three examples each, the last row padded, as the trainer
+packs them; the last case is a row without any document (no memory, no aux loss), which takes
+the backends' no-memory path.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", default="check_backends.json")
     parser.add_argument("--backends", nargs="+", help="GPU backends to check (default: every one available)")
     args = parser.parse_args()
-    backends = ["sdpa", "flex"] + (["varlen", "varlen_split"] if torch_varlen_available() else [])
+    backends = ["sdpa", "flex"] + (["varlen"] if torch_varlen_available() else [])
     backends += ["flash_attn"] if importlib.util.find_spec("flash_attn") else []
     backends = args.backends or backends
 
@@ -132,8 +135,8 @@ def main() -> None:
         else:
             batch = memoryless_row(args.row_length, generator, vocab_size=1024)
         expected, expected_grads = run(reference_model, batch, "cpu")
-        floor = compare(seed, "cpu_bf16", *run(copy.deepcopy(reference_model).to(torch.bfloat16), batch, "cpu"),
-                        expected, expected_grads)
+        bf16, bf16_grads = run(copy.deepcopy(reference_model).to(torch.bfloat16), batch, "cpu")
+        floor = compare(seed, "cpu_bf16", bf16, bf16_grads, expected, expected_grads)
         floor.update(case=case, **{"pass": None})
         rows.append(floor)
         for backend in backends:
@@ -141,13 +144,18 @@ def main() -> None:
             model.config.attn_backend = backend
             model.model._attention_backends = {}
             try:
-                row = compare(seed, backend, *run(model, batch, "cuda"), expected, expected_grads)
+                got, grads = run(model, batch, "cuda")
+                row = compare(seed, backend, got, grads, expected, expected_grads)
+                # Where bf16 itself flips a near-tie in routing, agreeing with the CPU bf16 run is enough.
+                row["same_selection_as_cpu_bf16"] = bf16.selected_docs is None or bool(
+                    torch.equal(got.selected_docs.cpu(), bf16.selected_docs)
+                )
             except Exception as error:  # noqa: BLE001 - report the backend and go on
                 rows.append({"seed": seed, "case": case, "backend": backend, "error": f"{type(error).__name__}: {error}"[:300]})
                 failures += 1
                 continue
             # NaN fails every comparison, so it can never pass.
-            row["pass"] = row["same_selection"] and all(
+            row["pass"] = (row["same_selection"] or row["same_selection_as_cpu_bf16"]) and all(
                 row[k] < args.tolerance or row[k] <= args.floor_ratio * floor[k] for k in QUANTITIES
             )
             row["case"] = case
@@ -160,6 +168,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; relative error against fp32 on the CPU")
     print(f"{'seed':>4} {'case':<10}{'backend':<11}{'logits':>9}{'lm':>9}{'aux':>9}{'scores':>9}{'grads':>9}{'worst':>9}"
           "  sel  pass  (worst: per-parameter)")
+
+    def selection(r: dict) -> str:
+        """ok: the fp32 selection; bf16: the CPU bf16 run's, where bf16 flips a near-tie; DIFF: neither."""
+        return "ok" if r["same_selection"] else "bf16" if r.get("same_selection_as_cpu_bf16") else "DIFF"
+
     for r in rows:
         if "error" in r:
             print(f"{r['seed']:>4} {r['case']:<10}{r['backend']:<11}ERROR {r['error']}")
@@ -167,7 +180,7 @@ def main() -> None:
         verdict = "-" if r["pass"] is None else str(r["pass"])
         print(
             f"{r['seed']:>4} {r['case']:<10}{r['backend']:<11}{r['logits']:>9.2e}{r['lm_loss']:>9.2e}{r['aux_loss']:>9.2e}"
-            f"{r['doc_scores']:>9.2e}{r['grads']:>9.2e}{r['worst_grad']:>9.2e}  {'ok' if r['same_selection'] else 'DIFF'}"
+            f"{r['doc_scores']:>9.2e}{r['grads']:>9.2e}{r['worst_grad']:>9.2e}  {selection(r)}"
             f"  {verdict:<5} {r['worst_grad_param']}"
         )
     sys.exit(1 if failures else 0)

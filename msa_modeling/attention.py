@@ -18,9 +18,9 @@ and the step needs no host sync. Two ways to get there:
       whose output replaces the first call's query rows.
 
 Backends:
-    `varlen`: `torch.nn.attention.varlen.varlen_attn` (CUDA, torch >= 2.10), in one call over
-        regrouped keys.
-    `varlen_split`: the same ATen flash kernels in two calls.
+    `varlen`: ATen's flash kernels, what `torch.nn.attention.varlen.varlen_attn` runs (CUDA,
+        torch >= 2.10), in two calls; the default on CUDA. At 64K on an H100 it is 1.5% faster
+        than the same kernels in one call over regrouped keys (docs/BENCHMARKS.md, seventh run).
     `flash_attn`: flash-attn's `flash_attn_varlen_func`, when installed (CUDA), in one call.
     `flex`: FlexAttention with a segment block mask (CUDA; compiled).
     `sdpa`: dense masked `scaled_dot_product_attention`; the CPU path, O(L^2) memory.
@@ -34,7 +34,6 @@ cannot express it and raises.
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "varlen", "varlen_split", "flex", "sdpa")
+BACKENDS = ("auto", "flash_attn", "varlen", "flex", "sdpa")
 
 
 @dataclass
@@ -278,32 +277,6 @@ class VarlenBackend:
         return out.view(batch, length, *out.shape[1:])
 
 
-class _CausalFlashVarlen(torch.autograd.Function):
-    """Causal varlen attention straight on ATen's flash kernels, forward and backward.
-
-    torch 2.11's public `varlen_attn` has no GQA flag and expresses causality as a window;
-    the kernels themselves take grouped K/V and `is_causal=True` (bottom-right aligned).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale):
-        out, lse, philox_seed, philox_offset, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False, scale=scale
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, philox_seed, philox_offset)
-        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_q, cu_k, philox_seed, philox_offset = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, 0.0, True,
-            philox_seed, philox_offset, scale=ctx.scale,
-        )
-        return dq, dk, dv, None, None, None, None, None
-
-
 @dataclass(frozen=True)
 class VarlenKernelOps:
     """A causal (bottom-right aligned, GQA) varlen kernel as separate forward and backward ops.
@@ -462,14 +435,6 @@ class QueryContextVarlenBackend:
         return out.view(batch, length, *out.shape[1:])
 
 
-def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    from torch.nn.attention.varlen import varlen_attn
-
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
-    return _CausalFlashVarlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
-
-
 def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale, softcap=0.0):
     from flash_attn import flash_attn_varlen_func
 
@@ -568,29 +533,29 @@ def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def make_attention_backend(name: str, device: torch.device) -> SDPABackend | VarlenBackend | FlexBackend:
+def make_attention_backend(
+    name: str, device: torch.device
+) -> SDPABackend | VarlenBackend | QueryContextVarlenBackend | FlexBackend:
     """The backend `name` (one of `BACKENDS`), or for `"auto"` the fastest one available on `device`."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
         if device.type != "cuda":
             name = "sdpa"
-        elif importlib.util.find_spec("flash_attn") is not None:
-            name = "flash_attn"
         elif torch_varlen_available():
             name = "varlen"
+        elif importlib.util.find_spec("flash_attn") is not None:
+            name = "flash_attn"
         else:
             name = "flex"
     if name == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attention backend 'flash_attn' needs the flash-attn package (pip install '.[flash]')")
         return VarlenBackend("flash_attn", flash_attn_kernel, supports_softcap=True)
-    if name in ("varlen", "varlen_split"):
+    if name == "varlen":
         if not torch_varlen_available():
-            raise ValueError(f"attention backend {name!r} needs torch >= 2.10 (have {torch.__version__})")
-        if name == "varlen_split":
-            return QueryContextVarlenBackend("varlen_split", ATEN_FLASH_OPS)
-        return VarlenBackend("varlen", torch_varlen_kernel)
+            raise ValueError(f"attention backend 'varlen' needs torch >= 2.10 (have {torch.__version__})")
+        return QueryContextVarlenBackend("varlen", ATEN_FLASH_OPS)
     if name == "flex":
         return FlexBackend()
     return SDPABackend()

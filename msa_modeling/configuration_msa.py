@@ -101,7 +101,7 @@ class MSAConfig(PreTrainedConfig):
             the initialisation differs; the two projections train independently.
         lm_loss_chunk_size: tokens per chunk of the LM head + cross-entropy, so that the
             logits of a whole row are never materialised.
-        attn_backend: `"auto"` (flash-attn, else torch varlen, else FlexAttention on CUDA;
+        attn_backend: `"auto"` (torch varlen, else flash-attn, else FlexAttention on CUDA;
             masked SDPA on CPU) or one of `"flash_attn"`, `"varlen"`, `"flex"`, `"sdpa"`.
             Saved with the checkpoint; override at load time with
             `from_pretrained(path, attn_backend="sdpa")`.

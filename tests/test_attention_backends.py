@@ -218,5 +218,7 @@ def test_key_order_puts_prefix_chunks_then_query_and_drops_unselected_chunks():
 def test_backend_choice():
     cpu = torch.device("cpu")
     assert make_attention_backend("auto", cpu).name == "sdpa"
+    # torch's varlen kernels are the two-call backend (they need CUDA to run, not to be chosen).
+    assert isinstance(make_attention_backend("varlen", cpu), QueryContextVarlenBackend)
     with pytest.raises(ValueError, match="attention backend must be one of"):
         make_attention_backend("xformers", cpu)
