@@ -285,7 +285,7 @@ def prepare_shared_tokenizer(recipe: Any, directory: Path) -> Path:
             raise ValueError("the recipe has neither tokenizer.path nor tokenizer.train_tiny")
         texts = tokenizer_texts(recipe, directory, tiny.sample_records)
     prepare_tokenizer(directory, special_strings(recipe, directory), recipe.tokenizer.path, texts,
-                      tiny.vocab_size if tiny else 0)
+                      tiny.vocab_size if tiny else 0, tiny.individual_digits if tiny else False)
     return directory
 
 

@@ -228,3 +228,19 @@ def test_tokenizer_from_a_path_gets_the_template_tokens(tmp_path: Path) -> None:
     assert tokenizer.encode("[3]<|object_ref_end|>")[-1] == tokenizer.special_token_ids["<|object_ref_end|>"]
     assert len(tokenizer.encode("<End-of-Retrieve>")) == 1
     assert (tmp_path / "run_tokenizer/tokenizer.json").is_file()
+
+
+def test_tiny_tokenizer_with_individual_digits_splits_every_number(tmp_path: Path) -> None:
+    from msa_train.train.tokenizer import prepare_tokenizer
+
+    texts = [f"The magic number of item {i} is {(i * 7919) % 10_000_000:07d}." for i in range(400)]
+    value = "The magic number of item 5 is 7776424."
+    pieces = {}
+    for split in (False, True):
+        tokenizer = prepare_tokenizer(tmp_path / f"digits_{split}", [], None, texts, 600, tiny_individual_digits=split)
+        ids = tokenizer.encode(value)
+        assert tokenizer.decode(ids) == value
+        pieces[split] = [tokenizer.decode([i]) for i in ids]
+    assert pieces[True][-8:] == list("7776424.")
+    # Merged, BPE learns digit groups from so many numbers.
+    assert any(len(p.strip()) > 1 and p.strip().isdigit() for p in pieces[False])

@@ -43,6 +43,7 @@ class TinyTokenizerConfig:
 
     vocab_size: int = 512
     sample_records: int = 400
+    individual_digits: bool = False  # every digit its own token, as in Qwen's tokenizers
 
 
 @dataclass

@@ -98,6 +98,7 @@ def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, contex
             recipe.tokenizer.path,
             tokenizer_texts(recipe, tokenizer_dir, tiny.sample_records) if recipe.tokenizer.path is None and tiny else None,
             tiny.vocab_size if tiny else 0,
+            tiny.individual_digits if tiny else False,
         )
         sources = list(dict.fromkeys(name for stage in stages for name in [*stage.sources, *stage.eval.sources]))
         prepare_sources(recipe, sources, run_dir, tokenizer_dir)

@@ -22,10 +22,19 @@ logger = logging.getLogger(__name__)
 EOS_TOKEN = "<|endoftext|>"
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with `vocab_size` ids (special tokens first), for tests and the tiny recipe."""
+def train_tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int, special_tokens: list[str], individual_digits: bool = False
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with `vocab_size` ids (special tokens first), for tests and the tiny recipe.
+
+    `individual_digits` makes every digit its own token, as Qwen's tokenizers do; otherwise BPE
+    merges frequent digit groups, so a 7-digit number becomes an irregular run like `777|642|4`.
+    """
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if individual_digits else byte_level
+    )
     backend.decoder = decoders.ByteLevel()
     specials = list(dict.fromkeys([EOS_TOKEN, *special_tokens]))
     trainer = trainers.BpeTrainer(
@@ -44,6 +53,7 @@ def prepare_tokenizer(
     source_path: str | None,
     tiny_texts: Iterable[str] | None = None,
     tiny_vocab_size: int = 512,
+    tiny_individual_digits: bool = False,
 ) -> TextTokenizer:
     """Load the run's tokenizer from `directory`, or create it there.
 
@@ -57,7 +67,7 @@ def prepare_tokenizer(
     else:
         if tiny_texts is None:
             raise ValueError("no tokenizer path given and no texts to train a tiny tokenizer on")
-        tokenizer = HuggingFaceTokenizer(train_tiny_tokenizer(tiny_texts, tiny_vocab_size, special_strings))
+        tokenizer = HuggingFaceTokenizer(train_tiny_tokenizer(tiny_texts, tiny_vocab_size, special_strings, tiny_individual_digits))
         logger.info("trained a tiny byte-level BPE tokenizer with %d ids", tokenizer.vocab_size)
     tokenizer.ensure_special_tokens(special_strings)
     staging = directory.with_name(directory.name + ".partial")
