@@ -149,6 +149,21 @@ class VarlenKeys:
 _SLOT_OWN, _SLOT_CHUNK, _SLOT_QUERY = 0, 1, 2
 
 
+def _group_boundaries(owner: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """[G+1] int32 cumulative counts of rows per group 0..G-1 (`owner == G` is the sentinel, not counted)."""
+    counts = torch.zeros(num_groups + 1, dtype=torch.int32, device=owner.device)
+    counts.scatter_add_(0, owner, torch.ones_like(owner, dtype=torch.int32))
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_groups], 0, dtype=torch.int32)])
+
+
+def _slot_order(owner: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation sorting rows by `owner * 3 + slot` (stable: row order inside a slot), and its inverse."""
+    order = torch.sort(owner * 3 + slot, stable=True).indices
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return order, inverse
+
+
 def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None) -> VarlenKeys:
     """Order of the key buffer `cat([tokens, prefix copies, chunks])` for a causal varlen call.
 
@@ -156,7 +171,6 @@ def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None)
     come first, then the selected chunks (slot 1), then the query tokens (slot 2); a stable
     sort keeps row order inside each slot. Unselected chunks get the sentinel segment S.
     """
-    device = layout.token_segment.device
     num_segments = layout.num_segments
     token_slot = torch.where(layout.role == ROLE_QUERY, _SLOT_QUERY, _SLOT_OWN)
     prefix_segment = layout.example_query_segment[layout.token_example[layout.prefix_token_index]]
@@ -171,13 +185,8 @@ def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None)
         segments.append(chunk_segment)
         slots.append(torch.full_like(chunk_segment, _SLOT_CHUNK))
     segment = torch.cat(segments)
-    order = torch.sort(segment * 3 + torch.cat(slots), stable=True).indices
-    counts = torch.zeros(num_segments + 1, dtype=torch.int32, device=device)
-    counts.scatter_add_(0, segment, torch.ones_like(segment, dtype=torch.int32))
-    cu_seqlens = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_segments], 0, dtype=torch.int32)])
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=device)
-    return VarlenKeys(order=order, inverse=inverse, cu_seqlens=cu_seqlens, max_length=max_length)
+    order, inverse = _slot_order(segment, torch.cat(slots))
+    return VarlenKeys(order=order, inverse=inverse, cu_seqlens=_group_boundaries(segment, num_segments), max_length=max_length)
 
 
 def gather_varlen_keys(
@@ -330,16 +339,9 @@ def query_context_keys(layout: PackedLayout, selected_chunks: torch.Tensor | Non
         examples.append(torch.where(selected_chunks, layout.chunk_example, torch.full_like(layout.chunk_example, num_examples)))
         slots.append(torch.full_like(layout.chunk_example, _SLOT_CHUNK))
     example = torch.cat(examples)
-    order = torch.sort(example * 3 + torch.cat(slots), stable=True).indices
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-
-    def boundaries(owner: torch.Tensor) -> torch.Tensor:
-        counts = torch.zeros(num_examples + 1, dtype=torch.int32, device=owner.device)
-        counts.scatter_add_(0, owner, torch.ones_like(owner, dtype=torch.int32))
-        return torch.cat([counts.new_zeros(1), torch.cumsum(counts[:num_examples], 0, dtype=torch.int32)])
-
-    return QueryContextKeys(order=order, inverse=inverse, cu_seqlens=boundaries(example), cu_queries=boundaries(query_example))
+    order, inverse = _slot_order(example, torch.cat(slots))
+    return QueryContextKeys(order=order, inverse=inverse, cu_seqlens=_group_boundaries(example, num_examples),
+                            cu_queries=_group_boundaries(query_example, num_examples))
 
 
 class _OwnSegmentsThenQueryContext(torch.autograd.Function):
@@ -371,6 +373,7 @@ class _OwnSegmentsThenQueryContext(torch.autograd.Function):
         out.index_copy_(0, query_rows, out2)
         ctx.save_for_backward(q, k, v, out, q2, k2, v2, out2, *own_state, *context_state)
         ctx.num_own_state = len(own_state)
+        ctx.own, ctx.context = own, context
         ctx.layout, ctx.keys, ctx.scale, ctx.ops = layout, keys, scale, ops
         ctx.has_pooled = pooled_k is not None
         return out
@@ -385,14 +388,8 @@ class _OwnSegmentsThenQueryContext(torch.autograd.Function):
         grad_context = grad_out[query_rows]
         # In place: the buffer is the output projection's input gradient, read by nobody else.
         grad_out.index_fill_(0, query_rows, 0.0)
-        dq, dk, dv = ops.backward(
-            grad_out, q, k, v, out, own_state, layout.cu_seqlens, layout.cu_seqlens,
-            layout.max_segment_length, layout.max_segment_length, ctx.scale,
-        )
-        dq2, dk2, dv2 = ops.backward(
-            grad_context, q2, k2, v2, out2, context_state, keys.cu_queries, keys.cu_seqlens,
-            layout.max_query_length, layout.max_query_context, ctx.scale,
-        )
+        dq, dk, dv = ops.backward(grad_out, q, k, v, out, own_state, *ctx.own, ctx.scale)
+        dq2, dk2, dv2 = ops.backward(grad_context, q2, k2, v2, out2, context_state, *ctx.context, ctx.scale)
         dq.index_add_(0, query_rows, dq2)
         num_prefix, num_query = prefix_rows.numel(), query_rows.numel()
         # Kernels leave rows outside every segment (the unselected chunks) unwritten.
