@@ -106,9 +106,13 @@ def run_niah(
             documents, needle_ids = sample_memory(dataset, record, seed + number)
             store = model.encode_memory(documents)
             result = model.ask(model.interleave(store), record.query)
+            encoded_tokens = store.num_tokens
+            # A 1M-token store is ~19 GB of pinned host memory: holding the last one while the next
+            # is encoded got the 320M model's evaluation killed on a 128 GB host (EXPERIMENTS.md).
+            del store
             expected = (record.answer or "").split(", ")
             report.samples.append(NIAHSample(
-                subtask=task, memory_tokens=size, encoded_tokens=store.num_tokens, score=string_match_fraction(result.answer, expected),
+                subtask=task, memory_tokens=size, encoded_tokens=encoded_tokens, score=string_match_fraction(result.answer, expected),
                 answer=result.answer, expected=expected, retrieved_ids=result.retrieved_ids, needle_ids=needle_ids,
             ))
         logger.info("NIAH %s at %d tokens: %d samples", task, size, samples_per_task)

@@ -231,3 +231,43 @@ def test_router_recall_reports_each_router_layer_when_there_are_several() -> Non
     item = QAItem(query="q", reference="a", answer="a", positive_ids=[2], retrieved_ids=[2], rounds=1, router_recall=recall)
     summary = QAReport(items=[item, item]).summary()["router_recall"]
     assert list(summary) == ["recall@1", "recall@5", "recall@10", "recall@1/layer_0", "recall@1/layer_1", "recall@1/layer_10"]
+
+
+def test_niah_releases_each_memory_before_encoding_the_next():
+    """A 1M-token store is ~19 GB of pinned host memory: two alive at once got a GPU evaluation killed."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from msa_train.eval.niah import run_niah
+
+    class Store:
+        num_tokens = 10
+
+    class FakeModel:
+        settings = SimpleNamespace(show_progress=False)
+
+        def __init__(self):
+            self.alive: list[weakref.ref] = []
+            self.alive_at_encode: list[int] = []
+
+        def render_documents(self, documents):
+            return [[0] * 20 for _ in documents]
+
+        def encode_memory(self, documents):
+            gc.collect()
+            self.alive_at_encode.append(sum(ref() is not None for ref in self.alive))
+            store = Store()
+            self.alive.append(weakref.ref(store))
+            return store
+
+        def interleave(self, store):
+            return store
+
+        def ask(self, loop, question):
+            return SimpleNamespace(answer="0", retrieved_ids=[1])
+
+    model = FakeModel()
+    report = run_niah(model, sizes=[200], samples_per_task=3, subtasks=["niah_single_1"])
+    assert len(report.samples) == 3 and all(s.encoded_tokens == 10 for s in report.samples)
+    assert model.alive_at_encode == [0, 0, 0]
