@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import weakref
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from msa_train.eval import evaluate
 from msa_train.eval.harness import EvalModel, LoopSettings
 from msa_train.eval.judge import RUBRIC, JudgeClient, parse_score
 from msa_train.eval.metrics import exact_match, recall_at_k, string_match_fraction, token_f1
-from msa_train.eval.niah import SUBTASKS
+from msa_train.eval.niah import SUBTASKS, run_niah
 from msa_train.eval.qa import run_qa
 from msa_train.eval.scaling import PAPER_NIAH_AVERAGE, comparison_table, matplotlib_available, write_scaling_curve
 
@@ -235,12 +238,6 @@ def test_router_recall_reports_each_router_layer_when_there_are_several() -> Non
 
 def test_niah_releases_each_memory_before_encoding_the_next():
     """A 1M-token store is ~19 GB of pinned host memory: two alive at once got a GPU evaluation killed."""
-    import gc
-    import weakref
-    from types import SimpleNamespace
-
-    from msa_train.eval.niah import run_niah
-
     class Store:
         num_tokens = 10
 
