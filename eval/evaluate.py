@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rounds", type=int, default=3)
     parser.add_argument("--max-round-tokens", type=int, default=64)
     parser.add_argument("--max-answer-tokens", type=int, default=64)
+    parser.add_argument("--routed-ids-only", action="store_true",
+                        help="decode retrieval rounds' IDs among the documents the routers selected (RoutedIdGrammar)")
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -122,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     logger.info("prompt template: %s", template_source)
     settings = LoopSettings(
         max_rounds=args.max_rounds, max_round_tokens=args.max_round_tokens, max_answer_tokens=args.max_answer_tokens,
-        max_batch_tokens=args.max_batch_tokens, show_progress=not args.no_progress,
+        max_batch_tokens=args.max_batch_tokens, show_progress=not args.no_progress, routed_ids_only=args.routed_ids_only,
     )
     model = EvalModel.load(args.checkpoint, args.device, getattr(torch, args.dtype), template, settings, args.index_devices)
     results: dict = {"checkpoint": str(args.checkpoint),

@@ -41,6 +41,8 @@ class LoopSettings:
     max_answer_tokens: int = 64
     max_batch_tokens: int = 32768
     show_progress: bool = True
+    # Decode a round's IDs among the routed documents only (`RoutedIdGrammar`); off: free decoding.
+    routed_ids_only: bool = False
 
 
 class EvalModel:
@@ -76,6 +78,8 @@ class EvalModel:
             max_rounds=self.settings.max_rounds,
             max_round_tokens=self.settings.max_round_tokens,
             max_answer_tokens=self.settings.max_answer_tokens,
+            encode_memory_id=self.memory_id_tokens,
+            routed_ids_only=self.settings.routed_ids_only,
         )
 
     @classmethod
@@ -131,10 +135,18 @@ class EvalModel:
         encoder.add_documents(store, self.render_documents(documents))
         return store.pin_memory() if self.device.type == "cuda" else store
 
-    def interleave(self, store: MemoryStore, trace_k: int = 0) -> MemoryInterleave:
+    def memory_id_tokens(self, memory_id: int) -> list[int]:
+        """One memory ID as a retrieval round writes it (`[12]` in the reference format)."""
+        return self.tokenizer.encode(self.template.target_id_format.format(i=self.template.memory_id_text(memory_id)))
+
+    def interleave(self, store: MemoryStore, trace_k: int = 0, routed_ids_only: bool | None = None) -> MemoryInterleave:
+        """The interleave loop over `store`; `routed_ids_only` overrides the settings' choice."""
         index = RoutingIndex.from_store(store, self.index_devices)
         generator = MSAGenerator(self.model, store, index, trace_k=trace_k)
-        return MemoryInterleave(generator, self.tokenizer.decode, self.protocol)
+        protocol = self.protocol
+        if routed_ids_only is not None:
+            protocol = dataclasses.replace(protocol, routed_ids_only=routed_ids_only)
+        return MemoryInterleave(generator, self.tokenizer.decode, protocol)
 
     def query_ids(self, question: str) -> list[int]:
         return self.tokenizer.encode(self.template.query_text(question))

@@ -6,10 +6,14 @@ reproduced): three single-needle tasks over short, medium and long haystack docu
 three multi-key tasks with 4, 16 and 64 distractor needles, multi-value and multi-query.
 Every sample is its own memory, filled with haystack documents up to the memory size; the
 score is RULER's string match (the share of expected values in the answer).
+
+With `routed_ids_too`, each question is also answered with the round's IDs decoded among the
+routed documents only (`RoutedIdGrammar`), on the same encoded memory, and scored apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..data.records import RetrievalDataset, RetrievalRecord
+from msa_modeling.inference import MemoryInterleave
+
 from ..data.synthetic import generate_needles
 from .harness import EvalModel
 from .metrics import string_match_fraction
@@ -47,17 +53,23 @@ class NIAHSample:
     expected: list[str]
     retrieved_ids: list[int]
     needle_ids: list[int]
+    # The same question with IDs decoded among the routed documents (None when not asked).
+    routed_ids_score: float | None = None
+    routed_ids_answer: str | None = None
+    routed_ids_retrieved: list[int] | None = None
 
 
 @dataclass
 class NIAHReport:
     samples: list[NIAHSample] = field(default_factory=list)
 
-    def accuracy(self) -> dict[int, dict[str, float]]:
-        """{memory size: {subtask: mean score, ..., "average": mean over subtasks}}."""
+    def accuracy(self, score: str = "score") -> dict[int, dict[str, float]]:
+        """{memory size: {subtask: mean score, ..., "average": mean over subtasks}}; `score`:
+        "score" (free decoding) or "routed_ids_score" (samples without one are left out)."""
         table: dict[int, dict[str, list[float]]] = {}
         for s in self.samples:
-            table.setdefault(s.memory_tokens, {}).setdefault(s.subtask, []).append(s.score)
+            if getattr(s, score) is not None:
+                table.setdefault(s.memory_tokens, {}).setdefault(s.subtask, []).append(getattr(s, score))
         result = {}
         for size, by_task in sorted(table.items()):
             means = {task: sum(v) / len(v) for task, v in by_task.items()}
@@ -89,9 +101,10 @@ def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int)
 
 def run_niah(
     model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
-    subtasks: Sequence[str] | None = None, seed: int = 0,
+    subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False,
 ) -> NIAHReport:
-    """Score every subtask at every memory size (tokens of rendered memory)."""
+    """Score every subtask at every memory size (tokens of rendered memory); with `routed_ids_too`
+    also with IDs decoded among the routed documents."""
     unknown = set(subtasks or ()) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; choose from {list(SUBTASKS)}")
@@ -105,15 +118,23 @@ def run_niah(
         for number, record in enumerate(dataset.records):
             documents, needle_ids = sample_memory(dataset, record, seed + number)
             store = model.encode_memory(documents)
-            result = model.ask(model.interleave(store), record.query)
+            loop = model.interleave(store)
+            result = model.ask(loop, record.query)
+            constrained = None
+            if routed_ids_too:
+                protocol = dataclasses.replace(loop.protocol, routed_ids_only=True)
+                constrained = model.ask(MemoryInterleave(loop.generator, loop.decode, protocol), record.query)
             encoded_tokens = store.num_tokens
             # A 1M-token store is ~19 GB of pinned host memory: holding the last one while the next
             # is encoded got the 320M model's evaluation killed on a 128 GB host (EXPERIMENTS.md).
-            del store
+            del store, loop
             expected = (record.answer or "").split(", ")
             report.samples.append(NIAHSample(
                 subtask=task, memory_tokens=size, encoded_tokens=encoded_tokens, score=string_match_fraction(result.answer, expected),
                 answer=result.answer, expected=expected, retrieved_ids=result.retrieved_ids, needle_ids=needle_ids,
+                routed_ids_score=string_match_fraction(constrained.answer, expected) if constrained else None,
+                routed_ids_answer=constrained.answer if constrained else None,
+                routed_ids_retrieved=constrained.retrieved_ids if constrained else None,
             ))
         logger.info("NIAH %s at %d tokens: %d samples", task, size, samples_per_task)
     return report

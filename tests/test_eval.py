@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import re
 import json
 import threading
 import weakref
@@ -268,3 +269,16 @@ def test_niah_releases_each_memory_before_encoding_the_next():
     report = run_niah(model, sizes=[200], samples_per_task=3, subtasks=["niah_single_1"])
     assert len(report.samples) == 3 and all(s.encoded_tokens == 10 for s in report.samples)
     assert model.alive_at_encode == [0, 0, 0]
+
+
+def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):
+    template = TemplateConfig()  # `[12]` in the tokenizer's own (BPE-merged) digits
+    model = EvalModel.load(checkpoint, template=template, settings=LoopSettings(max_rounds=1, max_round_tokens=12,
+                                                                                 max_answer_tokens=3, show_progress=False))
+    for memory_id in (1, 9, 12, 307):
+        text = model.tokenizer.decode(model.memory_id_tokens(memory_id))
+        assert [template.parse_memory_id(m) for m in re.findall(template.memory_id_pattern(), text)] == [memory_id]
+    report = run_niah(model, sizes=[200], samples_per_task=2, subtasks=["niah_single_1", "niah_multikey_1"],
+                      routed_ids_too=True)
+    assert all(s.routed_ids_score is not None and s.routed_ids_retrieved is not None for s in report.samples)
+    assert set(report.accuracy("routed_ids_score")[200]) == {"niah_single_1", "niah_multikey_1", "average"}

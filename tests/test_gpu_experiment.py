@@ -129,10 +129,16 @@ def test_cost_model_learns_question_time_from_small_jobs_and_rate_from_large_one
 
 
 def test_acceptance_compares_the_subtasks_measured_at_both_sizes():
-    niah = {"16": {"accuracy": {"a": 1.0, "b": 0.5, "average": 0.75}},
-            "1024": {"accuracy": {"a": 0.9, "average": 0.9}}}
+    samples = lambda tasks: [{"subtask": t} for t in tasks]  # noqa: E731
+    niah = {"16": {"accuracy": {"a": 1.0, "b": 0.5, "average": 0.75}, "samples": samples("aabb"),
+                   "accuracy_routed_ids": {"a": 1.0, "average": 1.0}},
+            "1024": {"accuracy": {"a": 0.9, "average": 0.9}, "samples": samples("a"),
+                     "accuracy_routed_ids": {"a": 0.8, "average": 0.8}}}
     check = experiment.acceptance({"eval": {"niah": niah}}, row=16)
     assert check["subtasks"] == ["a"] and check["relative_drop"] == pytest.approx(0.1) and check["passed"]
+    assert (check["samples_at_L"], check["samples_at_64L"]) == (2, 1)
+    routed = experiment.acceptance({"eval": {"niah": niah}}, row=16, accuracy_key="accuracy_routed_ids")
+    assert routed["relative_drop"] == pytest.approx(0.2) and routed["passed"] is False
     assert experiment.acceptance({"eval": {}}, row=16)["passed"] is None
 
 

@@ -87,7 +87,7 @@ class ScriptedGenerator:
         self.rounds = list(rounds)
         self.contexts: list[list[int]] = []
 
-    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None, route=None):
+    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None, route=None, allowed_tokens=None):
         if cache is not None and route:  # a routed extension: the round sees the whole segment
             query_ids = cache.token_ids + list(query_ids)
         self.contexts.append(list(query_ids))

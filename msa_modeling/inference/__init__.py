@@ -12,7 +12,7 @@
 
 from .encoder import MemoryEncoder
 from .generation import GenerationOutput, LayerRouting, MSAGenerator
-from .interleave import InterleaveFormat, InterleaveResult, MemoryInterleave, RetrievalRound
+from .interleave import InterleaveFormat, InterleaveResult, MemoryInterleave, RetrievalRound, RoutedIdGrammar
 from .routing_index import RoutingIndex
 from .store import MemoryStore
 
@@ -26,5 +26,6 @@ __all__ = [
     "MemoryInterleave",
     "MemoryStore",
     "RetrievalRound",
+    "RoutedIdGrammar",
     "RoutingIndex",
 ]

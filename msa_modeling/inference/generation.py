@@ -32,7 +32,7 @@ full re-prefill (tested), at the cost of the upper half only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +95,14 @@ def _grown(buffer: torch.Tensor, rows: int, keep: int) -> torch.Tensor:
     new = buffer.new_empty((rows, *buffer.shape[1:]))
     new[:keep] = buffer[:keep]
     return new
+
+
+def _masked_argmax(logits: torch.Tensor, allowed: Collection[int]) -> torch.Tensor:
+    """The argmax of `logits` [vocab] over the token ids in `allowed` (a 0-d device tensor)."""
+    if not allowed:
+        raise ValueError("constrained decoding allowed no token")
+    candidates = torch.tensor(sorted(allowed), dtype=torch.long, device=logits.device)
+    return candidates[logits[candidates].argmax()]
 
 
 def query_start_position(config, store: MemoryStore) -> int:
@@ -183,11 +191,15 @@ class MSAGenerator:
     def generate(
         self, query_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Collection[int] = (),
         cache: QueryCache | None = None, route: bool | None = None,
+        allowed_tokens: Callable[[QueryCache, Sequence[int]], Collection[int] | None] | None = None,
     ) -> tuple[GenerationOutput, QueryCache]:
         """Greedy decoding after a prefill of `query_ids`, or, with `cache`, after appending them.
 
         `route` (default: True for a prefill, False on a cache): whether appending re-selects
         the documents (`extend`). The stop token is not appended to the returned cache.
+        `allowed_tokens(cache, generated so far)`: the token ids the next step may pick (None:
+        any), for constrained decoding such as `RoutedIdGrammar`; the cache's routing is the
+        selection the round decodes with.
         """
         if cache is None:
             logits, cache = self.prefill(query_ids, reserve=max_new_tokens)
@@ -196,7 +208,8 @@ class MSAGenerator:
         first_logits, generated, stop = logits, [], None
         stops = set(stop_token_ids)
         for _ in range(max_new_tokens):
-            token = logits.argmax()
+            allowed = allowed_tokens(cache, generated) if allowed_tokens is not None else None
+            token = logits.argmax() if allowed is None else _masked_argmax(logits, allowed)
             token_id = int(token)  # the one host synchronisation per token: the stop check
             generated.append(token_id)
             if token_id in stops:

@@ -11,6 +11,13 @@ the layers below the first router layer only, while the router half is re-run ov
 segment, because routing with the grown segment may select other documents, and a changed
 selection changes every earlier token's states from that layer up (spec sections 3 and 7).
 `incremental=False` re-prefills the whole segment each round instead (the same result).
+
+**IDs of routed documents only** (`InterleaveFormat.routed_ids_only`, off by default). In its
+router layers the model attends to the documents their routing selected and to no other, so
+an ID outside that selection names a document it has not seen. With the option on, a round's
+IDs are decoded under `RoutedIdGrammar`: each is one of the selected documents' IDs, as the
+template writes it. This is decoding over a candidate set, as generative retrieval with a
+prefix tree of valid IDs does; the answer after the rounds stays unconstrained.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .generation import LayerRouting, MSAGenerator
+from .generation import LayerRouting, MSAGenerator, QueryCache
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +45,10 @@ class InterleaveFormat:
         max_rounds: retrieval rounds before the end marker is forced.
         max_round_tokens: tokens a round of IDs may take.
         max_answer_tokens: tokens the answer may take.
+        encode_memory_id: a memory ID -> its tokens as a round writes one (`[12]`); needed by
+            `routed_ids_only`.
+        routed_ids_only: decode a round's IDs among the documents the routers selected
+            (`RoutedIdGrammar`).
     """
 
     delimiter_id: int
@@ -48,6 +59,75 @@ class InterleaveFormat:
     max_rounds: int = 3
     max_round_tokens: int = 64
     max_answer_tokens: int = 64
+    encode_memory_id: Callable[[int], Sequence[int]] | None = None
+    routed_ids_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.routed_ids_only and self.encode_memory_id is None:
+            raise ValueError("routed_ids_only needs encode_memory_id (a memory ID -> its tokens)")
+
+
+class RoutedIdGrammar:
+    """The tokens a retrieval round may write next when its IDs are the selected documents'.
+
+    A round is `ID+ delimiter` or `<End-of-Retrieve>` alone, each ID one of `id_tokens`'
+    sequences and written at most once, so a round ends within as many IDs as there are
+    candidates. The sequences are walked as a prefix tree; one that is a prefix of another (a
+    merged BPE bracket) may both end and go on. With no candidates (an empty memory) only
+    `<End-of-Retrieve>` is allowed.
+
+    Args:
+        id_tokens: {memory ID: its tokens}.
+        delimiter_id: the token closing a round of IDs.
+        end_of_retrieval_id: the token ending retrieval.
+    """
+
+    def __init__(self, id_tokens: dict[int, Sequence[int]], delimiter_id: int, end_of_retrieval_id: int) -> None:
+        self.delimiter_id = delimiter_id
+        self.end_of_retrieval_id = end_of_retrieval_id
+        self.root: dict = {}
+        self.ids_below: dict[int, set[int]] = {id(self.root): set()}  # node -> the IDs ending in its subtree
+        for memory_id, tokens in id_tokens.items():
+            if not tokens:
+                raise ValueError(f"memory ID {memory_id} has no tokens")
+            node = self.root
+            self.ids_below[id(node)].add(memory_id)
+            for token in tokens:
+                node = node.setdefault(token, {})
+                self.ids_below.setdefault(id(node), set()).add(memory_id)
+            node[None] = memory_id  # the key None marks the end of an ID
+
+    @classmethod
+    def from_routing(
+        cls, routing: Sequence[LayerRouting], top_k_docs: int, protocol: InterleaveFormat,
+    ) -> "RoutedIdGrammar":
+        """The grammar of the documents each router layer attends to (its first `top_k_docs`)."""
+        docs = sorted({int(d) for layer in routing for d in layer.docs[:top_k_docs].tolist()})
+        return cls({doc + 1: list(protocol.encode_memory_id(doc + 1)) for doc in docs},
+                   protocol.delimiter_id, protocol.end_of_retrieval_id)
+
+    def allowed_after(self, generated: Sequence[int]) -> set[int] | None:
+        """Tokens allowed after `generated` (this round's tokens so far); None once off the grammar."""
+        node, written = self.root, set()
+        for token in generated:
+            if token in node:
+                node = node[token]
+            elif None in node and token in self.root:
+                written.add(node[None])
+                node = self.root[token]
+            else:
+                return None
+
+        def open_children(of: dict) -> set[int]:
+            return {t for t, child in of.items() if t is not None and self.ids_below[id(child)] - written}
+
+        allowed = open_children(node)
+        if node is self.root:
+            allowed.add(self.end_of_retrieval_id)
+        elif None in node and node[None] not in written:  # an ID is complete: another may follow, or the delimiter
+            written.add(node[None])
+            allowed |= open_children(self.root) | {self.delimiter_id}
+        return allowed
 
 
 @dataclass
@@ -100,7 +180,7 @@ class MemoryInterleave:
                 context.append(protocol.end_of_retrieval_id)
                 output, _ = self._round(context, cache, protocol.max_answer_tokens, protocol.stop_token_ids)
                 return self._result(output.token_ids, rounds, output.routing)
-            output, cache = self._round(context, cache, protocol.max_round_tokens, round_stops)
+            output, cache = self._round(context, cache, protocol.max_round_tokens, round_stops, constrain=True)
             if output.stop_token == protocol.end_of_retrieval_id:
                 # The answer follows on the same cache and selection, as in the training sample.
                 answer, _ = self.generator.generate(
@@ -114,14 +194,31 @@ class MemoryInterleave:
             rounds.append(RetrievalRound(memory_ids=memory_ids, routing=output.routing))
             context += output.token_ids + self.injected_tokens(memory_ids)
 
-    def _round(self, context: list[int], cache, max_new_tokens: int, stops):
-        """Generate after the routed `context`: extending `cache` (which holds a prefix of it) or from scratch."""
+    def _round(self, context: list[int], cache, max_new_tokens: int, stops, constrain: bool = False):
+        """Generate after the routed `context`: extending `cache` (which holds a prefix of it) or from scratch.
+
+        `constrain`: decode the round's IDs under `RoutedIdGrammar` (with `routed_ids_only`).
+        """
+        allowed = self._routed_id_constraint() if constrain and self.protocol.routed_ids_only else None
         if cache is None or not self.incremental:
-            return self.generator.generate(context, max_new_tokens, stops)
+            return self.generator.generate(context, max_new_tokens, stops, allowed_tokens=allowed)
         cached = cache.token_ids
         if context[: len(cached)] != cached:
             raise RuntimeError("the round cache does not hold a prefix of the context")
-        return self.generator.generate(context[len(cached) :], max_new_tokens, stops, cache=cache, route=True)
+        return self.generator.generate(context[len(cached) :], max_new_tokens, stops, cache=cache, route=True,
+                                       allowed_tokens=allowed)
+
+    def _routed_id_constraint(self) -> Callable[[QueryCache, Sequence[int]], set[int] | None]:
+        """`allowed_tokens` for one round: the grammar is built once, from the round's selection."""
+        grammar: RoutedIdGrammar | None = None
+
+        def allowed(cache: QueryCache, generated: Sequence[int]) -> set[int] | None:
+            nonlocal grammar
+            if grammar is None:
+                grammar = RoutedIdGrammar.from_routing(cache.routing, self.generator.config.top_k_docs, self.protocol)
+            return grammar.allowed_after(generated)
+
+        return allowed
 
     def parse_memory_ids(self, token_ids: Sequence[int]) -> list[int]:
         """Valid memory IDs in generated tokens, in order, without repeats."""
