@@ -128,12 +128,14 @@ class EvalModel:
         return MemoryEncoder(self.model, max_batch_tokens=self.settings.max_batch_tokens,
                              show_progress=self.settings.show_progress)
 
-    def encode_memory(self, documents: Sequence[Document]) -> MemoryStore:
-        """A new memory holding `documents` as memory IDs 1..n."""
+    def encode_memory(self, documents: Sequence[Document], pin: bool = True) -> MemoryStore:
+        """A new memory holding `documents` as memory IDs 1..n; `pin` page-locks it on a GPU machine,
+        which pays off over many questions (asynchronous copies of the selected documents) and
+        costs a copy of the whole store (about 19 GB and seconds at 1M tokens for the 320M model)."""
         encoder = self.encoder()
         store = encoder.new_store(self.prefix_ids())
         encoder.add_documents(store, self.render_documents(documents))
-        return store.pin_memory() if self.device.type == "cuda" else store
+        return store.pin_memory() if pin and self.device.type == "cuda" else store
 
     def memory_id_tokens(self, memory_id: int) -> list[int]:
         """One memory ID as a retrieval round writes it (`[12]` in the reference format)."""

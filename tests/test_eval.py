@@ -252,7 +252,7 @@ def test_niah_releases_each_memory_before_encoding_the_next():
         def render_documents(self, documents):
             return [[0] * 20 for _ in documents]
 
-        def encode_memory(self, documents):
+        def encode_memory(self, documents, pin=True):
             gc.collect()
             self.alive_at_encode.append(sum(ref() is not None for ref in self.alive))
             store = Store()

@@ -84,6 +84,11 @@ def pool_padded_chunks(
     return sums[present] / counts[present].view(-1, *([1] * (states.dim() - 2)))
 
 
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums of `counts` (where each group starts in a concatenation)."""
+    return torch.cumsum(counts, 0) - counts
+
+
 def present_chunks(lengths: Sequence[int], length: int, chunk_size: int) -> torch.Tensor:
     """Flat indices (row-major over [B, ceil(length / chunk_size)]) of the chunks holding real tokens."""
     per_row = -(-length // chunk_size)
@@ -170,37 +175,35 @@ class MemoryEncoder:
         else:
             starts = list(accumulate(lengths[:-1], initial=first_position))
         chunk_size = self.config.chunk_size
-        num_slots = len(self.config.router_layers)
-        parts: dict[str, list[list[torch.Tensor]]] = {name: [[] for _ in range(num_slots)] for name in ("k", "v", "r")}
-        processed_order: list[int] = []
+        num_chunks = torch.tensor([-(-n // chunk_size) for n in lengths], dtype=torch.long)
+        doc_start = torch.cat([num_chunks.new_zeros(1), torch.cumsum(num_chunks, 0)[:-1]])
+        # Per kind ("k", "v", "r"), one host tensor [router layers, chunks, ...] in document order,
+        # allocated at the first batch; each batch's chunks are copied to their final rows once.
+        # (Concatenating the batches and reordering after held and copied the memory twice more:
+        # at 1M tokens, tens of GB of host copies, most of an encoding's time.)
+        stored: dict[str, torch.Tensor] = {}
         progress = tqdm(total=len(documents), desc="encoding memory", unit="doc", disable=not self.show_progress)
         for batch in length_sorted_batches(lengths, self.max_batch_tokens):
-            self._encode_batch([documents[i] for i in batch], [starts[i] for i in batch], parts)
-            processed_order += batch
+            index = torch.tensor(batch, dtype=torch.long)
+            rows = torch.repeat_interleave(doc_start[index] - _offsets(num_chunks[index]), num_chunks[index]) + \
+                torch.arange(int(num_chunks[index].sum()))
+            for name, host in self._encode_batch([documents[i] for i in batch], [starts[i] for i in batch]).items():
+                if name not in stored:
+                    stored[name] = torch.empty((host.shape[0], int(num_chunks.sum()), *host.shape[2:]), dtype=host.dtype)
+                stored[name].index_copy_(1, rows, host)
             progress.update(len(batch))
         progress.close()
-
-        num_chunks = torch.tensor([-(-n // chunk_size) for n in lengths], dtype=torch.long)
-        # Chunks were produced batch by batch; reorder them to the documents' order.
-        processed_chunks = num_chunks[processed_order]
-        processed_start = torch.cat([processed_chunks.new_zeros(1), torch.cumsum(processed_chunks, 0)[:-1]])
-        start_of_doc = torch.empty_like(processed_start)
-        start_of_doc[torch.tensor(processed_order, dtype=torch.long)] = processed_start
-        doc_start = torch.cat([num_chunks.new_zeros(1), torch.cumsum(num_chunks, 0)[:-1]])
-        chunk_order = torch.repeat_interleave(start_of_doc - doc_start, num_chunks) + torch.arange(int(num_chunks.sum()))
-        reorder = lambda pieces: [torch.cat(p)[chunk_order] for p in pieces]  # noqa: E731
         logger.info("encoded %d documents, %d tokens, %d chunks", len(documents), sum(lengths), int(num_chunks.sum()))
         return EncodedDocuments(
             doc_num_chunks=num_chunks,
             doc_tokens=[torch.tensor(list(doc), dtype=torch.int32) for doc in documents],
-            keys=reorder(parts["k"]),
-            values=reorder(parts["v"]),
-            routing_keys=reorder(parts["r"]),
+            keys=list(stored["k"].unbind(0)),
+            values=list(stored["v"].unbind(0)),
+            routing_keys=list(stored["r"].unbind(0)),
         )
 
-    def _encode_batch(
-        self, documents: list[Sequence[int]], starts: list[int], parts: dict[str, list[list[torch.Tensor]]],
-    ) -> None:
+    def _encode_batch(self, documents: list[Sequence[int]], starts: list[int]) -> dict[str, torch.Tensor]:
+        """{"k", "v", "r"}: [router layers, the batch's chunks (row by row), ...] on the host."""
         longest = max(len(doc) for doc in documents)
         ids = torch.zeros((len(documents), longest), dtype=torch.long)
         for row, doc in enumerate(documents):
@@ -209,7 +212,7 @@ class MemoryEncoder:
         lengths = torch.tensor([len(doc) for doc in documents], device=self.device)
         chunk_size = self.config.chunk_size
         present = present_chunks([len(doc) for doc in documents], longest, chunk_size).to(self.device)
-        on_device: dict[str, dict[int, torch.Tensor]] = {name: {} for name in parts}
+        on_device: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}, "r": {}}
         start_positions = None if self.config.document_positions else torch.tensor(starts, device=self.device)
         for states in causal_layer_states(self.model, ids, max(self.config.router_layers), start_positions):
             slot = self.router_slot.get(states.index)
@@ -225,7 +228,5 @@ class MemoryEncoder:
             on_device["v"][slot] = values.to(self.storage_dtype)
             on_device["r"][slot] = normalised.to(self.storage_dtype)
         # One copy per tensor kind and batch: the device is waited for once per batch, not per layer.
-        for name, layers in on_device.items():
-            stacked = torch.stack([layers[slot] for slot in range(len(layers))])
-            for slot, host in enumerate(stacked.to("cpu").unbind(0)):
-                parts[name][slot].append(host)
+        return {name: torch.stack([layers[slot] for slot in range(len(layers))]).to("cpu")
+                for name, layers in on_device.items()}
