@@ -51,6 +51,9 @@ MODEL_SHAPES = {
     # Qwen3-4B-Instruct-2507's shape (spec sections 3 and 8): 36 layers, router layers 18..35.
     "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    # recipes/qwen3_350m_synthetic.yaml's model (Qwen3-0.6B's layer shapes, 4096-id tokenizer).
+    "qwen3-320m": dict(vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=20,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }
@@ -312,6 +315,17 @@ def bench_content(args: argparse.Namespace, shape: dict, size: int, device: torc
 # ------------------------------------------------------------------------------ encoding, prefill, decode
 
 
+def router_layer_indices(args: argparse.Namespace, shape: dict) -> list[int]:
+    """`--router-layers` layers at the top (the paper's placement) or, with `--router-placement bottom`,
+    at the bottom (the synthetic GPU recipe's layers 0-3; encoding then stops there)."""
+    layers = shape["num_hidden_layers"]
+    if args.router_layers > layers:
+        raise SystemExit(f"--router-layers {args.router_layers}: the {args.shape} shape has {layers} layers")
+    if args.router_placement == "bottom":
+        return list(range(args.router_layers))
+    return list(range(layers - args.router_layers, layers))
+
+
 def build_model(args: argparse.Namespace, shape: dict, device: torch.device) -> MSAForCausalLM:
     if args.model:
         from transformers import AutoModelForCausalLM
@@ -320,7 +334,7 @@ def build_model(args: argparse.Namespace, shape: dict, device: torch.device) -> 
 
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(device).eval()
     config = MSAConfig(backbone_model_type="qwen3", top_k_docs=args.top_k, chunk_size=args.chunk_size,
-                       router_layers=list(range(shape["num_hidden_layers"] - args.router_layers, shape["num_hidden_layers"])),
+                       router_layers=router_layer_indices(args, shape),
                        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **shape)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)
@@ -366,8 +380,11 @@ def bench_encoding_and_prefill(
     encoded_tokens = sum(len(d) for d in documents)
     encode_gpu = gpu_memory(devices)
     store = stores[0]
+    pin_seconds = None
     if devices[0].type == "cuda":
+        start = time.perf_counter()
         store.pin_memory()
+        pin_seconds = time.perf_counter() - start
     generator = MSAGenerator(replica_models[0], store, RoutingIndex.from_store(store, [devices[0]]))
     question = random_documents(args.routing_tokens, args.routing_tokens, vocab_size, seed=2)[0]
     prefill = timed_ms(lambda: generator.prefill(question), [devices[0]], args.queries)
@@ -376,7 +393,7 @@ def bench_encoding_and_prefill(
     decode = timed_ms(lambda: generator.decode(cache, token), [devices[0]], args.queries)
     return {
         "gpus": len(devices), "replicas": len(encoders), "encoded_tokens": encoded_tokens, "encode_seconds": seconds,
-        "encode_tokens_per_s": encoded_tokens / seconds, "encode_gpu_memory": encode_gpu,
+        "encode_tokens_per_s": encoded_tokens / seconds, "encode_gpu_memory": encode_gpu, "pin_seconds": pin_seconds,
         "prefill_memory_tokens": store.num_tokens, "prefill_question_tokens": len(question),
         "prefill": prefill, "decode_step": decode, "store_host_bytes": store.host_bytes(), "host_memory": host_memory(),
     }
@@ -392,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=list(MODEL_SHAPES), default="qwen3-4b")
     parser.add_argument("--model", help="checkpoint dir for encoding/prefill instead of random weights")
     parser.add_argument("--router-layers", type=int, default=18)
+    parser.add_argument("--router-placement", choices=["top", "bottom"], default="top",
+                        help="router layers at the top (the paper's) or the bottom (the synthetic GPU recipe's)")
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--doc-length", type=int, default=512, help="tokens per document")
     parser.add_argument("--top-k", type=int, default=16)
@@ -437,7 +456,9 @@ def print_table(results: dict) -> None:
             print(f"encoding on {row['gpus']} device(s): {row['error'][:200]}")
             continue
         print(f"encoding on {row['replicas']} device(s): {row['encode_tokens_per_s']:.0f} tokens/s "
-              f"({row['encoded_tokens']} tokens in {row['encode_seconds']:.1f} s); prefill of {row['prefill_question_tokens']} "
+              f"({row['encoded_tokens']} tokens in {row['encode_seconds']:.1f} s"
+              + (f", then {row['pin_seconds']:.1f} s to pin the store" if row.get("pin_seconds") is not None else "")
+              + f"); prefill of {row['prefill_question_tokens']} "
               f"tokens over {row['prefill_memory_tokens']} memory tokens {row['prefill']['median_ms']:.1f} ms, "
               f"decode step {row['decode_step']['median_ms']:.2f} ms")
     print("\nmemory needed (computed): routing keys on the GPUs, content K̄/V̄ of every router layer on the host")
