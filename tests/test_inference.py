@@ -234,3 +234,18 @@ def test_sharded_index_agrees_with_one_shard():
     for slot in range(len(store.router_layers)):
         assert torch.equal(one.top_documents(slot, queries, 4)[1], three.top_documents(slot, queries, 4)[1])
     assert isinstance(three.shards[0], IndexShard)
+
+
+def test_the_staging_buffer_is_reused_and_grows():
+    from msa_modeling.inference.encoder import _PinnedStaging
+
+    staging = _PinnedStaging(pin=False)
+    first = torch.arange(12.0).view(2, 6)
+    assert torch.equal(staging.copy("k", first), first)
+    buffer = staging.buffers["k"]
+    smaller = torch.arange(6.0).view(2, 3) + 100
+    assert torch.equal(staging.copy("k", smaller), smaller) and staging.buffers["k"] is buffer
+    larger = torch.arange(30.0).view(2, 15)
+    assert torch.equal(staging.copy("k", larger), larger) and staging.buffers["k"].numel() == 30
+    halves = torch.ones(4, dtype=torch.bfloat16)  # another dtype gets its own buffer
+    assert torch.equal(staging.copy("k", halves), halves) and staging.buffers["k"].dtype == torch.bfloat16

@@ -85,9 +85,11 @@ def pool_padded_chunks(
 
 
 class _PinnedStaging:
-    """One page-locked host buffer per tensor kind, grown as batches need, reused across batches."""
+    """One page-locked host buffer per tensor kind, grown as batches need, reused across batches
+    (`pin=False`: ordinary host memory, for machines without CUDA)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pin: bool = True) -> None:
+        self.pin = pin
         self.buffers: dict[str, torch.Tensor] = {}
 
     def copy(self, name: str, source: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ class _PinnedStaging:
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < source.numel() or buffer.dtype != source.dtype:
             grown = 2 * buffer.numel() if buffer is not None and buffer.dtype == source.dtype else 0
-            buffer = torch.empty(max(source.numel(), grown), dtype=source.dtype, pin_memory=True)
+            buffer = torch.empty(max(source.numel(), grown), dtype=source.dtype, pin_memory=self.pin)
             self.buffers[name] = buffer
         host = buffer[: source.numel()].view(source.shape)
         host.copy_(source)  # synchronous: the view is read right after
