@@ -548,8 +548,9 @@ def niah_summary(report: Any, size: int) -> dict[str, Any]:
     routed = report.accuracy("routed_ids_score").get(size, {})
     samples = [s for s in report.samples if s.memory_tokens == size]
 
-    def retrieved(ids: list[int] | None) -> float:
-        return sum(bool(set(s.needle_ids) & set(getattr(s, ids) or ())) for s in samples) / max(len(samples), 1)
+    def retrieved(ids_field: str) -> float:
+        """The share of samples whose retrieved IDs (`ids_field` of a sample) include a needle."""
+        return sum(bool(set(s.needle_ids) & set(getattr(s, ids_field) or ())) for s in samples) / max(len(samples), 1)
 
     return {
         "accuracy": accuracy,
