@@ -238,7 +238,7 @@ def test_router_recall_reports_each_router_layer_when_there_are_several() -> Non
 
 
 def test_niah_releases_each_memory_before_encoding_the_next():
-    """A 1M-token store is ~19 GB of pinned host memory: two alive at once got a GPU evaluation killed."""
+    """A 1M-token store is ~23 GB of host memory: two alive at once got a GPU evaluation killed."""
     class Store:
         num_tokens = 10
 
