@@ -125,8 +125,9 @@ def run_niah(
                 protocol = dataclasses.replace(loop.protocol, routed_ids_only=True)
                 constrained = model.ask(MemoryInterleave(loop.generator, loop.decode, protocol), record.query)
             encoded_tokens = store.num_tokens
-            # A 1M-token store is ~23 GB of host memory (15 GiB of K̄/V̄, 7.6 GiB of routing keys): holding the last one while the next
-            # is encoded got the 320M model's evaluation killed on a 128 GB host (EXPERIMENTS.md).
+            # A 1M-token store is ~23 GB of host memory (15 GiB of K̄/V̄, 7.6 GiB of routing keys):
+            # holding the last one while the next is encoded got the 320M model's evaluation
+            # killed on a 128 GB host (EXPERIMENTS.md).
             del store, loop
             expected = (record.answer or "").split(", ")
             report.samples.append(NIAHSample(
