@@ -956,14 +956,12 @@ def plot_results(results: dict[str, Any], results_dir: Path, name: str) -> list[
     figure, axis = plt.subplots(figsize=(7, 4.2))
     for variant, data in variants.items():
         niah = data.get("eval", {}).get("niah", {})
-        points = sorted((int(size), value["average"]) for size, value in niah.items() if value.get("average") is not None)
-        if points:
-            axis.plot(*zip(*points), marker="o", color=colours[variant], label=VARIANT_TITLES.get(variant, variant))
-        points = sorted((int(size), value["average_routed_ids"]) for size, value in niah.items()
-                        if value.get("average_routed_ids") is not None)
-        if points:
-            axis.plot(*zip(*points), marker="s", linestyle="--", color=colours[variant],
-                      label=f"{VARIANT_TITLES.get(variant, variant)}, IDs among routed documents")
+        title = VARIANT_TITLES.get(variant, variant)
+        for key, style, label in (("average", dict(marker="o"), title),
+                                  ("average_routed_ids", dict(marker="s", linestyle="--"), f"{title}, IDs among routed documents")):
+            points = sorted((int(size), value[key]) for size, value in niah.items() if value.get(key) is not None)
+            if points:
+                axis.plot(*zip(*points), color=colours[variant], label=label, **style)
     for reference, values in PAPER_NIAH_AVERAGE.items():
         if reference.startswith("MSA"):
             axis.plot(sorted(values), [values[s] for s in sorted(values)], color="grey", linestyle=":", marker="x",

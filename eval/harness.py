@@ -141,14 +141,10 @@ class EvalModel:
         """One memory ID as a retrieval round writes it (`[12]` in the reference format)."""
         return self.tokenizer.encode(self.template.target_id_format.format(i=self.template.memory_id_text(memory_id)))
 
-    def interleave(self, store: MemoryStore, trace_k: int = 0, routed_ids_only: bool | None = None) -> MemoryInterleave:
-        """The interleave loop over `store`; `routed_ids_only` overrides the settings' choice."""
+    def interleave(self, store: MemoryStore, trace_k: int = 0) -> MemoryInterleave:
         index = RoutingIndex.from_store(store, self.index_devices)
         generator = MSAGenerator(self.model, store, index, trace_k=trace_k)
-        protocol = self.protocol
-        if routed_ids_only is not None:
-            protocol = dataclasses.replace(protocol, routed_ids_only=routed_ids_only)
-        return MemoryInterleave(generator, self.tokenizer.decode, protocol)
+        return MemoryInterleave(generator, self.tokenizer.decode, self.protocol)
 
     def query_ids(self, question: str) -> list[int]:
         return self.tokenizer.encode(self.template.query_text(question))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from batches import tiny_msa
-from test_inference import random_memory
+from test_inference import encoded_store, random_memory
 from test_inference_store import DELIM, END
 
-from msa_modeling.inference import InterleaveFormat, MemoryEncoder, MemoryInterleave, MSAGenerator, RoutedIdGrammar
+from msa_modeling.inference import InterleaveFormat, MemoryInterleave, MSAGenerator, RoutedIdGrammar
 
 OPEN, CLOSE = 68, 69
 
@@ -77,10 +77,7 @@ def slow_constrained_round(generator: MSAGenerator, context: list[int], grammar_
 def test_constrained_rounds_write_only_routed_ids_and_match_a_slow_reference(seed):
     model = tiny_msa(seed, top_k_docs=2, chunk_size=4)
     memory = random_memory(seed, num_docs=9)
-    encoder = MemoryEncoder(model, max_batch_tokens=40, show_progress=False)
-    store = encoder.new_store(memory["prefix"])
-    encoder.add_documents(store, memory["docs"])
-    generator = MSAGenerator(model, store, trace_k=4)
+    generator = MSAGenerator(model, encoded_store(model, memory, max_batch_tokens=40), trace_k=4)
     delimiter = 5
     # An end marker the random model ranks last, so that retrieval rounds happen.
     end = int(generator.prefill(memory["question"])[0].argmin())
@@ -108,10 +105,7 @@ def test_the_constraint_bites_on_random_weights():
     for seed in range(4):
         model = tiny_msa(seed, top_k_docs=2, chunk_size=4)
         memory = random_memory(seed, num_docs=9)
-        encoder = MemoryEncoder(model, max_batch_tokens=40, show_progress=False)
-        store = encoder.new_store(memory["prefix"])
-        encoder.add_documents(store, memory["docs"])
-        output, _ = MSAGenerator(model, store).generate(memory["question"], 1)
+        output, _ = MSAGenerator(model, encoded_store(model, memory, max_batch_tokens=40)).generate(memory["question"], 1)
         grammar = RoutedIdGrammar.from_routing(output.routing, 2, id_protocol(True, 5))
         outside += output.token_ids[0] not in grammar.allowed_after([])
     assert outside > 0

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..routing import l2_normalize
 from .layer_steps import attend, attention_residual, embed_tokens, rotary_tables
-from .store import EncodedDocuments, MemoryStore, check_signature, model_signature
+from .store import EncodedDocuments, MemoryStore, _offsets, check_signature, model_signature
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,6 @@ class _PinnedStaging:
         host = buffer[: source.numel()].view(source.shape)
         host.copy_(source)  # synchronous: the view is read right after
         return host
-
-
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    """Exclusive prefix sums of `counts` (where each group starts in a concatenation)."""
-    return torch.cumsum(counts, 0) - counts
 
 
 def present_chunks(lengths: Sequence[int], length: int, chunk_size: int) -> torch.Tensor:
@@ -196,7 +191,7 @@ class MemoryEncoder:
             starts = list(accumulate(lengths[:-1], initial=first_position))
         chunk_size = self.config.chunk_size
         num_chunks = torch.tensor([-(-n // chunk_size) for n in lengths], dtype=torch.long)
-        doc_start = torch.cat([num_chunks.new_zeros(1), torch.cumsum(num_chunks, 0)[:-1]])
+        doc_start = _offsets(num_chunks)[:-1]
         # Per kind ("k", "v", "r"), one host tensor [router layers, chunks, ...] in document order,
         # allocated at the first batch; each batch's chunks are copied to their final rows once.
         # (Concatenating the batches and reordering after held and copied the memory twice more:
@@ -208,7 +203,7 @@ class MemoryEncoder:
         progress = tqdm(total=len(documents), desc="encoding memory", unit="doc", disable=not self.show_progress)
         for batch in length_sorted_batches(lengths, self.max_batch_tokens):
             index = torch.tensor(batch, dtype=torch.long)
-            rows = torch.repeat_interleave(doc_start[index] - _offsets(num_chunks[index]), num_chunks[index]) + \
+            rows = torch.repeat_interleave(doc_start[index] - _offsets(num_chunks[index])[:-1], num_chunks[index]) + \
                 torch.arange(int(num_chunks[index].sum()))
             for name, encoded in self._encode_batch([documents[i] for i in batch], [starts[i] for i in batch]).items():
                 host = staging.copy(name, encoded) if staging is not None else encoded.to("cpu")
