@@ -391,12 +391,31 @@ def bench_encoding_and_prefill(
     _, cache = generator.prefill(question, reserve=args.queries + 4)
     token = torch.tensor([question[0]], device=devices[0])
     decode = timed_ms(lambda: generator.decode(cache, token), [devices[0]], args.queries)
+    profile = profile_table(lambda: generator.decode(cache, token), args.profile_decode) if args.profile_decode else None
     return {
         "gpus": len(devices), "replicas": len(encoders), "encoded_tokens": encoded_tokens, "encode_seconds": seconds,
         "encode_tokens_per_s": encoded_tokens / seconds, "encode_gpu_memory": encode_gpu, "pin_seconds": pin_seconds,
         "prefill_memory_tokens": store.num_tokens, "prefill_question_tokens": len(question),
-        "prefill": prefill, "decode_step": decode, "store_host_bytes": store.host_bytes(), "host_memory": host_memory(),
+        "prefill": prefill, "decode_step": decode, "decode_profile": profile,
+        "store_host_bytes": store.host_bytes(), "host_memory": host_memory(),
     }
+
+
+def profile_table(run: Callable[[], object], steps: int) -> str:
+    """torch.profiler's per-operator table of `steps` calls of `run`: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    averages = profiler.key_averages()
+    tables = [averages.table(sort_by="self_cpu_time_total", row_limit=25)]
+    if torch.cuda.is_available():
+        tables.append(averages.table(sort_by="self_cuda_time_total", row_limit=15))
+    return "\n".join(tables)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -424,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encode-tokens", type=int, default=1 << 18,
                         help="tokens to encode per GPU count (0: skip encoding, prefill and decode)")
     parser.add_argument("--max-batch-tokens", type=int, default=65536)
+    parser.add_argument("--profile-decode", type=int, default=0, metavar="STEPS",
+                        help="also profile this many decode steps (torch.profiler tables in the JSON and printed)")
     parser.add_argument("--out", default="bench_inference.json")
     return parser
 
@@ -461,6 +482,8 @@ def print_table(results: dict) -> None:
               + f"); prefill of {row['prefill_question_tokens']} "
               f"tokens over {row['prefill_memory_tokens']} memory tokens {row['prefill']['median_ms']:.1f} ms, "
               f"decode step {row['decode_step']['median_ms']:.2f} ms")
+        if row.get("decode_profile"):
+            print(row["decode_profile"])
     print("\nmemory needed (computed): routing keys on the GPUs, content K̄/V̄ of every router layer on the host")
     for row in results["estimates"]:
         per_gpu = row.get("routing_key_bytes_per_gpu", {})

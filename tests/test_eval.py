@@ -175,7 +175,7 @@ def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
     bench_inference.main([
         "--gpus", "1", "2", "--sizes", "4096", "8192", "--shape", "tiny", "--router-layers", "2",
         "--doc-length", "100", "--queries", "2", "--tile-size", "16", "--dtype", "float32", "--encode-tokens", "600",
-        "--routing-tokens", "6", "--out", str(out),
+        "--routing-tokens", "6", "--profile-decode", "2", "--out", str(out),
     ])
     results = json.loads(out.read_text())
     assert not [r for section in ("routing", "content", "encoding") for r in results[section] if "error" in r]
@@ -190,6 +190,7 @@ def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
     assert [r["replicas"] for r in results["encoding"]] == [1, 1]
     assert results["encoding"][0]["encoded_tokens"] == 600 and results["encoding"][0]["prefill"]["median_ms"] > 0
     assert results["encoding"][0]["decode_step"]["median_ms"] > 0
+    assert "aten::mm" in results["encoding"][0]["decode_profile"]
 
 
 def test_inference_benchmark_memory_estimates_at_100m_tokens():
