@@ -191,6 +191,7 @@ def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
     assert results["encoding"][0]["encoded_tokens"] == 600 and results["encoding"][0]["prefill"]["median_ms"] > 0
     assert results["encoding"][0]["decode_step"]["median_ms"] > 0
     assert "aten::mm" in results["encoding"][0]["decode_profile"]
+    assert results["encoding"][0]["index_seconds"] > 0 and results["encoding"][0]["index_bytes"] > 0
 
 
 def test_inference_benchmark_memory_estimates_at_100m_tokens():
