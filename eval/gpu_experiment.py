@@ -568,20 +568,16 @@ def niah_summary(report: Any, size: int) -> dict[str, Any]:
 
 
 def eval_jobs(row: int, settings: dict) -> list[dict]:
-    """Evaluation jobs in order of importance. NIAH runs one subtask per job, so that a deadline
-    leaves whole subtasks; the jobs of the acceptance check (NIAH at L and 64L) are `required`."""
+    """Evaluation jobs in order of importance. NIAH at L and 64L (the acceptance check) comes
+    first, in rounds (`run_niah_rounds`), then router recall at the same two sizes; the other
+    sizes run one NIAH subtask per job, so that a deadline leaves whole subtasks."""
     sizes = [row * m for m in settings["size_multiples"]]
-
-    def niah(size: int, required: bool = False) -> list[dict]:
-        return [{"kind": "niah", "size": size, "subtask": task, "required": required}
-                for task in settings["niah_subtasks"]]
-
-    # Router recall at L and 64L (one shared memory each, seconds) comes right after NIAH at the
-    # same size: a deadline after the million-token NIAH must not leave routing unmeasured.
-    jobs = [*niah(sizes[0], True), {"kind": "qa_recall", "size": sizes[0]}, *niah(sizes[1], True),
-            {"kind": "qa_recall", "size": sizes[1]}, {"kind": "multihop", "size": row}, {"kind": "kv", "size": row}]
+    jobs = [{"kind": "niah_rounds", "sizes": sizes[:2]},
+            {"kind": "qa_recall", "size": sizes[0]}, {"kind": "qa_recall", "size": sizes[1]},
+            {"kind": "multihop", "size": row}, {"kind": "kv", "size": row}]
     for size in sizes[2:]:
-        jobs += [*niah(size), {"kind": "qa_recall", "size": size}]
+        jobs += [{"kind": "niah", "size": size, "subtask": task} for task in settings["niah_subtasks"]]
+        jobs.append({"kind": "qa_recall", "size": size})
     return jobs
 
 
@@ -617,15 +613,59 @@ class CostModel:
 
 def job_size(job: dict, settings: dict) -> tuple[float, float]:
     """(memory tokens to encode, questions) of a job."""
-    if job["kind"] == "niah":
-        return job["size"] * settings["niah_samples"], settings["niah_samples"]
+    if job["kind"] == "niah":  # each sample is asked twice: free decoding and routed IDs
+        return job["size"] * settings["niah_samples"], 2 * settings["niah_samples"]
     questions = settings["qa_questions"] * (2 if job["kind"] == "multihop" else 1)  # two rounds
     return job["size"], questions
 
 
+def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: CostModel, soft_deadline: float,
+                    hard_deadline: float, reports: dict[int, Any], evaluation: dict, save: Any) -> None:
+    """NIAH at every one of `sizes`, in rounds of one sample per subtask and size (round r draws
+    its samples with seed r), up to `niah_samples` rounds.
+
+    Whenever the deadline falls, every size has been asked the same subtasks equally often, so
+    the accuracy at 64L is compared with the one at L on as many samples as the time allowed
+    (a job per size would spend the time at L first). The first round runs until
+    `hard_deadline`: the acceptance check needs it. Later rounds start only when their
+    predicted time ends before `soft_deadline`, which leaves time for the jobs after them.
+    """
+    from .niah import NIAHReport, run_niah
+
+    for round_index in range(settings["niah_samples"]):
+        for task in settings["niah_subtasks"]:
+            predicted = costs.predict(sum(sizes), 2 * len(sizes))  # two questions: free and routed IDs
+            now = time.time()
+            if (now >= hard_deadline) if round_index == 0 else (now + predicted > soft_deadline):
+                evaluation["skipped"].append({"job": f"niah rounds {round_index + 1}.. from {task}",
+                                              "predicted_s": round(predicted, 1)})
+                return
+            for size in sizes:
+                label = f"niah@{size_label(size)}/{task}, round {round_index + 1}"
+                started = time.time()
+                try:
+                    report = run_niah(model, sizes=[size], samples_per_task=1, subtasks=[task], seed=round_index,
+                                      routed_ids_too=True)
+                except Exception:
+                    evaluation.setdefault("errors", []).append({"job": label, "traceback": traceback.format_exc()})
+                    logger.exception("eval %s failed; no more NIAH rounds", label)
+                    save()
+                    return
+                seconds = time.time() - started
+                merged = reports.setdefault(size, NIAHReport())
+                merged.samples += report.samples
+                summary = niah_summary(merged, size)
+                summary["seconds"] = evaluation["niah"].get(str(size), {}).get("seconds", 0.0) + seconds
+                evaluation["niah"][str(size)] = summary
+                costs.observe(sum(s.encoded_tokens for s in report.samples), 2 * len(report.samples), seconds)
+                evaluation["rates"] = costs.state()
+                logger.info("eval %s: %.1f s", label, seconds)
+            save()
+
+
 def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
-    """Run the evaluation jobs in order while the predicted end stays before the deadline (required
-    jobs run with fewer NIAH samples rather than not at all)."""
+    """Run the evaluation jobs in order while the predicted end stays before the deadline (NIAH at
+    L and 64L gets at least one round, see `run_niah_rounds`)."""
     from ..data.synthetic import generate_kv_facts
     from .harness import LoopSettings
     from .niah import NIAHReport, run_niah
@@ -645,30 +685,32 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
     costs = CostModel(settings["assumed_encode_tokens_per_s"], settings["assumed_question_s"],
                       min_tokens=4 * spec["longest_row"])
     niah_reports: dict[int, Any] = {}
-    for job in eval_jobs(spec["longest_row"], settings):
+    jobs = eval_jobs(spec["longest_row"], settings)
+    for job in jobs:
+        if job["kind"] == "niah_rounds":
+            # Router recall at the same sizes comes next and is kept time for.
+            after = [j for j in jobs if j["kind"] == "qa_recall" and j["size"] in job["sizes"]]
+            reserve = sum(costs.predict(*job_size(j, settings)) for j in after)
+            run_niah_rounds(model, job["sizes"], settings, costs, deadline - reserve, deadline + settings["margin_s"],
+                            niah_reports, evaluation, save)
+            continue
         tokens, questions = job_size(job, settings)
         predicted = costs.predict(tokens, questions)
         label = f"{job['kind']}@{size_label(job['size'])}" + (f"/{job['subtask']}" if "subtask" in job else "")
-        samples = settings["niah_samples"]
-        left = (deadline + settings["margin_s"] if job.get("required") else deadline) - time.time()
-        if predicted > left:
-            if job.get("required") and left > 0:
-                samples = max(1, int(samples * left / predicted))
-                predicted = costs.predict(job["size"] * samples, samples)
-            else:
-                evaluation["skipped"].append({"job": label, "predicted_s": round(predicted, 1)})
-                save()
-                continue
+        if predicted > deadline - time.time():
+            evaluation["skipped"].append({"job": label, "predicted_s": round(predicted, 1)})
+            save()
+            continue
         started = time.time()
         try:
             if job["kind"] == "niah":
-                report = run_niah(model, sizes=[job["size"]], samples_per_task=samples, subtasks=[job["subtask"]], seed=0,
-                                  routed_ids_too=True)
+                report = run_niah(model, sizes=[job["size"]], samples_per_task=settings["niah_samples"],
+                                  subtasks=[job["subtask"]], seed=0, routed_ids_too=True)
                 merged = niah_reports.setdefault(job["size"], NIAHReport())
                 merged.samples += report.samples
                 summary = niah_summary(merged, job["size"])
                 evaluation["niah"][str(job["size"])] = summary
-                encoded, asked = sum(s.encoded_tokens for s in report.samples), len(report.samples)
+                encoded, asked = sum(s.encoded_tokens for s in report.samples), 2 * len(report.samples)
             else:
                 if job["kind"] == "qa_recall":
                     dataset = needle_memory(model, job["size"], settings["qa_questions"], HELDOUT_SEED + job["size"] % 997)

@@ -190,8 +190,61 @@ def test_stage_curves_keep_each_router_layers_eval_recall(tmp_path):
 
 def test_evaluation_measures_niah_and_routing_at_l_and_64l_first():
     settings = {"size_multiples": [1, 64, 8], "niah_subtasks": ["niah_single_1", "niah_multikey_1"]}
-    jobs = [(job["kind"], job["size"]) for job in experiment.eval_jobs(100, settings)]
-    assert jobs[:6] == [("niah", 100), ("niah", 100), ("qa_recall", 100), ("niah", 6400), ("niah", 6400),
-                        ("qa_recall", 6400)]
-    assert [job["required"] for job in experiment.eval_jobs(100, settings) if job["kind"] == "niah"] == [True] * 4 + [False] * 2
-    assert ("qa_recall", 800) in jobs and ("multihop", 100) in jobs and ("kv", 100) in jobs
+    jobs = experiment.eval_jobs(100, settings)
+    assert jobs[0] == {"kind": "niah_rounds", "sizes": [100, 6400]}
+    assert [(job["kind"], job.get("size")) for job in jobs[1:3]] == [("qa_recall", 100), ("qa_recall", 6400)]
+    assert [(job["kind"], job["size"]) for job in jobs if job["kind"] == "niah"] == [("niah", 800)] * 2
+    assert {("multihop", 100), ("kv", 100), ("qa_recall", 800)} <= {(job["kind"], job.get("size")) for job in jobs}
+
+
+def _fake_niah(monkeypatch, clock: list[float], seconds_per_token: float, fail_at: int | None = None) -> list[tuple]:
+    """run_niah replaced by one that advances `clock` by the memory's cost and records its calls."""
+    from msa_train.eval import niah
+
+    calls = []
+
+    def run_niah(model, sizes, samples_per_task, subtasks, seed, routed_ids_too):
+        assert samples_per_task == 1 and routed_ids_too and len(sizes) == 1
+        calls.append((sizes[0], subtasks[0], seed))
+        if len(calls) == fail_at:
+            raise RuntimeError("CUDA out of memory")
+        clock[0] += sizes[0] * seconds_per_token
+        sample = niah.NIAHSample(subtask=subtasks[0], memory_tokens=sizes[0], encoded_tokens=sizes[0],
+                                 score=float(sizes[0] < 1000), answer="1", expected=["1"], retrieved_ids=[1],
+                                 needle_ids=[1], routed_ids_score=1.0, routed_ids_answer="1", routed_ids_retrieved=[1])
+        return niah.NIAHReport(samples=[sample])
+
+    monkeypatch.setattr(niah, "run_niah", run_niah)
+    monkeypatch.setattr(experiment.time, "time", lambda: clock[0])
+    return calls
+
+
+def test_niah_rounds_ask_both_sizes_equally_often_until_the_deadline(monkeypatch):
+    clock = [0.0]
+    calls = _fake_niah(monkeypatch, clock, seconds_per_token=0.01)  # a pair (100 + 6400 tokens) takes 65 s
+    settings = {"niah_samples": 8, "niah_subtasks": ["a", "b"]}
+    costs = experiment.CostModel(encode_tokens_per_s=100.0, question_s=0.0, min_tokens=400)
+    evaluation, reports, saves = {"niah": {}, "skipped": []}, {}, []
+    experiment.run_niah_rounds(None, [100, 6400], settings, costs, soft_deadline=200.0, hard_deadline=300.0,
+                               reports=reports, evaluation=evaluation, save=lambda: saves.append(1))
+    # Three pairs end by 195 s; a fourth would end at 260 s, after the soft deadline.
+    assert calls == [(100, "a", 0), (6400, "a", 0), (100, "b", 0), (6400, "b", 0), (100, "a", 1), (6400, "a", 1)]
+    assert evaluation["skipped"] == [{"job": "niah rounds 2.. from b", "predicted_s": 65.0}]
+    assert [s["subtask"] for s in evaluation["niah"]["100"]["samples"]] == ["a", "b", "a"]
+    assert evaluation["niah"]["6400"]["accuracy"] == {"a": 0.0, "b": 0.0, "average": 0.0}
+    assert evaluation["niah"]["100"]["seconds"] == pytest.approx(3.0) and len(saves) == 3
+    check = experiment.acceptance({"eval": evaluation}, row=100)
+    assert (check["samples_at_L"], check["samples_at_64L"], check["passed"]) == (3, 3, False)
+
+
+def test_the_first_niah_round_runs_past_the_soft_deadline_and_an_error_ends_the_rounds(monkeypatch):
+    clock = [0.0]
+    calls = _fake_niah(monkeypatch, clock, seconds_per_token=0.01, fail_at=4)
+    settings = {"niah_samples": 8, "niah_subtasks": ["a", "b", "c"]}
+    costs = experiment.CostModel(encode_tokens_per_s=100.0, question_s=0.0, min_tokens=400)
+    evaluation = {"niah": {}, "skipped": []}
+    experiment.run_niah_rounds(None, [100, 6400], settings, costs, soft_deadline=10.0, hard_deadline=100.0,
+                               reports={}, evaluation=evaluation, save=lambda: None)
+    assert calls == [(100, "a", 0), (6400, "a", 0), (100, "b", 0), (6400, "b", 0)]
+    assert evaluation["errors"][0]["job"] == "niah@6400/b, round 1" and "out of memory" in evaluation["errors"][0]["traceback"]
+    assert len(evaluation["niah"]["100"]["samples"]) == 2 and len(evaluation["niah"]["6400"]["samples"]) == 1
