@@ -563,7 +563,8 @@ def niah_summary(report: Any, size: int) -> dict[str, Any]:
         "samples": [{"subtask": s.subtask, "score": s.score, "answer": s.answer[:120], "expected": s.expected,
                      "needle_ids": s.needle_ids, "retrieved_ids": s.retrieved_ids,
                      "routed_ids_score": s.routed_ids_score, "routed_ids_answer": (s.routed_ids_answer or "")[:120],
-                     "routed_ids_retrieved": s.routed_ids_retrieved} for s in samples],
+                     "routed_ids_retrieved": s.routed_ids_retrieved, "routed_by_layer": s.routed_by_layer}
+                    for s in samples],
     }
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from ..data.records import RetrievalDataset, RetrievalRecord
-from msa_modeling.inference import MemoryInterleave
+from msa_modeling.inference import InterleaveResult, MemoryInterleave
 
 from ..data.synthetic import generate_needles
 from .harness import EvalModel
@@ -57,6 +57,9 @@ class NIAHSample:
     routed_ids_score: float | None = None
     routed_ids_answer: str | None = None
     routed_ids_retrieved: list[int] | None = None
+    # Per router layer, the IDs it attended to for the question (free decoding, `first_selection`):
+    # whether the layers agree on the needle, and where a misread ID's digits could come from.
+    routed_by_layer: list[list[int]] | None = None
 
 
 @dataclass
@@ -99,6 +102,16 @@ def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int)
     return [by_id[doc_id] for doc_id in doc_ids], needle_ids
 
 
+def first_selection(result: InterleaveResult, loop: MemoryInterleave) -> list[list[int]] | None:
+    """The memory IDs (1-based) each router layer attended to for the question: while the model
+    wrote its first retrieval round, or its answer where it opened none (None without routing)."""
+    routing = result.rounds[0].routing if result.rounds else result.answer_routing
+    if not routing:
+        return None
+    top_k = loop.generator.config.top_k_docs
+    return [[int(doc) + 1 for doc in layer.docs[:top_k].tolist()] for layer in routing]
+
+
 def run_niah(
     model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
     subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False,
@@ -125,6 +138,7 @@ def run_niah(
                 protocol = dataclasses.replace(loop.protocol, routed_ids_only=True)
                 constrained = model.ask(MemoryInterleave(loop.generator, loop.decode, protocol), record.query)
             encoded_tokens = store.num_tokens
+            routed_by_layer = first_selection(result, loop)
             # A 1M-token store is ~23 GB of host memory (15 GiB of K̄/V̄, 7.6 GiB of routing keys):
             # holding the last one while the next is encoded got the 320M model's evaluation
             # killed on a 128 GB host (EXPERIMENTS.md).
@@ -136,6 +150,7 @@ def run_niah(
                 routed_ids_score=string_match_fraction(constrained.answer, expected) if constrained else None,
                 routed_ids_answer=constrained.answer if constrained else None,
                 routed_ids_retrieved=constrained.retrieved_ids if constrained else None,
+                routed_by_layer=routed_by_layer,
             ))
         logger.info("NIAH %s at %d tokens: %d samples", task, size, samples_per_task)
     return report

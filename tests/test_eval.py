@@ -265,7 +265,7 @@ def test_niah_releases_each_memory_before_encoding_the_next():
             return store
 
         def ask(self, loop, question):
-            return SimpleNamespace(answer="0", retrieved_ids=[1])
+            return SimpleNamespace(answer="0", retrieved_ids=[1], rounds=[], answer_routing=[])
 
     model = FakeModel()
     report = run_niah(model, sizes=[200], samples_per_task=3, subtasks=["niah_single_1"])
@@ -284,3 +284,9 @@ def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):
                       routed_ids_too=True)
     assert all(s.routed_ids_score is not None and s.routed_ids_retrieved is not None for s in report.samples)
     assert set(report.accuracy("routed_ids_score")[200]) == {"niah_single_1", "niah_multikey_1", "average"}
+    # Each router layer's selection for the question, as memory IDs of the sample's own memory.
+    config = model.model.config
+    for sample in report.samples:
+        assert len(sample.routed_by_layer) == len(config.router_layers)
+        assert all(len(ids) == config.top_k_docs and len(set(ids)) == len(ids) and min(ids) >= 1
+                   for ids in sample.routed_by_layer)
