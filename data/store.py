@@ -124,6 +124,7 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         np.save(temp / "example_origin.npy", np.asarray([[p.record_index, p.step] for p in plans],
                                                          dtype=np.int64).reshape(len(plans), 2))
         np.save(temp / "id_offsets.npy", np.asarray([p.id_offset for p in plans], dtype=np.int64))
+        np.save(temp / "id_strides.npy", np.asarray([p.id_stride for p in plans], dtype=np.int64))
         (temp / "shard.json").write_text(json.dumps(stats, indent=1))
 
 
@@ -225,6 +226,9 @@ class ExampleShard:
         offsets_path = directory / "id_offsets.npy"
         self.id_offsets = (np.load(offsets_path) if offsets_path.is_file()
                            else np.zeros(len(self.example_tokens), dtype=np.int64))
+        strides_path = directory / "id_strides.npy"  # absent in shards written before strides
+        self.id_strides = (np.load(strides_path) if strides_path.is_file()
+                           else np.ones(len(self.example_tokens), dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.example_tokens)

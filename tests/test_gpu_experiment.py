@@ -14,6 +14,7 @@ from data_fixtures import write_tiny_export
 from test_inference import training_row
 
 from msa_train.data.records import Document
+from msa_train.data.samples import MemoryConfig
 from msa_train.eval import gpu_experiment as experiment
 from msa_train.eval.harness import LoopSettings
 from msa_train.train.config import load_recipe
@@ -68,6 +69,16 @@ def test_variant_overrides_express_the_three_ablations():
         assert sorted(stage.sources.values()) == sorted(original.sources.values())
     used = {name for stage in recipe.stages for name in stage.sources}
     assert any(kinds[name] == "interleave" for name in used)
+
+
+def test_id_strides_variant_spreads_every_memory_over_its_id_range():
+    recipe = load_recipe(experiment.DEFAULT_RECIPE)
+    strided = load_recipe(experiment.DEFAULT_RECIPE, experiment.variant_overrides(recipe, "id_strides"))
+    for name, source in strided.data.sources.items():
+        memory = MemoryConfig(**source["memory"])
+        assert memory.max_memory_id == MemoryConfig(**recipe.data.sources[name]["memory"]).max_memory_id
+        assert memory.id_stride_max * memory.max_memory_docs <= memory.max_memory_id
+        assert memory.id_stride_max >= 64  # 33280 // 512 for the largest memories
 
 
 def test_the_recipe_trains_the_ids_and_chunks_that_evaluation_uses():
