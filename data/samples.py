@@ -203,7 +203,7 @@ class SampleBuilder:
             for hop in hops[:step]:
                 ids = self._ids(hop, memory_id_of)
                 segments.append((self.template.target_ids_text(ids), label_earlier))
-                segments.append((self._injected_tokens(ids, memory, memory_id_of), False))
+                segments.append((self._injected_tokens(ids, memory_id_of), False))
             if step < len(hops):
                 segments.append((self.template.target_ids_text(self._ids(hops[step], memory_id_of)), True))
                 step_positives = set(hops[step])
@@ -235,7 +235,7 @@ class SampleBuilder:
     def _ids(doc_indices: Sequence[int], memory_id_of: dict[int, int]) -> list[int]:
         return sorted(memory_id_of[int(doc)] for doc in dict.fromkeys(doc_indices))
 
-    def _injected_tokens(self, memory_ids: list[int], memory: np.ndarray, memory_id_of: dict[int, int]) -> list[int]:
+    def _injected_tokens(self, memory_ids: list[int], memory_id_of: dict[int, int]) -> list[int]:
         """The original text of the retrieved documents, rendered as in memory, + delimiter."""
         doc_of = {memory_id: doc for doc, memory_id in memory_id_of.items()}
         tokens: list[int] = []
