@@ -18,16 +18,18 @@ What it does:
      of each example instead of restarting in each document; inference then encodes each
      document at its offset in the memory and the question after the whole memory;
    - `no_interleave`: every interleave (multi-hop, one example per retrieval step) source is
-     replaced by its one-round counterpart, which retrieves both hops' IDs at once.
+     replaced by its one-round counterpart, which retrieves both hops' IDs at once;
+   - `id_strides` (not in the default set): training memories' IDs spaced by random strides.
    Data builds run in separate CPU processes, one per source, while the workers start.
 3. Fits the steps to the budget: the first stage uses the recipe's steps, or fewer when the
    assumed throughput says they would not fit; each later stage is scaled (up to
    `--max-step-scale`) to the time left, from the throughput and per-stage overhead measured so far.
 4. Evaluates each variant's last export, in order of importance, until its deadline:
-   RULER-style NIAH (`eval/niah.py`) and held-out needle QA in one shared memory (router
-   recall@1/5/10, exact match, whether the generated ID was the needle) at memories of L, 64L,
-   8L, 2L, 4L, 16L and 32L tokens (L: the longest training row), multi-hop QA through the
-   interleave loop and key-value QA at about L tokens. (Cheap sizes come before 32L.)
+   RULER-style NIAH (`eval/niah.py`; at L and 64L in rounds that ask both sizes alike) and
+   held-out needle QA in one shared memory (router recall@1/5/10, exact match, whether the
+   generated ID was the needle) at memories of L, 64L, 8L, 2L, 4L, 16L and 32L tokens (L: the
+   longest training row), multi-hop QA through the interleave loop and key-value QA at about L
+   tokens. (Cheap sizes come before 32L.)
 5. Writes to `--results-dir` (at most 6 files): `<name>.json` (every number, the per-step
    curves, timings), `<name>_loss.png`, `<name>_recall.png` (training curves of all variants),
    `<name>_niah.png` (NIAH accuracy against memory size), `<name>_memory_recall.png` (held-out
