@@ -600,8 +600,9 @@ def eval_jobs(row: int, settings: dict) -> list[dict]:
 
 class CostModel:
     """Predicted seconds of an evaluation job: encoding (tokens over a rate) plus questions (each a
-    fixed time). The encoding rate is measured on jobs of at least `min_tokens`, so that the
-    fixed costs of small memories never make a million-token job look unaffordable."""
+    fixed time). The encoding rate is measured on jobs whose memories hold at least `min_tokens`,
+    so that the fixed costs of small memories (many of them, in a NIAH job of several samples)
+    never make a million-token job look unaffordable."""
 
     def __init__(self, encode_tokens_per_s: float, question_s: float, min_tokens: int) -> None:
         self.encode_tokens_per_s = encode_tokens_per_s
@@ -613,9 +614,10 @@ class CostModel:
     def predict(self, tokens: float, questions: float) -> float:
         return tokens / self.encode_tokens_per_s + questions * self.question_s
 
-    def observe(self, tokens: float, questions: int, seconds: float) -> None:
-        """A small memory measures the time per question; a large one the encoding rate."""
-        if tokens < self.min_tokens:
+    def observe(self, tokens: float, questions: int, seconds: float, memory_tokens: float | None = None) -> None:
+        """`tokens` encoded in memories of `memory_tokens` each (default: one memory) and `questions`
+        asked in `seconds`. Small memories measure the time per question; large ones the encoding rate."""
+        if (tokens if memory_tokens is None else memory_tokens) < self.min_tokens:
             if questions:
                 estimate = max(0.02, (seconds - tokens / self.encode_tokens_per_s) / questions)
                 self.question_s = 0.5 * (self.question_s + estimate) if self.question_measured else estimate
@@ -746,7 +748,7 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
             seconds = time.time() - started
             summary.setdefault("seconds", 0.0)
             summary["seconds"] += seconds
-            costs.observe(encoded, asked * (2 if job["kind"] == "multihop" else 1), seconds)
+            costs.observe(encoded, asked * (2 if job["kind"] == "multihop" else 1), seconds, memory_tokens=job["size"])
             logger.info("eval %s: %.1f s (predicted %.1f)", label, seconds, predicted)
         except Exception:
             evaluation.setdefault("errors", []).append({"job": label, "traceback": traceback.format_exc()})

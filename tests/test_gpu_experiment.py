@@ -137,6 +137,9 @@ def test_cost_model_learns_question_time_from_small_jobs_and_rate_from_large_one
     costs.observe(tokens=40_000, questions=2, seconds=11.0)  # 10 s of encoding
     assert costs.encode_tokens_per_s == pytest.approx(4000.0)
     assert costs.predict(8000, 2) == pytest.approx(3.0)
+    # Eight small memories add up to more than min_tokens, but measure questions, not the rate.
+    costs.observe(tokens=8 * 2000, questions=8, seconds=12.0, memory_tokens=2000)  # 4 s encoding, 1 s a question
+    assert costs.encode_tokens_per_s == pytest.approx(4000.0) and costs.question_s == pytest.approx(0.75)
 
 
 def test_acceptance_compares_the_subtasks_measured_at_both_sizes():
