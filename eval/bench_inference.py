@@ -393,7 +393,8 @@ def bench_encoding_and_prefill(
     generator = MSAGenerator(replica_models[0], store, index)
     question = random_documents(args.routing_tokens, args.routing_tokens, vocab_size, seed=2)[0]
     prefill = timed_ms(lambda: generator.prefill(question), [devices[0]], args.queries)
-    _, cache = generator.prefill(question, reserve=args.queries + 4)
+    # Room for every timed and profiled step (and warm-up), so no step grows the cache.
+    _, cache = generator.prefill(question, reserve=args.queries + 4 + args.profile_decode)
     token = torch.tensor([question[0]], device=devices[0])
     decode = timed_ms(lambda: generator.decode(cache, token), [devices[0]], args.queries)
     profile = profile_table(lambda: generator.decode(cache, token), args.profile_decode) if args.profile_decode else None
