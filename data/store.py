@@ -8,8 +8,8 @@ Example shard ``examples/shard-NNNNN/``:
   ``memory_offsets.npy`` int64 [E+1], ``tail_tokens.npy``, ``tail_labelled.npy`` uint8,
   ``tail_offsets.npy`` int64 [E+1], ``example_tokens.npy`` int64 [E] assembled lengths,
   ``example_origin.npy`` int64 [E, 2] (source record index, retrieval step), ``id_offsets.npy``
-  int64 [E] (memory document i is rendered with ID offset + i; absent in older builds: 0),
-  ``shard.json`` counts.
+  int64 [E] and ``id_strides.npy`` int64 [E] (memory document i is rendered with ID offset + stride * i;
+  absent in older builds: offset 0, stride 1), ``shard.json`` counts.
 
 A shard is written into a hidden ``.tmp-*`` folder and renamed into place, so a visible
 shard folder is always complete, and a killed build leaves only hidden leftovers.
