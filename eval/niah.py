@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from ..data.records import RetrievalDataset, RetrievalRecord
-from msa_modeling.inference import InterleaveResult, MemoryInterleave
+from msa_modeling.inference import MemoryInterleave, selected_memory_ids
 
+from ..data.records import RetrievalDataset, RetrievalRecord
 from ..data.synthetic import generate_needles
 from .harness import EvalModel
 from .metrics import string_match_fraction
@@ -57,7 +57,7 @@ class NIAHSample:
     routed_ids_score: float | None = None
     routed_ids_answer: str | None = None
     routed_ids_retrieved: list[int] | None = None
-    # Per router layer, the IDs it attended to for the question (free decoding, `first_selection`):
+    # Per router layer, the IDs it attended to for the question (free decoding, `first_routing`):
     # whether the layers agree on the needle, and where a misread ID's digits could come from.
     routed_by_layer: list[list[int]] | None = None
 
@@ -102,16 +102,6 @@ def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int)
     return [by_id[doc_id] for doc_id in doc_ids], needle_ids
 
 
-def first_selection(result: InterleaveResult, loop: MemoryInterleave) -> list[list[int]] | None:
-    """The memory IDs (1-based) each router layer attended to for the question: while the model
-    wrote its first retrieval round, or its answer where it opened none (None without routing)."""
-    routing = result.rounds[0].routing if result.rounds else result.answer_routing
-    if not routing:
-        return None
-    top_k = loop.generator.config.top_k_docs
-    return [[int(doc) + 1 for doc in layer.docs[:top_k].tolist()] for layer in routing]
-
-
 def run_niah(
     model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
     subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False,
@@ -138,7 +128,7 @@ def run_niah(
                 protocol = dataclasses.replace(loop.protocol, routed_ids_only=True)
                 constrained = model.ask(MemoryInterleave(loop.generator, loop.decode, protocol), record.query)
             encoded_tokens = store.num_tokens
-            routed_by_layer = first_selection(result, loop)
+            routed_by_layer = selected_memory_ids(result.first_routing, loop.generator.config.top_k_docs) or None
             # A 1M-token store is ~23 GB of host memory (15 GiB of K̄/V̄, 7.6 GiB of routing keys):
             # holding the last one while the next is encoded got the 320M model's evaluation
             # killed on a 128 GB host (EXPERIMENTS.md).

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
+from msa_modeling.inference import selected_memory_ids
+
 from ..data.records import Document, RetrievalDataset, RetrievalRecord
 from .harness import EvalModel
 from .judge import JudgeClient
@@ -117,13 +119,13 @@ def answer_over_memory(
     top_k = model.model.config.top_k_docs
     for record in tqdm(records, desc=desc, disable=not model.settings.show_progress):
         result = model.ask(loop, record.query)
-        first_routing = result.rounds[0].routing if result.rounds else result.answer_routing
+        first_routing = result.first_routing
         positives = [memory_id[d] for d in record.positives if d in memory_id]
         item = QAItem(
             query=record.query, reference=record.answer, answer=result.answer, positive_ids=positives,
             retrieved_ids=result.retrieved_ids, rounds=len(result.rounds),
             router_recall=router_recall(first_routing, positives),
-            routed_ids=sorted({d + 1 for layer in first_routing for d in layer.docs[:top_k].tolist()}),
+            routed_ids=sorted({i for layer_ids in selected_memory_ids(first_routing, top_k) for i in layer_ids}),
         )
         if record.answer is not None:
             item.exact_match = exact_match(result.answer, record.answer)

@@ -241,8 +241,9 @@ def test_router_recall_reports_each_router_layer_when_there_are_several() -> Non
 
 def test_niah_releases_each_memory_before_encoding_the_next():
     """A 1M-token store is ~23 GB of host memory: two alive at once got a GPU evaluation killed."""
-    class Store:
+    class Store:  # also the fake's interleave loop
         num_tokens = 10
+        generator = SimpleNamespace(config=SimpleNamespace(top_k_docs=1))
 
     class FakeModel:
         settings = SimpleNamespace(show_progress=False)
@@ -265,7 +266,7 @@ def test_niah_releases_each_memory_before_encoding_the_next():
             return store
 
         def ask(self, loop, question):
-            return SimpleNamespace(answer="0", retrieved_ids=[1], rounds=[], answer_routing=[])
+            return SimpleNamespace(answer="0", retrieved_ids=[1], first_routing=[])
 
     model = FakeModel()
     report = run_niah(model, sizes=[200], samples_per_task=3, subtasks=["niah_single_1"])

@@ -12,7 +12,9 @@
 
 from .encoder import MemoryEncoder
 from .generation import GenerationOutput, LayerRouting, MSAGenerator
-from .interleave import InterleaveFormat, InterleaveResult, MemoryInterleave, RetrievalRound, RoutedIdGrammar
+from .interleave import (
+    InterleaveFormat, InterleaveResult, MemoryInterleave, RetrievalRound, RoutedIdGrammar, selected_memory_ids,
+)
 from .routing_index import RoutingIndex
 from .store import MemoryStore
 
@@ -28,4 +30,5 @@ __all__ = [
     "RetrievalRound",
     "RoutedIdGrammar",
     "RoutingIndex",
+    "selected_memory_ids",
 ]

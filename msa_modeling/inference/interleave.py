@@ -67,6 +67,11 @@ class InterleaveFormat:
             raise ValueError("routed_ids_only needs encode_memory_id (a memory ID -> its tokens)")
 
 
+def selected_memory_ids(routing: Sequence[LayerRouting], top_k_docs: int) -> list[list[int]]:
+    """Per router layer, the memory IDs (1-based) of the documents it attends to: its first `top_k_docs`."""
+    return [[int(doc) + 1 for doc in layer.docs[:top_k_docs].tolist()] for layer in routing]
+
+
 class RoutedIdGrammar:
     """The tokens a retrieval round may write next when its IDs are the selected documents'.
 
@@ -102,9 +107,9 @@ class RoutedIdGrammar:
         cls, routing: Sequence[LayerRouting], top_k_docs: int, protocol: InterleaveFormat,
     ) -> "RoutedIdGrammar":
         """The grammar of the documents each router layer attends to (its first `top_k_docs`)."""
-        docs = sorted({int(d) for layer in routing for d in layer.docs[:top_k_docs].tolist()})
-        return cls({doc + 1: list(protocol.encode_memory_id(doc + 1)) for doc in docs},
-                   protocol.delimiter_id, protocol.end_of_retrieval_id)
+        ids = sorted({i for layer_ids in selected_memory_ids(routing, top_k_docs) for i in layer_ids})
+        return cls({i: list(protocol.encode_memory_id(i)) for i in ids}, protocol.delimiter_id,
+                   protocol.end_of_retrieval_id)
 
     def allowed_after(self, generated: Sequence[int]) -> set[int] | None:
         """Tokens allowed after `generated` (this round's tokens so far); None once off the grammar."""
@@ -147,6 +152,11 @@ class InterleaveResult:
     def retrieved_ids(self) -> list[int]:
         """Every memory ID retrieved over all rounds, first occurrence order."""
         return list(dict.fromkeys(i for r in self.rounds for i in r.memory_ids))
+
+    @property
+    def first_routing(self) -> list[LayerRouting]:
+        """The selection the question itself routed to: the first round's, or the answer's where no round opened."""
+        return self.rounds[0].routing if self.rounds else self.answer_routing
 
 
 class MemoryInterleave:
