@@ -916,7 +916,53 @@ def acceptance(variant: dict, row: int, accuracy_key: str = "accuracy") -> dict[
     else:
         check["relative_drop"] = (check["niah_at_L"] - check["niah_at_64L"]) / check["niah_at_L"]
         check["passed"] = check["relative_drop"] <= 0.10
+        score_key = "routed_ids_score" if accuracy_key == "accuracy_routed_ids" else "score"
+        pairs = paired_niah_scores(niah[str(row)].get("samples", []), niah[str(64 * row)].get("samples", []),
+                                   common, score_key)
+        check.update(paired_niah_comparison(pairs))
     return check
+
+
+def paired_niah_scores(at_row: list[dict], at_64: list[dict], subtasks: Sequence[str],
+                       score_key: str = "score") -> dict[str, list[tuple[float, float]]]:
+    """Per subtask, (score at L, score at 64L) of the samples asked in the same round: the n-th
+    sample of a subtask at one size pairs with its n-th at the other (same generator seed).
+    Samples without a partner (a deadline inside a round) are left out."""
+    pairs = {}
+    for task in subtasks:
+        row_scores = [s[score_key] for s in at_row if s["subtask"] == task and s.get(score_key) is not None]
+        wide_scores = [s[score_key] for s in at_64 if s["subtask"] == task and s.get(score_key) is not None]
+        pairs[task] = list(zip(row_scores, wide_scores))
+    return pairs
+
+
+def paired_niah_comparison(pairs: dict[str, list[tuple[float, float]]], resamples: int = 2000,
+                           seed: int = 0) -> dict[str, Any]:
+    """How far the samples support the relative drop: the pairs right at one size only
+    (`right_at_L_only`, `right_at_64L_only`) and a 90% bootstrap interval of the drop, resampling
+    each subtask's pairs (the accuracy is the mean over subtasks, as in the check)."""
+    tasks = [task for task, task_pairs in pairs.items() if task_pairs]
+    flat = [pair for task in tasks for pair in pairs[task]]
+    comparison: dict[str, Any] = {
+        "pairs": len(flat),
+        "right_at_L_only": sum(row == 1 and wide < 1 for row, wide in flat),
+        "right_at_64L_only": sum(wide == 1 and row < 1 for row, wide in flat),
+        "drop_interval_90": None,
+    }
+    if not tasks:
+        return comparison
+    rng = random.Random(seed)
+    drops = []
+    for _ in range(resamples):
+        drawn = {task: rng.choices(pairs[task], k=len(pairs[task])) for task in tasks}
+        at_row = sum(statistics.fmean(r for r, _ in drawn[t]) for t in tasks) / len(tasks)
+        at_64 = sum(statistics.fmean(w for _, w in drawn[t]) for t in tasks) / len(tasks)
+        if at_row > 0:
+            drops.append((at_row - at_64) / at_row)
+    if drops:
+        drops.sort()
+        comparison["drop_interval_90"] = [drops[int(0.05 * (len(drops) - 1))], drops[int(0.95 * (len(drops) - 1))]]
+    return comparison
 
 
 def summary_table(results: dict[str, Any]) -> str:
@@ -943,7 +989,11 @@ def summary_table(results: dict[str, Any]) -> str:
         routed = variant.get("acceptance_routed_ids", {})
 
         def passed(check: dict) -> str:
-            return {True: "yes", False: "NO", None: check.get("reason", "-")}[check.get("passed")]
+            verdict = {True: "yes", False: "NO", None: check.get("reason", "-")}[check.get("passed")]
+            interval = check.get("drop_interval_90")
+            if check.get("passed") is None or not interval:
+                return verdict
+            return f"{verdict} (drop {check['relative_drop']:.2f}, 90% CI {interval[0]:.2f}..{interval[1]:.2f})"
 
         lines.append("| " + " | ".join([
             name, variant.get("status", "missing"), "/".join(str(s.get("steps")) for s in stages) or "-",

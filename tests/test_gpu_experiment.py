@@ -156,6 +156,32 @@ def test_acceptance_compares_the_subtasks_measured_at_both_sizes():
     assert experiment.acceptance({"eval": {}}, row=16)["passed"] is None
 
 
+def test_paired_comparison_pairs_rounds_and_bounds_the_drop():
+    def sample(task, score, routed):
+        return {"subtask": task, "score": score, "routed_ids_score": routed}
+
+    at_row = [sample("a", 1.0, 1.0), sample("b", 1.0, 1.0), sample("a", 1.0, 1.0), sample("b", 0.0, 1.0)]
+    at_64 = [sample("a", 0.0, 1.0), sample("b", 1.0, 1.0), sample("a", 1.0, 1.0)]  # the deadline cut round 2's b
+    pairs = experiment.paired_niah_scores(at_row, at_64, ["a", "b"])
+    assert pairs == {"a": [(1.0, 0.0), (1.0, 1.0)], "b": [(1.0, 1.0)]}
+    comparison = experiment.paired_niah_comparison(pairs)
+    assert (comparison["pairs"], comparison["right_at_L_only"], comparison["right_at_64L_only"]) == (3, 1, 0)
+    low, high = comparison["drop_interval_90"]
+    # Resampling a's two pairs gives a drop of 0, 0.25 or 0.5 (b is always right at both sizes).
+    assert (low, high) == (0.0, 0.5)
+    assert experiment.paired_niah_comparison(pairs) == comparison  # seeded
+
+    routed = experiment.paired_niah_comparison(experiment.paired_niah_scores(at_row, at_64, ["a", "b"],
+                                                                             "routed_ids_score"))
+    assert routed["drop_interval_90"] == [0.0, 0.0] and routed["right_at_L_only"] == 0
+
+    niah = {"16": {"accuracy": {"a": 1.0, "b": 0.5}, "samples": at_row},
+            "1024": {"accuracy": {"a": 0.5, "b": 1.0}, "samples": at_64}}
+    check = experiment.acceptance({"eval": {"niah": niah}}, row=16)
+    assert check["pairs"] == 3 and check["drop_interval_90"] == [0.0, 0.5]
+    assert experiment.paired_niah_comparison({"a": []})["drop_interval_90"] is None
+
+
 def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
     run = {"recipe": "/repo/recipes/qwen3_350m_synthetic.yaml", "overrides": [], "longest_row": 16384, "smoke": False,
            "variants": {"main": {"status": "done", "steps": 1}}}
