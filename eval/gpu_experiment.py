@@ -586,8 +586,9 @@ def niah_summary(report: Any, size: int) -> dict[str, Any]:
 
 def eval_jobs(row: int, settings: dict) -> list[dict]:
     """Evaluation jobs in order of importance. NIAH at L and 64L (the acceptance check) comes
-    first, in rounds (`run_niah_rounds`), then router recall at the same two sizes; the other
-    sizes run one NIAH subtask per job, so that a deadline leaves whole subtasks."""
+    first, in rounds (`run_niah_rounds`), then router recall at the same two sizes and multi-hop
+    and key-value QA at L (rounds after the first leave time for these); the other sizes run
+    one NIAH subtask per job, so that a deadline leaves whole subtasks."""
     sizes = [row * m for m in settings["size_multiples"]]
     jobs = [{"kind": "niah_rounds", "sizes": sizes[:2]},
             {"kind": "qa_recall", "size": sizes[0]}, {"kind": "qa_recall", "size": sizes[1]},
@@ -596,6 +597,12 @@ def eval_jobs(row: int, settings: dict) -> list[dict]:
         jobs += [{"kind": "niah", "size": size, "subtask": task} for task in settings["niah_subtasks"]]
         jobs.append({"kind": "qa_recall", "size": size})
     return jobs
+
+
+def jobs_kept_time_for(jobs: list[dict], niah_rounds: dict) -> list[dict]:
+    """The jobs that NIAH rounds after the first leave time for: router recall at the rounds'
+    sizes, and multi-hop and key-value QA (each measured once before NIAH asks again)."""
+    return [job for job in jobs if job["kind"] in ("qa_recall", "multihop", "kv") and job["size"] in niah_rounds["sizes"]]
 
 
 class CostModel:
@@ -707,9 +714,7 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
     jobs = eval_jobs(spec["longest_row"], settings)
     for job in jobs:
         if job["kind"] == "niah_rounds":
-            # Router recall at the same sizes comes next and is kept time for.
-            after = [j for j in jobs if j["kind"] == "qa_recall" and j["size"] in job["sizes"]]
-            reserve = sum(costs.predict(*job_size(j, settings)) for j in after)
+            reserve = sum(costs.predict(*job_size(j, settings)) for j in jobs_kept_time_for(jobs, job))
             run_niah_rounds(model, job["sizes"], settings, costs, deadline - reserve, deadline + settings["margin_s"],
                             niah_reports, evaluation, save)
             continue

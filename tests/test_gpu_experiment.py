@@ -156,6 +156,15 @@ def test_acceptance_compares_the_subtasks_measured_at_both_sizes():
     assert experiment.acceptance({"eval": {}}, row=16)["passed"] is None
 
 
+def test_later_niah_rounds_leave_time_for_router_recall_and_the_qa_jobs():
+    settings = {"size_multiples": [1, 64, 8], "niah_subtasks": ["a"]}
+    jobs = experiment.eval_jobs(100, settings)
+    kept = experiment.jobs_kept_time_for(jobs, jobs[0])
+    assert [(j["kind"], j["size"]) for j in kept] == [("qa_recall", 100), ("qa_recall", 6400), ("multihop", 100),
+                                                      ("kv", 100)]
+    assert all(j in jobs[1:5] for j in kept) and {"kind": "qa_recall", "size": 800} in jobs
+
+
 def test_paired_comparison_pairs_rounds_and_bounds_the_drop():
     def sample(task, score, routed):
         return {"subtask": task, "score": score, "routed_ids_score": routed}
