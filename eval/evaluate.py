@@ -132,7 +132,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if not args.skip_niah:
         report = run_niah(model, args.niah_sizes, args.niah_samples, args.niah_subtasks, args.seed)
         accuracy = report.accuracy()
-        results["niah"] = {"accuracy": {str(k): v for k, v in accuracy.items()}, "samples": [asdict(s) for s in report.samples]}
+        results["niah"] = {"accuracy": {str(k): v for k, v in accuracy.items()},
+                           "misses": {str(k): v for k, v in report.miss_kinds().items()},
+                           "samples": [asdict(s) for s in report.samples]}
         points = {size: row["average"] for size, row in accuracy.items()}
         results["niah"]["files"] = write_scaling_curve(points, "NIAH accuracy", args.out, "niah_scaling", PAPER_NIAH_AVERAGE)
     dataset = load_qa_dataset(args)
@@ -163,6 +165,8 @@ def print_summary(results: dict) -> None:
         print("memory   " + " ".join(f"{t.removeprefix('niah_'):>11}" for t in tasks))
         for size, row in accuracy.items():
             print(f"{size_label(int(size)):<8} " + " ".join(f"{row[t]:>11.3f}" for t in tasks))
+        for size, misses in results["niah"].get("misses", {}).items():
+            print(f"misses at {size_label(int(size))}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(misses.items())))
     if "qa" in results:
         print("QA")
         for key, value in results["qa"]["summary"].items():

@@ -572,6 +572,7 @@ def niah_summary(report: Any, size: int) -> dict[str, Any]:
         "accuracy": accuracy,
         "average": accuracy.get("average"),
         "needle_retrieved": retrieved("retrieved_ids"),
+        "misses": report.miss_kinds().get(size, {}),
         "accuracy_routed_ids": routed,
         "average_routed_ids": routed.get("average"),
         "needle_retrieved_routed_ids": retrieved("routed_ids_retrieved") if routed else None,

@@ -61,10 +61,34 @@ class NIAHSample:
     # whether the layers agree on the needle, and where a misread ID's digits could come from.
     routed_by_layer: list[list[int]] | None = None
 
+    def miss_kind(self) -> str | None:
+        """Where a miss went wrong (None for a right answer): `routing` (no router layer selected a
+        needle), `id` (a layer selected one, but the written IDs name no needle), `value` (a
+        needle's ID was written, the answer is still wrong), or `id_or_routing` (no needle
+        written, and the layers' selections were not recorded)."""
+        if self.score >= 1.0:
+            return None
+        needles = set(self.needle_ids)
+        if needles & set(self.retrieved_ids):
+            return "value"
+        if self.routed_by_layer is None:
+            return "id_or_routing"
+        return "id" if any(needles & set(layer) for layer in self.routed_by_layer) else "routing"
+
 
 @dataclass
 class NIAHReport:
     samples: list[NIAHSample] = field(default_factory=list)
+
+    def miss_kinds(self) -> dict[int, dict[str, int]]:
+        """{memory size: {miss kind: count}} over the samples not answered right (`NIAHSample.miss_kind`)."""
+        table: dict[int, dict[str, int]] = {}
+        for sample in self.samples:
+            kind = sample.miss_kind()
+            if kind is not None:
+                counts = table.setdefault(sample.memory_tokens, {})
+                counts[kind] = counts.get(kind, 0) + 1
+        return table
 
     def accuracy(self, score: str = "score") -> dict[int, dict[str, float]]:
         """{memory size: {subtask: mean score, ..., "average": mean over subtasks}}; `score`:

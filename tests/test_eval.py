@@ -21,7 +21,7 @@ from msa_train.eval import evaluate
 from msa_train.eval.harness import EvalModel, LoopSettings
 from msa_train.eval.judge import RUBRIC, JudgeClient, parse_score
 from msa_train.eval.metrics import exact_match, recall_at_k, string_match_fraction, token_f1
-from msa_train.eval.niah import SUBTASKS, run_niah
+from msa_train.eval.niah import SUBTASKS, NIAHReport, NIAHSample, run_niah
 from msa_train.eval.qa import run_qa
 from msa_train.eval.scaling import PAPER_NIAH_AVERAGE, comparison_table, matplotlib_available, write_scaling_curve
 
@@ -53,6 +53,10 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     assert set(accuracy["96"]) == {*SUBTASKS, "average"}
     assert all(0.0 <= v <= 1.0 for row in accuracy.values() for v in row.values())
     assert len(results["niah"]["samples"]) == 2 * len(SUBTASKS)
+    # Every sample scored below 1 is counted once among its size's misses.
+    for size in ("96", "192"):
+        wrong = sum(s["score"] < 1 for s in results["niah"]["samples"] if str(s["memory_tokens"]) == size)
+        assert sum(results["niah"]["misses"].get(size, {}).values()) == wrong
     sizes = [(s["memory_tokens"], s["encoded_tokens"]) for s in results["niah"]["samples"]]
     # Long-document and needle-heavy subtasks overshoot tiny memories; 40-word documents land within one document.
     assert all(0.5 * asked <= got for asked, got in sizes)
@@ -291,3 +295,19 @@ def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):
         assert len(sample.routed_by_layer) == len(config.router_layers)
         assert all(len(ids) == config.top_k_docs and len(set(ids)) == len(ids) and min(ids) >= 1
                    for ids in sample.routed_by_layer)
+
+
+def test_niah_misses_are_told_apart_by_routing_written_ids_and_value():
+    def sample(score, retrieved, by_layer, size=100):
+        return NIAHSample(subtask="niah_single_1", memory_tokens=size, encoded_tokens=size, score=score, answer="",
+                          expected=["1"], retrieved_ids=retrieved, needle_ids=[7], routed_by_layer=by_layer)
+
+    right = sample(1.0, [7], [[7]])
+    routing = sample(0.0, [3], [[3], [4]])
+    misread = sample(0.0, [17], [[3], [7]])  # one layer found the needle; the written ID is another
+    value = sample(0.0, [7], [[7]])
+    unknown = sample(0.0, [3], None)
+    assert [s.miss_kind() for s in (right, routing, misread, value, unknown)] == [
+        None, "routing", "id", "value", "id_or_routing"]
+    report = NIAHReport([right, routing, misread, value, unknown, sample(0.0, [3], [[3]], size=200)])
+    assert report.miss_kinds() == {100: {"routing": 1, "id": 1, "value": 1, "id_or_routing": 1}, 200: {"routing": 1}}
