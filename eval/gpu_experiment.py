@@ -1271,7 +1271,8 @@ def run_driver(args: argparse.Namespace) -> int:
 def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
     """Add the variants of earlier runs' result files that this run did not train, so that
     machines with fewer GPUs than variants can run them over several calls and still get one
-    table and one set of plots. A file from another longest row or recipe is refused."""
+    table and one set of plots; their acceptance is judged again with this version's check. A
+    file from another longest row or recipe is refused."""
     for path in earlier:
         previous = read_json(path)
         if previous is None:
@@ -1284,7 +1285,11 @@ def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
                 raise ValueError(f"--merge {path}: its {key} is {theirs[key]!r}, this run's is {mine[key]!r}")
         for name, variant in previous.get("variants", {}).items():
             if name not in results["variants"]:
-                results["variants"][name] = {**variant, "merged_from": str(path), "merged_device": previous.get("device")}
+                merged = {**variant, "merged_from": str(path), "merged_device": previous.get("device")}
+                # Judged again from its samples, so every row of the table is judged alike.
+                merged["acceptance"] = acceptance(merged, results["longest_row"])
+                merged["acceptance_routed_ids"] = acceptance(merged, results["longest_row"], "accuracy_routed_ids")
+                results["variants"][name] = merged
 
 
 def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.Namespace, t0: float,

@@ -195,12 +195,13 @@ def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
     run = {"recipe": "/repo/recipes/qwen3_350m_synthetic.yaml", "overrides": [], "longest_row": 16384, "smoke": False,
            "variants": {"main": {"status": "done", "steps": 1}}}
     earlier = {**run, "recipe": "/elsewhere/recipes/qwen3_350m_synthetic.yaml", "device": "cuda: H200",
-               "variants": {"main": {"status": "old"}, "no_aux": {"status": "done"}}}
+               "variants": {"main": {"status": "old"}, "no_aux": {"status": "done", "acceptance": {"passed": True}}}}
     (tmp_path / "a.json").write_text(json.dumps(earlier))
     experiment.merge_variants(run, [tmp_path / "a.json"])
     assert run["variants"]["main"] == {"status": "done", "steps": 1}  # this run's own result wins
     assert run["variants"]["no_aux"]["status"] == "done"
     assert run["variants"]["no_aux"]["merged_from"] == str(tmp_path / "a.json")
+    assert run["variants"]["no_aux"]["acceptance"]["passed"] is None  # judged again: it has no NIAH samples
     (tmp_path / "b.json").write_text(json.dumps({**earlier, "longest_row": 1536}))
     with pytest.raises(ValueError, match="longest_row is 1536, this run's is 16384"):
         experiment.merge_variants(run, [tmp_path / "b.json"])
