@@ -411,8 +411,10 @@ class StepPlanner:
             self.overhead_s = max(self.overhead_s * 0.5, overhead_s)
 
 
-def train_variant(spec: dict, result: dict, save: Any) -> Path | None:
-    """Run the stages in order with planned steps; returns the last complete export (None if none)."""
+def train_variant(spec: dict, result: dict, save: Any, earlier_stages: dict[str, dict] | None = None) -> Path | None:
+    """Run the stages in order with planned steps; returns the last complete export (None if none).
+    A stage whose export is complete (`--resume`) is skipped, and its record from `earlier_stages`
+    (the earlier run's, by stage name) is kept, marked `reused`."""
     import gc
 
     import torch
@@ -441,6 +443,8 @@ def train_variant(spec: dict, result: dict, save: Any) -> Path | None:
         destination = export_dir(run_dir, base_stage.name)
         if is_complete_export(destination):
             last_export = destination
+            earlier = (earlier_stages or {}).get(base_stage.name)
+            result["stages"].append({**(earlier or {"stage": base_stage.name}), "reused": True})
             continue
         steps, scale = planner.steps_for(index, time.time())
         warmup = min(base_stage.schedule.warmup_steps, max(1, steps // 4)) if base_stage.schedule.warmup_steps else 0
@@ -775,11 +779,12 @@ def run_worker(spec_path: Path) -> int:
                               "timing": {"started": time.time()}}
     if torch.cuda.is_available() and spec["device"].startswith("cuda"):
         result["device_name"] = torch.cuda.get_device_name(0)
+    earlier_stages = {s["stage"]: s for s in (read_json(run_dir / "result.json") or {}).get("stages", [])}
     save = lambda: write_json_atomic(run_dir / "result.json", result)  # noqa: E731
     save()
     export = None
     try:
-        export = train_variant(spec, result, save)
+        export = train_variant(spec, result, save, earlier_stages)
     except Exception:
         result["errors"].append(f"training: {traceback.format_exc()}")
         logger.exception("training failed")

@@ -298,3 +298,46 @@ def test_the_first_niah_round_runs_past_the_soft_deadline_and_an_error_ends_the_
     assert calls == [(100, "a", 0), (6400, "a", 0), (100, "b", 0), (6400, "b", 0)]
     assert evaluation["errors"][0]["job"] == "niah@6400/b, round 1" and "out of memory" in evaluation["errors"][0]["traceback"]
     assert len(evaluation["niah"]["100"]["samples"]) == 2 and len(evaluation["niah"]["6400"]["samples"]) == 1
+
+
+def test_resumed_stages_keep_the_earlier_runs_records(monkeypatch, tmp_path):
+    """`--resume` skips a stage whose export is complete; the summary still shows the steps that
+    export was trained with, from the earlier run's record."""
+    from types import SimpleNamespace
+
+    import msa_train.data.tokenization as tokenization
+    import msa_train.train.distributed as distributed
+    import msa_train.train.export as export
+    import msa_train.train.runner as runner
+
+    recipe = load_recipe(experiment.DEFAULT_RECIPE)
+    names = [stage.name for stage in recipe.stages]
+    complete = set(names[:-1])  # the last stage was cut off by the deadline
+    monkeypatch.setattr(export, "is_complete_export", lambda path: path.parent.name in complete)  # stages/<name>/export
+    monkeypatch.setattr(runner, "previous_export", lambda *args: None)
+    monkeypatch.setattr(experiment, "wait_for_prep", lambda run_dir, deadline: {})
+    monkeypatch.setattr(distributed, "init_distributed", lambda: None)
+    monkeypatch.setattr(tokenization, "load_tokenizer", lambda path: SimpleNamespace(vocab_size=10))
+    ran = []
+
+    class StopAtTraining(Exception):
+        pass
+
+    def fake_trainer(*args, **kwargs):
+        ran.append(args[1].name)
+        raise StopAtTraining
+
+    import msa_train.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "StageTrainer", fake_trainer)
+    spec = {"run_dir": str(tmp_path), "recipe": str(experiment.DEFAULT_RECIPE), "overrides": [],
+            "train_deadline": 1e12, "assumed_tokens_per_s": 1e5, "stage_overhead_s": 1.0, "max_step_scale": 1.0,
+            "min_steps": 1}
+    earlier = {names[0]: {"stage": names[0], "steps": 34, "tokens_per_s": 9e4}}
+    result = {"stages": [], "timing": {}, "errors": []}
+    with pytest.raises(StopAtTraining):
+        experiment.train_variant(spec, result, lambda: None, earlier)
+    assert ran == [names[-1]]
+    assert result["stages"][0] == {"stage": names[0], "steps": 34, "tokens_per_s": 9e4, "reused": True}
+    assert [s["stage"] for s in result["stages"]] == names
+    assert all(s.get("reused") for s in result["stages"][:-1]) and "reused" not in result["stages"][-1]
