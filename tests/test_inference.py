@@ -180,6 +180,28 @@ def test_decoding_past_the_reserved_capacity_grows_the_cache():
     assert small.capacity >= small.length == roomy.length
 
 
+def test_inference_attention_never_runs_cudnn(monkeypatch):
+    """cuDNN's SDPA plans every new key length (about 3 ms of host time per layer and decode step
+    on an H100, for a kernel of microseconds): inference attends with the other backends only."""
+    import torch.nn.functional as F
+
+    cudnn_allowed = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model = tiny_msa(6, top_k_docs=2, chunk_size=4)
+    memory = random_memory(6)
+    generator = MSAGenerator(model, encoded_store(model, memory))
+    _, cache = generator.prefill(memory["question"])
+    generator.decode(cache, 3)
+    assert cudnn_allowed and not any(cudnn_allowed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the caller's setting is back
+
+
 def test_generation_with_an_empty_memory_equals_the_backbone():
     model = tiny_msa(3)
     memory = random_memory(3)
