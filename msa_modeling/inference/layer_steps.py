@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # cuDNN's attention builds an execution plan per key length, about 3 ms of host time for a
 # kernel of a few microseconds; a decode step grows the key length every token, so with cuDNN
 # among the candidates a 20-layer step cost 80 ms (docs/experiments/gpu_decode_profile.txt).
-_DECODE_FRIENDLY_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_SDPA_BACKENDS_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def embed_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def attend(
     softcap = getattr(attention, "softcap", None)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if softcap is None:
-        with sdpa_kernel(_DECODE_FRIENDLY_BACKENDS):
+        with sdpa_kernel(_SDPA_BACKENDS_WITHOUT_CUDNN):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  scale=attention.scaling, enable_gqa=True)
         return out.transpose(1, 2)
