@@ -937,8 +937,9 @@ def acceptance(variant: dict, row: int, accuracy_key: str = "accuracy") -> dict[
 def paired_niah_scores(at_row: list[dict], at_64: list[dict], subtasks: Sequence[str],
                        score_key: str = "score") -> dict[str, list[tuple[float, float]]]:
     """Per subtask, (score at L, score at 64L) of the samples asked in the same round: the n-th
-    sample of a subtask at one size pairs with its n-th at the other (same generator seed).
-    Samples without a partner (a deadline inside a round) are left out."""
+    sample of a subtask at one size pairs with its n-th at the other. The two are different
+    questions (`run_niah` seeds each size's generator apart), so a pair is a unit of resampling,
+    not a matched comparison. Samples without a partner (a deadline inside a round) are left out."""
     pairs = {}
     for task in subtasks:
         row_scores = [s[score_key] for s in at_row if s["subtask"] == task and s.get(score_key) is not None]
@@ -949,9 +950,9 @@ def paired_niah_scores(at_row: list[dict], at_64: list[dict], subtasks: Sequence
 
 def paired_niah_comparison(pairs: dict[str, list[tuple[float, float]]], resamples: int = 2000,
                            seed: int = 0) -> dict[str, Any]:
-    """How far the samples support the relative drop: the pairs right at one size only
-    (`right_at_L_only`, `right_at_64L_only`) and a 90% bootstrap interval of the drop, resampling
-    each subtask's pairs (the accuracy is the mean over subtasks, as in the check)."""
+    """How far the samples support the relative drop: a 90% bootstrap interval of the drop,
+    resampling each subtask's pairs (the accuracy is the mean over subtasks, as in the check),
+    and the pairs right at one size only (`right_at_L_only`, `right_at_64L_only`)."""
     tasks = [task for task, task_pairs in pairs.items() if task_pairs]
     flat = [pair for task in tasks for pair in pairs[task]]
     comparison: dict[str, Any] = {
