@@ -469,7 +469,7 @@ def print_table(results: dict) -> None:
         print(f"{row['memory_tokens']:>10.3g} {row['gpus']:>4} {row['routing']['median_ms']:>9.2f} "
               f"{row['routing']['p90_ms']:>8.2f} {row['routing_per_layer_ms']:>9.3f} {row['routing_key_bytes'] / GIB:>9.2f} "
               f"{peak:>13.2f} {row['build_seconds']:>8.1f} {'yes' if row['meets_100ms_target'] else 'NO':>6}")
-    print(f"\ncontent K̄/V̄ (pinned host; fetch of top-k documents, every router layer, to GPU 0)")
+    print("\ncontent K̄/V̄ (pinned host; fetch of top-k documents, every router layer, to GPU 0)")
     print(f"{'memory':>10} {'all layers GiB':>15} {'layers held':>11} {'fetch ms':>9} {'p90 ms':>8} {'MiB/query':>10}")
     for row in results["content"]:
         if "error" in row or row.get("allocated_layers", 0) == 0:
