@@ -650,6 +650,19 @@ def job_size(job: dict, settings: dict) -> tuple[float, float]:
     return job["size"], questions
 
 
+def add_niah_samples(reports: dict[int, Any], evaluation: dict, size: int, report: Any) -> dict[str, Any]:
+    """Add a NIAH report's samples to those of `size` so far and put the size's new summary in
+    `evaluation` (its `seconds` carried over, for the caller to add to); returns that summary."""
+    from .niah import NIAHReport
+
+    merged = reports.setdefault(size, NIAHReport())
+    merged.samples += report.samples
+    summary = niah_summary(merged, size)
+    summary["seconds"] = evaluation["niah"].get(str(size), {}).get("seconds", 0.0)
+    evaluation["niah"][str(size)] = summary
+    return summary
+
+
 def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: CostModel, soft_deadline: float,
                     hard_deadline: float, reports: dict[int, Any], evaluation: dict, save: Any) -> None:
     """NIAH at every one of `sizes`, in rounds of one sample per subtask and size (round r draws
@@ -661,7 +674,7 @@ def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: Cos
     `hard_deadline`: the acceptance check needs it. Later rounds start only when their
     predicted time ends before `soft_deadline`, which leaves time for the jobs after them.
     """
-    from .niah import NIAHReport, run_niah
+    from .niah import run_niah
 
     for round_index in range(settings["niah_samples"]):
         for task in settings["niah_subtasks"]:
@@ -683,11 +696,7 @@ def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: Cos
                     save()
                     return
                 seconds = time.time() - started
-                merged = reports.setdefault(size, NIAHReport())
-                merged.samples += report.samples
-                summary = niah_summary(merged, size)
-                summary["seconds"] = evaluation["niah"].get(str(size), {}).get("seconds", 0.0) + seconds
-                evaluation["niah"][str(size)] = summary
+                add_niah_samples(reports, evaluation, size, report)["seconds"] += seconds
                 costs.observe(sum(s.encoded_tokens for s in report.samples), 2 * len(report.samples), seconds)
                 evaluation["rates"] = costs.state()
                 logger.info("eval %s: %.1f s", label, seconds)
@@ -699,7 +708,7 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
     L and 64L gets at least one round, see `run_niah_rounds`)."""
     from ..data.synthetic import generate_kv_facts
     from .harness import LoopSettings
-    from .niah import NIAHReport, run_niah
+    from .niah import run_niah
     from .qa import run_qa
 
     settings = spec["eval"]
@@ -735,10 +744,7 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
             if job["kind"] == "niah":
                 report = run_niah(model, sizes=[job["size"]], samples_per_task=settings["niah_samples"],
                                   subtasks=[job["subtask"]], seed=0, routed_ids_too=True)
-                merged = niah_reports.setdefault(job["size"], NIAHReport())
-                merged.samples += report.samples
-                summary = niah_summary(merged, job["size"])
-                evaluation["niah"][str(job["size"])] = summary
+                summary = add_niah_samples(niah_reports, evaluation, job["size"], report)
                 encoded, asked = sum(s.encoded_tokens for s in report.samples), 2 * len(report.samples)
             else:
                 if job["kind"] == "qa_recall":
