@@ -24,6 +24,8 @@ What it does:
 3. Fits the steps to the budget: the first stage uses the recipe's steps, or fewer when the
    assumed throughput says they would not fit; each later stage is scaled (up to
    `--max-step-scale`) to the time left, from the throughput and per-stage overhead measured so far.
+   `--steps-from JSON` instead trains every stage for the steps `main` trained in that earlier
+   run, so ablations run in later calls (or on other cards) match it step for step.
 4. Evaluates each variant's last export, in order of importance, until its deadline:
    RULER-style NIAH (`eval/niah.py`; at L and 64L in rounds that ask both sizes alike) and
    held-out needle QA in one shared memory (router recall@1/5/10, exact match, whether the
@@ -411,10 +413,29 @@ class StepPlanner:
             self.overhead_s = max(self.overhead_s * 0.5, overhead_s)
 
 
+def recorded_stage_steps(path: Path, stage_names: Sequence[str], variant: str = "main") -> dict[str, int]:
+    """The steps each stage of `variant` trained for in an earlier run's results file, so that other
+    variants can train for exactly as many (`--steps-from`) on any card and under any time budget."""
+    results = read_json(path)
+    if results is None:
+        raise FileNotFoundError(f"--steps-from {path}: no readable results file there")
+    stages = (results.get("variants", {}).get(variant) or {}).get("stages")
+    if not stages:
+        raise ValueError(f"--steps-from {path}: no stage records of variant {variant!r} "
+                         f"(it has {sorted(results.get('variants', {}))})")
+    steps = {record["stage"]: record["steps"] for record in stages if record.get("steps")}
+    missing = [name for name in stage_names if name not in steps]
+    if missing:
+        raise ValueError(f"--steps-from {path}: variant {variant!r} has no step count for stage(s) {missing}; "
+                         f"its stages are {sorted(steps)}")
+    return {name: int(steps[name]) for name in stage_names}
+
+
 def train_variant(spec: dict, result: dict, save: Any, earlier_stages: dict[str, dict] | None = None) -> Path | None:
     """Run the stages in order with planned steps; returns the last complete export (None if none).
     A stage whose export is complete (`--resume`) is skipped, and its record from `earlier_stages`
-    (the earlier run's, by stage name) is kept, marked `reused`."""
+    (the earlier run's, by stage name) is kept, marked `reused`. With `spec["fixed_steps"]` (stage
+    name to steps) the stages train for those steps whatever the time left."""
     import gc
 
     import torch
@@ -446,7 +467,11 @@ def train_variant(spec: dict, result: dict, save: Any, earlier_stages: dict[str,
             earlier = (earlier_stages or {}).get(base_stage.name)
             result["stages"].append({**(earlier or {"stage": base_stage.name}), "reused": True})
             continue
-        steps, scale = planner.steps_for(index, time.time())
+        if spec.get("fixed_steps"):
+            steps = spec["fixed_steps"][base_stage.name]
+            scale = steps / max(planner.planned[index][0], 1)
+        else:
+            steps, scale = planner.steps_for(index, time.time())
         warmup = min(base_stage.schedule.warmup_steps, max(1, steps // 4)) if base_stage.schedule.warmup_steps else 0
         step_overrides += [f"stages.{index}.budget.steps={steps}", f"stages.{index}.budget.tokens=null",
                            f"stages.{index}.schedule.warmup_steps={warmup}"]
@@ -1173,6 +1198,10 @@ def run_driver(args: argparse.Namespace) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
     row = longest_row(base)
+    fixed_steps = (recorded_stage_steps(args.steps_from, [stage.name for stage in base.stages])
+                   if args.steps_from else None)
+    if fixed_steps:
+        logger.info("steps per stage from %s: %s", args.steps_from, fixed_steps)
     logger.info("variants %s on %s slots %s; budget %.1f min; longest row %d", variants, device, slots,
                 args.time_budget, row)
 
@@ -1225,7 +1254,7 @@ def run_driver(args: argparse.Namespace) -> int:
             "stage_overhead_s": 20.0 if device == "cuda" else 8.0,
             "max_step_scale": 1.0 if args.smoke else args.max_step_scale,
             "min_steps": 2 if args.smoke else 5, "longest_row": row, "eval": eval_settings,
-            "port": ports[index],
+            "fixed_steps": fixed_steps, "port": ports[index],
         }
 
     # Data builds for every variant start now, on the CPU, beside the first workers.
@@ -1315,6 +1344,7 @@ def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.
         "recipe": str(args.recipe), "overrides": list(args.overrides), "smoke": args.smoke, "device": device,
         "longest_row": row, "memory_sizes": [row * m for m in sorted(SIZE_MULTIPLES)],
         "time_budget_min": args.time_budget, "tokenizer_s": tokenizer_s,
+        "steps_from": str(args.steps_from) if args.steps_from else None,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                     if torch.cuda.is_available() else []},
@@ -1403,6 +1433,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
                         help="earlier runs' gpu_scale JSON files whose other variants join this run's table and plots")
     parser.add_argument("--resume", action="store_true", help="keep existing run folders (finished stages are skipped)")
+    parser.add_argument("--steps-from", type=Path, metavar="JSON",
+                        help="train each stage for the steps variant main trained in this earlier results file "
+                             "(ablations matched to main on any card); the time budget then bounds only evaluation")
     return parser
 
 

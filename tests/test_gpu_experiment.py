@@ -341,3 +341,55 @@ def test_resumed_stages_keep_the_earlier_runs_records(monkeypatch, tmp_path):
     assert result["stages"][0] == {"stage": names[0], "steps": 34, "tokens_per_s": 9e4, "reused": True}
     assert [s["stage"] for s in result["stages"]] == names
     assert all(s.get("reused") for s in result["stages"][:-1]) and "reused" not in result["stages"][-1]
+
+
+def test_steps_from_reads_mains_stage_steps_and_names_what_is_missing(tmp_path):
+    names = [stage.name for stage in load_recipe(experiment.DEFAULT_RECIPE).stages]
+    stages = [{"stage": name, "steps": 10 * (i + 1)} for i, name in enumerate(names)]
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({"variants": {"main": {"stages": stages}, "no_aux": {"stages": []}}}))
+    assert experiment.recorded_stage_steps(path, names) == {name: 10 * (i + 1) for i, name in enumerate(names)}
+    with pytest.raises(ValueError, match=r"variant 'other'.*\['main', 'no_aux'\]"):
+        experiment.recorded_stage_steps(path, names, variant="other")
+    path.write_text(json.dumps({"variants": {"main": {"stages": stages[:-1]}}}))
+    with pytest.raises(ValueError, match=f"no step count for stage.*{names[-1]}"):
+        experiment.recorded_stage_steps(path, names)
+    with pytest.raises(FileNotFoundError, match="--steps-from .*missing.json"):
+        experiment.recorded_stage_steps(tmp_path / "missing.json", names)
+
+
+def test_fixed_steps_override_the_planner_whatever_the_time_left(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    import msa_train.data.tokenization as tokenization
+    import msa_train.train.distributed as distributed
+    import msa_train.train.export as export
+    import msa_train.train.runner as runner
+    import msa_train.train.trainer as trainer
+
+    recipe = load_recipe(experiment.DEFAULT_RECIPE)
+    names = [stage.name for stage in recipe.stages]
+    monkeypatch.setattr(export, "is_complete_export", lambda path: False)
+    monkeypatch.setattr(runner, "previous_export", lambda *args: None)
+    monkeypatch.setattr(experiment, "wait_for_prep", lambda run_dir, deadline: {})
+    monkeypatch.setattr(distributed, "init_distributed", lambda: None)
+    monkeypatch.setattr(tokenization, "load_tokenizer", lambda path: SimpleNamespace(vocab_size=10))
+    trained = []
+
+    class FakeTrainer:
+        def __init__(self, recipe, stage, *args):
+            trained.append((stage.name, stage.budget.steps))
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(trainer, "StageTrainer", FakeTrainer)
+    fixed = {name: 7 + i for i, name in enumerate(names)}
+    # The deadline has passed: the planner alone would give every stage min_steps.
+    spec = {"run_dir": str(tmp_path), "recipe": str(experiment.DEFAULT_RECIPE), "overrides": [],
+            "train_deadline": 0.0, "assumed_tokens_per_s": 1e5, "stage_overhead_s": 1.0, "max_step_scale": 1.0,
+            "min_steps": 1, "fixed_steps": fixed}
+    result = {"stages": [], "timing": {}, "errors": []}
+    experiment.train_variant(spec, result, lambda: None)
+    assert trained == list(fixed.items())
+    assert [record["steps"] for record in result["stages"]] == list(fixed.values())
