@@ -87,6 +87,15 @@ def _needle_text(rng: random.Random, key: str, value: str, words_around: int) ->
     return " ".join(part for part in (before, needle, after) if part)
 
 
+def haystack_doc_id(sample_prefix: str, index: int) -> str:
+    return f"{sample_prefix}-hay{index}"
+
+
+def is_haystack_doc(doc_id: str) -> bool:
+    """Whether a `generate_needles` document is filler (not a needle)."""
+    return doc_id.rpartition("-")[2].startswith("hay")
+
+
 def generate_needles(
     kind: NeedleKind,
     num_samples: int,
@@ -96,6 +105,7 @@ def generate_needles(
     num_keys: int = 4,
     num_values: int = 3,
     num_queries: int = 2,
+    haystack_seed: int | None = None,
 ) -> RetrievalDataset:
     """RULER-style needle-in-a-haystack samples, one memory (haystack + needles) per sample.
 
@@ -106,10 +116,16 @@ def generate_needles(
     - ``multi_query``: ``num_keys`` needles; ``num_queries`` keys are asked for at once.
 
     Each record's ``negatives`` are the other documents of its own memory.
+
+    With ``haystack_seed``, the haystack's filler comes from its own random stream, so the
+    needles, their texts and the question depend on ``seed`` alone: the same ``seed`` with
+    another haystack size or ``haystack_seed`` asks the same questions of the same needles.
+    Without it, one stream draws everything (the samples of earlier versions).
     """
     if kind not in ("single", "multi_key", "multi_value", "multi_query"):
         raise ValueError(f"unknown needle kind {kind!r}")
     rng = random.Random(f"needles/{kind}/{seed}")
+    haystack_rng = rng if haystack_seed is None else random.Random(f"needles/{kind}/haystack/{haystack_seed}")
     corpus: list[Document] = []
     records: list[RetrievalRecord] = []
     for sample_index in range(num_samples):
@@ -126,9 +142,9 @@ def generate_needles(
             for needle_index in range(needle_count):
                 needle_docs.append((f"{prefix}-needle{needle_index}", _random_key(rng, keys_taken),
                                     _random_number(rng, values_taken)))
-        haystack_ids = [f"{prefix}-hay{i}" for i in range(haystack_docs)]
+        haystack_ids = [haystack_doc_id(prefix, i) for i in range(haystack_docs)]
         for doc_id in haystack_ids:
-            corpus.append(Document(doc_id, filler_text(rng, words_per_doc)))
+            corpus.append(Document(doc_id, filler_text(haystack_rng, words_per_doc)))
         for doc_id, key, value in needle_docs:
             corpus.append(Document(doc_id, _needle_text(rng, key, value, words_per_doc // 2)))
 

@@ -714,7 +714,7 @@ def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: Cos
                 started = time.time()
                 try:
                     report = run_niah(model, sizes=[size], samples_per_task=1, subtasks=[task], seed=round_index,
-                                      routed_ids_too=True)
+                                      routed_ids_too=True, matched=settings.get("niah_matched", False))
                 except Exception:
                     evaluation.setdefault("errors", []).append({"job": label, "traceback": traceback.format_exc()})
                     logger.exception("eval %s failed; no more NIAH rounds", label)
@@ -768,7 +768,8 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
         try:
             if job["kind"] == "niah":
                 report = run_niah(model, sizes=[job["size"]], samples_per_task=settings["niah_samples"],
-                                  subtasks=[job["subtask"]], seed=0, routed_ids_too=True)
+                                  subtasks=[job["subtask"]], seed=0, routed_ids_too=True,
+                                  matched=settings.get("niah_matched", False))
                 summary = add_niah_samples(niah_reports, evaluation, job["size"], report)
                 encoded, asked = sum(s.encoded_tokens for s in report.samples), 2 * len(report.samples)
             else:
@@ -962,15 +963,17 @@ def acceptance(variant: dict, row: int, accuracy_key: str = "accuracy") -> dict[
         pairs = paired_niah_scores(niah[str(row)].get("samples", []), niah[str(64 * row)].get("samples", []),
                                    common, score_key)
         check.update(paired_niah_comparison(pairs))
+        check["pairs_matched"] = bool(variant.get("eval", {}).get("settings", {}).get("niah_matched", False))
     return check
 
 
 def paired_niah_scores(at_row: list[dict], at_64: list[dict], subtasks: Sequence[str],
                        score_key: str = "score") -> dict[str, list[tuple[float, float]]]:
     """Per subtask, (score at L, score at 64L) of the samples asked in the same round: the n-th
-    sample of a subtask at one size pairs with its n-th at the other. The two are different
-    questions (`run_niah` seeds each size's generator apart), so a pair is a unit of resampling,
-    not a matched comparison. Samples without a partner (a deadline inside a round) are left out."""
+    sample of a subtask at one size pairs with its n-th at the other. By default the two are
+    different questions (`run_niah` seeds each size's generator apart), so a pair is a unit of
+    resampling; with `--niah-matched` they are the same question in different haystacks, a matched
+    comparison. Samples without a partner (a deadline inside a round) are left out."""
     pairs = {}
     for task in subtasks:
         row_scores = [s[score_key] for s in at_row if s["subtask"] == task and s.get(score_key) is not None]
@@ -1233,6 +1236,7 @@ def run_driver(args: argparse.Namespace) -> int:
         "kv_generator": kv_generator_options(base),
         "template": qa_template(base),
         "niah_samples": 1 if args.smoke else args.niah_samples,
+        "niah_matched": args.niah_matched,
         "qa_questions": 4 if args.smoke else args.qa_questions,
         "max_batch_tokens": 65536 if device == "cuda" else 8192,
         "assumed_encode_tokens_per_s": 150_000.0 if device == "cuda" else 20_000.0,
@@ -1319,8 +1323,10 @@ def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
         if previous is None:
             raise FileNotFoundError(f"--merge {path}: no readable results file there")
         mine = {"recipe": Path(results["recipe"]).name, "overrides": results["overrides"],
-                "longest_row": results["longest_row"], "smoke": results["smoke"]}
-        theirs = {**{key: previous.get(key) for key in mine}, "recipe": Path(previous.get("recipe") or "").name}
+                "longest_row": results["longest_row"], "smoke": results["smoke"],
+                "niah_matched": results.get("niah_matched", False)}
+        theirs = {**{key: previous.get(key) for key in mine}, "recipe": Path(previous.get("recipe") or "").name,
+                  "niah_matched": previous.get("niah_matched", False)}  # files from before the option: unmatched
         for key in mine:
             if theirs[key] != mine[key]:
                 raise ValueError(f"--merge {path}: its {key} is {theirs[key]!r}, this run's is {mine[key]!r}")
@@ -1345,6 +1351,7 @@ def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.
         "longest_row": row, "memory_sizes": [row * m for m in sorted(SIZE_MULTIPLES)],
         "time_budget_min": args.time_budget, "tokenizer_s": tokenizer_s,
         "steps_from": str(args.steps_from) if args.steps_from else None,
+        "niah_matched": args.niah_matched,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                     if torch.cuda.is_available() else []},
@@ -1433,6 +1440,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", type=Path, nargs="*", default=[], metavar="JSON",
                         help="earlier runs' gpu_scale JSON files whose other variants join this run's table and plots")
     parser.add_argument("--resume", action="store_true", help="keep existing run folders (finished stages are skipped)")
+    parser.add_argument("--niah-matched", action="store_true",
+                        help="NIAH at L and 64L asks the same questions of the same needles at the same depths, "
+                             "only the haystack differs (default: each size draws its own, as runs before this option)")
     parser.add_argument("--steps-from", type=Path, metavar="JSON",
                         help="train each stage for the steps variant main trained in this earlier results file "
                              "(ablations matched to main on any card); the time budget then bounds only evaluation")

@@ -7,6 +7,12 @@ three multi-key tasks with 4, 16 and 64 distractor needles, multi-value and mult
 Every sample is its own memory, filled with haystack documents up to the memory size; the
 score is RULER's string match (the share of expected values in the answer).
 
+With `matched`, the sizes ask the same questions: a sample's needles, their texts and its
+question depend on the seed alone, its haystack on the seed and the size, and each needle sits
+at the same relative depth of the memory at every size. The samples of two sizes then differ
+only in the haystack around the needles, so their difference measures the memory size alone.
+Without it, each size draws its own needles and questions (the samples of earlier versions).
+
 With `routed_ids_too`, each question is also answered with the round's IDs decoded among the
 routed documents only (`RoutedIdGrammar`), on the same encoded memory, and scored apart.
 """
@@ -24,7 +30,7 @@ from tqdm.auto import tqdm
 from msa_modeling.inference import MemoryInterleave, selected_memory_ids
 
 from ..data.records import RetrievalDataset, RetrievalRecord
-from ..data.synthetic import generate_needles
+from ..data.synthetic import generate_needles, is_haystack_doc
 from .harness import EvalModel
 from .metrics import string_match_fraction
 
@@ -117,21 +123,37 @@ def _generator_options(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "kind"}
 
 
-def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int) -> tuple[list, list[int]]:
-    """The record's memory (its positives and negatives) shuffled, and the needles' memory IDs."""
+def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int,
+                  matched_depth: bool = False) -> tuple[list, list[int]]:
+    """The record's memory (its positives and negatives) shuffled, and the needles' memory IDs.
+
+    With `matched_depth`, the haystack is shuffled and each needle (asked or distractor) is put
+    at a relative depth drawn from `seed` alone, so a needle sits at the same fraction of the
+    memory whatever the haystack's size.
+    """
     by_id = {doc.doc_id: doc for doc in dataset.corpus}
     doc_ids = list(dict.fromkeys(record.positives + record.negatives))
-    random.Random(seed).shuffle(doc_ids)
+    if matched_depth:
+        haystack = [doc_id for doc_id in doc_ids if is_haystack_doc(doc_id)]
+        needles = sorted(doc_id for doc_id in doc_ids if not is_haystack_doc(doc_id))
+        random.Random(f"haystack/{seed}").shuffle(haystack)
+        depth = random.Random(f"depth/{seed}")
+        placed = [((index + 0.5) / len(haystack), doc_id) for index, doc_id in enumerate(haystack)]
+        placed += [(depth.random(), doc_id) for doc_id in needles]
+        doc_ids = [doc_id for _, doc_id in sorted(placed)]
+    else:
+        random.Random(seed).shuffle(doc_ids)
     needle_ids = [position + 1 for position, doc_id in enumerate(doc_ids) if doc_id in set(record.positives)]
     return [by_id[doc_id] for doc_id in doc_ids], needle_ids
 
 
 def run_niah(
     model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
-    subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False,
+    subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False, matched: bool = False,
 ) -> NIAHReport:
     """Score every subtask at every memory size (tokens of rendered memory); with `routed_ids_too`
-    also with IDs decoded among the routed documents."""
+    also with IDs decoded among the routed documents; with `matched`, every size asks the same
+    questions of the same needles at the same depths (see the module's docstring)."""
     unknown = set(subtasks or ()) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; choose from {list(SUBTASKS)}")
@@ -140,10 +162,14 @@ def run_niah(
     for size, task in tqdm(jobs, desc="NIAH", disable=not model.settings.show_progress):
         config = SUBTASKS[task]
         haystack = haystack_docs_for(model, config, size, seed)
-        dataset = generate_needles(config["kind"], samples_per_task, seed + size, haystack_docs=haystack,
-                                   **_generator_options(config))
+        if matched:
+            dataset = generate_needles(config["kind"], samples_per_task, seed, haystack_docs=haystack,
+                                       haystack_seed=seed + size, **_generator_options(config))
+        else:
+            dataset = generate_needles(config["kind"], samples_per_task, seed + size, haystack_docs=haystack,
+                                       **_generator_options(config))
         for number, record in enumerate(dataset.records):
-            documents, needle_ids = sample_memory(dataset, record, seed + number)
+            documents, needle_ids = sample_memory(dataset, record, seed + number, matched_depth=matched)
             store = model.encode_memory(documents, pin=False)  # one or two questions: pinning costs more than it saves
             loop = model.interleave(store)
             result = model.ask(loop, record.query)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import re
 import json
 import threading
@@ -15,7 +16,7 @@ import torch
 from data_fixtures import write_tiny_export
 
 from msa_train.data.records import Document, RetrievalDataset, RetrievalRecord
-from msa_train.data.synthetic import generate_kv_facts
+from msa_train.data.synthetic import generate_kv_facts, generate_needles, is_haystack_doc
 from msa_train.data.templates import TemplateConfig
 from msa_train.eval import evaluate
 from msa_train.eval.harness import EvalModel, LoopSettings
@@ -276,6 +277,67 @@ def test_niah_releases_each_memory_before_encoding_the_next():
     report = run_niah(model, sizes=[200], samples_per_task=3, subtasks=["niah_single_1"])
     assert len(report.samples) == 3 and all(s.encoded_tokens == 10 for s in report.samples)
     assert model.alive_at_encode == [0, 0, 0]
+
+
+class _RecordingNIAHModel:
+    """A stand-in EvalModel for `run_niah`: 20 tokens per document, the memories and questions
+    it was given kept, every answer wrong."""
+
+    settings = SimpleNamespace(show_progress=False)
+
+    def __init__(self):
+        self.memories: list[list] = []
+        self.questions: list[str] = []
+
+    def render_documents(self, documents):
+        return [[0] * 20 for _ in documents]
+
+    def encode_memory(self, documents, pin=True):
+        self.memories.append(list(documents))
+        return SimpleNamespace(num_tokens=20 * len(documents), generator=SimpleNamespace(config=SimpleNamespace(top_k_docs=1)))
+
+    def interleave(self, store):
+        return store
+
+    def ask(self, loop, question):
+        self.questions.append(question)
+        return SimpleNamespace(answer="0", retrieved_ids=[1], first_routing=[])
+
+
+def test_generate_needles_keeps_the_samples_of_earlier_versions():
+    """The default (one random stream) must not change: gpu_rounds' NIAH questions are compared
+    with later runs' answer for answer (docs/EXPERIMENTS.md)."""
+    digest = hashlib.sha256()
+    for kind in ("single", "multi_key", "multi_value", "multi_query"):
+        dataset = generate_needles(kind, 3, seed=5, haystack_docs=7)
+        digest.update(json.dumps([[d.doc_id, d.text] for d in dataset.corpus]
+                                 + [[r.query, r.answer, r.positives, r.negatives] for r in dataset.records]).encode())
+    assert digest.hexdigest() == "2459fe6703abcebb30407440b52f358b2f6ebf413a472f33a5f2bc941d9c2012"
+
+
+def test_matched_niah_asks_every_size_the_same_questions_at_the_same_depths():
+    sizes = [400, 12800]  # 20 and 640 documents of 20 tokens
+    subtasks = ["niah_single_1", "niah_multikey_1"]
+    runs = {}
+    for matched in (False, True):
+        model = _RecordingNIAHModel()
+        report = run_niah(model, sizes=sizes, samples_per_task=3, subtasks=subtasks, seed=4, matched=matched)
+        runs[matched] = (model, report)
+    # Without matching, each size draws its own questions.
+    model, report = runs[False]
+    assert model.questions[:6] != model.questions[6:]
+    model, report = runs[True]
+    assert model.questions[:6] == model.questions[6:]  # size 400's six samples, then size 12800's
+    small, large = report.samples[:6], report.samples[6:]
+    assert [s.expected for s in small] == [s.expected for s in large]
+    for small_memory, large_memory, small_sample, large_sample in zip(model.memories[:6], model.memories[6:], small, large):
+        needles = {d.doc_id: d.text for d in small_memory if not is_haystack_doc(d.doc_id)}
+        assert needles == {d.doc_id: d.text for d in large_memory if not is_haystack_doc(d.doc_id)}
+        hay_small = {d.text for d in small_memory if is_haystack_doc(d.doc_id)}
+        assert hay_small.isdisjoint(d.text for d in large_memory if is_haystack_doc(d.doc_id))
+        # The same relative depth, up to one small memory's document.
+        for small_id, large_id in zip(small_sample.needle_ids, large_sample.needle_ids):
+            assert abs(small_id / len(small_memory) - large_id / len(large_memory)) <= 1.5 / len(small_memory)
 
 
 def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):

@@ -207,6 +207,9 @@ def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
         experiment.merge_variants(run, [tmp_path / "b.json"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         experiment.merge_variants(run, [tmp_path / "missing.json"])
+    # Matched NIAH questions are not comparable with an earlier file's own-draw ones (no key: unmatched).
+    with pytest.raises(ValueError, match="niah_matched is False, this run's is True"):
+        experiment.merge_variants({**run, "niah_matched": True}, [tmp_path / "a.json"])
 
 
 def test_summary_table_reports_whether_the_model_wrote_the_routed_id():
@@ -247,14 +250,16 @@ def test_evaluation_measures_niah_and_routing_at_l_and_64l_first():
     assert {("multihop", 100), ("kv", 100), ("qa_recall", 800)} <= {(job["kind"], job.get("size")) for job in jobs}
 
 
-def _fake_niah(monkeypatch, clock: list[float], seconds_per_token: float, fail_at: int | None = None) -> list[tuple]:
+def _fake_niah(monkeypatch, clock: list[float], seconds_per_token: float, fail_at: int | None = None,
+               matched: bool = False) -> list[tuple]:
     """run_niah replaced by one that advances `clock` by the memory's cost and records its calls."""
     from msa_train.eval import niah
 
     calls = []
+    expected_matched = matched
 
-    def run_niah(model, sizes, samples_per_task, subtasks, seed, routed_ids_too):
-        assert samples_per_task == 1 and routed_ids_too and len(sizes) == 1
+    def run_niah(model, sizes, samples_per_task, subtasks, seed, routed_ids_too, matched=False):
+        assert samples_per_task == 1 and routed_ids_too and len(sizes) == 1 and matched == expected_matched
         calls.append((sizes[0], subtasks[0], seed))
         if len(calls) == fail_at:
             raise RuntimeError("CUDA out of memory")
@@ -285,12 +290,15 @@ def test_niah_rounds_ask_both_sizes_equally_often_until_the_deadline(monkeypatch
     assert evaluation["niah"]["100"]["seconds"] == pytest.approx(3.0) and len(saves) == 3
     check = experiment.acceptance({"eval": evaluation}, row=100)
     assert (check["samples_at_L"], check["samples_at_64L"], check["passed"]) == (3, 3, False)
+    assert check["pairs_matched"] is False
+    matched = experiment.acceptance({"eval": {**evaluation, "settings": {"niah_matched": True}}}, row=100)
+    assert matched["pairs_matched"] is True
 
 
 def test_the_first_niah_round_runs_past_the_soft_deadline_and_an_error_ends_the_rounds(monkeypatch):
     clock = [0.0]
-    calls = _fake_niah(monkeypatch, clock, seconds_per_token=0.01, fail_at=4)
-    settings = {"niah_samples": 8, "niah_subtasks": ["a", "b", "c"]}
+    calls = _fake_niah(monkeypatch, clock, seconds_per_token=0.01, fail_at=4, matched=True)
+    settings = {"niah_samples": 8, "niah_subtasks": ["a", "b", "c"], "niah_matched": True}
     costs = experiment.CostModel(encode_tokens_per_s=100.0, question_s=0.0, min_tokens=400)
     evaluation = {"niah": {}, "skipped": []}
     experiment.run_niah_rounds(None, [100, 6400], settings, costs, soft_deadline=10.0, hard_deadline=100.0,
