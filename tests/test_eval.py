@@ -45,11 +45,14 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     ))
     out = tmp_path / "out"
     evaluate.main([
-        str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1",
+        str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1", "--niah-matched",
         "--qa-records", str(records), "--qa-corpus", str(corpus), "--qa-sizes", "40", "100000", *FAST_LOOP,
     ])
     results = json.loads((out / "results.json").read_text())
     accuracy = results["niah"]["accuracy"]
+    assert results["niah"]["matched"] is True
+    questions = {size: [s["expected"] for s in results["niah"]["samples"] if s["memory_tokens"] == size] for size in (96, 192)}
+    assert questions[96] == questions[192]  # the same needles asked at both sizes
     assert list(accuracy) == ["96", "192"]
     assert set(accuracy["96"]) == {*SUBTASKS, "average"}
     assert all(0.0 <= v <= 1.0 for row in accuracy.values() for v in row.values())
