@@ -119,6 +119,7 @@ SIZE_MULTIPLES = (1, 64, 8, 2, 4, 16, 32)
 # or multi-query question needs several at once (`--niah-subtasks` takes any of eval/niah.py's).
 NIAH_SUBTASKS = ("niah_single_1", "niah_single_2", "niah_multikey_1", "niah_multikey_2")
 LOG_TAIL_LINES = 120
+SNAPSHOT_EVERY_S = 30.0  # how often the driver writes the results so far (a killed call keeps them)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -1281,8 +1282,12 @@ def run_driver(args: argparse.Namespace) -> int:
                     f"GPU {job.slot}" if job.slot >= 0 else "CPU", time.strftime("%H:%M:%S", time.localtime(slot_end)),
                     time.strftime("%H:%M:%S", time.localtime(spec["train_deadline"])))
 
+    last_snapshot = time.time()
     try:
         while True:
+            if time.time() - last_snapshot > SNAPSHOT_EVERY_S:
+                write_progress_snapshot(jobs, args, device, row, t0, results_dir)
+                last_snapshot = time.time()
             for queue in queues.values():
                 running = [j for j in queue if j.process is not None and j.process.poll() is None]
                 if running:
@@ -1339,6 +1344,21 @@ def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
                 results["variants"][name] = merged
 
 
+def output_name(args: argparse.Namespace) -> str:
+    return args.name or ("gpu_scale_smoke" if args.smoke else "gpu_scale")
+
+
+def write_progress_snapshot(jobs: list[Job], args: argparse.Namespace, device: str, row: int, t0: float,
+                            results_dir: Path) -> None:
+    """The variants' results so far, written where the final results file goes (`"partial": true`),
+    so that a run killed from outside (a device lease running out) still leaves its numbers."""
+    snapshot = {"partial": True, "recipe": str(args.recipe), "overrides": list(args.overrides), "smoke": args.smoke,
+                "device": device, "longest_row": row, "wall_s": time.time() - t0,
+                "variants": {job.variant: read_json(job.run_dir / "result.json") or {"status": "not started"}
+                             for job in jobs}}
+    write_json_atomic(results_dir / f"{output_name(args)}.json", snapshot)
+
+
 def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.Namespace, t0: float,
               tokenizer_s: float, results_dir: Path, work_dir: Path) -> dict[str, Any]:
     import platform
@@ -1370,7 +1390,7 @@ def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.
         variant["acceptance_routed_ids"] = acceptance(variant, row, "accuracy_routed_ids")
         results["variants"][job.variant] = variant
     merge_variants(results, args.merge)
-    name = args.name or ("gpu_scale_smoke" if args.smoke else "gpu_scale")
+    name = output_name(args)
     results["wall_s"] = time.time() - t0
     write_json_atomic(results_dir / f"{name}.json", results)  # first, so a failure below keeps the numbers
     problems = []

@@ -401,3 +401,20 @@ def test_fixed_steps_override_the_planner_whatever_the_time_left(monkeypatch, tm
     experiment.train_variant(spec, result, lambda: None)
     assert trained == list(fixed.items())
     assert [record["steps"] for record in result["stages"]] == list(fixed.values())
+
+
+def test_progress_snapshot_keeps_the_numbers_so_far_where_the_results_go(tmp_path):
+    import argparse
+
+    done, waiting = tmp_path / "main" / "run", tmp_path / "no_aux" / "run"
+    done.mkdir(parents=True)
+    waiting.mkdir(parents=True)
+    (done / "result.json").write_text(json.dumps({"variant": "main", "status": "running", "stages": [{"steps": 3}]}))
+    jobs = [experiment.Job(name, 0, 0, run_dir, tmp_path / name / "spec.json", tmp_path / name / "worker.log")
+            for name, run_dir in (("main", done), ("no_aux", waiting))]
+    args = argparse.Namespace(recipe=experiment.DEFAULT_RECIPE, overrides=[], smoke=False, name="gpu_x")
+    experiment.write_progress_snapshot(jobs, args, "cuda", 16384, t0=0.0, results_dir=tmp_path)
+    snapshot = json.loads((tmp_path / "gpu_x.json").read_text())
+    assert snapshot["partial"] is True and snapshot["longest_row"] == 16384
+    assert snapshot["variants"]["main"]["stages"] == [{"steps": 3}]
+    assert snapshot["variants"]["no_aux"] == {"status": "not started"}
