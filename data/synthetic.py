@@ -106,6 +106,7 @@ def generate_needles(
     num_values: int = 3,
     num_queries: int = 2,
     haystack_seed: int | None = None,
+    stream: str = "",
 ) -> RetrievalDataset:
     """RULER-style needle-in-a-haystack samples, one memory (haystack + needles) per sample.
 
@@ -120,12 +121,15 @@ def generate_needles(
     With ``haystack_seed``, the haystack's filler comes from its own random stream, so the
     needles, their texts and the question depend on ``seed`` alone: the same ``seed`` with
     another haystack size or ``haystack_seed`` asks the same questions of the same needles.
-    Without it, one stream draws everything (the samples of earlier versions).
+    Without it, one stream draws everything (the samples of earlier versions). A ``stream``
+    name gives two callers with the same kind and seed (two single-needle subtasks) their own
+    needles.
     """
     if kind not in ("single", "multi_key", "multi_value", "multi_query"):
         raise ValueError(f"unknown needle kind {kind!r}")
-    rng = random.Random(f"needles/{kind}/{seed}")
-    haystack_rng = rng if haystack_seed is None else random.Random(f"needles/{kind}/haystack/{haystack_seed}")
+    stream_name = f"needles/{kind}/{seed}" + (f"/{stream}" if stream else "")
+    rng = random.Random(stream_name)
+    haystack_rng = rng if haystack_seed is None else random.Random(f"{stream_name}/haystack/{haystack_seed}")
     corpus: list[Document] = []
     records: list[RetrievalRecord] = []
     for sample_index in range(num_samples):

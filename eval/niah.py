@@ -8,7 +8,7 @@ Every sample is its own memory, filled with haystack documents up to the memory 
 score is RULER's string match (the share of expected values in the answer).
 
 With `matched`, the sizes ask the same questions: a sample's needles, their texts and its
-question depend on the seed alone, its haystack on the seed and the size, and each needle sits
+question depend on the seed and the subtask alone (two subtasks of one kind get their own), its haystack on the seed and the size, and each needle sits
 at the same relative depth of the memory at every size. The samples of two sizes then differ
 only in the haystack around the needles, so their difference measures the memory size alone.
 Without it, each size draws its own needles and questions (the samples of earlier versions).
@@ -164,7 +164,7 @@ def run_niah(
         haystack = haystack_docs_for(model, config, size, seed)
         if matched:
             dataset = generate_needles(config["kind"], samples_per_task, seed, haystack_docs=haystack,
-                                       haystack_seed=seed + size, **_generator_options(config))
+                                       haystack_seed=seed + size, stream=task, **_generator_options(config))
         else:
             dataset = generate_needles(config["kind"], samples_per_task, seed + size, haystack_docs=haystack,
                                        **_generator_options(config))

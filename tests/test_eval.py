@@ -343,6 +343,19 @@ def test_matched_niah_asks_every_size_the_same_questions_at_the_same_depths():
             assert abs(small_id / len(small_memory) - large_id / len(large_memory)) <= 1.5 / len(small_memory)
 
 
+def test_matched_niah_gives_each_subtask_of_a_kind_its_own_needles():
+    """The gpu_experiment driver's rounds: one sample per subtask, seeded by the round."""
+    expected = {}
+    for matched in (False, True):
+        samples = [sample for round_index in range(3)
+                   for sample in run_niah(_RecordingNIAHModel(), sizes=[400], samples_per_task=1, seed=round_index,
+                                          subtasks=["niah_single_1", "niah_single_2"], matched=matched).samples]
+        expected[matched] = [[s.expected for s in samples if s.subtask == task]
+                             for task in ("niah_single_1", "niah_single_2")]
+    assert expected[False][0] == expected[False][1]  # the default's draws, kept for comparability
+    assert all(a != b for a, b in zip(*expected[True]))
+
+
 def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):
     template = TemplateConfig()  # `[12]` in the tokenizer's own (BPE-merged) digits
     model = EvalModel.load(checkpoint, template=template, settings=LoopSettings(max_rounds=1, max_round_tokens=12,
