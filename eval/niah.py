@@ -8,9 +8,10 @@ Every sample is its own memory, filled with haystack documents up to the memory 
 score is RULER's string match (the share of expected values in the answer).
 
 With `matched`, the sizes ask the same questions: a sample's needles, their texts and its
-question depend on the seed and the subtask alone (two subtasks of one kind get their own), its haystack on the seed and the size, and each needle sits
-at the same relative depth of the memory at every size. The samples of two sizes then differ
-only in the haystack around the needles, so their difference measures the memory size alone.
+question depend on the seed and the subtask alone (two subtasks of one kind get their own),
+its haystack on the seed and the size, and each needle sits at the same relative depth of the
+memory at every size. The samples of two sizes then differ only in the haystack around the
+needles, so their difference measures the memory size alone.
 Without it, each size draws its own needles and questions (the samples of earlier versions).
 
 With `routed_ids_too`, each question is also answered with the round's IDs decoded among the
