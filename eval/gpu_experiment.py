@@ -1348,12 +1348,18 @@ def output_name(args: argparse.Namespace) -> str:
     return args.name or ("gpu_scale_smoke" if args.smoke else "gpu_scale")
 
 
+def results_header(args: argparse.Namespace, device: str, row: int) -> dict[str, Any]:
+    """What a results file says about its run, partial or final (`merge_variants` compares these)."""
+    return {"recipe": str(args.recipe), "overrides": list(args.overrides), "smoke": args.smoke, "device": device,
+            "longest_row": row, "steps_from": str(args.steps_from) if args.steps_from else None,
+            "niah_matched": args.niah_matched}
+
+
 def write_progress_snapshot(jobs: list[Job], args: argparse.Namespace, device: str, row: int, t0: float,
                             results_dir: Path) -> None:
     """The variants' results so far, written where the final results file goes (`"partial": true`),
     so that a run killed from outside (a device lease running out) still leaves its numbers."""
-    snapshot = {"partial": True, "recipe": str(args.recipe), "overrides": list(args.overrides), "smoke": args.smoke,
-                "device": device, "longest_row": row, "wall_s": time.time() - t0,
+    snapshot = {"partial": True, **results_header(args, device, row), "wall_s": time.time() - t0,
                 "variants": {job.variant: read_json(job.run_dir / "result.json") or {"status": "not started"}
                              for job in jobs}}
     write_json_atomic(results_dir / f"{output_name(args)}.json", snapshot)
@@ -1367,11 +1373,8 @@ def aggregate(jobs: list[Job], base: Any, device: str, row: int, args: argparse.
 
     stage_names = [stage.name for stage in base.stages]
     results: dict[str, Any] = {
-        "recipe": str(args.recipe), "overrides": list(args.overrides), "smoke": args.smoke, "device": device,
-        "longest_row": row, "memory_sizes": [row * m for m in sorted(SIZE_MULTIPLES)],
+        **results_header(args, device, row), "memory_sizes": [row * m for m in sorted(SIZE_MULTIPLES)],
         "time_budget_min": args.time_budget, "tokenizer_s": tokenizer_s,
-        "steps_from": str(args.steps_from) if args.steps_from else None,
-        "niah_matched": args.niah_matched,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                     if torch.cuda.is_available() else []},

@@ -412,7 +412,8 @@ def test_progress_snapshot_keeps_the_numbers_so_far_where_the_results_go(tmp_pat
     (done / "result.json").write_text(json.dumps({"variant": "main", "status": "running", "stages": [{"steps": 3}]}))
     jobs = [experiment.Job(name, 0, 0, run_dir, tmp_path / name / "spec.json", tmp_path / name / "worker.log")
             for name, run_dir in (("main", done), ("no_aux", waiting))]
-    args = argparse.Namespace(recipe=experiment.DEFAULT_RECIPE, overrides=[], smoke=False, name="gpu_x")
+    args = argparse.Namespace(recipe=experiment.DEFAULT_RECIPE, overrides=[], smoke=False, name="gpu_x",
+                              steps_from=None, niah_matched=False)
     experiment.write_progress_snapshot(jobs, args, "cuda", 16384, t0=0.0, results_dir=tmp_path)
     snapshot = json.loads((tmp_path / "gpu_x.json").read_text())
     assert snapshot["partial"] is True and snapshot["longest_row"] == 16384
