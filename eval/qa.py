@@ -101,18 +101,20 @@ def router_recall(routing, positive_ids: list[int]) -> dict[str, float | None]:
 
 def run_qa(
     model: EvalModel, dataset: RetrievalDataset, limit: int | None = None, judge: JudgeClient | None = None,
+    pin: bool = True,
 ) -> QAReport:
-    """Encode the corpus once as memory IDs 1..n and answer the first `limit` records."""
+    """Encode the corpus once as memory IDs 1..n and answer the first `limit` records (`pin`: see
+    `EvalModel.encode_memory`)."""
     records = dataset.records[:limit] if limit else dataset.records
-    return answer_over_memory(model, dataset.corpus, records, judge)
+    return answer_over_memory(model, dataset.corpus, records, judge, pin=pin)
 
 
 def answer_over_memory(
     model: EvalModel, memory: Sequence[Document], records: Sequence[RetrievalRecord], judge: JudgeClient | None = None,
-    desc: str = "QA",
+    desc: str = "QA", pin: bool = True,
 ) -> QAReport:
     """Encode `memory` as memory IDs 1..n and answer `records` over it."""
-    store = model.encode_memory(memory)
+    store = model.encode_memory(memory, pin=pin)
     loop = model.interleave(store, trace_k=max(RECALL_KS))
     memory_id = {doc.doc_id: number for number, doc in enumerate(memory, start=1)}
     report = QAReport(memory_docs=store.num_docs, memory_tokens=store.num_tokens)

@@ -389,3 +389,28 @@ def test_niah_misses_are_told_apart_by_routing_written_ids_and_value():
         None, "routing", "id", "value", "id_or_routing"]
     report = NIAHReport([right, routing, misread, value, unknown, sample(0.0, [3], [[3]], size=200)])
     assert report.miss_kinds() == {100: {"routing": 1, "id": 1, "value": 1, "id_or_routing": 1}, 200: {"routing": 1}}
+
+
+@pytest.mark.parametrize("pin", [True, False])
+def test_run_qa_passes_the_pinning_choice_to_the_memory(pin):
+    """gpu_experiment asks its 16-question memories unpinned (pinning 1M tokens cost more than the questions)."""
+    pinned = []
+
+    class Model:
+        settings = SimpleNamespace(show_progress=False)
+        model = SimpleNamespace(config=SimpleNamespace(top_k_docs=1))
+
+        def encode_memory(self, documents, pin=True):
+            pinned.append(pin)
+            return SimpleNamespace(num_docs=len(documents), num_tokens=20 * len(documents))
+
+        def interleave(self, store, trace_k=0):
+            return store
+
+        def ask(self, loop, question):
+            return SimpleNamespace(answer="Paris", retrieved_ids=[1], rounds=[None], first_routing=[])
+
+    dataset = RetrievalDataset(corpus=[Document("d0", "The capital is Paris.")],
+                               records=[RetrievalRecord(query="Which capital?", answer="Paris", positives=["d0"])])
+    report = run_qa(Model(), dataset, pin=pin)
+    assert pinned == [pin] and report.items[0].exact_match == 1.0
