@@ -432,6 +432,41 @@ def recorded_stage_steps(path: Path, stage_names: Sequence[str], variant: str = 
     return {name: int(steps[name]) for name in stage_names}
 
 
+TRAINING_TIME_MARGIN = 1.15
+
+
+def recorded_training_seconds(path: Path, variant: str = "main") -> tuple[float | None, str | None]:
+    """(seconds from the worker's start to the end of training, GPU name) of `variant` in an earlier
+    run's results file; (None, None) where it did not record them."""
+    record = ((read_json(path) or {}).get("variants", {}).get(variant) or {})
+    timing = record.get("timing", {})
+    if not (timing.get("train_end") and timing.get("started")):
+        return None, record.get("device_name")
+    return timing["train_end"] - timing["started"], record.get("device_name")
+
+
+def warn_if_fixed_steps_leave_no_evaluation(train_s: float | None, recorded_on: str | None, budget_s: float,
+                                            workers_per_gpu: int, eval_reserve_s: float) -> float | None:
+    """Training time of `--steps-from` is fixed, not fitted to the budget: the seconds that the
+    recorded training (`workers_per_gpu` times as long on a shared GPU) leaves of `budget_s`,
+    with a warning when that is less than `eval_reserve_s`. None when nothing was recorded."""
+    if train_s is None:
+        return None
+    # 15% more than recorded: the ablations of main's 327 s took 378-388 s on another H100 host
+    # (longer data builds before training, and 5-10% lower throughput).
+    train_s = TRAINING_TIME_MARGIN * workers_per_gpu * train_s
+    left = budget_s - train_s
+    if left < eval_reserve_s:
+        logger.warning("--steps-from: those steps take about %.0f s here (recorded on %s); a budget of %.0f s leaves "
+                       "about %.0f s of evaluation (fewer than the %.0f s reserved): raise --time-budget, or expect "
+                       "NIAH's first round and little else", train_s, recorded_on or "its card", budget_s, left,
+                       eval_reserve_s)
+    else:
+        logger.info("--steps-from: those steps take about %.0f s here (recorded on %s), leaving about %.0f s of "
+                    "evaluation", train_s, recorded_on or "its card", left)
+    return left
+
+
 def train_variant(spec: dict, result: dict, save: Any, earlier_stages: dict[str, dict] | None = None) -> Path | None:
     """Run the stages in order with planned steps; returns the last complete export (None if none).
     A stage whose export is complete (`--resume`) is skipped, and its record from `earlier_stages`
@@ -1017,7 +1052,7 @@ def paired_niah_comparison(pairs: dict[str, list[tuple[float, float]]], resample
 
 def summary_table(results: dict[str, Any]) -> str:
     row = results["longest_row"]
-    head = ("| variant | status | steps per stage | train s | final LM loss | final recall@1 (train) | "
+    head = ("| variant | status | steps per stage | train s | final LM loss (eval split) | final recall@1 (eval split) | "
             f"NIAH @{size_label(row)} | NIAH @{size_label(64 * row)} | within 10% | NIAH, routed IDs only, "
             f"@{size_label(row)} / @{size_label(64 * row)} | within 10% | router R@1 @{size_label(row)} | "
             f"R@1 @{size_label(64 * row)} | ID = routed @{size_label(row)} / @{size_label(64 * row)} | multi-hop EM | "
@@ -1030,9 +1065,16 @@ def summary_table(results: dict[str, Any]) -> str:
     for name, variant in results["variants"].items():
         stages = variant.get("stages", [])
         curves = variant.get("curves", [])
-        last = curves[-1]["train"][-1] if curves and curves[-1]["train"] else {}
+        # The last stage's held-out split, not its last training batch: one batch of a few
+        # examples swung recall@1 between 0 and 1 at the end of runs that routed well.
+        last = curves[-1]["eval"][-1] if curves and curves[-1].get("eval") else {}
         timing = variant.get("timing", {})
-        train_s = (timing.get("train_end") or 0) - (timing.get("started") or 0) if timing.get("train_end") else None
+        if stages and all(stage.get("reused") for stage in stages):  # `--resume`: the earlier call's training
+            train_s = f"{round(sum(stage.get('wall_s', 0.0) for stage in stages))} (reused)"
+        elif timing.get("train_end"):
+            train_s = round(timing["train_end"] - timing.get("started", timing["train_end"]))
+        else:
+            train_s = None
         ev = variant.get("eval", {})
         qa = ev.get("qa_recall", {})
         check = variant.get("acceptance", {})
@@ -1047,7 +1089,7 @@ def summary_table(results: dict[str, Any]) -> str:
 
         lines.append("| " + " | ".join([
             name, variant.get("status", "missing"), "/".join(str(s.get("steps")) for s in stages) or "-",
-            fmt(round(train_s) if train_s else None), fmt(last.get("lm_loss")), fmt(last.get("recall@1")),
+            fmt(train_s), fmt(last.get("lm_loss")), fmt(last.get("recall@1")),
             fmt(check.get("niah_at_L")), fmt(check.get("niah_at_64L")), passed(check),
             f"{fmt(routed.get('niah_at_L'))} / {fmt(routed.get('niah_at_64L'))}", passed(routed),
             fmt(qa.get(str(row), {}).get("router_recall", {}).get("recall@1")),
@@ -1234,6 +1276,12 @@ def run_driver(args: argparse.Namespace) -> int:
         job.log_path.unlink(missing_ok=True)
         queues[queue].append(job)
         jobs.append(job)
+    eval_reserve_s = args.eval_reserve if args.eval_reserve is not None else (120.0 if device == "cuda" else 40.0)
+    if fixed_steps and not args.resume:
+        longest_queue = max(len(queue) for queue in queues.values())
+        warn_if_fixed_steps_leave_no_evaluation(
+            *recorded_training_seconds(args.steps_from), (end_all - time.time()) / longest_queue,
+            max(workers_per_gpu.values()), eval_reserve_s)
     eval_settings = {
         "size_multiples": list(SIZE_MULTIPLES),
         "niah_subtasks": list(args.niah_subtasks[:2] if args.smoke else args.niah_subtasks),
@@ -1250,8 +1298,7 @@ def run_driver(args: argparse.Namespace) -> int:
 
     def spec_for(job: Job, index: int, slot_end: float) -> dict:
         variant_ovr = variant_overrides(base, job.variant)
-        eval_reserve = args.eval_reserve if args.eval_reserve is not None else (120.0 if device == "cuda" else 40.0)
-        eval_reserve = min(eval_reserve, 0.35 * (slot_end - time.time()))  # queued variants get shorter slots
+        eval_reserve = min(eval_reserve_s, 0.35 * (slot_end - time.time()))  # queued variants get shorter slots
         return {
             "variant": job.variant, "recipe": str(recipe_path), "run_dir": str(job.run_dir),
             "overrides": [*user_overrides, *variant_ovr, f"run.output_dir={job.run_dir}"],

@@ -224,6 +224,23 @@ def test_summary_table_reports_whether_the_model_wrote_the_routed_id():
     assert cells[header.index("ID = routed @1K / @64K")] == "0.750 / 0.250"
 
 
+def test_summary_table_reports_the_held_out_split_and_the_training_a_resumed_run_reused():
+    curves = [{"stage": "sft_long", "train": [{"step": 87, "lm_loss": 0.38, "recall@1": 0.0}],
+               "eval": [{"step": 40, "lm_loss": 0.2, "recall@1": 0.5}, {"step": 87, "lm_loss": 0.04, "recall@1": 1.0}]}]
+    fresh = {"status": "ok", "curves": curves, "stages": [{"steps": 87, "wall_s": 30.4}],
+             "timing": {"started": 100.0, "train_end": 478.4}}
+    resumed = {**fresh, "stages": [{"steps": 34, "wall_s": 14.8, "reused": True}, {"steps": 87, "wall_s": 23.4, "reused": True}],
+               "timing": {"started": 100.0, "train_end": 114.0}}
+    table = experiment.summary_table({"longest_row": 1024, "variants": {"fresh": fresh, "resumed": resumed}}).splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in table[2:])}
+    column = header.index
+    assert rows["fresh"][column("final LM loss (eval split)")] == "0.040"
+    assert rows["fresh"][column("final recall@1 (eval split)")] == "1.000"
+    assert rows["fresh"][column("train s")] == "378"
+    assert rows["resumed"][column("train s")] == "38 (reused)"
+
+
 def test_stage_curves_keep_each_router_layers_eval_recall(tmp_path):
     stage = tmp_path / "stages" / "sft_short"
     stage.mkdir(parents=True)
@@ -421,3 +438,24 @@ def test_progress_snapshot_keeps_the_numbers_so_far_where_the_results_go(tmp_pat
     assert snapshot["partial"] is True and snapshot["longest_row"] == 16384
     assert snapshot["variants"]["main"]["stages"] == [{"steps": 3}]
     assert snapshot["variants"]["no_aux"] == {"status": "not started"}
+
+
+def test_steps_from_warns_when_the_recorded_training_leaves_too_little_evaluation(tmp_path, caplog):
+    record = {"variants": {"main": {"device_name": "NVIDIA H100 80GB HBM3", "stages": [{"stage": "a", "steps": 3}],
+                                    "timing": {"started": 1000.0, "train_end": 1300.0}}}}
+    (tmp_path / "r.json").write_text(json.dumps(record))
+    train_s, card = experiment.recorded_training_seconds(tmp_path / "r.json")
+    assert (train_s, card) == (300.0, "NVIDIA H100 80GB HBM3")
+    margin = experiment.TRAINING_TIME_MARGIN
+    with caplog.at_level("WARNING", logger=experiment.logger.name):
+        left = experiment.warn_if_fixed_steps_leave_no_evaluation(train_s, card, 500.0, 1, 200.0)
+    assert left == pytest.approx(500.0 - margin * 300.0) and left < 200.0
+    assert f"leaves about {500.0 - margin * 300.0:.0f} s" in caplog.text and "H100" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=experiment.logger.name):
+        assert experiment.warn_if_fixed_steps_leave_no_evaluation(train_s, card, 600.0, 1, 200.0) > 200.0
+        # Two variants sharing a GPU train at about half speed each.
+        assert experiment.warn_if_fixed_steps_leave_no_evaluation(train_s, card, 600.0, 2, 200.0) < 0.0
+    assert caplog.text.count("WARNING") == 1
+    assert experiment.recorded_training_seconds(tmp_path / "missing.json") == (None, None)
+    assert experiment.warn_if_fixed_steps_leave_no_evaluation(None, None, 600.0, 1, 200.0) is None
