@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--routed-ids-only", action="store_true",
                         help="decode retrieval rounds' IDs among the documents the routers selected (RoutedIdGrammar)")
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
+    parser.add_argument("--memory-on-gpu", action="store_true",
+                        help="keep each encoded memory on the model's GPU instead of the host (it must fit there)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -127,6 +129,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     settings = LoopSettings(
         max_rounds=args.max_rounds, max_round_tokens=args.max_round_tokens, max_answer_tokens=args.max_answer_tokens,
         max_batch_tokens=args.max_batch_tokens, show_progress=not args.no_progress, routed_ids_only=args.routed_ids_only,
+        memory_on_model_device=args.memory_on_gpu,
     )
     model = EvalModel.load(args.checkpoint, args.device, getattr(torch, args.dtype), template, settings, args.index_devices)
     results: dict = {"checkpoint": str(args.checkpoint),

@@ -43,6 +43,10 @@ class LoopSettings:
     show_progress: bool = True
     # Decode a round's IDs among the routed documents only (`RoutedIdGrammar`); off: free decoding.
     routed_ids_only: bool = False
+    # Keep encoded memories on the model's GPU, not the host: no copies to the host while encoding
+    # nor back for routing and attention, if the whole memory fits beside the model (about 25 GB
+    # per 1M tokens for the 320M experiment model with 4 router layers).
+    memory_on_model_device: bool = False
 
 
 class EvalModel:
@@ -126,12 +130,14 @@ class EvalModel:
 
     def encoder(self) -> MemoryEncoder:
         return MemoryEncoder(self.model, max_batch_tokens=self.settings.max_batch_tokens,
-                             show_progress=self.settings.show_progress)
+                             show_progress=self.settings.show_progress,
+                             storage_device=self.device if self.settings.memory_on_model_device else None)
 
     def encode_memory(self, documents: Sequence[Document], pin: bool = True) -> MemoryStore:
-        """A new memory holding `documents` as memory IDs 1..n; `pin` page-locks it on a GPU machine,
-        which pays off over many questions (asynchronous copies of the selected documents) and
-        costs a copy of its K̄/V̄ (15 GiB and 9 s at 1M tokens for the 320M model on an H100)."""
+        """A new memory holding `documents` as memory IDs 1..n; `pin` page-locks a host memory on a GPU
+        machine, which pays off over many questions (asynchronous copies of the selected documents)
+        and costs a copy of its K̄/V̄ (15 GiB at 1M tokens for the 320M model: 9 s on one H100 host,
+        22-33 s on another)."""
         encoder = self.encoder()
         store = encoder.new_store(self.prefix_ids())
         encoder.add_documents(store, self.render_documents(documents))

@@ -176,3 +176,30 @@ def test_incremental_interleave_rounds_equal_full_re_prefills(seed):
     incremental, full = run(True), run(False)
     assert incremental[1], "no retrieval round happened"
     assert incremental == full
+
+
+def test_a_memory_stored_on_another_device_keeps_every_piece_there():
+    """`storage_device` off the host. CI has no GPU, so the meta device stands in for one: its
+    `index_copy_` and `empty` check devices as a GPU's do, so an encoding batch's rows, or a
+    gathered document's output, left on the host fails here (meta's `index_select` does not
+    check its index's device; `gather_chunks` moves it anyway)."""
+    model = tiny_msa(2, top_k_docs=2, chunk_size=4)
+    memory = random_memory(2, num_docs=7)
+    on_host = MemoryEncoder(model, max_batch_tokens=30, show_progress=False)
+    elsewhere = MemoryEncoder(model, max_batch_tokens=30, show_progress=False, storage_device="meta")
+    host_store, meta_store = on_host.new_store(memory["prefix"]), elsewhere.new_store(memory["prefix"])
+    for encoder, store in ((on_host, host_store), (elsewhere, meta_store)):
+        encoder.add_documents(store, memory["docs"][:4])
+        encoder.add_documents(store, memory["docs"][4:])  # appending concatenates on that device
+    assert host_store.device.type == "cpu" and meta_store.device.type == "meta"
+    for name in ("keys", "values", "routing_keys"):
+        assert all(t.device.type == "meta" for t in getattr(meta_store, name))
+        assert [t.shape for t in getattr(meta_store, name)] == [t.shape for t in getattr(host_store, name)]
+    assert all(t.device.type == "cpu" for t in meta_store.prefix_keys)  # small; the generator copies it
+    assert meta_store.nbytes() == host_store.nbytes() and meta_store.num_tokens == host_store.num_tokens
+    assert meta_store.pin_memory() is meta_store and meta_store.device.type == "meta"
+    selected = torch.tensor([1, 5])
+    host_keys, host_values = host_store.gather_chunks(0, selected)
+    meta_keys, meta_values = meta_store.gather_chunks(0, selected)
+    assert meta_keys.device.type == meta_values.device.type == "meta"
+    assert meta_keys.shape == host_keys.shape and meta_values.shape == host_values.shape

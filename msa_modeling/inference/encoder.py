@@ -8,7 +8,9 @@ that positions run on from the prefix through the documents in order. Either way
 states depend only on its tokens and its start position, so appending documents later equals
 encoding them all at once. Documents are batched by length (right
 padding: under a causal mask real tokens never see the padding), and each batch's results
-go to the host at once, so device memory is bounded by `max_batch_tokens`.
+go to the store's device at once: to the host by default, so that device memory is bounded by
+`max_batch_tokens`, or, with `storage_device` the model's GPU, kept there, which saves the
+copies to the host and back when the whole memory fits beside the model.
 """
 
 from __future__ import annotations
@@ -130,11 +132,13 @@ class MemoryEncoder:
         storage_dtype: dtype of the stored K̄/V̄/K̄R (default: the model's dtype).
         max_batch_tokens: padded tokens per encoding batch.
         show_progress: a tqdm bar over documents.
+        storage_device: where the stored K̄/V̄/K̄R live (default: the host). The prefix K/V and
+            the documents' token ids stay on the host either way.
     """
 
     def __init__(
         self, model: nn.Module, storage_dtype: torch.dtype | None = None, max_batch_tokens: int = 32768,
-        show_progress: bool = True,
+        show_progress: bool = True, storage_device: torch.device | str | None = None,
     ) -> None:
         config = model.config
         if not config.router_layers:
@@ -143,6 +147,7 @@ class MemoryEncoder:
         self.config = config
         self.device = next(model.parameters()).device
         self.storage_dtype = storage_dtype or next(model.parameters()).dtype
+        self.storage_device = torch.device(storage_device) if storage_device is not None else torch.device("cpu")
         self.max_batch_tokens = max_batch_tokens
         self.show_progress = show_progress
         self.router_slot = {layer: slot for slot, layer in enumerate(config.router_layers)}
@@ -192,24 +197,30 @@ class MemoryEncoder:
         chunk_size = self.config.chunk_size
         num_chunks = torch.tensor([-(-n // chunk_size) for n in lengths], dtype=torch.long)
         doc_start = _offsets(num_chunks)[:-1]
-        # Per kind ("k", "v", "r"), one host tensor [router layers, chunks, ...] in document order,
-        # allocated at the first batch; each batch's chunks are copied to their final rows once.
-        # (Concatenating the batches and reordering after held and copied the memory twice more:
-        # at 1M tokens, tens of GB of host copies, most of an encoding's time.)
+        # Per kind ("k", "v", "r"), one tensor [router layers, chunks, ...] in document order on the
+        # storage device, allocated at the first batch; each batch's chunks are copied to their
+        # final rows once. (Concatenating the batches and reordering after held and copied the
+        # memory twice more: at 1M tokens, tens of GB of host copies, most of an encoding's time.)
         stored: dict[str, torch.Tensor] = {}
-        # From a GPU, each batch goes through a page-locked staging buffer: a copy into pageable
-        # memory ran at 1.5 GB/s on an H100 host, into pinned memory at 54 GB/s (BENCHMARKS.md).
-        staging = _PinnedStaging() if self.device.type == "cuda" else None
+        # From a GPU to the host, each batch goes through a page-locked staging buffer: a copy into
+        # pageable memory ran at 1.5 GB/s on an H100 host, into pinned memory at 54 GB/s (BENCHMARKS.md).
+        to_host = self.storage_device.type == "cpu"
+        staging = _PinnedStaging() if to_host and self.device.type == "cuda" else None
         progress = tqdm(total=len(documents), desc="encoding memory", unit="doc", disable=not self.show_progress)
         for batch in length_sorted_batches(lengths, self.max_batch_tokens):
             index = torch.tensor(batch, dtype=torch.long)
             rows = torch.repeat_interleave(doc_start[index] - _offsets(num_chunks[index])[:-1], num_chunks[index]) + \
                 torch.arange(int(num_chunks[index].sum()))
+            rows = rows.to(self.storage_device)
             for name, encoded in self._encode_batch([documents[i] for i in batch], [starts[i] for i in batch]).items():
-                host = staging.copy(name, encoded) if staging is not None else encoded.to("cpu")
+                if staging is not None:
+                    encoded = staging.copy(name, encoded)
+                else:
+                    encoded = encoded.to(self.storage_device)
                 if name not in stored:
-                    stored[name] = torch.empty((host.shape[0], int(num_chunks.sum()), *host.shape[2:]), dtype=host.dtype)
-                stored[name].index_copy_(1, rows, host)
+                    stored[name] = torch.empty((encoded.shape[0], int(num_chunks.sum()), *encoded.shape[2:]),
+                                               dtype=encoded.dtype, device=self.storage_device)
+                stored[name].index_copy_(1, rows, encoded)
             progress.update(len(batch))
         progress.close()
         logger.info("encoded %d documents, %d tokens, %d chunks", len(documents), sum(lengths), int(num_chunks.sum()))

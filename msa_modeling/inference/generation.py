@@ -122,7 +122,8 @@ class MSAGenerator:
 
     Args:
         model: the MSA model, in eval mode, on the device to generate on.
-        store: the encoded memory (host); its selected documents are copied per question.
+        store: the encoded memory (on the host, or on this GPU); its selected documents are copied
+            into the query's cache per question.
         index: where routing keys are scored (default: a one-shard index on the model's device).
         trace_k: rank this many documents per router layer for reporting (recall@k); the
             model still attends to its own top_k_docs.
@@ -300,6 +301,6 @@ class MSAGenerator:
         for buffers, prefix_part, chunks in ((cache.keys, self.prefix_keys, keys), (cache.values, self.prefix_values, values)):
             buffer = buffers[index].new_empty((context + capacity, *buffers[index].shape[1:]))
             buffer[:prefix] = prefix_part[index]
-            buffer[prefix:context].copy_(chunks, non_blocking=True)  # pinned host -> device, asynchronous
+            buffer[prefix:context].copy_(chunks, non_blocking=True)  # asynchronous from pinned host memory or on the GPU
             buffers[index] = buffer
         cache.context_lengths[index] = context

@@ -1,4 +1,7 @@
-"""`MemoryStore`: an encoded memory on the host, saved as safetensors shards plus a manifest.
+"""`MemoryStore`: an encoded memory, saved as safetensors shards plus a manifest.
+
+Its K̄/V̄/K̄R live on the host, or on a GPU when `MemoryEncoder(storage_device=...)` put them
+there; the offsets, the documents' token ids and the prefix K/V are always on the host.
 
 Documents are numbered 0..N-1 in the order they were added (memory ID = index + 1 in the
 `[i]. text` rendering). Chunks of document d are `doc_chunk_offsets[d]:doc_chunk_offsets[d+1]`
@@ -84,7 +87,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     temporary = path.with_name(path.name + ".tmp")
-    save_file({name: t.contiguous() for name, t in tensors.items()}, str(temporary))
+    save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(temporary))
     os.replace(temporary, path)
 
 
@@ -133,7 +136,13 @@ class MemoryStore:
         """The rendered tokens of document `doc` (0-based), as they were encoded."""
         return self.doc_tokens[self.doc_token_offsets[doc] : self.doc_token_offsets[doc + 1]].tolist()
 
-    def host_bytes(self) -> int:
+    @property
+    def device(self) -> torch.device:
+        """Where the K̄/V̄/K̄R are (the host for an empty memory)."""
+        return self.keys[0].device if self.keys else torch.device("cpu")
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor of the memory, wherever they live (see `device`)."""
         tensors = [*self.keys, *self.values, *self.routing_keys, *self.prefix_keys, *self.prefix_values, self.doc_tokens]
         return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -150,9 +159,11 @@ class MemoryStore:
             setattr(self, name, [torch.cat([a, b]) for a, b in zip(old, new)] if old else list(new))
 
     def pin_memory(self) -> "MemoryStore":
-        """Page-lock the content K̄/V̄, so that copies of selected documents to a GPU are asynchronous."""
-        self.keys = [t.pin_memory() for t in self.keys]
-        self.values = [t.pin_memory() for t in self.values]
+        """Page-lock the content K̄/V̄ on the host, so that copies of selected documents to a GPU are
+        asynchronous (a memory already on a GPU is left as it is)."""
+        if self.device.type == "cpu":
+            self.keys = [t.pin_memory() for t in self.keys]
+            self.values = [t.pin_memory() for t in self.values]
         return self
 
     def gather_chunks(self, layer_slot: int, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +173,10 @@ class MemoryStore:
         counts = ends - starts
         chunk_index = torch.repeat_interleave(starts - _offsets(counts)[:-1], counts) + torch.arange(int(counts.sum()))
         keys, values = self.keys[layer_slot], self.values[layer_slot]
-        pinned = keys.is_pinned()
-        out_keys = torch.empty((chunk_index.numel(), *keys.shape[1:]), dtype=keys.dtype, pin_memory=pinned)
+        chunk_index = chunk_index.to(keys.device)
+        pinned = keys.device.type == "cpu" and keys.is_pinned()
+        out_keys = torch.empty((chunk_index.numel(), *keys.shape[1:]), dtype=keys.dtype, device=keys.device,
+                               pin_memory=pinned)
         out_values = torch.empty_like(out_keys, pin_memory=pinned)
         torch.index_select(keys, 0, chunk_index, out=out_keys)
         torch.index_select(values, 0, chunk_index, out=out_values)
