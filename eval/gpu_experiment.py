@@ -454,16 +454,16 @@ def warn_if_fixed_steps_leave_no_evaluation(train_s: float | None, recorded_on: 
         return None
     # 15% more than recorded: the ablations of main's 327 s took 378-388 s on another H100 host
     # (longer data builds before training, and 5-10% lower throughput).
-    train_s = TRAINING_TIME_MARGIN * workers_per_gpu * train_s
-    left = budget_s - train_s
+    expected_s = TRAINING_TIME_MARGIN * workers_per_gpu * train_s
+    left = budget_s - expected_s
     if left < eval_reserve_s:
         logger.warning("--steps-from: those steps take about %.0f s here (recorded on %s); a budget of %.0f s leaves "
                        "about %.0f s of evaluation (fewer than the %.0f s reserved): raise --time-budget, or expect "
-                       "NIAH's first round and little else", train_s, recorded_on or "its card", budget_s, left,
+                       "NIAH's first round and little else", expected_s, recorded_on or "its card", budget_s, left,
                        eval_reserve_s)
     else:
         logger.info("--steps-from: those steps take about %.0f s here (recorded on %s), leaving about %.0f s of "
-                    "evaluation", train_s, recorded_on or "its card", left)
+                    "evaluation", expected_s, recorded_on or "its card", left)
     return left
 
 
