@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from batches import FAMILIES, VOCAB, random_packed_batch, tiny_backbone, tiny_msa
-from test_against_reference import compare
+from reference_parity import compare
+from train_runs import free_port
 from transformers import AutoModelForCausalLM
 
 from msa_modeling import MSAForCausalLM
@@ -80,8 +81,9 @@ print("RESULTS " + json.dumps(results))
 """
 
 
+@pytest.mark.integration
 def test_deepspeed_zero2_step_on_cpu_for_every_family():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", RANK="0",
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-c", _DEEPSPEED_STEP, str(TESTS)], env=env, capture_output=True,
                           text=True, timeout=600)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import train_sentencepiece
 
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.errors import OverlongExampleError
@@ -31,11 +30,6 @@ def config_values(tokenizer: Path) -> dict:
         "docs_per_shard": 40,
         "records_per_shard": 5,
     }
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
 
 
 def all_rows(build: Path) -> list[bytes]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import DELIMITER, END_OF_RETRIEVAL, doc_runs, synthetic_build, train_byte_bpe, train_sentencepiece, write_beir
+from data_fixtures import DELIMITER, END_OF_RETRIEVAL, doc_runs, synthetic_build, train_byte_bpe, write_beir
 
 from msa_modeling.layout import build_packed_layout
 from msa_modeling.layout import compute_position_ids as model_position_ids
@@ -34,11 +34,6 @@ GENERATORS = {
     "qa": {"generator": "kv_facts", "num_facts": 60, "num_queries": 12, "seed": 4},
     "interleave": {"generator": "multihop", "num_chains": 8, "seed": 5, "hops": 3},
 }
-
-
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_sentencepiece(tmp_path_factory.mktemp("sp"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Issue 7, CPU scale: the real pipeline (recipes/kv_cpu.yaml, two CPT stages, DeepSpeed) trains a
+"""CPU scale: the real pipeline (recipes/kv_cpu.yaml, two CPT stages, DeepSpeed) trains a
 tiny MSA model for a bounded number of steps, and on held-out key-value memories its router finds
 the fact's document (recall@1 >= 0.9, chance 1/8) and the model answers with the document's ID and
 value (exact match >= 0.9), reading the ID from 4-token pooled chunks after a curriculum from
@@ -12,15 +12,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from train_runs import REPO, failure_report, launcher_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 RECIPE = REPO / "recipes" / "kv_cpu.yaml"
 
 
 def test_kv_experiment_routes_and_answers_held_out_questions(tmp_path: Path) -> None:
     # Two threads, the CI machine's cores. The thread count changes float reductions, and with
-    # them whether this short run leaves the value-copy plateau in time: on the 2026-12-06
-    # machine one thread stayed on it at seed 0 (EXPERIMENTS.md, CPU results).
+    # them whether this short run leaves the value-copy plateau in time: with one thread the
+    # run stayed on it at seed 0 (docs/EXPERIMENTS.md, CPU scale).
     env = {**launcher_env(), "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
         [sys.executable, "-m", "msa_train.eval.kv_cpu_experiment", "--recipe", str(RECIPE),

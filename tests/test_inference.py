@@ -6,45 +6,11 @@ import json
 
 import pytest
 import torch
-from batches import FAMILIES, VOCAB, tiny_msa
+from batches import FAMILIES, tiny_msa
+from memories import encoded_store, random_memory, training_row
 
 from msa_modeling.inference import MemoryEncoder, MemoryStore, MSAGenerator, RoutingIndex
 from msa_modeling.inference.routing_index import IndexShard, merge_top_k, top_k_lowest_index_first
-
-IGNORE = -100
-
-
-def random_memory(seed: int, num_docs: int = 7) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    draw = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=generator))  # noqa: E731
-    tokens = lambda n: torch.randint(3, VOCAB, (n,), generator=generator).tolist()  # noqa: E731
-    return {
-        "prefix": tokens(3),
-        "docs": [tokens(draw(1, 13)) for _ in range(num_docs)],
-        "question": tokens(4),
-        "answer": tokens(3),
-    }
-
-
-def training_row(memory: dict) -> dict[str, torch.Tensor]:
-    """One packed example `[prefix][docs][question][answer]` with the answer labelled."""
-    ids, doc_ids, labels = list(memory["prefix"]), [-2] * len(memory["prefix"]), [IGNORE] * len(memory["prefix"])
-    for number, doc in enumerate(memory["docs"], start=1):
-        ids += doc
-        doc_ids += [number] * len(doc)
-        labels += [IGNORE] * len(doc)
-    ids += memory["question"] + memory["answer"]
-    doc_ids += [0] * (len(memory["question"]) + len(memory["answer"]))
-    labels += [IGNORE] * len(memory["question"]) + memory["answer"]
-    return {k: torch.tensor([v]) for k, v in (("input_ids", ids), ("doc_ids", doc_ids), ("labels", labels))}
-
-
-def encoded_store(model, memory: dict, max_batch_tokens: int = 24):
-    encoder = MemoryEncoder(model, max_batch_tokens=max_batch_tokens, show_progress=False)
-    store = encoder.new_store(memory["prefix"])
-    encoder.add_documents(store, memory["docs"])
-    return store
-
 
 def assert_inference_matches_the_training_forward(model, memory: dict, store) -> None:
     """The generator over `store` predicts every answer token of `memory`'s training row as the

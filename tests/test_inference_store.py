@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from batches import tiny_msa
-from test_inference import random_memory
+from memories import DELIM, END, EOS, random_memory
 
 from msa_modeling.inference import InterleaveFormat, MemoryEncoder, MemoryInterleave, MemoryStore, MSAGenerator
 from msa_modeling.inference.generation import GenerationOutput
@@ -97,7 +97,6 @@ class ScriptedGenerator:
         return GenerationOutput(tokens, stop, [], torch.zeros(1)), SimpleNamespace(token_ids=cached)
 
 
-DELIM, END, EOS = 90, 91, 92
 DIGITS = {80 + d: str(d) for d in range(10)}
 
 

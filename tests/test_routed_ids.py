@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from batches import tiny_msa
-from test_inference import encoded_store, random_memory
-from test_inference_store import DELIM, END
+from memories import DELIM, END, encoded_store, random_memory
 
 from msa_modeling.inference import InterleaveFormat, MemoryInterleave, MSAGenerator, RoutedIdGrammar
 

@@ -3,13 +3,12 @@ next run resumes from it (W&B run included), and only the newest `keep_last` che
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from msa_train.train.distributed import DistributedContext
-from train_runs import make_stage_trainer, single_process_world
+from train_runs import make_stage_trainer
 
 OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_every_steps=1", "checkpoint.keep_last=2",
              "tracking.wandb=offline"]
@@ -17,12 +16,6 @@ OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_e
 
 class SimulatedCrash(RuntimeError):
     pass
-
-
-@pytest.fixture(scope="module")
-def context() -> Iterator[DistributedContext]:
-    with single_process_world() as world:
-        yield world
 
 
 def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path: Path, context: DistributedContext,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from train_runs import failure_report, run_launcher
+
+pytestmark = pytest.mark.integration
 
 
 def test_dense_baseline_logs_throughput(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,15 +12,9 @@ import pytest
 from msa_train.train import trainer as trainer_module
 from msa_train.train.distributed import DistributedContext
 from msa_train.train.trainer import NonFiniteLossError, StageTrainer
-from train_runs import make_stage_trainer, single_process_world
+from train_runs import make_stage_trainer
 
 POISONED_STEP = 2
-
-
-@pytest.fixture(scope="module")
-def context() -> Iterator[DistributedContext]:
-    with single_process_world() as world:
-        yield world
 
 
 def overrides(policy: str) -> list[str]:

@@ -4,7 +4,6 @@ a summary of wall clock against device time. In-process, one rank."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,7 @@ import torch
 
 from msa_train.train.config import RecipeError, load_recipe
 from msa_train.train.distributed import DistributedContext
-from train_runs import TINY_RECIPE, make_stage_trainer, single_process_world
-
-
-@pytest.fixture(scope="module")
-def context() -> Iterator[DistributedContext]:
-    with single_process_world() as world:
-        yield world
+from train_runs import TINY_RECIPE, make_stage_trainer
 
 
 @pytest.mark.parametrize("start, steps, window", [(2, 2, "steps 2-3"), (3, 5, "steps 3-3")])
@@ -44,8 +37,7 @@ def test_profile_settings_are_checked() -> None:
 
 
 def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: DistributedContext,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from msa_train.train import profiling
 
     def fail(self, profiler, wall_s: float) -> None:
@@ -57,7 +49,7 @@ def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: Distr
         "tracking.profile_start_step=1", "tracking.profile_steps=1"])
     trainer.run()
     assert trainer.state.step == 3
-    assert "profiling window failed" in caplog.text
+    assert not list(tmp_path.rglob("trace.json"))
     # A profiler left running crashes the interpreter when it exits.
     assert not torch.autograd.profiler._is_profiler_enabled
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,13 +29,20 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago: the kernel picks it when binding port 0. Another
+    process could take it before the rendezvous binds it, but no two tests share a fixed port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_command(entry: str, ranks: int, recipe: Path, args: list[str]) -> list[str]:
     """`python launch/<entry>.py` for one rank, `deepspeed --num_gpus N launch/<entry>.py` otherwise."""
     script = str(REPO / "launch" / f"{entry}.py")
     if ranks == 1:
         return [sys.executable, script, str(recipe), *args]
-    port = str(29500 + os.getpid() % 1000)
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
             script, str(recipe), *args]
 
 
