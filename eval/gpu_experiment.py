@@ -1,6 +1,6 @@
 """The GPU-scale MSA experiment of issue 7, from one command, inside a wall-clock budget.
 
-    python -m msa_train.eval.gpu_experiment --gpus 0 1 2 3 --results-dir docs/experiments
+    python -m msa_train.eval.gpu_experiment --gpus 0 1 2 3 --results-dir runs/experiments
     python eval/gpu_experiment.py --gpus 0 1 --time-budget 7    # a bare checkout: no install needed
     python eval/gpu_experiment.py --gpus 0 0 0 --variants main no_aux global_positions   # three on GPU 0
     python -m msa_train.eval.gpu_experiment --smoke --results-dir /tmp/gpu_smoke   # CPU, toy scale
@@ -1485,7 +1485,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides for every variant")
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
-    parser.add_argument("--results-dir", type=Path, default=REPO / "docs" / "experiments")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "runs" / "experiments")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "msa_gpu_experiment")
     parser.add_argument("--name", help="file stem of the outputs (default gpu_scale, or gpu_scale_smoke)")
     parser.add_argument("--gpus", type=int, nargs="*",

@@ -5,7 +5,7 @@ CPT warm-up with an aux-heavy loss, then CPT main, DeepSpeed in one process), th
 held-out key-value questions through `msa_train.eval` (memory encoding, routing, memory
 interleave), and writes the numbers and the curves:
 
-    python -m msa_train.eval.kv_cpu_experiment                    # -> docs/experiments/kv_cpu.{json,*.png}
+    python -m msa_train.eval.kv_cpu_experiment                    # -> runs/experiments/kv_cpu.{json,*.png}
     python -m msa_train.eval.kv_cpu_experiment --seed 3 --results-dir /tmp/kv run.output_dir=/tmp/kv/run
 
 Held-out means new facts: every evaluation memory comes from `generate_kv_facts` with seeds
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "kv_cpu.yaml"
-DEFAULT_RESULTS_DIR = REPO / "docs" / "experiments"
+DEFAULT_RESULTS_DIR = REPO / "runs" / "experiments"  # ignored by git: tracked results stay as they are
 # Far from the recipe's data seeds (0, 1, 2), so no evaluation memory repeats a training fact set.
 HELDOUT_SEED_BASE = 1000
 RECALL_KS = (1, 5, 10)

@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # cuDNN's attention builds an execution plan per key length, about 3 ms of host time for a
 # kernel of a few microseconds; a decode step grows the key length every token, so with cuDNN
-# among the candidates a 20-layer step cost 80 ms (docs/experiments/gpu_decode_profile.txt).
+# among the candidates a 20-layer step cost 80 ms (experiments/results/gpu_decode_profile.txt).
 _SDPA_BACKENDS_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
