@@ -61,7 +61,7 @@ class TemplateConfig:
     ``id_digits`` writes memory IDs with ten strings of their own instead of 0-9 (they become
     special tokens, e.g. ``<id0>``..``<id9>``): when documents hold numbers, an ID made of the
     same digit tokens is hard for a small model to tell from the text it must copy
-    (docs/EXPERIMENTS.md, "CPU probes of the needle task")."""
+    (docs/EXPERIMENTS.md: IDs in tokens of their own)."""
 
     system_prompt: str = ""
     doc_id_format: str = "[{i}]. "

@@ -50,7 +50,7 @@ QWEN3_4B = dict(
 # The shape of recipes/qwen3_1b_synthetic.yaml (the trainer's multi-GPU acceptance run).
 QWEN3_1B = dict(QWEN3_4B, hidden_size=2048, intermediate_size=6144, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=8)
-# The shape of recipes/qwen3_350m_synthetic.yaml (issue 7's GPU experiment; run it with --router-layers 0).
+# The shape of recipes/qwen3_350m_synthetic.yaml (the GPU experiment's model; run it with --router-layers 0).
 QWEN3_350M = dict(QWEN3_4B, vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=20,
                   num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=40960,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})

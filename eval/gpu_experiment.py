@@ -1,4 +1,4 @@
-"""The GPU-scale MSA experiment of issue 7, from one command, inside a wall-clock budget.
+"""The GPU-scale MSA experiment, from one command, inside a wall-clock budget.
 
     python -m msa_train.eval.gpu_experiment --gpus 0 1 2 3 --results-dir runs/experiments
     python eval/gpu_experiment.py --gpus 0 1 --time-budget 7    # a bare checkout: no install needed

@@ -1,4 +1,4 @@
-"""The CPU-scale proof that the pipeline builds working MSA models (issue 7).
+"""The CPU-scale proof that the pipeline builds working MSA models.
 
 One command trains a tiny random Qwen3 with the real pipeline (`recipes/kv_cpu.yaml`: the
 CPT warm-up with an aux-heavy loss, then CPT main, DeepSpeed in one process), then answers

@@ -20,7 +20,7 @@ and the step needs no host sync. Two ways to get there:
 Backends:
     `varlen`: ATen's flash kernels, what `torch.nn.attention.varlen.varlen_attn` runs (CUDA,
         torch >= 2.10), in two calls; the default on CUDA. At 64K on an H100 it is 1.5% faster
-        than the same kernels in one call over regrouped keys (docs/BENCHMARKS.md, seventh run).
+        than the same kernels in one call over regrouped keys (docs/BENCHMARKS.md, training step).
     `flash_attn`: flash-attn's `flash_attn_varlen_func`, when installed (CUDA), in one call.
     `flex`: FlexAttention with a segment block mask (CUDA; compiled).
     `sdpa`: dense masked `scaled_dot_product_attention`; the CPU path, O(L^2) memory.
