@@ -11,6 +11,9 @@ from msa_modeling.inference import reference_protocol
 from .tokenization import TextTokenizer
 
 
+TEMPLATE_PROTOCOLS = ("msa-train", reference_protocol.PROTOCOL_NAME)
+
+
 @dataclass
 class ChatFormat:
     """The text a chat template puts around the system prompt and the user and assistant turns.
@@ -68,7 +71,7 @@ class TemplateConfig:
     ``first_memory_id`` is the number written for the first document (1 here; the released
     engine's ``reference`` protocol writes 0). ``after_retrieval_format`` is text the inference
     loop injects after ``<End-of-Retrieve>`` (unlabelled in training samples), e.g. the released
-    engine's ``The user's question is: {query}``. ``{"preset": "reference"}`` in a recipe's or
+    engine's ``The user's question is: {query}``. ``{"protocol": "reference"}`` in a recipe's or
     ``--template`` file's template selects the released engine's protocol (``reference_template``)."""
 
     system_prompt: str = ""
@@ -88,6 +91,8 @@ class TemplateConfig:
     protocol: str = "msa-train"  # "reference" for the released engine's protocol
 
     def __post_init__(self) -> None:
+        if self.protocol not in TEMPLATE_PROTOCOLS:
+            raise ValueError(f"template.protocol must be one of {TEMPLATE_PROTOCOLS}, got {self.protocol!r}")
         if self.first_memory_id not in (0, 1):
             raise ValueError(f"template.first_memory_id must be 0 or 1, got {self.first_memory_id!r}")
         if self.id_digits is not None:
@@ -100,10 +105,8 @@ class TemplateConfig:
     def from_dict(cls, values: dict) -> "TemplateConfig":
         """Inverse of ``dataclasses.asdict`` (nested chat format included)."""
         values = dict(values)
-        preset = values.pop("preset", None)
-        if preset is not None:
-            if preset != reference_protocol.PROTOCOL_NAME:
-                raise ValueError(f"template.preset must be {reference_protocol.PROTOCOL_NAME!r}, got {preset!r}")
+        if values.get("protocol") == reference_protocol.PROTOCOL_NAME:
+            # The released engine's strings, under any field the caller sets explicitly.
             values = {**asdict(reference_template()), **values}
         if values.get("chat") is not None:
             values["chat"] = ChatFormat(**values["chat"])

@@ -71,10 +71,10 @@ def test_the_injected_question_is_not_labelled_in_training_samples():
 
 
 def test_the_preset_selects_the_protocol_and_takes_overrides():
-    assert TemplateConfig.from_dict({"preset": "reference"}) == reference_template()
-    assert TemplateConfig.from_dict({"preset": "reference", "system_prompt": ""}).first_memory_id == 0
-    with pytest.raises(ValueError, match="preset"):
-        TemplateConfig.from_dict({"preset": "released"})
+    assert TemplateConfig.from_dict({"protocol": "reference"}) == reference_template()
+    assert TemplateConfig.from_dict({"protocol": "reference", "doc_suffix": "\n"}).first_memory_id == 0
+    with pytest.raises(ValueError, match="protocol"):
+        TemplateConfig.from_dict({"protocol": "released"})
 
 
 def test_a_released_layout_model_warns_with_another_protocol():

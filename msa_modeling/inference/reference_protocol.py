@@ -50,7 +50,7 @@ def warn_on_protocol_mismatch(config: Any, protocol: str) -> None:
         warnings.warn(
             f"this model was converted from the released MSA-4B layout and was trained on the engine's "
             f"prompt protocol, but it is used with {protocol!r}; use the {PROTOCOL_NAME!r} protocol "
-            f"(template: {{preset: {PROTOCOL_NAME}}}, or --template {PROTOCOL_NAME})",
+            f"(template: {{protocol: {PROTOCOL_NAME}}}, or --template {PROTOCOL_NAME})",
             ProtocolMismatchWarning,
             stacklevel=2,
         )
