@@ -208,7 +208,7 @@ class SampleBuilder:
                 segments.append((self.template.target_ids_text(self._ids(hops[step], memory_id_of)), True))
                 step_positives = set(hops[step])
             else:
-                segments.append((self.template.final_answer_text(record.answer or ""), True))
+                segments += self.template.final_answer_segments(record.query, record.answer or "")
                 segments.append((list(self.template_tokens.eos), True))
                 step_positives = set(record.positives)
             flags = np.array([int(doc) in step_positives for doc in memory], dtype=np.uint8)

@@ -6,7 +6,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from msa_modeling.inference import reference_protocol
+
 from .tokenization import TextTokenizer
+
+
+TEMPLATE_PROTOCOLS = ("msa-train", reference_protocol.PROTOCOL_NAME)
 
 
 @dataclass
@@ -61,7 +66,13 @@ class TemplateConfig:
     ``id_digits`` writes memory IDs with ten strings of their own instead of 0-9 (they become
     special tokens, e.g. ``<id0>``..``<id9>``): when documents hold numbers, an ID made of the
     same digit tokens is hard for a small model to tell from the text it must copy
-    (docs/EXPERIMENTS.md: IDs in tokens of their own)."""
+    (docs/EXPERIMENTS.md: IDs in tokens of their own).
+
+    ``first_memory_id`` is the number written for the first document (1 here; the released
+    engine's ``reference`` protocol writes 0). ``after_retrieval_format`` is text the inference
+    loop injects after ``<End-of-Retrieve>`` (unlabelled in training samples), e.g. the released
+    engine's ``The user's question is: {query}``. ``{"protocol": "reference"}`` in a recipe's or
+    ``--template`` file's template selects the released engine's protocol (``reference_template``)."""
 
     system_prompt: str = ""
     doc_id_format: str = "[{i}]. "
@@ -75,8 +86,15 @@ class TemplateConfig:
     chat: ChatFormat | None = None
     chat_from_tokenizer: bool = False
     id_digits: list[str] | None = None
+    first_memory_id: int = 1
+    after_retrieval_format: str = ""
+    protocol: str = "msa-train"  # "reference" for the released engine's protocol
 
     def __post_init__(self) -> None:
+        if self.protocol not in TEMPLATE_PROTOCOLS:
+            raise ValueError(f"template.protocol must be one of {TEMPLATE_PROTOCOLS}, got {self.protocol!r}")
+        if self.first_memory_id not in (0, 1):
+            raise ValueError(f"template.first_memory_id must be 0 or 1, got {self.first_memory_id!r}")
         if self.id_digits is not None:
             self.id_digits = list(self.id_digits)
             if len(self.id_digits) != 10 or len(set(self.id_digits)) != 10 or not all(self.id_digits):
@@ -87,6 +105,9 @@ class TemplateConfig:
     def from_dict(cls, values: dict) -> "TemplateConfig":
         """Inverse of ``dataclasses.asdict`` (nested chat format included)."""
         values = dict(values)
+        if values.get("protocol") == reference_protocol.PROTOCOL_NAME:
+            # The released engine's strings, under any field the caller sets explicitly.
+            values = {**asdict(reference_template()), **values}
         if values.get("chat") is not None:
             values["chat"] = ChatFormat(**values["chat"])
         return cls(**values)
@@ -97,10 +118,13 @@ class TemplateConfig:
         return [self.delimiter, self.end_of_retrieval, *extra, *(self.id_digits or [])]
 
     def memory_id_text(self, memory_id: int) -> str:
-        """The ID as written in documents and targets: decimal, in ``id_digits`` when set."""
+        """The ID as written in documents and targets: decimal, in ``id_digits`` when set.
+
+        ``memory_id`` counts from 1 everywhere in the pipeline; it is written from ``first_memory_id``."""
+        written = memory_id - 1 + self.first_memory_id
         if self.id_digits is None:
-            return str(memory_id)
-        return "".join(self.id_digits[int(digit)] for digit in str(memory_id))
+            return str(written)
+        return "".join(self.id_digits[int(digit)] for digit in str(written))
 
     def memory_id_pattern(self) -> str:
         """A regex whose first group is a memory ID written with ``target_id_format``."""
@@ -111,9 +135,11 @@ class TemplateConfig:
     def parse_memory_id(self, text: str) -> int:
         """Inverse of ``memory_id_text`` for a group matched by ``memory_id_pattern``."""
         if self.id_digits is None:
-            return int(text)
-        digit_of = {d: str(value) for value, d in enumerate(self.id_digits)}
-        return int("".join(digit_of[piece] for piece in re.findall(self._id_digit_alternation(), text)))
+            written = int(text)
+        else:
+            digit_of = {d: str(value) for value, d in enumerate(self.id_digits)}
+            written = int("".join(digit_of[piece] for piece in re.findall(self._id_digit_alternation(), text)))
+        return written + 1 - self.first_memory_id
 
     def _id_digit_alternation(self) -> str:
         """``id_digits`` as one regex alternation, longest first so that no digit shadows a longer one."""
@@ -138,12 +164,45 @@ class TemplateConfig:
         """IDs of the documents to retrieve, then the round delimiter."""
         return "".join(self.target_id_format.format(i=self.memory_id_text(i)) for i in memory_ids) + self.delimiter
 
+    def document_text(self, memory_id: int, body: str) -> str:
+        """Document ``memory_id`` as the memory holds it: ID prefix, text, suffix."""
+        return self.doc_id_format.format(i=self.memory_id_text(memory_id)) + body + self.doc_suffix
+
+    def after_retrieval_text(self, query: str) -> str:
+        """What the inference loop injects after ``<End-of-Retrieve>`` (empty for most templates)."""
+        return self.after_retrieval_format.format(query=query) if self.after_retrieval_format else ""
+
+    def final_answer_segments(self, query: str, answer: str) -> list[tuple[str, bool]]:
+        """(text, labelled) pieces of a sample's last step: the end marker and answer are
+        labelled, the injected after-retrieval text is not (the loop writes it, not the model)."""
+        if not self.after_retrieval_format:
+            return [(self.final_answer_text(answer), True)]
+        answer_text = self.answer_format.format(answer=answer) + (self.chat.assistant_end if self.chat else "")
+        return [(self.end_of_retrieval, True), (self.after_retrieval_text(query), False), (answer_text, True)]
+
     def final_answer_text(self, answer: str) -> str:
         """End of retrieval, the answer, and the end of the assistant turn."""
         text = self.end_of_retrieval + self.answer_format.format(answer=answer)
         if self.chat is not None:
             text += self.chat.assistant_end
         return text
+
+
+def reference_template() -> TemplateConfig:
+    """The released MSA-4B engine's prompt protocol (`msa_modeling.inference.reference_protocol`)."""
+    rp = reference_protocol
+    return TemplateConfig(
+        doc_id_format=rp.DOC_ID_FORMAT,
+        doc_suffix=rp.DOC_SUFFIX,
+        query_format=rp.QUESTION_FORMAT,
+        target_id_format=rp.TARGET_ID_FORMAT,
+        delimiter=rp.DELIMITER,
+        end_of_retrieval=rp.END_OF_RETRIEVAL,
+        chat=ChatFormat(user_start=rp.PREFIX, user_to_assistant=rp.USER_TO_ASSISTANT, assistant_end=rp.ASSISTANT_END),
+        first_memory_id=rp.FIRST_MEMORY_ID,
+        after_retrieval_format=rp.AFTER_RETRIEVAL_FORMAT,
+        protocol=rp.PROTOCOL_NAME,
+    )
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from ..data.readers import read_beir, read_retrieval_jsonl
-from ..data.templates import TemplateConfig
+from ..data.templates import TemplateConfig, reference_template
 
 RECIPE_FILE = "recipe.yaml"  # the recipe copy a trainer export holds (msa_train.train.export)
 from .harness import EvalModel, LoopSettings, write_json
@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--index-devices", nargs="*", help="devices for routing keys (default: --device)")
     parser.add_argument("--template", help="the prompt template: a JSON or YAML file of TemplateConfig fields, or "
-                                          "'reference' for the reference format (default: the template of the export's "
-                                          "recipe copy, recipe.yaml, for the export's stage; the reference format without one)")
+                                          "'reference' for the released MSA-4B engine's protocol (default: the template of "
+                                          "the export's recipe copy, recipe.yaml, for the export's stage; our default "
+                                          "template without one)")
     parser.add_argument("--skip-niah", action="store_true")
     parser.add_argument("--niah-sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--niah-samples", type=int, default=4, help="samples per subtask and size")
@@ -101,7 +102,7 @@ def recipe_template(checkpoint: Path) -> tuple[TemplateConfig | None, str]:
 def resolve_template(checkpoint: Path, choice: str | None) -> tuple[TemplateConfig, str]:
     """The template to evaluate with and where it came from (`--template`)."""
     if choice == "reference":
-        return TemplateConfig(), "reference format (--template reference)"
+        return reference_template(), "the released MSA-4B engine's protocol (--template reference)"
     if choice:
         text = Path(choice).read_text()
         values = json.loads(text) if choice.endswith(".json") else yaml.safe_load(text)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import msa_modeling  # noqa: F401  (registers model_type "msa" with the Auto classes)
+from msa_modeling.inference import reference_protocol
+from msa_modeling.inference.reference_protocol import warn_on_protocol_mismatch
 from msa_modeling.inference import (
     InterleaveFormat,
     InterleaveResult,
@@ -70,6 +72,9 @@ class EvalModel:
         self.settings = settings or LoopSettings()
         self.device = next(model.parameters()).device
         self.index_devices = list(index_devices) if index_devices else [str(self.device)]
+        warn_on_protocol_mismatch(model.config, self.template.protocol)
+        if self.template.protocol == reference_protocol.PROTOCOL_NAME:
+            reference_protocol.check_prefix_length(len(self.prefix_ids()))
         missing = [s for s in self.template.special_strings() if s not in tokenizer.special_token_ids]
         if missing:
             raise ValueError(f"the tokenizer lacks the template's special tokens {missing}")
@@ -118,6 +123,12 @@ class EvalModel:
     def render_documents(self, documents: Sequence[Document], first_memory_id: int = 1) -> list[list[int]]:
         """Token ids of documents as memory IDs first_memory_id.. render them in training."""
         last = first_memory_id + len(documents) - 1
+        if self.template.protocol == reference_protocol.PROTOCOL_NAME:
+            # The engine tokenises each rendered document whole: "[1]. Berlin" may merge across
+            # the ID prefix and the text, which encoding the pieces apart would not.
+            texts = [self.template.document_text(memory_id, doc.full_text())
+                     for memory_id, doc in zip(range(first_memory_id, last + 1), documents)]
+            return self.tokenizer.encode_batch(texts)
         pieces = TemplateTokens.build(self.template, self.tokenizer, max_memory_id=last)
         bodies = self.tokenizer.encode_batch([doc.full_text() for doc in documents])
         return [
@@ -155,8 +166,12 @@ class EvalModel:
     def query_ids(self, question: str) -> list[int]:
         return self.tokenizer.encode(self.template.query_text(question))
 
+    def after_retrieval_ids(self, question: str) -> list[int]:
+        text = self.template.after_retrieval_text(question)
+        return self.tokenizer.encode(text) if text else []
+
     def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
-        return loop.answer(self.query_ids(question))
+        return loop.answer(self.query_ids(question), self.after_retrieval_ids(question))
 
 
 def write_json(path: Path, payload: dict) -> Path:

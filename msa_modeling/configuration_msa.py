@@ -8,6 +8,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from .attention import BACKENDS
+from .routing import ROUTING_SCORES
 
 ROUTING_TOKEN_MODES = ("prompt", "query")
 AUX_LOSS_TYPES = ("decoupled_infonce", "infonce")
@@ -31,6 +32,7 @@ MSA_KEYS = (
     "router_init",
     "lm_loss_chunk_size",
     "attn_backend",
+    "routing_score",
     # Set by `convert_reference` on models read from the released reference layout: its
     # `msa_config` and `temperature`, so that converting back reproduces the values that
     # have no counterpart here (e.g. `recloss_weight`). Not an __init__ argument.
@@ -105,6 +107,11 @@ class MSAConfig(PreTrainedConfig):
             masked SDPA on CPU) or one of `"flash_attn"`, `"varlen"`, `"flex"`, `"sdpa"`.
             Saved with the checkpoint; override at load time with
             `from_pretrained(path, attn_backend="sdpa")`.
+        routing_score: how a routing query meets a pooled routing key, per head.
+            `"cosine"` (paper eq. 2, default): cos(Q_R, K̄R). `"scaled_dot"`: the dot
+            product times D^-1/2, without L2 normalisation: what the released MSA-4B engine
+            computes at inference (`convert_reference` sets it for that checkpoint). Training,
+            the encoded memory and inference routing all follow it.
     """
 
     model_type = "msa"
@@ -126,6 +133,7 @@ class MSAConfig(PreTrainedConfig):
         router_init: str = "random",
         lm_loss_chunk_size: int = 4096,
         attn_backend: str = "auto",
+        routing_score: str = "cosine",
         **backbone_kwargs: Any,
     ) -> None:
         self.backbone_model_type = backbone_model_type
@@ -147,6 +155,7 @@ class MSAConfig(PreTrainedConfig):
         self.router_init = router_init
         self.lm_loss_chunk_size = lm_loss_chunk_size
         self.attn_backend = attn_backend
+        self.routing_score = routing_score
         super().__init__(**backbone_kwargs)
         self.validate_msa_fields()
 
@@ -170,6 +179,7 @@ class MSAConfig(PreTrainedConfig):
             ("aux_loss_type", AUX_LOSS_TYPES),
             ("router_init", ROUTER_INITS),
             ("attn_backend", BACKENDS),
+            ("routing_score", ROUTING_SCORES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MSAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")

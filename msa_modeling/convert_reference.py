@@ -10,6 +10,16 @@ weight names (`router_q_proj.weight`); every tensor is copied bit for bit.
     python -m msa_modeling.convert_reference --to reference OUR_CHECKPOINT REFERENCE_DIR
     python -m msa_modeling.convert_reference --to ours REFERENCE_CHECKPOINT OUR_DIR
 
+The converter makes both engines compute the same function. The released engine scores
+routes by cosine only when `aux_loss_method` is exactly "INFONCE"; for "INFONCE_DECOUPLE" (the
+released MSA-4B) it scores by dot product x D^-1/2. So reading maps "INFONCE_DECOUPLE" to
+`routing_score="scaled_dot"` and "INFONCE" to `"cosine"`, and writing picks the method from
+`routing_score` (our `aux_loss_type` then travels in the `msa_train` block). The engine runs on
+transformers 4.x, which reads `rope_theta`, `rope_scaling` and `torch_dtype` at the top level
+(transformers 5 keeps them in `rope_parameters` and `dtype`); its benchmark reads the top-k from
+`msa_config.doc_top_k` (default 16), written beside `top_k_docs`; and its tokenizer config must
+name a class transformers 4.x knows.
+
 Round trips are lossless: our settings without a reference counterpart (routing tokens,
 router init, backend, ...) travel in a top-level `msa_train` object of the reference
 `config.json`, and reference values without a counterpart here (`recloss_weight`,
@@ -17,7 +27,8 @@ router init, backend, ...) travel in a top-level `msa_train` object of the refer
 
 What cannot be expressed is rejected with `ValueError`: backbones other than Qwen3 (the
 reference engine runs Qwen3 only), a query position offset other than top_k (the reference
-starts the question at position prefix + k), and reference settings this code does not
+starts the question at position 3 + k, after its 3-token prefix), global positions
+(`document_positions=False`: the engine always restarts positions per document), and reference settings this code does not
 implement (`decouple_router: false`, other head/query/chunk reductions or pooling modes,
 unknown aux losses, router weights other than one bias-free linear map).
 """
@@ -63,11 +74,24 @@ FIXED_REFERENCE_VALUES = {
     "chunk_reduce_method": "max",
     "decouple_pooling_mode": "mean",
 }
-AUX_LOSS_METHODS = {"decoupled_infonce": "INFONCE_DECOUPLE", "infonce": "INFONCE"}
+# The engine's inference normalises routing vectors only for "INFONCE" (cosine); for
+# "INFONCE_DECOUPLE" it scores <q, k> / sqrt(D). Its training loss follows the name too.
+METHOD_OF_ROUTING_SCORE = {"cosine": "INFONCE", "scaled_dot": "INFONCE_DECOUPLE"}
+AUX_LOSS_OF_METHOD = {"INFONCE": "infonce", "INFONCE_DECOUPLE": "decoupled_infonce"}
+# Read by the released benchmark for the top-k (default 16); optional in a released config.
+DOC_TOP_K = "doc_top_k"
+ENGINE_DEFAULT_DOC_TOP_K = 16
+# What transformers 4.x (the engine pins 4.51) reads at the top level of config.json.
+TRANSFORMERS4_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
+# transformers 5 writes this class name; transformers 4.x cannot load it. Qwen3 ships Qwen2's tokenizer.
+TRANSFORMERS4_TOKENIZER_CLASS = "Qwen2TokenizerFast"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPERATURE_WEIGHT = "temperature"
 TRAINING_BLOCK = "msa_train"
 # Our settings with no reference counterpart; they only shape training or the kernel choice.
-TRAINING_ONLY_KEYS = ("routing_tokens", "detach_router_input", "router_init", "lm_loss_chunk_size", "attn_backend")
+TRAINING_ONLY_KEYS = (
+    "routing_tokens", "detach_router_input", "router_init", "lm_loss_chunk_size", "attn_backend", "aux_loss_type"
+)
 INDEX_FILE = "model.safetensors.index.json"
 
 _OUR_ROUTER = re.compile(r"^(model\.layers\.\d+\.self_attn\.router_[qk]_proj)\.weight$")
@@ -87,19 +111,25 @@ def reference_config(ours: dict[str, Any]) -> dict[str, Any]:
     if ours["query_position_offset"] != ours["top_k_docs"]:
         raise ValueError(
             f"query_position_offset={ours['query_position_offset']} cannot be expressed in the reference layout, "
-            f"which starts the question at prefix + top_k_docs ({ours['top_k_docs']})"
+            f"which starts the question at prefix + top_k_docs ({ours['top_k_docs']}); set "
+            f"query_position_offset={ours['top_k_docs']} and retrain, or keep this model in our engine"
+        )
+    if not ours["document_positions"]:
+        raise ValueError(
+            "document_positions=False (global positions) cannot run in the released engine, which always "
+            "restarts positions at 0 in every document (rewrite_position); keep this model in our engine"
         )
     num_layers = ours["num_hidden_layers"]
     router_layers = list(ours["router_layers"])
     stored = dict(ours.get("reference_msa_config") or {})
-    msa_config = {key: stored[key] for key in REFERENCE_MSA_KEYS if key in stored}
+    msa_config = {key: stored[key] for key in (*REFERENCE_MSA_KEYS, DOC_TOP_K) if key in stored}
     msa_config.update(FIXED_REFERENCE_VALUES)
     msa_config.update(
         router_layer_idx="all" if router_layers == list(range(num_layers)) else ",".join(map(str, router_layers)),
         top_k_docs=ours["top_k_docs"],
         pooling_kernel_size=ours["chunk_size"],
-        rewrite_position=ours["document_positions"],
-        aux_loss_method=AUX_LOSS_METHODS[ours["aux_loss_type"]],
+        rewrite_position=True,
+        aux_loss_method=METHOD_OF_ROUTING_SCORE[ours["routing_score"]],
         infonce_loss_temp=ours["aux_temperature"],
         aux_loss=ours["aux_loss_weight"] > 0,
         lmloss_weigth=ours["lm_loss_weight"],
@@ -108,14 +138,53 @@ def reference_config(ours: dict[str, Any]) -> dict[str, Any]:
     # Losses this code does not have: off, unless the checkpoint came from the reference.
     msa_config.setdefault("recloss_weight", 0.0)
     msa_config.setdefault("ansloss_weight", 0.0)
+    # The benchmark's top-k. A released config without it keeps its key set when the
+    # engine's default already equals ours (so that its round trip is exact).
+    if DOC_TOP_K in stored or not stored or ours["top_k_docs"] != ENGINE_DEFAULT_DOC_TOP_K:
+        msa_config[DOC_TOP_K] = ours["top_k_docs"]
     config = {k: v for k, v in ours.items() if k not in MSA_KEYS}
+    config.update(transformers4_fields(config))
     config.update(
         model_type="msa",
         architectures=["MSAForCausalLM"],
-        msa_config={key: msa_config[key] for key in REFERENCE_MSA_KEYS},
+        msa_config={key: msa_config[key] for key in (*REFERENCE_MSA_KEYS, DOC_TOP_K) if key in msa_config},
     )
-    config[TRAINING_BLOCK] = {key: ours[key] for key in TRAINING_ONLY_KEYS}
+    if not stored:
+        # Converted from the released model, it goes back as it came; ours carries what it needs.
+        config[TRAINING_BLOCK] = {key: ours[key] for key in TRAINING_ONLY_KEYS}
     return config
+
+
+def transformers4_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """`rope_theta`, `rope_scaling`, `torch_dtype` from transformers 5's `rope_parameters` and `dtype`.
+
+    Removes the transformers 5 keys from `config` (they would be read by no one there).
+    """
+    rope = dict(config.pop("rope_parameters", None) or {})
+    dtype = config.pop("dtype", None)
+    if "rope_theta" not in rope:
+        raise ValueError("the checkpoint's config has no rope_parameters.rope_theta; the released engine needs it")
+    theta = rope.pop("rope_theta")
+    scaling = None if rope.get("rope_type", "default") == "default" else rope
+    return {"rope_theta": theta, "rope_scaling": scaling, "torch_dtype": dtype}
+
+
+def transformers5_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of `transformers4_fields`: `rope_parameters` and `dtype`, popping the 4.x keys."""
+    missing = [key for key in ("rope_theta",) if key not in config]
+    if missing:
+        raise ValueError(f"the reference config.json has no top-level {missing[0]!r}")
+    rope = {"rope_theta": config.pop("rope_theta")}
+    scaling = config.pop("rope_scaling", None)
+    if scaling:
+        rope.update(scaling)
+    else:
+        rope["rope_type"] = "default"
+    fields = {"rope_parameters": rope}
+    dtype = config.pop("torch_dtype", None)
+    if dtype is not None:
+        fields["dtype"] = dtype
+    return fields
 
 
 def our_config(reference: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +193,7 @@ def our_config(reference: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(msa_config, dict):
         raise ValueError("not a reference MSA config: it has no 'msa_config' object")
     missing = [k for k in REFERENCE_MSA_KEYS if k not in msa_config]
-    extra = sorted(set(msa_config) - set(REFERENCE_MSA_KEYS))
+    extra = sorted(set(msa_config) - {*REFERENCE_MSA_KEYS, DOC_TOP_K})
     if missing or extra:
         raise ValueError(f"msa_config keys differ from the reference layout: missing {missing}, unexpected {extra}")
     for key, expected in FIXED_REFERENCE_VALUES.items():
@@ -132,12 +201,24 @@ def our_config(reference: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"msa_config.{key}={msa_config[key]!r} is not implemented here (only {expected!r}, spec section 3)"
             )
-    methods = {v: k for k, v in AUX_LOSS_METHODS.items()}
-    if msa_config["aux_loss_method"] not in methods:
+    method = msa_config["aux_loss_method"]
+    if method not in AUX_LOSS_OF_METHOD:
         raise ValueError(
-            f"msa_config.aux_loss_method={msa_config['aux_loss_method']!r} is not implemented here; known: {sorted(methods)}"
+            f"msa_config.aux_loss_method={method!r} is not implemented here; known: {sorted(AUX_LOSS_OF_METHOD)}"
+        )
+    if not msa_config["rewrite_position"]:
+        raise ValueError(
+            "msa_config.rewrite_position=false: the released engine restarts positions in every document "
+            "regardless, so the model was not served as configured; set it to true to convert"
+        )
+    top_k = msa_config["top_k_docs"]
+    if msa_config.get(DOC_TOP_K, top_k) != top_k:
+        raise ValueError(
+            f"msa_config.doc_top_k={msa_config[DOC_TOP_K]} differs from top_k_docs={top_k}; the engine "
+            "routes with doc_top_k and positions the question with it: make them equal"
         )
     fields = {k: v for k, v in reference.items() if k not in ("msa_config", TRAINING_BLOCK, "model_type")}
+    fields.update(transformers5_fields(fields))
     num_layers = fields["num_hidden_layers"]
     layers = msa_config["router_layer_idx"]
     if layers == "all":
@@ -152,8 +233,9 @@ def our_config(reference: dict[str, Any]) -> dict[str, Any]:
         top_k_docs=msa_config["top_k_docs"],
         query_position_offset=msa_config["top_k_docs"],
         chunk_size=msa_config["pooling_kernel_size"],
-        document_positions=bool(msa_config["rewrite_position"]),
-        aux_loss_type=methods[msa_config["aux_loss_method"]],
+        document_positions=True,
+        routing_score="cosine" if method == "INFONCE" else "scaled_dot",
+        aux_loss_type=AUX_LOSS_OF_METHOD[method],
         aux_temperature=msa_config["infonce_loss_temp"],
         lm_loss_weight=msa_config["lmloss_weigth"],
         aux_loss_weight=msa_config["auxloss_weight"] if msa_config["aux_loss"] else 0.0,
@@ -221,6 +303,30 @@ def _copy_other_files(src: Path, dst: Path, weight_files: list[str]) -> None:
             shutil.copy2(path, dst / path.name)
 
 
+def transformers4_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A tokenizer config transformers 4.x loads: a class name it knows, and special tokens
+    listed where it reads them (transformers 5 writes a list `extra_special_tokens`; 4.x
+    expects a dict there and reads the list from `additional_special_tokens`)."""
+    config = dict(config)
+    if config.get("tokenizer_class") in (None, "TokenizersBackend", "Qwen2Tokenizer"):
+        config["tokenizer_class"] = TRANSFORMERS4_TOKENIZER_CLASS
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []), *extra]))
+    return config
+
+
+def _rewrite_tokenizer_config(dst: Path) -> None:
+    path = dst / TOKENIZER_CONFIG
+    if path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        path.write_text(json.dumps(transformers4_tokenizer_config(config), indent=2, ensure_ascii=False) + "\n")
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -236,6 +342,7 @@ def to_reference(src: str | Path, dst: str | Path) -> None:
     config.pop("_name_or_path", None)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _copy_other_files(src, dst, _weight_files(src)[0])
+    _rewrite_tokenizer_config(dst)
 
 
 def from_reference(src: str | Path, dst: str | Path) -> None:

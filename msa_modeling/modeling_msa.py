@@ -121,6 +121,7 @@ class MSAAttention(nn.Module):
         )
         self.top_k = config.top_k_docs
         self.detach_router_input = config.detach_router_input
+        self.routing_score = config.routing_score
         qkv_bias, o_bias = adapter.qkv_bias(backbone_config), adapter.o_proj_bias(backbone_config)
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
@@ -179,7 +180,9 @@ class MSAAttention(nn.Module):
         flat = router_input.reshape(-1, router_input.shape[-1])
         routing_queries = self.router_q_proj(flat[layout.routing_token_index]).view(-1, self.num_heads, self.head_dim)
         routing_keys = self.router_k_proj(flat).view(-1, self.num_kv_heads, self.head_dim)
-        chunk_scores = score_chunks(routing_queries, pool_chunks(routing_keys, layout), layout)
+        chunk_scores = score_chunks(
+            routing_queries, pool_chunks(routing_keys, layout), layout, routing_score=self.routing_score
+        )
         doc_scores = score_documents(chunk_scores, layout)
         return RouterLayerOutput(doc_scores=doc_scores, doc_ranks=rank_documents(doc_scores, layout))
 

@@ -55,27 +55,55 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+# How a routing query meets a pooled routing key, per head (`MSAConfig.routing_score`):
+# "cosine" is the paper's cos(q, k); "scaled_dot" is <q, k> / sqrt(D), what the released
+# MSA-4B engine computes at inference for its INFONCE_DECOUPLE checkpoints (no L2 norm).
+ROUTING_SCORES = ("cosine", "scaled_dot")
+
+
+def prepare_routing_queries(routing_queries: torch.Tensor, routing_score: str = "cosine") -> torch.Tensor:
+    """Q_R [..., D] -> fp32 vectors whose dot product with `prepare_routing_keys` is the head score."""
+    queries = routing_queries.float()
+    if routing_score == "cosine":
+        return l2_normalize(queries)
+    if routing_score == "scaled_dot":
+        return queries * queries.shape[-1] ** -0.5
+    raise ValueError(f"routing_score must be one of {ROUTING_SCORES}, got {routing_score!r}")
+
+
+def prepare_routing_keys(pooled_routing_keys: torch.Tensor, routing_score: str = "cosine") -> torch.Tensor:
+    """Pooled K̄R [..., D] -> fp32 keys as scored: normalised for "cosine", unchanged for "scaled_dot"."""
+    keys = pooled_routing_keys.float()
+    if routing_score == "cosine":
+        return l2_normalize(keys)
+    if routing_score == "scaled_dot":
+        return keys
+    raise ValueError(f"routing_score must be one of {ROUTING_SCORES}, got {routing_score!r}")
+
+
 def score_chunks(
     routing_queries: torch.Tensor,
     pooled_routing_keys: torch.Tensor,
     layout: PackedLayout,
     tile_size: int = 8192,
+    routing_score: str = "cosine",
 ) -> torch.Tensor:
-    """S_c = max over the example's routing tokens t of mean over heads h of cos(Q_R[t,h], K̄R_c[g(h)]).
+    """S_c = max over the example's routing tokens t of mean over heads h of sim(Q_R[t,h], K̄R_c[g(h)]).
 
     Args:
         routing_queries: [R, H, D] Q_R of the routing tokens (any float dtype).
         pooled_routing_keys: [C, Hkv, D] chunk-pooled K_R (not yet normalised).
         tile_size: chunks scored at once, bounding the [R, tile] similarity matrix.
+        routing_score: sim = cos(q, k) for "cosine", <q, k> / sqrt(D) for "scaled_dot".
 
     Returns:
         [C] fp32 chunk scores; -inf for a chunk whose example has no routing token.
     """
     num_heads = routing_queries.shape[1]
     num_kv_heads = pooled_routing_keys.shape[1]
-    queries = l2_normalize(routing_queries.float())
-    keys = l2_normalize(pooled_routing_keys.float())
-    # The mean over a KV group's query heads of cos(q_h, k) equals <sum_h q_h, k> / H,
+    queries = prepare_routing_queries(routing_queries, routing_score)
+    keys = prepare_routing_keys(pooled_routing_keys, routing_score)
+    # The mean over a KV group's query heads of sim(q_h, k) equals <sum_h q_h, k> / H (q_h prepared),
     # so the head reduction folds into one [R, Hkv*D] x [Hkv*D, C] product.
     grouped = (queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2) / num_heads).flatten(1)
     keys = keys.flatten(1)

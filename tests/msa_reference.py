@@ -38,6 +38,7 @@ Conventions settled here where the spec leaves room:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -317,19 +318,31 @@ def chunk_means(x: torch.Tensor, chunk_size: int) -> list[torch.Tensor]:
     return means
 
 
-def chunk_score(q_r: torch.Tensor, kr_bar: torch.Tensor) -> torch.Tensor:
-    """S_c for one chunk: max over routing tokens of the mean over query heads
-    of cos(Q_R[t, h], K̄R[g(h)]).
+def head_similarity(q: torch.Tensor, k: torch.Tensor, routing_score: str) -> torch.Tensor:
+    """One head's routing similarity of a query vector q [D] and a pooled key k [D].
 
-    q_r [T, H, D] (already L2-normalised per head); kr_bar [Hkv, D] (pooled,
-    then L2-normalised per head).
+    "cosine" (paper eq. 2): <q, k> / (|q| |k|), norms clamped at 1e-12. "scaled_dot"
+    (the released engine's inference): <q, k> / sqrt(D).
+    """
+    if routing_score == "cosine":
+        return torch.dot(l2_normalize(q), l2_normalize(k))
+    if routing_score == "scaled_dot":
+        return torch.dot(q, k) / math.sqrt(q.shape[0])
+    raise ValueError(f"unknown routing_score {routing_score!r}")
+
+
+def chunk_score(q_r: torch.Tensor, kr_bar: torch.Tensor, routing_score: str = "cosine") -> torch.Tensor:
+    """S_c for one chunk: max over routing tokens of the mean over query heads
+    of sim(Q_R[t, h], K̄R[g(h)]).
+
+    q_r [T, H, D] router queries; kr_bar [Hkv, D] (pooled router keys).
     """
     num_heads, num_kv = q_r.shape[1], kr_bar.shape[0]
     group = num_heads // num_kv
     per_token = []
     for t in range(q_r.shape[0]):
-        cosines = [torch.dot(q_r[t, h], kr_bar[h // group]) for h in range(num_heads)]
-        per_token.append(torch.stack(cosines).mean())
+        sims = [head_similarity(q_r[t, h], kr_bar[h // group], routing_score) for h in range(num_heads)]
+        per_token.append(torch.stack(sims).mean())
     return torch.stack(per_token).max()
 
 
@@ -421,15 +434,16 @@ def _layer_attention(
         memory_v: list[torch.Tensor] = []
         if is_router_layer and ex.docs:
             routing_idx = torch.tensor(ex.routing)
-            q_r = l2_normalize(q_router[row, routing_idx])  # [T, H, D]
+            q_r = q_router[row, routing_idx]  # [T, H, D]
+            routing_score = getattr(config, "routing_score", "cosine")
             doc_scores: list[torch.Tensor] = []
             doc_chunks: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
             for doc in ex.docs:
                 idx = torch.tensor(doc.positions_in_row)
                 k_bar = chunk_means(k[row, idx], config.chunk_size)  # K after q/k-norm and RoPE
                 v_bar = chunk_means(v[row, idx], config.chunk_size)
-                kr_bar = [l2_normalize(c) for c in chunk_means(k_router[row, idx], config.chunk_size)]
-                chunk_scores = [chunk_score(q_r, c) for c in kr_bar]
+                kr_bar = chunk_means(k_router[row, idx], config.chunk_size)
+                chunk_scores = [chunk_score(q_r, c, routing_score) for c in kr_bar]
                 doc_scores.append(torch.stack(chunk_scores).max())
                 doc_chunks.append((k_bar, v_bar))
             chosen = select_top_docs([float(s.detach()) for s in doc_scores], config.top_k_docs)

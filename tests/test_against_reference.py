@@ -5,17 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 from batches import random_packed_batch, tiny_msa
-from reference_parity import compare
+from reference_parity import compare, relative_error
 
 from msa_modeling.layout import build_packed_layout
 
+
+@pytest.mark.parametrize("routing_score", ["cosine", "scaled_dot"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_fast_path_matches_reference(seed):
-    model = tiny_msa(seed, top_k_docs=2, chunk_size=3).train()
+def test_fast_path_matches_reference(seed, routing_score):
+    model = tiny_msa(seed, top_k_docs=2, chunk_size=3, routing_score=routing_score).train()
     batch = random_packed_batch(seed, docs_per_example=(2, 5), doc_length=(1, 10))
     fast = compare(model, batch)
     # The comparison means something only if routing actually left documents out.
     assert not fast.selected_docs.all()
+
+
+def test_the_routing_scores_differ():
+    """The two settings are different functions of the same weights (so each test above covers one)."""
+    batch = random_packed_batch(0, docs_per_example=(2, 5), doc_length=(1, 10))
+    with torch.no_grad():
+        cosine = tiny_msa(0, top_k_docs=2, chunk_size=3)(**batch).doc_scores
+        scaled = tiny_msa(0, top_k_docs=2, chunk_size=3, routing_score="scaled_dot")(**batch).doc_scores
+    assert relative_error(scaled, cosine) > 0.1
 
 
 @pytest.mark.parametrize(

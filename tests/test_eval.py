@@ -17,7 +17,7 @@ from data_fixtures import write_tiny_export
 
 from msa_train.data.records import Document, RetrievalDataset, RetrievalRecord
 from msa_train.data.synthetic import generate_kv_facts, generate_needles, is_haystack_doc
-from msa_train.data.templates import TemplateConfig
+from msa_train.data.templates import TemplateConfig, reference_template
 from msa_train.eval import evaluate
 from msa_train.eval.harness import EvalModel, LoopSettings
 from msa_train.eval.judge import RUBRIC, JudgeClient, parse_score
@@ -105,7 +105,7 @@ def test_evaluate_reads_the_template_from_the_exports_recipe_copy(tmp_path):
     (tmp_path / "cpt_export").mkdir()
     (tmp_path / "cpt_export" / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "stages": recipe["stages"][:1]}))
     assert evaluate.resolve_template(tmp_path / "cpt_export", None)[0] == TemplateConfig()  # the last stage's source
-    assert evaluate.resolve_template(export, "reference")[0] == TemplateConfig()
+    assert evaluate.resolve_template(export, "reference")[0] == reference_template()
     override = tmp_path / "template.json"
     override.write_text(json.dumps({"query_format": "Question? {query}\n"}))
     assert evaluate.resolve_template(export, str(override))[0].query_format == "Question? {query}\n"

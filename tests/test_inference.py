@@ -40,6 +40,25 @@ def test_inference_matches_the_training_forward(family, seed):
     assert_inference_matches_the_training_forward(model, memory, encoded_store(model, memory))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scaled_dot_inference_matches_the_training_forward(seed):
+    """The released engine's routing score: the encoded keys, the index and the training forward agree."""
+    model = tiny_msa(seed, top_k_docs=2, chunk_size=4, query_position_offset=3, routing_score="scaled_dot")
+    memory = random_memory(seed)
+    store = encoded_store(model, memory)
+    assert store.signature["routing_score"] == "scaled_dot"
+    assert_inference_matches_the_training_forward(model, memory, store)
+
+
+def test_a_memory_encoded_for_the_other_routing_score_is_refused(tmp_path):
+    model = tiny_msa(4, top_k_docs=2, chunk_size=4, query_position_offset=3)
+    memory = random_memory(4)
+    encoded_store(model, memory).save(tmp_path / "memory")
+    scaled = tiny_msa(4, top_k_docs=2, chunk_size=4, query_position_offset=3, routing_score="scaled_dot")
+    with pytest.raises(ValueError, match="routing_score"):
+        MemoryStore.load(tmp_path / "memory", config=scaled.config)
+
+
 @pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), ("llama", 2), ("gemma3_text", 3)])
 def test_global_position_inference_matches_the_training_forward(family, seed):
     """`document_positions=False`: training counts positions from the example's first token, so

@@ -432,6 +432,28 @@ def test_hand_scores_ties_aux_and_recall(routing_tokens: str) -> None:
     assert model.model.layers[0].self_attn.router_q_proj.weight.grad.abs().sum() > 0
 
 
+def test_hand_scores_scaled_dot() -> None:
+    """routing_score="scaled_dot": mean over heads of <Q_R, K̄R> / sqrt(D), no normalisation.
+
+    One head, D = 4, embeddings 2 * one-hot (unit RMS), identity router projections: the
+    routing query is a = (2,0,0,0) and a chunk's key is the mean of its tokens' embeddings.
+    """
+    embeds = [[2.0 if j == i else 0.0 for j in range(4)] for i in range(4)]
+    model = _scoring_model(4, 1, 1, 4, embeds, top_k_docs=2, chunk_size=2, routing_score="scaled_dot")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.router_q_proj.weight.copy_(torch.eye(4))
+        model.model.layers[0].self_attn.router_k_proj.weight.copy_(torch.eye(4))
+    segs = [(0, -2, [5]), (0, 1, [A, B]), (0, 2, [C, A, A]), (0, 3, [B, A, A, A]), (0, 4, [C, D]), (0, 0, [A])]
+    ids, docs, _ = build_row(segs, 16)
+    with torch.no_grad():
+        out = reference_forward(model, torch.tensor([ids]), torch.tensor([docs]))
+    # d1: <a, (1,1,0,0)> / 2 = 1.  d2: chunks [c,a] -> 1, [a] -> <a, a> / 2 = 2.
+    # d3: chunks [b,a] -> 1, [a,a] -> 2 (cosine would tie d2 at 1).  d4: [c,d] -> 0.
+    expected = torch.tensor([[1.0, 2.0, 2.0, 0.0]])
+    assert torch.allclose(out.doc_scores, expected, atol=1e-5)
+    assert out.selected_docs.tolist() == [[False, True, True, False]]
+
+
 def test_hand_scores_gqa_head_mapping_and_zero_norm() -> None:
     """H=4 query heads over Hkv=2 groups: heads 0,1 read KV head 0 and heads 2,3
     read KV head 1 (h // 2, not h % 2)."""

@@ -333,8 +333,14 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: the recipe has no stages")
     if len(set(names)) != len(names):
         raise RecipeError(f"{source}: stage names must be unique, got {names}")
-    if (recipe.model.backbone is None) == (recipe.model.inline_config is None):
+    if recipe.model.backbone is not None and recipe.model.inline_config is not None:
         raise RecipeError(f"{source}: model needs exactly one of model.backbone (a path) or model.inline_config")
+    # A recipe whose stages all start from a checkpoint path (e.g. a converted MSA-4B) needs no backbone.
+    if recipe.model.backbone is None and recipe.model.inline_config is None and any(
+        stage.init_from == "backbone" for stage in recipe.stages
+    ):
+        raise RecipeError(f"{source}: a stage has init_from: backbone, so the model needs exactly one of "
+                          "model.backbone (a path) or model.inline_config")
     for name, values in recipe.data.sources.items():
         build_dataclass(BuildConfig, {**values, "tokenizer": "<the run's tokenizer>"}, f"data.sources.{name}", source)
     for index, stage in enumerate(recipe.stages):

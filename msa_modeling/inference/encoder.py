@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..routing import l2_normalize
+from ..routing import prepare_routing_keys
 from .layer_steps import attend, attention_residual, embed_tokens, rotary_tables
 from .store import EncodedDocuments, MemoryStore, _offsets, check_signature, model_signature
 
@@ -253,9 +253,10 @@ class MemoryEncoder:
             # Training casts pooled K/V back to the model dtype before attending to them.
             keys = pool_padded_chunks(states.keys, lengths, chunk_size, present).to(states.keys.dtype)
             values = pool_padded_chunks(states.values, lengths, chunk_size, present).to(states.values.dtype)
-            normalised = l2_normalize(pool_padded_chunks(routing_keys, lengths, chunk_size, present)).flatten(1)
+            pooled_routing_keys = pool_padded_chunks(routing_keys, lengths, chunk_size, present)
+            prepared = prepare_routing_keys(pooled_routing_keys, self.config.routing_score).flatten(1)
             on_device["k"][slot] = keys.to(self.storage_dtype)
             on_device["v"][slot] = values.to(self.storage_dtype)
-            on_device["r"][slot] = normalised.to(self.storage_dtype)
+            on_device["r"][slot] = prepared.to(self.storage_dtype)
         # One copy per tensor kind and batch: the device is waited for once per batch, not per layer.
         return {name: torch.stack([layers[slot] for slot in range(len(layers))]) for name, layers in on_device.items()}

@@ -289,7 +289,7 @@ class MSAGenerator:
         attention = layer.self_attn
         slot = self.router_slot[index]
         routing_queries = attention.router_q_proj(normed).view(normed.shape[0], attention.num_heads, -1)
-        grouped = group_routing_queries(routing_queries, attention.num_kv_heads)
+        grouped = group_routing_queries(routing_queries, attention.num_kv_heads, self.config.routing_score)
         scores, docs = self.index.top_documents(slot, grouped, max(self.config.top_k_docs, self.trace_k))
         docs, scores = docs.cpu(), scores.cpu()
         cache.routing.append(LayerRouting(layer=index, docs=docs, scores=scores))

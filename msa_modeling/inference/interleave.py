@@ -178,23 +178,28 @@ class MemoryInterleave:
         self.incremental = incremental
         self.id_pattern = re.compile(protocol.memory_id_pattern)
 
-    def answer(self, query_ids: Sequence[int]) -> InterleaveResult:
-        """Run the loop for a tokenised question (the query template already applied)."""
+    def answer(self, query_ids: Sequence[int], after_retrieval_ids: Sequence[int] = ()) -> InterleaveResult:
+        """Run the loop for a tokenised question (the query template already applied).
+
+        `after_retrieval_ids`: tokens injected after `<End-of-Retrieve>`, before the answer (the
+        released engine's `reference` protocol restates the question there).
+        """
         protocol = self.protocol
         context = list(query_ids)
+        after_retrieval = [protocol.end_of_retrieval_id, *after_retrieval_ids]
         rounds: list[RetrievalRound] = []
         round_stops = {protocol.delimiter_id, protocol.end_of_retrieval_id, *protocol.stop_token_ids}
         cache = None  # the previous round's cache: it holds `context` minus the round's stop and injection
         while True:
             if len(rounds) == protocol.max_rounds:
-                context.append(protocol.end_of_retrieval_id)
+                context += after_retrieval
                 output, _ = self._round(context, cache, protocol.max_answer_tokens, protocol.stop_token_ids)
                 return self._result(output.token_ids, rounds, output.routing)
             output, cache = self._round(context, cache, protocol.max_round_tokens, round_stops, constrain=True)
             if output.stop_token == protocol.end_of_retrieval_id:
                 # The answer follows on the same cache and selection, as in the training sample.
                 answer, _ = self.generator.generate(
-                    [protocol.end_of_retrieval_id], protocol.max_answer_tokens, protocol.stop_token_ids, cache=cache
+                    after_retrieval, protocol.max_answer_tokens, protocol.stop_token_ids, cache=cache
                 )
                 return self._result(answer.token_ids, rounds, output.routing)
             if output.stop_token != protocol.delimiter_id:

@@ -14,18 +14,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ..routing import l2_normalize
+from ..routing import prepare_routing_queries
 
 logger = logging.getLogger(__name__)
 
 
-def group_routing_queries(routing_queries: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Q_R [R, H, D] -> [R, Hkv * D] fp32, such that `grouped @ K̄R.T` is the head-mean cosine.
+def group_routing_queries(
+    routing_queries: torch.Tensor, num_kv_heads: int, routing_score: str = "cosine"
+) -> torch.Tensor:
+    """Q_R [R, H, D] -> [R, Hkv * D] fp32, such that `grouped @ K̄R.T` is the head-mean score.
 
-    The mean over a KV group's query heads of cos(q_h, k) is <sum_h q_h / |q_h|, k> / H for
-    a normalised k (the same folding as `routing.score_chunks`).
+    The mean over a KV group's query heads of sim(q_h, k) is <sum_h prepared(q_h), k> / H for
+    a key stored as `routing.prepare_routing_keys` leaves it (the folding of `routing.score_chunks`).
     """
-    queries = l2_normalize(routing_queries.float())
+    queries = prepare_routing_queries(routing_queries, routing_score)
     num_heads = queries.shape[1]
     grouped = queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2) / num_heads
     return grouped.flatten(1)

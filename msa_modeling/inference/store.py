@@ -37,6 +37,8 @@ def model_signature(config) -> dict:
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         "query_position_offset": config.query_position_offset,
         "document_positions": bool(config.document_positions),
+        # The stored K̄R are prepared for this score (normalised for cosine, raw for scaled_dot).
+        "routing_score": config.routing_score,
     }
 
 
@@ -53,6 +55,8 @@ def check_signature(signature: dict, config, what: str = "the memory") -> None:
     carry the rotary positions of that mode. That mismatch gets its own message.
     """
     expected = model_signature(config)
+    # Memories saved before the setting existed were encoded for the cosine score.
+    signature = {"routing_score": "cosine", **signature}
     if signature == expected:
         return
     stored_mode, model_mode = signature.get("document_positions", True), expected["document_positions"]
@@ -72,7 +76,7 @@ class EncodedDocuments:
     doc_tokens: list[torch.Tensor]  # n x [len] int32, the rendered token ids
     keys: list[torch.Tensor]  # per router layer [C, Hkv, D]
     values: list[torch.Tensor]  # per router layer [C, Hkv, D]
-    routing_keys: list[torch.Tensor]  # per router layer [C, Hkv * D], L2-normalised per head
+    routing_keys: list[torch.Tensor]  # per router layer [C, Hkv * D], as `routing.prepare_routing_keys` leaves them
 
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:

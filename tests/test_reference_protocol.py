@@ -1,0 +1,92 @@
+"""The `reference` prompt protocol: the released MSA-4B engine's prompts, token for token."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from msa_modeling.inference.reference_protocol import (
+    ProtocolMismatchWarning,
+    check_prefix_length,
+    warn_on_protocol_mismatch,
+)
+from msa_train.data.templates import TemplateConfig, TemplateTokens, reference_template
+from msa_train.data.tokenization import HuggingFaceTokenizer
+
+DOCUMENTS = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."]
+QUESTION = "Where is Berlin?"
+# The engine's strings for this memory and question, written out by hand: documents numbered
+# from 0 inside their own <|im_start|> ... <|im_end|>, the 3-token user-turn prefix, the question
+# closing the user turn, and the restated question injected after <End-of-Retrieve>.
+EXPECTED_PREFIX = "<|im_start|>user\n"
+EXPECTED_DOCUMENTS = [
+    "<|im_start|>[0]. Paris is in France.<|im_end|>",
+    "<|im_start|>[1]. Berlin is in Germany.<|im_end|>",
+    "<|im_start|>[2]. Rome is in Italy.<|im_end|>",
+]
+EXPECTED_QUESTION = "Where is Berlin?<|im_end|>\n<|im_start|>assistant\n"
+EXPECTED_ROUND = "[1]<|object_ref_end|>"
+EXPECTED_AFTER_RETRIEVAL = "The user's question is: Where is Berlin?"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> HuggingFaceTokenizer:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([*DOCUMENTS, QUESTION, "user assistant The user's question is:"] * 20, trainer=trainer)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(folder))
+    wrapped = HuggingFaceTokenizer(folder)
+    wrapped.ensure_special_tokens(reference_template().special_strings(), report=False)
+    return wrapped
+
+
+def test_the_reference_protocol_renders_the_engines_strings(tokenizer):
+    template = reference_template()
+    pieces = TemplateTokens.build(template, tokenizer, max_memory_id=len(DOCUMENTS))
+    rendered = [template.document_text(i + 1, body) for i, body in enumerate(DOCUMENTS)]
+    assert tokenizer.encode_batch(rendered) == tokenizer.encode_batch(EXPECTED_DOCUMENTS)
+    assert pieces.prefix == tokenizer.encode(EXPECTED_PREFIX)
+    assert len(pieces.prefix) == 3  # so that the question starts at 3 + k, as the engine places it
+    check_prefix_length(len(pieces.prefix))
+    assert tokenizer.encode(template.query_text(QUESTION)) == tokenizer.encode(EXPECTED_QUESTION)
+    # Our memory IDs count from 1; the engine writes document 2 of the memory as [1].
+    assert tokenizer.encode(template.target_ids_text([2])) == tokenizer.encode(EXPECTED_ROUND)
+    assert template.parse_memory_id("1") == 2
+    assert tokenizer.encode(template.after_retrieval_text(QUESTION)) == tokenizer.encode(EXPECTED_AFTER_RETRIEVAL)
+
+
+def test_the_injected_question_is_not_labelled_in_training_samples():
+    segments = reference_template().final_answer_segments(QUESTION, "Germany")
+    assert segments == [("<End-of-Retrieve>", True), (EXPECTED_AFTER_RETRIEVAL, False), ("Germany<|im_end|>", True)]
+    # Our own templates keep their single labelled piece.
+    assert TemplateConfig().final_answer_segments(QUESTION, "Germany") == [("<End-of-Retrieve>Germany", True)]
+
+
+def test_the_preset_selects_the_protocol_and_takes_overrides():
+    assert TemplateConfig.from_dict({"protocol": "reference"}) == reference_template()
+    assert TemplateConfig.from_dict({"protocol": "reference", "doc_suffix": "\n"}).first_memory_id == 0
+    with pytest.raises(ValueError, match="protocol"):
+        TemplateConfig.from_dict({"protocol": "released"})
+
+
+def test_a_released_layout_model_warns_with_another_protocol():
+    released = SimpleNamespace(reference_msa_config={"aux_loss_method": "INFONCE_DECOUPLE"})
+    with pytest.warns(ProtocolMismatchWarning):
+        warn_on_protocol_mismatch(released, TemplateConfig().protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_on_protocol_mismatch(released, reference_template().protocol)
+        warn_on_protocol_mismatch(SimpleNamespace(reference_msa_config=None), TemplateConfig().protocol)
+
+
+def test_a_prefix_of_another_length_is_refused():
+    with pytest.raises(ValueError, match="3 \\+ k"):
+        check_prefix_length(4)
