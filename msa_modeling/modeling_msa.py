@@ -19,6 +19,7 @@ from .backbones import BackboneAdapter, get_backbone
 from .backbones.base import SLIDING_ATTENTION
 from .configuration_msa import MSAConfig
 from .decoding import run_cached_decoder
+from .remote_code import AUTO_MAP, write_remote_code
 from .attention import PooledMemory, keep_attention_kernel_outputs, make_attention_backend
 from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
@@ -261,6 +262,14 @@ class MSAPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         get_backbone(self.config.backbone_model_type).init_weights(module)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
+        """Hugging Face's `save_pretrained`, plus the modeling code and `auto_map`, so that the folder
+        loads with `trust_remote_code=True` where `msa_modeling` is not installed (see `remote_code`)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
 
 
 @dataclass
