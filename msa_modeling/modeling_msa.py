@@ -263,6 +263,23 @@ class MSAPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         get_backbone(self.config.backbone_model_type).init_weights(module)
 
+    def _activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """What `gradient_checkpointing_enable` / `activation_checkpointing_enable` run: MSA's layers
+        recompute with torch's non-reentrant checkpoint (its selective policy, which keeps the
+        attention kernels' outputs, needs it), so other settings are refused rather than ignored."""
+        settings = dict(activation_checkpointing_kwargs or {})
+        if settings.pop("use_reentrant", False):
+            raise ValueError("MSA recomputes layers with non-reentrant checkpointing only; pass use_reentrant=False")
+        if settings:
+            raise ValueError(f"MSA's activation checkpointing takes no settings {sorted(settings)}")
+        if every_n_layers != 1 or offload:
+            raise ValueError(
+                "every_n_layers and offload are MSAModel's checkpointed_layers and offloaded_layers; set those instead"
+            )
+        super()._activation_checkpointing_enable(None)
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
         """Hugging Face's `save_pretrained`, plus the modeling code and `auto_map`, so that the folder
         loads with `trust_remote_code=True` where `msa_modeling` is not installed (see `remote_code`)."""

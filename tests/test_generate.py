@@ -190,3 +190,12 @@ def test_text_generation_pipeline_streamer_and_stop_strings(text_model):
     stopped = model.generate(ids, stop_strings=[stop], tokenizer=tokenizer, max_new_tokens=5, do_sample=False)
     assert stopped[0].tolist() == expected[0, : ids.shape[1] + first_clean + 1].tolist()
     assert first_clean < len(generated) - 1  # the stop string cut generation short
+
+
+def test_reentrant_gradient_checkpointing_is_refused_and_the_default_enables_it():
+    model = tiny_msa(20)
+    with pytest.raises(ValueError, match="non-reentrant"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert not model.model.gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.gradient_checkpointing
