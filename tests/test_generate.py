@@ -125,7 +125,7 @@ def test_a_binding_sliding_window_is_rejected_while_decoding():
 def test_sampling_and_beam_search_run_and_sampling_follows_the_seed():
     model = tiny_msa(17)
     ids, mask = left_padded(random_prompts(17, (4, 6)))
-    sample = lambda: model.generate(ids, attention_mask=mask, do_sample=True, top_k=20, max_new_tokens=6,  # noqa: E731
+    sample = lambda: model.generate(ids, attention_mask=mask, do_sample=True, top_k=20, max_new_tokens=6,
                                     pad_token_id=PAD, eos_token_id=None)
     torch.manual_seed(0)
     first = sample()
