@@ -110,7 +110,7 @@ def load_source(source: SourceConfig, tally: BadRecordTally) -> RetrievalDataset
     if source.kind == "records":
         return readers.read_retrieval_jsonl(source.path, source.corpus_path, tally)
     if source.kind == "hf_records":
-        corpus = readers.corpus_from_hf(readers.load_local_hf_dataset(source.corpus_path))
+        corpus = readers.corpus_from_hf(readers.load_local_hf_dataset(source.corpus_path), source_name=source.corpus_path)
         rows = readers.load_local_hf_dataset(source.path, source.split)
         records = readers.records_from_hf(rows, {d.doc_id for d in corpus}, source.path, tally)
         return RetrievalDataset(corpus, records)

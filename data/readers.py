@@ -321,12 +321,26 @@ def load_local_hf_dataset(path: str | Path, split: str | None = None) -> Any:
     return loaded
 
 
-def corpus_from_hf(dataset: Any, id_field: str = "_id", text_field: str = "text", title_field: str | None = "title") -> list[Document]:
-    """Documents from a Hugging Face dataset's rows."""
+DOCUMENT_ID_FIELDS = ("_id", "id", "doc_id")
+
+
+def corpus_from_hf(
+    dataset: Any, id_field: str | None = None, text_field: str = "text", title_field: str | None = "title",
+    source_name: str = "<hf dataset>",
+) -> list[Document]:
+    """Documents from a Hugging Face dataset's rows; the id is `id_field`, or by default the first
+    of `_id`, `id`, `doc_id` (as in a corpus JSONL file). Row numbers stand in for lines in errors."""
+    id_fields = (id_field,) if id_field else DOCUMENT_ID_FIELDS
     documents = []
-    for row in dataset:
+    for row_number, row in enumerate(dataset, start=1):
+        doc_id = _first_present(row, id_fields)
+        if doc_id is None:
+            raise DataFormatError(source_name, row_number, f"document has no id field ({' or '.join(id_fields)}); "
+                                  f"its fields are {sorted(row)}")
+        if not isinstance(row.get(text_field), str):
+            raise DataFormatError(source_name, row_number, f"document {doc_id!r} has no string {text_field!r} field")
         title = row.get(title_field) if title_field else ""
-        documents.append(Document(str(row[id_field]), row[text_field], title or ""))
+        documents.append(Document(str(doc_id), row[text_field], title or ""))
     return documents
 
 

@@ -10,12 +10,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .backbones import BackboneAdapter, get_backbone
 from .backbones.base import SLIDING_ATTENTION
 from .configuration_msa import MSAConfig
+from .decoding import run_cached_decoder
+from .remote_code import AUTO_MAP, write_remote_code
 from .attention import PooledMemory, keep_attention_kernel_outputs, make_attention_backend
 from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
@@ -262,6 +266,31 @@ class MSAPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         get_backbone(self.config.backbone_model_type).init_weights(module)
 
+    def _activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """What `gradient_checkpointing_enable` / `activation_checkpointing_enable` run: MSA's layers
+        recompute with torch's non-reentrant checkpoint (its selective policy, which keeps the
+        attention kernels' outputs, needs it), so other settings are refused rather than ignored."""
+        settings = dict(activation_checkpointing_kwargs or {})
+        if settings.pop("use_reentrant", False):
+            raise ValueError("MSA recomputes layers with non-reentrant checkpointing only; pass use_reentrant=False")
+        if settings:
+            raise ValueError(f"MSA's activation checkpointing takes no settings {sorted(settings)}")
+        if every_n_layers != 1 or offload:
+            raise ValueError(
+                "every_n_layers and offload are MSAModel's checkpointed_layers and offloaded_layers; set those instead"
+            )
+        super()._activation_checkpointing_enable(None)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
+        """Hugging Face's `save_pretrained`, plus the modeling code and `auto_map`, so that the folder
+        loads with `trust_remote_code=True` where `msa_modeling` is not installed (see `remote_code`)."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
 
 @dataclass
 class MSAModelOutput(ModelOutput):
@@ -414,6 +443,8 @@ class MSACausalLMOutput(ModelOutput):
         doc_scores: [router layers, D] document scores s_i (documents of the batch in order).
         selected_docs: [router layers, D] bool, the top-k selection per example.
         router_recall: {"recall@1": [router layers], ...} over examples with positives.
+        cache: the KV cache after a forward of the generation path (`cache.msa_memory` holds a
+            memory's context and each row's routing).
     """
 
     loss: torch.Tensor | None = None
@@ -424,9 +455,14 @@ class MSACausalLMOutput(ModelOutput):
     doc_scores: torch.Tensor | None = None
     selected_docs: torch.Tensor | None = None
     router_recall: dict[str, torch.Tensor] | None = None
+    cache: Cache | None = None
 
 
-class MSAForCausalLM(MSAPreTrainedModel):
+# What `generate()` hands every forward besides model inputs (its decoding mode's own arguments).
+GENERATE_PASSES_THROUGH = ("tokenizer", "assistant_tokenizer")
+
+
+class MSAForCausalLM(MSAPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MSAConfig) -> None:
@@ -468,9 +504,10 @@ class MSAForCausalLM(MSAPreTrainedModel):
             require_routing_tokens=bool(self.config.router_layers),
         )
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         example_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
@@ -478,10 +515,23 @@ class MSAForCausalLM(MSAPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         layout: PackedLayout | None = None,
         return_logits: bool | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        memory: object | None = None,
+        return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **unused: object,
-    ) -> MSACausalLMOutput:
-        """Training forward over packed rows (spec sections 2-5).
+    ) -> MSACausalLMOutput | tuple:
+        """Training forward over packed rows (spec sections 2-5), or the generation path.
+
+        With any of `doc_ids`, `example_ids`, `labels`, `aux_labels`, `layout`, the rows are
+        packed MSA rows (right-padded). Otherwise the model is a causal LM over left- or
+        right-padded query rows with an optional KV cache and memory, as `generate()` calls it
+        (see `msa_modeling.decoding`); without a memory that is the backbone.
 
         Args:
             input_ids: [B, L] token ids.
@@ -490,13 +540,84 @@ class MSAForCausalLM(MSAPreTrainedModel):
             example_ids: [B, L] packed example of each token (-1 padding); `None`: one per row.
             labels: [B, L] unshifted targets, -100 where nothing is predicted.
             aux_labels: [B, L] 1 on the tokens of positive documents.
-            attention_mask: [B, L] 0 marks padding.
+            attention_mask: [B, L] 0 marks padding (generation path: [B, cached + L], any side).
             layout: a prebuilt `PackedLayout` (e.g. from the data loader); replaces the
                 role tensors above.
             return_logits: also return full logits when labels are given (memory-hungry).
+            position_ids: [B, L] positions within the query (default: counted over
+                `attention_mask`); the model adds the query start (spec section 4).
+            cache: a transformers `Cache` (alias `past_key_values`); `use_cache` makes one.
+            inputs_embeds: [B, L, hidden] instead of `input_ids`, from `get_input_embeddings()`
+                (the backbone's embedding scale is applied here, as for `input_ids`).
+            logits_to_keep: compute logits for the last this-many tokens only (0: all).
+            memory: a `MemoryStore` (or an `MSAGenerator` over one) that the first forward routes
+                each row's prompt over; later forwards reuse the selection kept in the cache.
+            return_dict: `False` returns a tuple.
         """
-        if unused:
-            raise ValueError(f"MSAForCausalLM.forward got unexpected arguments: {sorted(unused)}")
+        unexpected = sorted(set(unused) - set(GENERATE_PASSES_THROUGH))
+        if unexpected:
+            raise ValueError(f"MSAForCausalLM.forward got unexpected arguments: {unexpected}")
+        if output_attentions:
+            raise ValueError("MSAForCausalLM does not return attention weights (output_attentions=True)")
+        packed = {name for name, value in (("doc_ids", doc_ids), ("example_ids", example_ids), ("labels", labels),
+                  ("aux_labels", aux_labels), ("layout", layout), ("return_logits", return_logits)) if value is not None}
+        generation = {name for name, value in (("position_ids", position_ids), ("cache", cache), ("use_cache", use_cache),
+                      ("inputs_embeds", inputs_embeds), ("memory", memory)) if value is not None and value is not False}
+        if packed and generation:
+            raise ValueError(
+                f"packed-row arguments {sorted(packed)} cannot be combined with generation arguments {sorted(generation)}"
+            )
+        if packed:
+            output = self.packed_forward(input_ids, doc_ids, example_ids, labels, aux_labels, attention_mask, layout,
+                                         return_logits, bool(output_hidden_states))
+        else:
+            output = self.causal_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                                         memory, logits_to_keep, bool(output_hidden_states))
+        return output if return_dict is not False else output.to_tuple()
+
+    def causal_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        memory: object | None,
+        logits_to_keep: int | torch.Tensor,
+        output_hidden_states: bool,
+    ) -> MSACausalLMOutput:
+        """Query rows as a causal LM over a KV cache (see `forward` and `msa_modeling.decoding`)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, row_length], got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        hidden = inputs_embeds
+        if self.model.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.model.embedding_scale).to(hidden.dtype)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        hidden, all_hidden = run_cached_decoder(
+            self, hidden, position_ids, attention_mask, cache, memory, output_hidden_states
+        )
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return MSACausalLMOutput(logits=self.compute_logits(hidden[:, kept]), hidden_states=all_hidden, cache=cache)
+
+    def packed_forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        example_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        aux_labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        layout: PackedLayout | None,
+        return_logits: bool | None,
+        output_hidden_states: bool,
+    ) -> MSACausalLMOutput:
+        """The training forward over packed rows (see `forward`)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, row_length], got shape {tuple(input_ids.shape)}")
         if layout is None:

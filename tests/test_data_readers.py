@@ -128,6 +128,22 @@ def test_hf_datasets_from_disk_and_files(tmp_path: Path) -> None:
         records_from_hf(load_local_hf_dataset(records_file), {"other"}, "<hf>")
 
 
+@pytest.mark.parametrize("id_field", ["_id", "id", "doc_id"])
+def test_hf_corpus_takes_the_id_fields_of_a_corpus_file(id_field: str) -> None:
+    import datasets
+
+    rows = datasets.Dataset.from_list([{id_field: "d1", "text": "one"}, {id_field: "d2", "text": "two"}])
+    assert [d.doc_id for d in corpus_from_hf(rows)] == ["d1", "d2"]
+
+
+def test_hf_corpus_without_an_id_field_names_the_row() -> None:
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"key": "d1", "text": "one"}])
+    with pytest.raises(DataFormatError, match=r"corpus:1: document has no id field \(_id or id or doc_id\)"):
+        corpus_from_hf(rows, source_name="corpus")
+
+
 def test_lm_texts_from_a_saved_hf_dataset(tmp_path: Path) -> None:
     import datasets
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import msa_modeling  # noqa: F401  (registers model_type "msa")
 from msa_train.train.config import load_recipe
@@ -82,3 +82,10 @@ def test_tiny_recipe_runs_every_stage_from_the_previous_export(tmp_path: Path) -
     assert load_recipe(export / "recipe.yaml").stages[-1].name == "sft_long"
     ids = torch.tensor([tokenizer.encode("Question: What is the home town of Alice Berg?")])
     assert torch.isfinite(model(ids).logits).all()
+    # The export carries its modeling code for trust_remote_code, and generates through transformers.
+    assert json.loads((export / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_msa.MSAForCausalLM"
+    assert (export / "modeling_msa.py").is_file() and (export / "backbones_qwen3.py").is_file()
+    generated = pipeline("text-generation", model=model, tokenizer=tokenizer)(
+        "Question: What is the home town of Alice Berg?", max_new_tokens=4, do_sample=False)
+    assert generated[0]["generated_text"].startswith("Question: What is the home town of Alice Berg?")

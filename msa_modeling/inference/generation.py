@@ -280,22 +280,30 @@ class MSAGenerator:
         cache.token_ids.extend(token_ids)
         return final_logits(self.model, hidden[0, -1])
 
-    def _route(self, cache: QueryCache, index: int, layer: nn.Module, normed: torch.Tensor) -> None:
-        """Select this layer's documents and put their pooled K̄/V̄ after the prefix in its buffer.
-
-        Only called when the segment's rows of this layer are all about to be rewritten, so
-        the buffer is rebuilt with the new context and room for the segment.
-        """
+    def route_layer(
+        self, index: int, layer: nn.Module, normed: torch.Tensor
+    ) -> tuple[LayerRouting, torch.Tensor, torch.Tensor]:
+        """Router layer `index`'s ranked documents for a segment's normed hidden states [n, hidden], and
+        the pooled K̄/V̄ [chunks, Hkv, D] of the documents it attends to, in document order (as the
+        training forward lays them out), where the store keeps them."""
         attention = layer.self_attn
         slot = self.router_slot[index]
         routing_queries = attention.router_q_proj(normed).view(normed.shape[0], attention.num_heads, -1)
         grouped = group_routing_queries(routing_queries, attention.num_kv_heads, self.config.routing_score)
         scores, docs = self.index.top_documents(slot, grouped, max(self.config.top_k_docs, self.trace_k))
         docs, scores = docs.cpu(), scores.cpu()
-        cache.routing.append(LayerRouting(layer=index, docs=docs, scores=scores))
-        # Chunks in document order, as the training forward lays them out.
         selected = torch.sort(docs[: self.config.top_k_docs]).values
         keys, values = self.store.gather_chunks(slot, selected)
+        return LayerRouting(layer=index, docs=docs, scores=scores), keys, values
+
+    def _route(self, cache: QueryCache, index: int, layer: nn.Module, normed: torch.Tensor) -> None:
+        """Select this layer's documents and put their pooled K̄/V̄ after the prefix in its buffer.
+
+        Only called when the segment's rows of this layer are all about to be rewritten, so
+        the buffer is rebuilt with the new context and room for the segment.
+        """
+        routing, keys, values = self.route_layer(index, layer, normed)
+        cache.routing.append(routing)
         prefix = self.prefix_keys[index].shape[0]
         context, capacity = prefix + keys.shape[0], cache.capacity
         for buffers, prefix_part, chunks in ((cache.keys, self.prefix_keys, keys), (cache.values, self.prefix_values, values)):
