@@ -10,9 +10,9 @@ checkpointing, on random weights:
   dense_docmask: the Hugging Face backbone with per-document masked packing (FlexAttention).
 Reports tokens/s, model-FLOPs utilisation and peak memory, prints a table and writes JSON.
 
-MFU = (6 * matmul FLOPs per token summed over tokens + 3 * forward attention FLOPs actually
-needed) / step time / peak. The LM head counts only for the tokens that go through it (MSA:
-labelled tokens; Hugging Face: every token).
+MFU = training FLOPs by the project's one accounting (`msa_modeling.flops`: the LM head only where
+it runs, padding nothing, attention only the pairs computed) / step time / peak. The trainer's own
+benchmark, `launch/bench_trainer.py`, measures what users run; this script isolates the step.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import msa_modeling  # noqa: F401
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout
+from msa_modeling.flops import FlopModel, dense_work, msa_work
 
 logger = logging.getLogger("bench_train")
 
@@ -108,54 +109,24 @@ class Result:
     offloaded_layers: int = 0
 
 
-def matmul_params_per_token(cfg: dict) -> tuple[int, int]:
-    """(decoder-body matmul parameters used by every token, LM head parameters)."""
-    h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    q = cfg["num_attention_heads"] * cfg["head_dim"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    attention = h * q + 2 * h * kv + q * h
-    mlp = 3 * h * cfg["intermediate_size"]
-    return layers * (attention + mlp), h * cfg["vocab_size"]
-
-
-def attention_flops(pairs: int, cfg: dict) -> float:
-    """Forward attention FLOPs for `pairs` visible (query, key) pairs: QK^T and PV."""
-    return 4.0 * cfg["num_attention_heads"] * cfg["head_dim"] * pairs
-
-
-def causal_pairs(n: int) -> int:
-    return n * (n + 1) // 2
-
-
-def msa_step_flops(row: dict, cfg: dict, router_layers: int, top_k: int, chunk: int) -> float:
-    body, head = matmul_params_per_token(cfg)
-    tokens = row["input_ids"].numel()
-    labelled = int((row["labels"] != -100).sum())
-    routing = int(((row["doc_ids"] == 0) & (row["labels"] == -100)).sum())
-    q = cfg["num_attention_heads"] * cfg["head_dim"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    router = router_layers * (cfg["hidden_size"] * kv * tokens + cfg["hidden_size"] * q * routing)
-    matmul = 6.0 * (body * tokens + head * labelled + router)
-    lengths = row["doc_lengths"].tolist()
-    prefix = int((row["doc_ids"] == -2).sum())
-    query = int((row["doc_ids"] == 0).sum())
-    # Router layers: the question sees the pooled chunks of the k best documents; take the k longest as the bound.
-    chunks = sum(math.ceil(n / chunk) for n in sorted(lengths)[-top_k:])
-    layers = cfg["num_hidden_layers"]
-    pairs_all = sum(causal_pairs(n) for n in lengths) + causal_pairs(prefix) + query * prefix + causal_pairs(query)
-    pairs = layers * pairs_all + router_layers * query * chunks
-    return matmul + 3.0 * attention_flops(pairs, cfg)
+def msa_step_flops(row: dict, cfg: dict, args) -> float:
+    """Training FLOPs by the shared accounting (`msa_modeling.flops`); the question sees the pooled chunks
+    of the k documents with the most chunks in every router layer (a bound: the step is timed unsynced)."""
+    config = msa_config(cfg, args)
+    with torch.device("meta"):
+        flop_model = FlopModel.from_model(MSAForCausalLM(config))
+    layout = build_packed_layout(row["doc_ids"], chunk_size=config.chunk_size,
+                                 query_position_offset=config.query_position_offset, labels=row["labels"],
+                                 aux_labels=row["aux_labels"])
+    work = msa_work(layout)
+    memory_pairs = len(config.router_layers) * float(work.doc_memory_pairs.sort(descending=True).values[:args.top_k].sum())
+    return flop_model.training_flops(work, memory_pairs)
 
 
 def dense_step_flops(row: dict, cfg: dict, document_mask: bool) -> float:
-    body, head = matmul_params_per_token(cfg)
-    tokens = row["input_ids"].numel()
-    if document_mask:
-        segments = [int((row["doc_ids"] == -2).sum())] + row["doc_lengths"].tolist() + [int((row["doc_ids"] == 0).sum())]
-        pairs = sum(causal_pairs(n) for n in segments)
-    else:
-        pairs = causal_pairs(tokens)
-    return 6.0 * (body + head) * tokens + 3.0 * attention_flops(cfg["num_hidden_layers"] * pairs, cfg)
+    with torch.device("meta"):
+        flop_model = FlopModel.from_model(Qwen3ForCausalLM(Qwen3Config(**cfg)))
+    return flop_model.training_flops(dense_work(row["doc_ids"], document_mask))
 
 
 def time_steps(step, warmup: int, repeats: int) -> float:
@@ -318,9 +289,14 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
     return result
 
 
+def msa_config(cfg: dict, args) -> MSAConfig:
+    return MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend,
+                     lm_loss_chunk_size=4096,
+                     **({"router_layers": args.router_layers} if args.router_layers is not None else {}))
+
+
 def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
-    config = MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend, lm_loss_chunk_size=4096,
-                       **({"router_layers": args.router_layers} if args.router_layers is not None else {}))
+    config = msa_config(cfg, args)
     with torch.device("cuda"):
         model = MSAForCausalLM(config).to(torch.bfloat16)
     model.model.gradient_checkpointing = True
@@ -390,14 +366,13 @@ def main() -> None:
     cfg = dict(SHAPES[args.shape])
     if args.layers:
         cfg["num_hidden_layers"] = args.layers
-    router_layers = len(args.router_layers) if args.router_layers is not None else len(MSAConfig(**cfg).router_layers)
 
     results, profiles = [], []
     for length in args.lengths:
         row = random_memory_row(length, torch.Generator().manual_seed(length), vocab_size=cfg["vocab_size"])
         for name in args.configs:
             if name == "msa":
-                flops = msa_step_flops(row, cfg, router_layers, args.top_k, args.chunk_size)
+                flops = msa_step_flops(row, cfg, args)
                 for offloaded in args.offloaded_layers:
                     result = run_config(name, lambda: build_msa(cfg, row, args, offloaded), row, cfg, args, flops, profiles)
                     result.offloaded_layers = offloaded

@@ -1,23 +1,25 @@
-"""Check every MSA attention backend on the GPU against the CPU fp32 path.
+"""Check every MSA attention backend on the GPU.
 
-    python eval/check_backends.py [--seeds 3]
+    python eval/check_backends.py [--seeds 3] [--plant-scale-error 0.05 --plant-backend varlen]
 
-The CPU fp32 path (masked SDPA) is itself tested against the loop-by-loop reference in
-`tests/`. Each GPU backend runs the same model and batch in bf16; we report the relative
-error ||gpu - cpu|| / ||cpu|| of logits, losses and every parameter gradient (the worst
-single parameter and all of them together), and whether the document selection agrees.
-bf16 operands land between 1e-3 and 1e-2.
+Two checks per case, each with a meaningful reference:
+- fp32: `sdpa` and `flex` run the model in fp32 on the GPU (TF32 off) and must match the CPU fp32
+  path (masked SDPA, itself tested against the loop-by-loop reference in `tests/`) within
+  `--fp32-tolerance` (relative error of logits, losses, document scores and all gradients), with
+  the same document selection. Only summation order differs, so the errors are ~1e-6.
+- bf16: every kernel (`sdpa`, `flex`, `varlen`, `flash_attn` where installed) runs the same model in
+  bf16 on the same card. Its error against the GPU fp32 run must stay under `--tolerance` or within
+  `--floor-ratio` times the error of the same model's `sdpa` in bf16: a kernel may lose what bf16
+  arithmetic loses, nothing more. (A gradient that sums many cancelling terms is ill-conditioned in
+  bf16 whatever the kernel: 0.09 off for `sdpa` in the packed case.) The document selection must
+  equal the fp32 one or, where bf16 flips a near-tie, the bf16 `sdpa` one.
 
-Some inputs are ill-conditioned in bf16 whatever the kernel: a gradient that sums many
-cancelling terms can be 30% off in bf16 on the CPU too. So each seed also runs the CPU SDPA
-path in bf16 (`cpu_bf16`), and a GPU backend passes a quantity when its error is under
-`--tolerance` or at most `--floor-ratio` times that CPU bf16 error: the backend then adds
-nothing that bf16 arithmetic itself does not. Likewise its document selection must equal the
-fp32 one, or the CPU bf16 run's where bf16 rounding flips a near-tie between documents.
+`--plant-scale-error E --plant-backend B` multiplies backend B's softmax scale by (1 + E): a planted
+bug that the check must report (exit code 1).
 
-The `packed` case holds two rows of three examples each, the last row padded, as the trainer
-packs them; the last case is a row without any document (no memory, no aux loss), which takes
-the backends' no-memory path.
+Cases: rows of one example with a memory (`--seeds` of them); `packed`, two rows of three examples
+each, the last row padded, as the trainer packs them; `no memory`, a row without any document,
+which takes the backends' no-memory path.
 """
 
 from __future__ import annotations
@@ -81,17 +83,17 @@ QUANTITIES = ("logits", "lm_loss", "aux_loss", "doc_scores", "grads")
 
 
 def compare(seed: int, backend: str, got, grads: dict, expected, expected_grads: dict) -> dict:
-    """Relative errors of one run against the fp32 CPU reference (absent quantities are 0)."""
+    """Relative errors of one run against a reference run (absent quantities are 0)."""
     maybe = lambda a, b: 0.0 if b is None else relative_error(a, b)  # noqa: E731
     worst_name = max(grads, key=lambda n: relative_error(grads[n], expected_grads[n]))
-    same = expected.selected_docs is None or bool(torch.equal(got.selected_docs.cpu(), expected.selected_docs))
+    same = expected.selected_docs is None or bool(torch.equal(got.selected_docs.cpu(), expected.selected_docs.cpu()))
     return {
         "seed": seed,
         "backend": backend,
-        "logits": relative_error(got.logits, expected.logits),
-        "lm_loss": relative_error(got.lm_loss, expected.lm_loss),
-        "aux_loss": maybe(got.aux_loss, expected.aux_loss),
-        "doc_scores": maybe(got.doc_scores, expected.doc_scores),
+        "logits": relative_error(got.logits, expected.logits.float().cpu()),
+        "lm_loss": relative_error(got.lm_loss, expected.lm_loss.float().cpu()),
+        "aux_loss": maybe(got.aux_loss, None if expected.aux_loss is None else expected.aux_loss.float().cpu()),
+        "doc_scores": maybe(got.doc_scores, None if expected.doc_scores is None else expected.doc_scores.float().cpu()),
         "grads": relative_error(torch.cat([g.flatten() for g in grads.values()]),
                                 torch.cat([expected_grads[n].flatten() for n in grads])),
         "worst_grad": relative_error(grads[worst_name], expected_grads[worst_name]),
@@ -100,89 +102,123 @@ def compare(seed: int, backend: str, got, grads: dict, expected, expected_grads:
     }
 
 
+def model_on(reference_model: MSAForCausalLM, backend: str, dtype: torch.dtype, plant: tuple[str, float] | None):
+    """A copy of the model on the GPU in `dtype` with `backend`, its softmax scale off by the planted error."""
+    model = copy.deepcopy(reference_model).to("cuda", dtype)
+    model.config.attn_backend = backend
+    model.model._attention_backends = {}
+    if plant is not None and plant[0] == backend:
+        chosen = model.model.attention_backend(torch.device("cuda"))
+        attend = chosen.attend
+        chosen.attend = lambda q, k, v, layout, plan, scale, *rest, **kw: attend(
+            q, k, v, layout, plan, scale * (1 + plant[1]), *rest, **kw)
+    return model
+
+
+def make_batch(case: str, seed: int, row_length: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    if case == "memory":
+        return random_memory_row(row_length, generator, doc_length=(30, 400), vocab_size=1024)
+    if case == "packed":
+        return packed_rows(row_length, generator, vocab_size=1024)
+    return memoryless_row(row_length, generator, vocab_size=1024)
+
+
+def check_case(seed: int, case: str, args: argparse.Namespace, backends: list[str],
+               plant: tuple[str, float] | None) -> list[dict]:
+    torch.manual_seed(seed)
+    backbone = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+    ))
+    # Round the weights to bf16 first, so that the comparisons measure arithmetic, not weight rounding.
+    reference_model = MSAForCausalLM.from_backbone(backbone, top_k_docs=4, chunk_size=64, attn_backend="sdpa")
+    reference_model = reference_model.to(torch.bfloat16).float().train()
+    batch = make_batch(case, seed, args.row_length)
+    rows = []
+
+    def record(row: dict, check: str, passed: bool) -> None:
+        row.update(case=case, check=check, **{"pass": passed})
+        rows.append(row)
+
+    expected, expected_grads = run(reference_model, batch, "cpu")
+    for backend in ("sdpa", "flex"):
+        try:
+            got, grads = run(model_on(reference_model, backend, torch.float32, plant), batch, "cuda")
+        except Exception as error:  # noqa: BLE001 - report the backend and go on
+            rows.append({"seed": seed, "case": case, "check": "fp32", "backend": backend, "pass": False,
+                         "error": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        row = compare(seed, backend, got, grads, expected, expected_grads)
+        record(row, "fp32", row["same_selection"] and all(row[k] < args.fp32_tolerance for k in QUANTITIES))
+    # The bf16 reference: fp32 sdpa on this card, never planted (the fp32 check above judges it).
+    gpu_fp32, gpu_fp32_grads = run(model_on(reference_model, "sdpa", torch.float32, None), batch, "cuda")
+    floor_run, floor_grads = run(model_on(reference_model, "sdpa", torch.bfloat16, None), batch, "cuda")
+    floor = compare(seed, "sdpa_bf16_floor", floor_run, floor_grads, gpu_fp32, gpu_fp32_grads)
+    record(floor, "bf16 floor", None)
+    for backend in backends:
+        try:
+            got, grads = run(model_on(reference_model, backend, torch.bfloat16, plant), batch, "cuda")
+        except Exception as error:  # noqa: BLE001
+            rows.append({"seed": seed, "case": case, "check": "bf16", "backend": backend, "pass": False,
+                         "error": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        row = compare(seed, backend, got, grads, gpu_fp32, gpu_fp32_grads)
+        row["same_selection_as_sdpa_bf16"] = floor_run.selected_docs is None or bool(
+            torch.equal(got.selected_docs.cpu(), floor_run.selected_docs.cpu()))
+        # NaN fails every comparison, so it can never pass.
+        record(row, "bf16", (row["same_selection"] or row["same_selection_as_sdpa_bf16"]) and all(
+            row[k] < args.tolerance or row[k] <= args.floor_ratio * floor[k] for k in QUANTITIES))
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; fp32 rows against the CPU fp32 path, "
+          "bf16 rows against the GPU fp32 sdpa run")
+    print(f"{'seed':>4} {'case':<10}{'check':<11}{'backend':<16}{'logits':>9}{'lm':>9}{'aux':>9}{'scores':>9}"
+          f"{'grads':>9}{'worst':>9}  sel  pass")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['seed']:>4} {r['case']:<10}{r['check']:<11}{r['backend']:<16}ERROR {r['error']}")
+            continue
+        selection = "ok" if r["same_selection"] else "bf16" if r.get("same_selection_as_sdpa_bf16") else "DIFF"
+        verdict = "-" if r["pass"] is None else str(r["pass"])
+        print(f"{r['seed']:>4} {r['case']:<10}{r['check']:<11}{r['backend']:<16}{r['logits']:>9.2e}{r['lm_loss']:>9.2e}"
+              f"{r['aux_loss']:>9.2e}{r['doc_scores']:>9.2e}{r['grads']:>9.2e}{r['worst_grad']:>9.2e}  "
+              f"{selection:<4} {verdict}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--row-length", type=int, default=3000)
+    parser.add_argument("--fp32-tolerance", type=float, default=1e-4)
     parser.add_argument("--tolerance", type=float, default=2e-2)
-    parser.add_argument("--floor-ratio", type=float, default=1.25,
-                        help="a quantity also passes within this factor of the CPU bf16 run's error")
+    parser.add_argument("--floor-ratio", type=float, default=1.5,
+                        help="a bf16 quantity also passes within this factor of the bf16 sdpa run's error")
+    parser.add_argument("--plant-backend", help="the backend that gets the planted scale error")
+    parser.add_argument("--plant-scale-error", type=float, default=0.0)
     parser.add_argument("--out", default="check_backends.json")
-    parser.add_argument("--backends", nargs="+", help="GPU backends to check (default: every one available)")
+    parser.add_argument("--backends", nargs="+", help="bf16 backends to check (default: every one available)")
     args = parser.parse_args()
     backends = ["sdpa", "flex"] + (["varlen"] if torch_varlen_available() else [])
     backends += ["flash_attn"] if importlib.util.find_spec("flash_attn") else []
     backends = args.backends or backends
+    plant = (args.plant_backend, args.plant_scale_error) if args.plant_backend else None
+    # The fp32 check compares with true fp32 on the CPU: TF32 matmuls would add ~1e-3 of their own.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
-    rows, failures = [], 0
+    rows = []
     cases = [(seed, "memory") for seed in range(args.seeds)] + [(args.seeds, "packed"), (args.seeds + 1, "no memory")]
     for seed, case in cases:
-        torch.manual_seed(seed)
-        backbone = Qwen3ForCausalLM(
-            Qwen3Config(
-                vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
-            )
-        )
-        # Round the weights to bf16 first, so that the comparison measures arithmetic, not weight rounding.
-        reference_model = MSAForCausalLM.from_backbone(backbone, top_k_docs=4, chunk_size=64, attn_backend="sdpa")
-        reference_model = reference_model.to(torch.bfloat16).float().train()
-        generator = torch.Generator().manual_seed(seed)
-        if case == "memory":
-            batch = random_memory_row(args.row_length, generator, doc_length=(30, 400), vocab_size=1024)
-        elif case == "packed":
-            batch = packed_rows(args.row_length, generator, vocab_size=1024)
-        else:
-            batch = memoryless_row(args.row_length, generator, vocab_size=1024)
-        expected, expected_grads = run(reference_model, batch, "cpu")
-        bf16, bf16_grads = run(copy.deepcopy(reference_model).to(torch.bfloat16), batch, "cpu")
-        floor = compare(seed, "cpu_bf16", bf16, bf16_grads, expected, expected_grads)
-        floor.update(case=case, **{"pass": None})
-        rows.append(floor)
-        for backend in backends:
-            model = copy.deepcopy(reference_model).to("cuda", torch.bfloat16)
-            model.config.attn_backend = backend
-            model.model._attention_backends = {}
-            try:
-                got, grads = run(model, batch, "cuda")
-                row = compare(seed, backend, got, grads, expected, expected_grads)
-                # Where bf16 itself flips a near-tie in routing, agreeing with the CPU bf16 run is enough.
-                row["same_selection_as_cpu_bf16"] = bf16.selected_docs is None or bool(
-                    torch.equal(got.selected_docs.cpu(), bf16.selected_docs)
-                )
-            except Exception as error:  # noqa: BLE001 - report the backend and go on
-                rows.append({"seed": seed, "case": case, "backend": backend, "error": f"{type(error).__name__}: {error}"[:300]})
-                failures += 1
-                continue
-            # NaN fails every comparison, so it can never pass.
-            row["pass"] = (row["same_selection"] or row["same_selection_as_cpu_bf16"]) and all(
-                row[k] < args.tolerance or row[k] <= args.floor_ratio * floor[k] for k in QUANTITIES
-            )
-            row["case"] = case
-            failures += not row["pass"]
-            rows.append(row)
-
+        rows += check_case(seed, case, args, backends, plant)
+    failures = sum(r["pass"] is False for r in rows)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tolerance": args.tolerance,
-                   "floor_ratio": args.floor_ratio, "rows": rows}, f, indent=2)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; relative error against fp32 on the CPU")
-    print(f"{'seed':>4} {'case':<10}{'backend':<11}{'logits':>9}{'lm':>9}{'aux':>9}{'scores':>9}{'grads':>9}{'worst':>9}"
-          "  sel  pass  (worst: per-parameter)")
-
-    def selection(r: dict) -> str:
-        """ok: the fp32 selection; bf16: the CPU bf16 run's, where bf16 flips a near-tie; DIFF: neither."""
-        return "ok" if r["same_selection"] else "bf16" if r.get("same_selection_as_cpu_bf16") else "DIFF"
-
-    for r in rows:
-        if "error" in r:
-            print(f"{r['seed']:>4} {r['case']:<10}{r['backend']:<11}ERROR {r['error']}")
-            continue
-        verdict = "-" if r["pass"] is None else str(r["pass"])
-        print(
-            f"{r['seed']:>4} {r['case']:<10}{r['backend']:<11}{r['logits']:>9.2e}{r['lm_loss']:>9.2e}{r['aux_loss']:>9.2e}"
-            f"{r['doc_scores']:>9.2e}{r['grads']:>9.2e}{r['worst_grad']:>9.2e}  {selection(r)}"
-            f"  {verdict:<5} {r['worst_grad_param']}"
-        )
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
+                   "failures": failures, "rows": rows}, f, indent=2)
+    print_rows(rows)
+    print(f"{failures} failing rows" + (f" (planted: {plant[0]} scale x {1 + plant[1]})" if plant else ""))
     sys.exit(1 if failures else 0)
 
 

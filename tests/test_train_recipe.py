@@ -146,10 +146,11 @@ def test_zero_settings_reach_the_deepspeed_config() -> None:
         return deepspeed_config(recipe, recipe.stages[0], 1, 1, 1, on_cpu=True)["zero_optimization"]
 
     assert zero_block(["deepspeed.zero_stage=2"]) == {"stage": 2}
-    assert zero_block(["deepspeed.zero_stage=3"]) == {"stage": 3, "stage3_max_reuse_distance": 0}
-    assert zero_block(["deepspeed.zero_stage=3", "deepspeed.zero_config={stage3_max_reuse_distance: 1000000000, "
+    assert zero_block(["deepspeed.zero_stage=3"]) == {"stage": 3, "memory_efficient_linear": False}
+    assert zero_block(["deepspeed.zero_stage=3", "deepspeed.zero_config={stage3_max_reuse_distance: 0, "
                        "stage3_prefetch_bucket_size: 50000000}"]) == {
-        "stage": 3, "stage3_max_reuse_distance": 10**9, "stage3_prefetch_bucket_size": 5 * 10**7}
+        "stage": 3, "memory_efficient_linear": False, "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 5 * 10**7}
     with pytest.raises(RecipeError, match="set the ZeRO stage with deepspeed.zero_stage"):
         load_recipe(TINY_RECIPE, ["deepspeed.zero_config={stage: 3}"])
 

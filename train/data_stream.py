@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from msa_modeling import PackedLayout, build_packed_layout
-from msa_modeling.layout import ROLE_PREFIX, ROLE_QUERY
+from msa_modeling.flops import MicroBatchWork, msa_work
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.loader import PackedRowLoader, stack_rows
 
@@ -49,8 +49,7 @@ class MicroBatch:
 
     input_ids: torch.Tensor
     layout: PackedLayout
-    token_pairs: int  # (query, key) pairs among the row's own tokens, per layer
-    memory_pairs: int  # expected (query token, pooled chunk) pairs, per router layer
+    work: MicroBatchWork
 
     def pinned(self) -> "MicroBatch":
         """A copy in page-locked memory, so that `to(cuda, non_blocking=True)` is asynchronous."""
@@ -59,11 +58,13 @@ class MicroBatch:
             for f in dataclasses.fields(self.layout)
             for value in [getattr(self.layout, f.name)]
         })
-        return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(), layout=layout)
+        work = dataclasses.replace(self.work, doc_memory_pairs=self.work.doc_memory_pairs.pin_memory())
+        return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(), layout=layout, work=work)
 
     def to(self, device: torch.device | str) -> "MicroBatch":
+        work = dataclasses.replace(self.work, doc_memory_pairs=self.work.doc_memory_pairs.to(device, non_blocking=True))
         return dataclasses.replace(
-            self, input_ids=self.input_ids.to(device, non_blocking=True), layout=self.layout.to(device)
+            self, input_ids=self.input_ids.to(device, non_blocking=True), layout=self.layout.to(device), work=work
         )
 
 
@@ -85,30 +86,6 @@ def prepare_sources(recipe: Recipe, source_names: list[str], run_dir: Path, toke
         build_dataset(build_config_for(recipe, name, tokenizer_dir), source_build_dir(run_dir, name))
 
 
-def attention_pairs(layout: PackedLayout, top_k_docs: int) -> tuple[int, int]:
-    """(token pairs per layer, expected memory pairs per router layer) of a micro-batch.
-
-    Token pairs: causal pairs within each attention segment, plus every query token of an
-    example seeing that example's prefix. Memory pairs: each query token sees the chunks of
-    min(k, docs) selected documents, estimated as that share of the example's chunks.
-    """
-    segments = layout.token_segment[layout.token_segment >= 0]
-    sizes = torch.bincount(segments).double()
-    token_pairs = float((sizes * (sizes + 1) / 2).sum())
-    examples = max(layout.num_examples, 1)
-    valid = layout.token_example >= 0
-    example = layout.token_example[valid]
-    role = layout.role[valid]
-    query_tokens = torch.bincount(example[role == ROLE_QUERY], minlength=examples).double()
-    prefix_tokens = torch.bincount(example[role == ROLE_PREFIX], minlength=examples).double()
-    token_pairs += float((query_tokens * prefix_tokens).sum())
-    chunks = torch.bincount(layout.chunk_example, minlength=examples).double()
-    docs = torch.bincount(layout.doc_example, minlength=examples).double()
-    selected_share = torch.where(docs > 0, docs.clamp(max=top_k_docs) / docs.clamp(min=1), torch.zeros_like(docs))
-    memory_pairs = float((query_tokens * chunks * selected_share).sum())
-    return int(token_pairs), int(memory_pairs)
-
-
 class MicroBatchStream:
     """Micro-batches of `rows_per_micro_batch` packed rows for one data-parallel rank, resumable."""
 
@@ -119,7 +96,6 @@ class MicroBatchStream:
         rows_per_micro_batch: int,
         run_dir: Path,
         layout: LayoutSettings,
-        top_k_docs: int,
         seed: int,
         rank: int,
         world_size: int,
@@ -136,7 +112,6 @@ class MicroBatchStream:
         )
         self.rows_per_micro_batch = rows_per_micro_batch
         self.layout_settings = layout
-        self.top_k_docs = top_k_docs
 
     def next(self) -> MicroBatch:
         rows = []
@@ -158,8 +133,7 @@ class MicroBatchStream:
             document_positions=settings.document_positions,
             require_routing_tokens=settings.require_routing_tokens,
         )
-        token_pairs, memory_pairs = attention_pairs(layout, self.top_k_docs)
-        return MicroBatch(batch["input_ids"], layout, token_pairs, memory_pairs)
+        return MicroBatch(batch["input_ids"], layout, msa_work(layout))
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()

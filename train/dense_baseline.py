@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from msa_modeling.flops import FlopModel, dense_work
 from msa_train.data.loader import PackedRowLoader, stack_rows
 
 from .config import Recipe, StageConfig
@@ -25,7 +26,7 @@ from .distributed import DistributedContext
 from .engine import batch_geometry, deepspeed_config, initialize_engine
 from .model_setup import DTYPES, random_backbone
 from .schedule import LRMultiplier
-from .throughput import FlopModel, memory_gb
+from .throughput import memory_gb
 from .tracking import MetricsLogger
 from .trainer import total_steps
 
@@ -63,14 +64,11 @@ def run_dense_baseline(recipe: Recipe, stage: StageConfig, vocab_size: int, step
                              world_size=context.world_size)
     out_dir = run_dir / "dense_baseline" / stage.name
     metrics = MetricsLogger(out_dir, "disabled", recipe.tracking.project, "", {}, None) if context.is_main else None
-    causal_pairs = stage.row_length * (stage.row_length + 1) // 2
     for step in tqdm(range(1, steps + 1), desc=f"dense {stage.name}", disable=not context.is_main):
-        record = dense_step(engine, loader, rows_per_micro, accumulation, context.device)
+        record = dense_step(engine, loader, rows_per_micro, accumulation, context.device, flops)
         tokens = accumulation * rows_per_micro * stage.row_length
-        step_flops = accumulation * flops.training_flops(rows_per_micro * stage.row_length,
-                                                         rows_per_micro * causal_pairs, 0)
         record.update(step=step, tokens_per_s_per_device=tokens / record["step_seconds"],
-                      mfu=step_flops / record["step_seconds"] / recipe.tracking.peak_flops_per_device,
+                      mfu=record.pop("flops") / record["step_seconds"] / recipe.tracking.peak_flops_per_device,
                       memory_gb=memory_gb(context.device))
         if metrics is not None:
             metrics.log(record)
@@ -79,16 +77,19 @@ def run_dense_baseline(recipe: Recipe, stage: StageConfig, vocab_size: int, step
 
 
 def dense_step(engine: Any, loader: PackedRowLoader, rows_per_micro: int, accumulation: int,
-               device: torch.device) -> dict[str, float]:
-    """One optimizer step of plain next-token training over whole rows."""
+               device: torch.device, flop_model: FlopModel) -> dict[str, float]:
+    """One optimizer step of plain next-token training over whole rows (each row one causal sequence)."""
     started = time.perf_counter()
     total = torch.zeros((), device=device)
+    flops = 0.0
     for _ in range(accumulation):
-        input_ids = stack_rows([loader.next_row() for _ in range(rows_per_micro)])["input_ids"].to(device)
+        rows = stack_rows([loader.next_row() for _ in range(rows_per_micro)])
+        flops += flop_model.training_flops(dense_work(rows["doc_ids"]))
+        input_ids = rows["input_ids"].to(device)
         loss = engine(input_ids=input_ids, labels=input_ids).loss
         engine.backward(loss)
         engine.step()
         total += loss.detach()
     torch.distributed.all_reduce(total)
     loss_value = total.item() / accumulation / torch.distributed.get_world_size()
-    return {"loss": loss_value, "step_seconds": time.perf_counter() - started}
+    return {"loss": loss_value, "step_seconds": time.perf_counter() - started, "flops": flops}

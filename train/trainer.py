@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from msa_modeling.flops import FlopModel
+
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config import LossWeights, Recipe, StageConfig, recipe_to_yaml
 from .data_stream import LayoutSettings, MicroBatchStream
@@ -26,7 +28,7 @@ from .model_setup import load_stage_model, parameter_groups
 from .prefetch import PrefetchingStream
 from .profiling import StepProfiler
 from .schedule import LRMultiplier
-from .throughput import FlopModel, memory_gb
+from .throughput import memory_gb
 from .tracking import MetricsLogger, resolve_wandb_mode
 
 logger = logging.getLogger(__name__)
@@ -68,15 +70,19 @@ def weighted_loss(output: Any, weights: LossWeights) -> torch.Tensor:
 class StepMetrics:
     """Per-step sums kept on the device, reduced across ranks with one collective.
 
-    Layout of the vector: loss, lm, aux, aux count, micro-batches, then for each recall@k the
-    per-layer sums followed by the per-layer counts (NaN recalls, i.e. no positives, skipped).
+    Layout of the vector: loss, lm, aux, aux count, micro-batches, router memory pairs, then for
+    each recall@k the per-layer sums followed by the per-layer counts (NaN recalls, i.e. no
+    positives, skipped).
     """
+
+    HEAD = 6
 
     def __init__(self, num_router_layers: int, device: torch.device) -> None:
         self.layers = num_router_layers
-        self.values = torch.zeros(5 + 2 * len(RECALL_KEYS) * num_router_layers, dtype=torch.float64, device=device)
+        self.values = torch.zeros(self.HEAD + 2 * len(RECALL_KEYS) * num_router_layers, dtype=torch.float64,
+                                  device=device)
 
-    def add(self, loss: torch.Tensor, output: Any) -> None:
+    def add(self, loss: torch.Tensor, output: Any, memory_pairs: torch.Tensor | float = 0.0) -> None:
         values = self.values
         values[0] += loss.detach().double()
         values[1] += output.lm_loss.detach().double()
@@ -84,23 +90,26 @@ class StepMetrics:
             values[2] += output.aux_loss.detach().double()
             values[3] += 1
         values[4] += 1
+        values[5] += memory_pairs
         if output.router_recall is not None:
             for index, key in enumerate(RECALL_KEYS):
                 recall = output.router_recall[key].detach().double()
                 finite = torch.isfinite(recall)
-                start = 5 + 2 * index * self.layers
+                start = self.HEAD + 2 * index * self.layers
                 values[start:start + self.layers] += torch.where(finite, recall, torch.zeros_like(recall))
                 values[start + self.layers:start + 2 * self.layers] += finite.double()
 
     def reduce(self, router_layers: list[int]) -> dict[str, float]:
-        """Means over micro-batches and ranks (a host sync; once per optimizer step)."""
+        """Means over micro-batches and ranks (a host sync; once per optimizer step); `memory_pairs`
+        is this step's router-layer pairs per rank."""
         dist.all_reduce(self.values)
         values = self.values.cpu().tolist()
         micro = values[4]
         result = {"loss": values[0] / micro, "lm_loss": values[1] / micro,
-                  "aux_loss": values[2] / values[3] if values[3] else float("nan")}
+                  "aux_loss": values[2] / values[3] if values[3] else float("nan"),
+                  "memory_pairs": values[5] / dist.get_world_size()}
         for index, key in enumerate(RECALL_KEYS):
-            start = 5 + 2 * index * self.layers
+            start = self.HEAD + 2 * index * self.layers
             sums = values[start:start + self.layers]
             counts = values[start + self.layers:start + 2 * self.layers]
             per_layer = [s / c if c else float("nan") for s, c in zip(sums, counts)]
@@ -193,8 +202,7 @@ class StageTrainer:
     def _stream(self, sources: dict[str, float], seed: int) -> MicroBatchStream:
         return MicroBatchStream(
             sources, self.stage.row_length, self.rows_per_micro, self.run_dir,
-            LayoutSettings.from_model_config(self.model_config), self.model_config.top_k_docs, seed,
-            self.context.rank, self.context.world_size)
+            LayoutSettings.from_model_config(self.model_config), seed, self.context.rank, self.context.world_size)
 
     def resume(self) -> None:
         """Continue from the stage's newest complete checkpoint, if any."""
@@ -215,6 +223,12 @@ class StageTrainer:
 
     def run(self) -> Path:
         """Train to the budget, then export; returns the export folder."""
+        self.train()
+        return export_stage(self.engine, self.recipe.deepspeed.zero_stage, export_dir(self.run_dir, self.stage.name),
+                            self.tokenizer_dir, recipe_to_yaml(self.recipe), self.context)
+
+    def train(self) -> None:
+        """Resume from the newest checkpoint, if any, and train to the budget (no export)."""
         self.resume()
         if self.context.is_main:
             tracking = self.recipe.tracking
@@ -229,8 +243,6 @@ class StageTrainer:
             self.stream.close()
             if self.metrics is not None:
                 self.metrics.finish()
-        return export_stage(self.engine, self.recipe.deepspeed.zero_stage, export_dir(self.run_dir, self.stage.name),
-                            self.tokenizer_dir, recipe_to_yaml(self.recipe), self.context)
 
     def _train_loop(self) -> None:
         stage = self.stage
@@ -288,15 +300,16 @@ class StageTrainer:
         for _ in range(self.accumulation):
             batch = self.stream.next()
             tokens += batch.input_ids.numel()
-            flops += self.flops.training_flops(batch.input_ids.numel(), batch.token_pairs, batch.memory_pairs)
+            flops += self.flops.training_flops(batch.work)
             batch = batch.to(device)
             output = engine(batch.input_ids, layout=batch.layout)
             loss = weighted_loss(output, self.stage.loss_weights)
             engine.backward(loss)
             engine.step()
-            sums.add(loss, output)
+            sums.add(loss, output, batch.work.memory_pairs(output.selected_docs))
         record = sums.reduce(self.model_config.router_layers)
         elapsed = time.perf_counter() - started
+        flops += self.flops.memory_pair_training_flops(record.pop("memory_pairs"))
         grad_norm = engine.get_global_grad_norm()
         record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         for name, lr in zip(self.group_names, self.scheduler.get_last_lr()):
@@ -318,7 +331,9 @@ class StageTrainer:
                 output = self.engine(batch.input_ids, layout=batch.layout)
                 sums.add(weighted_loss(output, self.stage.loss_weights), output)
         self.engine.train()
-        record = {f"eval/{key}": value for key, value in sums.reduce(self.model_config.router_layers).items()}
+        reduced = sums.reduce(self.model_config.router_layers)
+        del reduced["memory_pairs"]
+        record = {f"eval/{key}": value for key, value in reduced.items()}
         layers = self.model_config.router_layers
         per_layer = (" (" + ", ".join(f"layer {i}: {record[f'eval/recall@1/layer_{i}']:.3f}" for i in layers) + ")"
                      if len(layers) > 1 else "")
