@@ -11,6 +11,7 @@ import pytest
 import torch
 from batches import tiny_msa
 from safetensors.torch import load_file
+from train_runs import REPO, failure_report, run_launcher
 from transformers import AutoModelForCausalLM
 
 from msa_modeling import MSAConfig
@@ -19,7 +20,6 @@ from msa_modeling.inference import reference_protocol as rp
 from msa_train.data.loader import PackedRowLoader
 from msa_train.data.tokenization import load_tokenizer
 from msa_train.train.tokenizer import train_tiny_tokenizer
-from train_runs import REPO, failure_report, run_launcher
 
 pytestmark = pytest.mark.integration
 
