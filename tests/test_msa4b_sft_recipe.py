@@ -105,7 +105,7 @@ def test_the_msa4b_recipe_fine_tunes_a_released_layout_model_and_converts_back(t
                       f"stages.{stage}.global_batch_tokens=256", f"stages.{stage}.budget.steps=2",
                       f"stages.{stage}.checkpoint_every_steps=2", f"stages.{stage}.schedule.warmup_steps=0",
                       f"stages.{stage}.optimizer.lr=1.0e-3"]
-    result = run_launcher("run_all", overrides, recipe=RECIPE)
+    result = run_launcher("sft", overrides, recipe=RECIPE)  # as documented: launch/sft.py
     assert result.returncode == 0, failure_report(result)
 
     # The samples are the engine's prompts: its 3-token prefix and 0-based documents in their own turns.
