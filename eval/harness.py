@@ -24,6 +24,7 @@ from msa_modeling.inference import (
     MemoryInterleave,
     MemoryStore,
     MSAGenerator,
+    RegeneratePrompt,
     RoutingIndex,
 )
 
@@ -170,8 +171,16 @@ class EvalModel:
         text = self.template.after_retrieval_text(question)
         return self.tokenizer.encode(text) if text else []
 
+    def regenerate_prompt(self, question: str) -> RegeneratePrompt | None:
+        """The prompt later rounds re-prefill (the `reference` protocol's); None: rounds grow the segment."""
+        texts = self.template.regenerate_texts(question)
+        if texts is None:
+            return None
+        before, after = (self.tokenizer.encode(text) if text else [] for text in texts)
+        return RegeneratePrompt(before=before, after=after)
+
     def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
-        return loop.answer(self.query_ids(question), self.after_retrieval_ids(question))
+        return loop.answer(self.query_ids(question), self.after_retrieval_ids(question), self.regenerate_prompt(question))
 
 
 def write_json(path: Path, payload: dict) -> Path:

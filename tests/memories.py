@@ -1,12 +1,16 @@
 """Random memories for the inference tests: documents, the training row that packs them, and
-their encoded store, plus the token ids that scripted interleave tests use as markers."""
+their encoded store, plus the token ids that scripted interleave tests use as markers and a
+generator that replays scripted rounds."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import torch
 from batches import VOCAB
 
 from msa_modeling.inference import MemoryEncoder
+from msa_modeling.inference.generation import GenerationOutput
 
 # Token ids of the interleave markers in scripted tests: the end of an ID round, the end of
 # retrieval, and end of sequence (all below VOCAB, above the scripted documents' ids).
@@ -45,3 +49,21 @@ def encoded_store(model, memory: dict, max_batch_tokens: int = 24):
     store = encoder.new_store(memory["prefix"])
     encoder.add_documents(store, memory["docs"])
     return store
+
+
+class ScriptedGenerator:
+    """Stands in for `MSAGenerator`: replays scripted rounds and records what it was given."""
+
+    def __init__(self, store, rounds: list[list[int]]) -> None:
+        self.store = store
+        self.rounds = list(rounds)
+        self.contexts: list[list[int]] = []
+
+    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None, route=None, allowed_tokens=None):
+        if cache is not None and route:  # a routed extension: the round sees the whole segment
+            query_ids = cache.token_ids + list(query_ids)
+        self.contexts.append(list(query_ids))
+        tokens = self.rounds.pop(0)
+        stop = tokens[-1] if tokens[-1] in stop_token_ids else None
+        cached = list(query_ids) + (tokens[:-1] if stop is not None else tokens)
+        return GenerationOutput(tokens, stop, [], torch.zeros(1)), SimpleNamespace(token_ids=cached)

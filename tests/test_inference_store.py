@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
 from batches import tiny_msa
-from memories import DELIM, END, EOS, random_memory
+from memories import DELIM, END, EOS, ScriptedGenerator, random_memory
 
 from msa_modeling.inference import InterleaveFormat, MemoryEncoder, MemoryInterleave, MemoryStore, MSAGenerator
-from msa_modeling.inference.generation import GenerationOutput
 from msa_train.data.templates import TemplateConfig
 
 
@@ -77,24 +75,6 @@ def test_loading_checks_the_model_shape(tmp_path):
     store.save(tmp_path / "memory")
     with pytest.raises(ValueError, match="encoded for"):
         MemoryStore.load(tmp_path / "memory", config=tiny_msa(0, chunk_size=8).config)
-
-
-class ScriptedGenerator:
-    """Stands in for `MSAGenerator`: replays scripted rounds and records what it was given."""
-
-    def __init__(self, store, rounds: list[list[int]]) -> None:
-        self.store = store
-        self.rounds = list(rounds)
-        self.contexts: list[list[int]] = []
-
-    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None, route=None, allowed_tokens=None):
-        if cache is not None and route:  # a routed extension: the round sees the whole segment
-            query_ids = cache.token_ids + list(query_ids)
-        self.contexts.append(list(query_ids))
-        tokens = self.rounds.pop(0)
-        stop = tokens[-1] if tokens[-1] in stop_token_ids else None
-        cached = list(query_ids) + (tokens[:-1] if stop is not None else tokens)
-        return GenerationOutput(tokens, stop, [], torch.zeros(1)), SimpleNamespace(token_ids=cached)
 
 
 DIGITS = {80 + d: str(d) for d in range(10)}

@@ -6,16 +6,21 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+from batches import tiny_msa
+from memories import ScriptedGenerator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from msa_modeling.inference import MemoryInterleave
 from msa_modeling.inference.reference_protocol import (
     ProtocolMismatchWarning,
     check_prefix_length,
     warn_on_protocol_mismatch,
 )
+from msa_train.data.records import Document
 from msa_train.data.templates import TemplateConfig, TemplateTokens, reference_template
 from msa_train.data.tokenization import HuggingFaceTokenizer
+from msa_train.eval.harness import EvalModel, LoopSettings
 
 DOCUMENTS = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."]
 QUESTION = "Where is Berlin?"
@@ -31,6 +36,9 @@ EXPECTED_DOCUMENTS = [
 EXPECTED_QUESTION = "Where is Berlin?<|im_end|>\n<|im_start|>assistant\n"
 EXPECTED_ROUND = "[1]<|object_ref_end|>"
 EXPECTED_AFTER_RETRIEVAL = "The user's question is: Where is Berlin?"
+# Later rounds, in our reading of the engine (not verified token for token): the documents
+# retrieved so far as stored, the question, the marker, and the turn switch.
+EXPECTED_REGENERATE_AFTER_DOCUMENTS = "Where is Berlin?<regenerate><|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +98,36 @@ def test_a_released_layout_model_warns_with_another_protocol():
 def test_a_prefix_of_another_length_is_refused():
     with pytest.raises(ValueError, match="3 \\+ k"):
         check_prefix_length(4)
+
+
+def test_later_rounds_re_prefill_the_regenerate_prompt_with_the_named_documents(tokenizer):
+    """The model writes [2] (0-based, as the engine numbers documents): the loop must bring back
+    the third document, "[2]. Rome ...", and prefill the next round anew from the regenerate prompt."""
+    template = reference_template()
+    model = tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, top_k_docs=2, query_position_offset=2)
+    evaluator = EvalModel(model, tokenizer, template, LoopSettings(show_progress=False, max_rounds=3))
+    store = evaluator.encode_memory([Document(f"d{i}", text) for i, text in enumerate(DOCUMENTS)])
+    encode = tokenizer.encode
+    delimiter, end, im_end = (tokenizer.special_token_ids[s] for s in ("<|object_ref_end|>", "<End-of-Retrieve>", "<|im_end|>"))
+    rounds = [encode("[2]") + [delimiter], encode("[0][2]") + [delimiter], [end], encode("Italy") + [im_end]]
+    scripted = ScriptedGenerator(store, rounds)
+    loop = MemoryInterleave(scripted, tokenizer.decode, evaluator.protocol)
+    result = evaluator.ask(loop, QUESTION)
+
+    assert [r.memory_ids for r in result.rounds] == [[3], [1, 3]]  # 1-based inside the pipeline
+    assert result.answer == "Italy"
+    assert scripted.contexts[0] == encode(EXPECTED_QUESTION)
+    stored = [store.doc_token_ids(i) for i in range(len(DOCUMENTS))]
+    assert tokenizer.decode(stored[2]) == EXPECTED_DOCUMENTS[2]
+    before, after = [], encode(EXPECTED_REGENERATE_AFTER_DOCUMENTS)
+    # Round 2 is a fresh segment (no cache): the regenerate prompt around document [2]'s stored text.
+    assert scripted.contexts[1] == before + stored[2] + after
+    # Round 3: every document retrieved so far, in first-retrieval order, each once.
+    assert scripted.contexts[2] == before + stored[2] + stored[0] + after
+    # The answer follows on round 3's cache, after the restated question.
+    assert scripted.contexts[3] == [end] + encode(EXPECTED_AFTER_RETRIEVAL)
+
+
+def test_a_regenerate_format_without_one_documents_slot_is_refused():
+    with pytest.raises(ValueError, match="regenerate_format"):
+        TemplateConfig(regenerate_format="{query}<regenerate>")

@@ -12,6 +12,12 @@ segment, because routing with the grown segment may select other documents, and 
 selection changes every earlier token's states from that layer up (spec sections 3 and 7).
 `incremental=False` re-prefills the whole segment each round instead (the same result).
 
+**Re-prefilled later rounds** (`RegeneratePrompt`). The released MSA-4B engine does not grow the
+segment after its first round: each later round prefills a new query segment from scratch,
+which restates the documents retrieved so far and the question and ends with a `<regenerate>`
+marker (`reference_protocol`). Given a `RegeneratePrompt`, `answer` does that: the segment is
+`before` + the stored text of every document retrieved so far + `after`, routed anew.
+
 **IDs of routed documents only** (`InterleaveFormat.routed_ids_only`, off by default). In its
 router layers the model attends to the documents their routing selected and to no other, so
 an ID outside that selection names a document it has not seen. With the option on, a round's
@@ -136,6 +142,19 @@ class RoutedIdGrammar:
 
 
 @dataclass
+class RegeneratePrompt:
+    """The query segment of every round after the first, prefilled from scratch.
+
+    Attributes:
+        before: tokens ahead of the retrieved documents.
+        after: tokens after them (the question, the `<regenerate>` marker, the turn switch).
+    """
+
+    before: Sequence[int]
+    after: Sequence[int]
+
+
+@dataclass
 class RetrievalRound:
     memory_ids: list[int]  # IDs the model generated this round (1-based, valid ones)
     routing: list[LayerRouting]  # the router's selection while it generated them
@@ -178,11 +197,15 @@ class MemoryInterleave:
         self.incremental = incremental
         self.id_pattern = re.compile(protocol.memory_id_pattern)
 
-    def answer(self, query_ids: Sequence[int], after_retrieval_ids: Sequence[int] = ()) -> InterleaveResult:
+    def answer(
+        self, query_ids: Sequence[int], after_retrieval_ids: Sequence[int] = (), regenerate: RegeneratePrompt | None = None,
+    ) -> InterleaveResult:
         """Run the loop for a tokenised question (the query template already applied).
 
         `after_retrieval_ids`: tokens injected after `<End-of-Retrieve>`, before the answer (the
         released engine's `reference` protocol restates the question there).
+        `regenerate`: re-prefill every round after the first from this prompt instead of growing
+        the segment (the released engine's multi-round prompt).
         """
         protocol = self.protocol
         context = list(query_ids)
@@ -207,7 +230,17 @@ class MemoryInterleave:
                 return self._result(output.token_ids, rounds, output.routing)
             memory_ids = self.parse_memory_ids(output.token_ids)
             rounds.append(RetrievalRound(memory_ids=memory_ids, routing=output.routing))
-            context += output.token_ids + self.injected_tokens(memory_ids)
+            if regenerate is None:
+                context += output.token_ids + self.injected_tokens(memory_ids)
+            else:
+                context, cache = self.regenerated_segment(regenerate, rounds), None
+
+    def regenerated_segment(self, prompt: RegeneratePrompt, rounds: Sequence[RetrievalRound]) -> list[int]:
+        """A later round's segment: `before`, the stored text of every document retrieved so far
+        (first-retrieval order, each once), `after`."""
+        retrieved = dict.fromkeys(i for r in rounds for i in r.memory_ids)
+        documents = [t for memory_id in retrieved for t in self.generator.store.doc_token_ids(memory_id - 1)]
+        return [*prompt.before, *documents, *prompt.after]
 
     def _round(self, context: list[int], cache, max_new_tokens: int, stops, constrain: bool = False):
         """Generate after the routed `context`: extending `cache` (which holds a prefix of it) or from scratch.

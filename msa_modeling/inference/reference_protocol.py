@@ -7,7 +7,16 @@ The released engine lays a question out as follows (docs/RELEASED_MSA4B.md):
 - document i (0-based) is stored as `<|im_start|>[i]. text<|im_end|>`;
 - the question closes the user turn and opens the assistant's;
 - after the model writes `<End-of-Retrieve>`, the engine injects `The user's question is: ...`
-  before the answer.
+  before the answer;
+- a round after the first is not appended to the first one's segment: the engine prefills a new
+  prompt that ends with a `<regenerate>` marker (`REGENERATE_FORMAT`).
+
+What is verified and what is not. The document rendering, the 0-based IDs, the prefix and the
+question position (3 + k) were checked against the engine by running it on converted
+checkpoints. The exact wording of the engine's question instructions and of its multi-round
+`<regenerate>` prompt is not: `QUESTION_FORMAT` and `REGENERATE_FORMAT` are our reading of the
+engine, not verified token for token. Change them here, and only here, once the engine's
+strings are known.
 
 The strings live here, in one place, so that the data package (training samples), the
 interleave loop and evaluation render them identically. `msa_modeling` imports nothing from the
@@ -32,6 +41,13 @@ DELIMITER = "<|object_ref_end|>"
 END_OF_RETRIEVAL = "<End-of-Retrieve>"
 AFTER_RETRIEVAL_FORMAT = "The user's question is: {query}"
 ASSISTANT_END = "<|im_end|>"
+# Every round after the first re-prefills this prompt as its query segment (our reading of the
+# engine, not verified token for token): the documents retrieved so far, each as the memory
+# stores it (`<|im_start|>[i]. text<|im_end|>`), then the question and the marker. The user turn
+# is then closed as after the first round's question (`USER_TO_ASSISTANT`).
+REGENERATE_MARKER = "<regenerate>"
+REGENERATE_DOCUMENTS = "{documents}"  # where the retrieved documents' stored tokens go
+REGENERATE_FORMAT = REGENERATE_DOCUMENTS + "{query}" + REGENERATE_MARKER
 
 
 class ProtocolMismatchWarning(UserWarning):
