@@ -77,12 +77,14 @@ def synthetic_source(row_length: int) -> dict[str, Any]:
 
 
 def benchmark_recipe(recipe: Recipe, stage_name: str, steps: int, accumulation: int | None, world_size: int,
-                     shape: str | None, synthetic: bool, run_dir: Path) -> tuple[Recipe, StageConfig]:
+                     shape: str | None, layers: int | None, synthetic: bool, run_dir: Path
+                     ) -> tuple[Recipe, StageConfig]:
     """The recipe as the benchmark runs it: the stage alone, from its backbone, for `steps` steps, with
     no checkpoints, evaluation or W&B, in `run_dir`."""
     stage = recipe.stage(stage_name)
     if shape is not None:
-        recipe.model = dataclasses.replace(recipe.model, backbone=None, inline_config=dict(SHAPES[shape]))
+        inline = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+        recipe.model = dataclasses.replace(recipe.model, backbone=None, inline_config=inline)
     if recipe.tokenizer.path is not None and not Path(recipe.tokenizer.path).exists():
         if not synthetic:
             raise RecipeError(f"tokenizer.path {recipe.tokenizer.path!r}: no such folder; pass --synthetic to "
@@ -208,6 +210,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                         help="micro-batches per optimizer step (default: the recipe's global batch on these ranks)")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a random backbone of this shape instead of the recipe's")
+    parser.add_argument("--layers", type=int, help="with --shape: this many of its decoder layers (to fit one card)")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic retrieval rows of the stage's row length instead of its sources")
     parser.add_argument("--run-dir", type=Path, help="where data, tokenizer and metrics go (default: the recipe's "
@@ -226,6 +229,9 @@ def print_table(report: dict[str, Any]) -> None:
           f"compile {report['compile']}")
     print(f"{'config':<12}{'tokens/s/device':>17}{'MFU':>8}{'step s':>9}{'peak GB':>9}")
     for name, result in report["results"].items():
+        if "error" in result:
+            print(f"{name:<12}{result['error']}")
+            continue
         print(f"{name:<12}{result['tokens_per_s_per_device']:>17,.0f}{100 * result['mfu']:>7.1f}%"
               f"{result['step_seconds']:>9.3f}{result['peak_memory_gb']:>9.1f}")
     for name, ratio in report["ratios"].items():
@@ -241,7 +247,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         run_dir = args.run_dir or Path(recipe.run.output_dir + "-bench")
         recipe, stage = benchmark_recipe(recipe, args.stage, args.steps, args.accumulation, world_size, args.shape,
-                                         args.synthetic, run_dir)
+                                         args.layers, args.synthetic, run_dir)
         batch_geometry(stage, world_size)
     except (RecipeError, ValueError) as error:
         logger.error("%s", error)
@@ -249,19 +255,31 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     context = init_distributed()
     tokenizer_dir = prepare_run(recipe, [stage], run_dir, context)
     vocab_size = load_tokenizer(tokenizer_dir).vocab_size
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, Any]] = {}
     for name in (c for c in CONFIGS if c in args.configs):
         reset_device(context)
         logger.info("benchmark: %s, %d steps", name, args.steps)
-        if name == "standalone":
-            results[name] = run_standalone(recipe, stage, vocab_size, context, args.warmup)
-        elif name == "trainer":
-            results[name] = run_trainer(recipe, stage, tokenizer_dir, vocab_size, context, args.warmup)
-        else:
-            results[name] = run_dense(recipe, stage, vocab_size, context, args.warmup)
-    if not context.is_main:
-        return 0
-    speed = {name: result["tokens_per_s_per_device"] for name, result in results.items()}
+        try:
+            if name == "standalone":
+                results[name] = run_standalone(recipe, stage, vocab_size, context, args.warmup)
+            elif name == "trainer":
+                results[name] = run_trainer(recipe, stage, tokenizer_dir, vocab_size, context, args.warmup)
+            else:
+                results[name] = run_dense(recipe, stage, vocab_size, context, args.warmup)
+        except torch.OutOfMemoryError:
+            # A configuration that does not fit is a result too; the others still run.
+            logger.exception("benchmark: %s ran out of memory", name)
+            results[name] = {"error": "out of memory"}
+        if context.is_main:  # written after every configuration, so a run cut short keeps what it measured
+            write_report(args, argv, context, recipe, stage, results)
+    if context.is_main:
+        print_table(write_report(args, argv, context, recipe, stage, results))
+    return 0
+
+
+def write_report(args: argparse.Namespace, argv: list[str] | None, context: DistributedContext, recipe: Recipe,
+                 stage: StageConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    speed = {name: result["tokens_per_s_per_device"] for name, result in results.items() if "error" not in result}
     ratios = {f"{a} / {b} tokens/s": speed[a] / speed[b]
               for a, b in (("trainer", "standalone"), ("trainer", "dense")) if a in speed and b in speed}
     report = {
@@ -276,6 +294,7 @@ def benchmark_main(argv: list[str] | None = None) -> int:
         "global_batch_tokens": stage.global_batch_tokens,
         "zero_stage": recipe.deepspeed.zero_stage,
         "compile": recipe.model.compile,
+        "model": recipe.model.inline_config or recipe.model.backbone,
         "activation_checkpointing": recipe.deepspeed.activation_checkpointing,
         "checkpointed_layers": recipe.deepspeed.checkpointed_layers,
         "peak_flops_per_device": recipe.tracking.peak_flops_per_device,
@@ -286,5 +305,4 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    return 0
+    return report
