@@ -1,0 +1,170 @@
+"""Fault injection on a stage's run folder, in-process on one CPU rank under DeepSpeed.
+
+One reference run (4 steps, a checkpoint after every step) is made once; each test damages a
+copy of its folder the way a kill, a disk or an attacker would, and checks that resume uses the
+newest valid checkpoint, gives the reference's losses, or stops with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from msa_train.train import checkpoint as checkpoint_module
+from msa_train.train.checkpoint import CheckpointError, CheckpointSkippedWarning
+from msa_train.train.distributed import DistributedContext
+from msa_train.train.tracking import MetricsFileError
+from train_runs import make_stage_trainer, single_process_world, step_losses
+
+STEPS = 4
+OVERRIDES = [f"stages.cpt_warmup.budget.steps={STEPS}", "stages.cpt_warmup.checkpoint_every_steps=1",
+             "checkpoint.keep_last=4", "checkpoint.save_final=false", "tracking.wandb=disabled"]
+STAGE = Path("stages/cpt_warmup")
+CHECKPOINTS = STAGE / "checkpoints"
+
+
+def tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[DistributedContext]:
+    with single_process_world() as world:
+        yield world
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, context: DistributedContext) -> Path:
+    """A finished 4-step run with checkpoints at steps 1-4 (its export removed, so it can resume)."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    make_stage_trainer(run_dir, context, OVERRIDES).run()
+    shutil.rmtree(run_dir / STAGE / "export")
+    assert sorted(p.name for p in (run_dir / CHECKPOINTS).glob("step_*")) == [tag(s) for s in range(1, STEPS + 1)]
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(reference: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy)
+    return copy
+
+
+def resumed_step(run_dir: Path, context: DistributedContext) -> int:
+    trainer = make_stage_trainer(run_dir, context, OVERRIDES)
+    trainer.resume()
+    return trainer.state.step
+
+
+def forge_manifest_entry(run_dir: Path, step: int, name: str) -> None:
+    """Make the manifest agree with a replaced file, as an attacker who controls the folder would."""
+    folder = run_dir / CHECKPOINTS / tag(step)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("latest", ["missing", "dangling", "empty", "older"])
+def test_latest_is_only_a_hint(run_dir: Path, context: DistributedContext, latest: str) -> None:
+    path = run_dir / CHECKPOINTS / "latest"
+    if latest == "missing":
+        path.unlink()
+    else:
+        # "older": a kill between renaming step 4 into place and writing `latest`.
+        path.write_text({"dangling": tag(9), "empty": "", "older": tag(3)}[latest])
+    assert resumed_step(run_dir, context) == STEPS
+
+
+def test_truncated_model_file_falls_back_and_resumes_exactly(run_dir: Path, reference: Path,
+                                                              context: DistributedContext) -> None:
+    model_file = run_dir / CHECKPOINTS / tag(STEPS) / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    trainer = make_stage_trainer(run_dir, context, OVERRIDES)
+    with pytest.warns(CheckpointSkippedWarning, match=f"{tag(STEPS)}.*mp_rank_00_model_states.pt"):
+        trainer.run()
+    # Step 4 retrained from the step-3 checkpoint gives the reference run's loss, and replaces the bad folder.
+    assert step_losses(run_dir / STAGE / "metrics.jsonl") == step_losses(reference / STAGE / "metrics.jsonl")
+    assert (run_dir / CHECKPOINTS / tag(STEPS)).is_dir()
+    assert trainer.checkpoints.validate(tag(STEPS)) is None
+
+
+@pytest.mark.parametrize("damage", ["garbage", "forged"])
+def test_corrupt_trainer_state_falls_back(run_dir: Path, context: DistributedContext, damage: str) -> None:
+    (run_dir / CHECKPOINTS / tag(STEPS) / "trainer_state_rank0.json").write_text('{"step": 4, "da')
+    if damage == "forged":  # the digest matches; the content is still not a trainer state
+        forge_manifest_entry(run_dir, STEPS, "trainer_state_rank0.json")
+    with pytest.warns(CheckpointSkippedWarning, match=f"{tag(STEPS)}.*trainer_state_rank0.json"):
+        assert resumed_step(run_dir, context) == STEPS - 1
+
+
+def test_no_valid_checkpoint_is_an_error_not_a_restart(run_dir: Path, context: DistributedContext) -> None:
+    for step in range(1, STEPS + 1):
+        (run_dir / CHECKPOINTS / tag(step) / "manifest.json").unlink()
+    with pytest.warns(CheckpointSkippedWarning), pytest.raises(CheckpointError, match="none can be resumed"):
+        resumed_step(run_dir, context)
+
+
+class _Exploit:
+    """Unpickling this calls os.system, which writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_crafted_pickle_is_never_executed(run_dir: Path, tmp_path: Path, context: DistributedContext,
+                                          victim: str) -> None:
+    marker = tmp_path / "pwned"
+    folder = run_dir / CHECKPOINTS / tag(STEPS)
+    (folder / victim).write_bytes(pickle.dumps(_Exploit(marker)))
+    forge_manifest_entry(run_dir, STEPS, victim)
+    # The trainer state of older versions was a pickle; a file of that name is never opened now.
+    (folder / "trainer_state_rank0.pt").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(CheckpointError, match=f"{tag(STEPS)}.*could not load"):
+        resumed_step(run_dir, context)
+    assert not marker.exists()
+
+
+def test_kill_between_rename_and_latest_resumes_from_the_renamed_checkpoint(
+        tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    write = checkpoint_module._write_atomically
+
+    def crash_before_latest_of_step_2(path: Path, text: str) -> None:
+        if path.name == "latest" and text == tag(2):
+            raise KeyboardInterrupt  # the process dies here
+        write(path, text)
+
+    monkeypatch.setattr(checkpoint_module, "_write_atomically", crash_before_latest_of_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        make_stage_trainer(tmp_path, context, OVERRIDES).run()
+    monkeypatch.undo()
+    assert (tmp_path / CHECKPOINTS / "latest").read_text() == tag(1)
+    assert resumed_step(tmp_path, context) == 2
+
+
+def test_torn_metrics_line_resumes(run_dir: Path, reference: Path, context: DistributedContext) -> None:
+    shutil.rmtree(run_dir / CHECKPOINTS / tag(STEPS))
+    metrics = run_dir / STAGE / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"step": 5, "loss": 0.12')  # a kill in the middle of a write
+    make_stage_trainer(run_dir, context, OVERRIDES).run()
+    assert step_losses(metrics) == step_losses(reference / STAGE / "metrics.jsonl")
+
+
+def test_bad_metrics_line_in_the_middle_is_an_error(run_dir: Path, context: DistributedContext) -> None:
+    metrics = run_dir / STAGE / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
+    with pytest.raises(MetricsFileError, match="metrics.jsonl:2"):
+        make_stage_trainer(run_dir, context, OVERRIDES).run()
