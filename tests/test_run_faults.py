@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from msa_train.train import checkpoint as checkpoint_module
 from msa_train.train.checkpoint import CheckpointError, CheckpointSkippedWarning
 from msa_train.train.distributed import DistributedContext
@@ -118,7 +117,7 @@ class _Exploit:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self) -> tuple:
         return os.system, (f"touch {self.marker}",)
 
 
