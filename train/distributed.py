@@ -59,3 +59,18 @@ def init_distributed() -> DistributedContext:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def broadcast_failure(failed: bool, context: DistributedContext) -> bool:
+    """Rank 0's `failed` on every rank (a collective call)."""
+    flag = torch.tensor([int(failed)], dtype=torch.int64, device=context.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a barrier, then `destroy_process_group`, so that no rank
+    exits while another still talks to it (a rank killed mid-collective aborts the launch)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

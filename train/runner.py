@@ -21,10 +21,12 @@ from msa_train.data.build import load_source
 from msa_train.data.errors import BadRecordTally
 from msa_train.data.tokenization import load_tokenizer
 
+from .checkpoint import CheckpointError
 from .config import Recipe, RecipeError, StageConfig, load_recipe
 from .data_stream import build_config_for, prepare_sources
-from .distributed import DistributedContext, barrier, init_distributed
+from .distributed import DistributedContext, barrier, broadcast_failure, init_distributed, shutdown_distributed
 from .export import is_complete_export
+from .run_lock import RunFolderLock, RunFolderLockedError
 from .tokenizer import prepare_tokenizer
 from .trainer import NonFiniteLossError, StageTrainer, export_dir
 
@@ -120,6 +122,21 @@ def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedCo
         trainer.run()
 
 
+def lock_run_folder(run_dir: Path, context: DistributedContext) -> RunFolderLock | None:
+    """Rank 0 takes the run folder's lock (returned; None on other ranks). When it cannot, every
+    rank raises `RunFolderLockedError`, so that none waits for the others at a barrier."""
+    lock = RunFolderLock(run_dir) if context.is_main else None
+    failure = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunFolderLockedError as error:
+            failure = error
+    if broadcast_failure(failure is not None, context):
+        raise failure or RunFolderLockedError(f"{run_dir} is in use by another launch (rank 0 says which)")
+    return lock
+
+
 def configure_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -140,10 +157,19 @@ def main(phase: Phase, argv: list[str] | None = None) -> int:
         return 2
     context = init_distributed()
     try:
-        run_stages(recipe, stages, context)
+        lock = lock_run_folder(Path(recipe.run.output_dir), context)
+        try:
+            run_stages(recipe, stages, context)
+        finally:
+            if lock is not None:
+                lock.release()
     except NonFiniteLossError as error:
         logger.error("%s", error)
         return 3
+    except (RunFolderLockedError, CheckpointError) as error:
+        logger.error("%s", error)
+        return 4
+    shutdown_distributed()
     return 0
 
 
