@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from msa_train.train.config import RecipeError, check_local_paths, check_world_size, load_recipe
+from msa_train.train.config import (
+    RecipeError,
+    check_local_paths,
+    check_world_size,
+    load_recipe,
+)
 from train_runs import TINY_RECIPE
 
 

@@ -18,9 +18,21 @@ from pathlib import Path
 import pytest
 from msa_train.train import checkpoint as checkpoint_module
 from msa_train.train.checkpoint import CheckpointError, CheckpointSkippedWarning
+from msa_train.train.config import DivergenceConfig, load_recipe
 from msa_train.train.distributed import DistributedContext
+from msa_train.train.stage_recipe import (
+    StageRecipeChangedError,
+    check_stage_recipe,
+    record_stage_recipe,
+)
 from msa_train.train.tracking import MetricsFileError
-from train_runs import make_stage_trainer, single_process_world, step_losses
+from msa_train.train.trainer import DivergenceError, DivergenceMonitor
+from train_runs import (
+    TINY_RECIPE,
+    make_stage_trainer,
+    single_process_world,
+    step_losses,
+)
 
 STEPS = 4
 OVERRIDES = [f"stages.cpt_warmup.budget.steps={STEPS}", "stages.cpt_warmup.checkpoint_every_steps=1",
@@ -167,3 +179,47 @@ def test_bad_metrics_line_in_the_middle_is_an_error(run_dir: Path, context: Dist
     metrics.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
     with pytest.raises(MetricsFileError, match="metrics.jsonl:2"):
         make_stage_trainer(run_dir, context, OVERRIDES).run()
+
+
+def test_logged_lr_is_the_one_the_step_used(reference: Path) -> None:
+    # tiny.yaml's cpt_warmup: router LR 3e-3 with 2 warm-up steps, so step 1 trains at half of it.
+    records = [json.loads(line) for line in (reference / STAGE / "metrics.jsonl").read_text().splitlines()]
+    router_lr = {record["step"]: record["lr/router"] for record in records if "lr/router" in record}
+    assert router_lr[1] == pytest.approx(1.5e-3) and router_lr[2] == pytest.approx(3e-3)
+
+
+def test_gradient_norm_divergence_stops_without_saving_the_diverged_step(tmp_path: Path,
+                                                                         context: DistributedContext) -> None:
+    trainer = make_stage_trainer(tmp_path, context, [*OVERRIDES, "stages.cpt_warmup.divergence.max_grad_norm=1e-9"])
+    with pytest.raises(DivergenceError, match="step 1 diverged: gradient norm"):
+        trainer.run()
+    assert trainer.checkpoints.checkpoint_tags() == []
+    assert not (tmp_path / STAGE / "export").exists()
+
+
+def test_divergence_warn_policy_counts_and_goes_on(tmp_path: Path, context: DistributedContext) -> None:
+    trainer = make_stage_trainer(tmp_path, context, [*OVERRIDES, "stages.cpt_warmup.budget.steps=2",
+                                                     "stages.cpt_warmup.divergence.max_grad_norm=1e-9",
+                                                     "stages.cpt_warmup.divergence.policy=warn"])
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / STAGE / "metrics.jsonl").read_text().splitlines()]
+    assert [record["diverged_steps"] for record in records] == [1, 2]
+
+
+def test_loss_spike_is_measured_against_the_recent_mean() -> None:
+    monitor = DivergenceMonitor(DivergenceConfig(loss_spike_factor=2.0, window_steps=3))
+    assert [monitor.check(loss, 1.0) for loss in (1.0, 1.2, 0.8, 1.9)] == [None] * 4  # 1.9 < 2 x 1.0
+    assert "loss 4.5 > divergence.loss_spike_factor 2.0" in monitor.check(4.5, 1.0)
+    assert monitor.check(2.5, 1.0) is None  # a flagged loss does not raise the mean (1.2, 0.8, 1.9)
+
+
+def test_rerun_with_changed_settings_is_refused(tmp_path: Path) -> None:
+    original = load_recipe(TINY_RECIPE)
+    stage = original.stage("cpt_warmup")
+    record_stage_recipe(tmp_path, original, stage)
+    free_to_change = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.checkpoint_every_steps=7",
+                                               "stages.cpt_warmup.divergence.policy=warn"])
+    check_stage_recipe(tmp_path, free_to_change, free_to_change.stage("cpt_warmup"))
+    changed = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.param_groups.0.lr=1e-3"])
+    with pytest.raises(StageRecipeChangedError, match=r"stage.param_groups.0.lr: 0.003 -> 0.001\)"):
+        check_stage_recipe(tmp_path, changed, changed.stage("cpt_warmup"))

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from train_runs import REPO, launcher_env
 
 

@@ -43,6 +43,9 @@ def differences(saved: Any, current: Any, path: str = "") -> list[str]:
         for key in sorted(set(saved) | set(current), key=str):
             found += differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
         return found
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [line for index, (old, new) in enumerate(zip(saved, current))
+                for line in differences(old, new, f"{path}.{index}")]
     return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]
 
 
