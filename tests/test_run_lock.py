@@ -21,9 +21,8 @@ def dead_pid() -> int:
 
 
 def test_second_holder_is_refused_and_release_frees_the_folder(tmp_path: Path) -> None:
-    with RunFolderLock(tmp_path):
-        with pytest.raises(RunFolderLockedError, match=f"in use by process {os.getpid()}"):
-            RunFolderLock(tmp_path).acquire()
+    with RunFolderLock(tmp_path), pytest.raises(RunFolderLockedError, match=f"in use by process {os.getpid()}"):
+        RunFolderLock(tmp_path).acquire()
     assert not (tmp_path / LOCK_FILE).exists()
     with RunFolderLock(tmp_path):
         assert (tmp_path / LOCK_FILE).is_file()

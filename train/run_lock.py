@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class RunFolderLock:
         if holder.get("host") == self.owner["host"] and holder.get("pid") == self.owner["pid"]:
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> RunFolderLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -22,14 +22,37 @@ from msa_train.data.errors import BadRecordTally
 from msa_train.data.tokenization import load_tokenizer
 
 from .checkpoint import CheckpointError
-from .config import Recipe, RecipeError, StageConfig, check_local_paths, check_world_size, load_recipe
+from .config import (
+    Recipe,
+    RecipeError,
+    StageConfig,
+    check_local_paths,
+    check_world_size,
+    load_recipe,
+)
 from .data_stream import build_config_for, prepare_sources
-from .distributed import DistributedContext, barrier, broadcast_failure, init_distributed, shutdown_distributed
+from .distributed import (
+    DistributedContext,
+    barrier,
+    broadcast_failure,
+    init_distributed,
+    shutdown_distributed,
+)
 from .export import is_complete_export
 from .run_lock import RunFolderLock, RunFolderLockedError
+from .stage_recipe import (
+    StageRecipeChangedError,
+    check_stage_recipe,
+    record_stage_recipe,
+)
 from .tokenizer import prepare_tokenizer
-from .stage_recipe import StageRecipeChangedError, check_stage_recipe, record_stage_recipe
-from .trainer import DivergenceError, NonFiniteLossError, StageTrainer, export_dir, stage_dir
+from .trainer import (
+    DivergenceError,
+    NonFiniteLossError,
+    StageTrainer,
+    export_dir,
+    stage_dir,
+)
 
 logger = logging.getLogger("msa_train")
 
