@@ -28,13 +28,37 @@ import numpy as np
 from tqdm import tqdm
 
 from . import readers, synthetic
-from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError
+from .errors import (
+    BadRecordTally,
+    DataFormatError,
+    MissingFileError,
+    OverlongExampleError,
+)
 from .records import Document, RetrievalDataset, RetrievalRecord
-from .samples import IndexedRecord, MemoryConfig, SampleBuilder, SampleKind, UnusableRecordError
-from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
-                    token_dtype, write_document_shard, write_example_shard)
+from .samples import (
+    IndexedRecord,
+    MemoryConfig,
+    SampleBuilder,
+    SampleKind,
+    UnusableRecordError,
+)
+from .store import (
+    DocumentStore,
+    atomic_write_text,
+    finished_shards,
+    remove_stale_temporaries,
+    shard_name,
+    token_dtype,
+    write_document_shard,
+    write_example_shard,
+)
 from .templates import ChatFormat, TemplateConfig, TemplateTokens
-from .tokenization import HuggingFaceTokenizer, TextTokenizer, load_tokenizer, worker_pool
+from .tokenization import (
+    HuggingFaceTokenizer,
+    TextTokenizer,
+    load_tokenizer,
+    worker_pool,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +110,7 @@ class BuildConfig:
             raise ValueError(f"unknown sample_kind {self.sample_kind!r}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
+    def from_dict(cls, values: dict[str, Any]) -> BuildConfig:
         """Build from plain (JSON/YAML) values; nested sections may be partial."""
         values = dict(values)
         values["source"] = SourceConfig(**values["source"])
@@ -423,6 +447,13 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         "document_bytes_per_corpus_token": doc_bytes / corpus_tokens if corpus_tokens else None,
         "build_seconds": round(time.time() - started, 3),
     }
+    if not manifest["examples"]:
+        # Without a manifest the build stays incomplete, so a fixed input rebuilds it.
+        raise ValueError(
+            f"build {output}: 0 examples from {records_total} record(s): {tally.skipped} bad record(s) skipped, "
+            f"{manifest['records_unusable']} unusable {manifest['records_unusable_reasons'] or ''}, "
+            f"{manifest['examples_overlong_skipped']} example(s) over max_example_tokens="
+            f"{config.max_example_tokens}; check the source ({config.source.kind}) and these settings")
     atomic_write_text(output / "manifest.json", json.dumps(manifest, indent=1))
     if manifest["records_skipped_bad"]["skipped"] or manifest["examples_overlong_skipped"]:
         logger.warning("build %s: %d bad record(s) skipped, %d overlong example(s) skipped", output,

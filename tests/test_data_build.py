@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixtures import train_sentencepiece
-
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.errors import OverlongExampleError
 from msa_train.data.loader import ROW_FIELDS, PackedRowLoader
@@ -164,7 +163,6 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
 
 def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
-
     from msa_train.data.errors import DataFormatError, MissingFileError
     from msa_train.data.synthetic import generate_needles
 
@@ -188,7 +186,6 @@ def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Pat
 
 def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
-
     from msa_train.data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("single", 4, seed=2, haystack_docs=3))
@@ -203,19 +200,19 @@ def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model
 
 def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
-
     from msa_train.data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("multi_value", 4, seed=2, haystack_docs=3))
     values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
               "sample_kind": "qa", "memory": {"memory_tokens": 300, "max_memory_docs": 16},
               "max_example_tokens": 1024}
-    manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "qa")  # BEIR has no answers
-    assert manifest["examples"] == 0 and manifest["records_kept"] == 0
-    assert manifest["records_unusable_reasons"] == {"no answer": 4}
+    # A build left with 0 examples is an error that names why, and writes no manifest.
+    with pytest.raises(ValueError, match=r"0 examples from 4 record.*4 unusable \{'no answer': 4\}"):
+        build_dataset(BuildConfig.from_dict(values), tmp_path / "qa")  # BEIR has no answers
+    assert not (tmp_path / "qa" / "manifest.json").exists()
     values.update(sample_kind="retrieval", memory={"memory_tokens": 300, "max_memory_docs": 2})
-    manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "few")
-    assert manifest["records_unusable_reasons"] == {"more positives than max_memory_docs": 4}
+    with pytest.raises(ValueError, match=r"\{'more positives than max_memory_docs': 4\}"):
+        build_dataset(BuildConfig.from_dict(values), tmp_path / "few")
 
 
 def test_shard_size_does_not_change_the_data(tmp_path: Path, sp_model: Path) -> None:
