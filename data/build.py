@@ -28,37 +28,13 @@ import numpy as np
 from tqdm import tqdm
 
 from . import readers, synthetic
-from .errors import (
-    BadRecordTally,
-    DataFormatError,
-    MissingFileError,
-    OverlongExampleError,
-)
+from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError
 from .records import Document, RetrievalDataset, RetrievalRecord
-from .samples import (
-    IndexedRecord,
-    MemoryConfig,
-    SampleBuilder,
-    SampleKind,
-    UnusableRecordError,
-)
-from .store import (
-    DocumentStore,
-    atomic_write_text,
-    finished_shards,
-    remove_stale_temporaries,
-    shard_name,
-    token_dtype,
-    write_document_shard,
-    write_example_shard,
-)
+from .samples import IndexedRecord, MemoryConfig, SampleBuilder, SampleKind, UnusableRecordError
+from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
+                    token_dtype, write_document_shard, write_example_shard)
 from .templates import ChatFormat, TemplateConfig, TemplateTokens
-from .tokenization import (
-    HuggingFaceTokenizer,
-    TextTokenizer,
-    load_tokenizer,
-    worker_pool,
-)
+from .tokenization import HuggingFaceTokenizer, TextTokenizer, load_tokenizer, worker_pool
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +86,7 @@ class BuildConfig:
             raise ValueError(f"unknown sample_kind {self.sample_kind!r}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> BuildConfig:
+    def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
         """Build from plain (JSON/YAML) values; nested sections may be partial."""
         values = dict(values)
         values["source"] = SourceConfig(**values["source"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from data_fixtures import train_sentencepiece
+
 from msa_train.data.build import BuildConfig, build_dataset
 from msa_train.data.errors import OverlongExampleError
 from msa_train.data.loader import ROW_FIELDS, PackedRowLoader
@@ -163,6 +164,7 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
 
 def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
+
     from msa_train.data.errors import DataFormatError, MissingFileError
     from msa_train.data.synthetic import generate_needles
 
@@ -186,6 +188,7 @@ def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Pat
 
 def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
+
     from msa_train.data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("single", 4, seed=2, haystack_docs=3))
@@ -200,6 +203,7 @@ def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model
 
 def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
+
     from msa_train.data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("multi_value", 4, seed=2, haystack_docs=3))
