@@ -39,6 +39,7 @@ from .distributed import (
     shutdown_distributed,
 )
 from .export import is_complete_export
+from .offline import stay_offline
 from .run_lock import RunFolderLock, RunFolderLockedError
 from .stage_recipe import (
     StageRecipeChangedError,
@@ -195,10 +196,12 @@ def main(phase: Phase, argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         stages = select_stages(recipe, phase, args.stage)
         check_world_size(recipe, stages, int(os.environ.get("WORLD_SIZE", "1")))
-        check_local_paths(recipe, stages)
+        if not recipe.run.allow_network:
+            check_local_paths(recipe, stages)
     except RecipeError as error:
         logger.error("%s", error)
         return 2
+    stay_offline(recipe.run.allow_network)
     context = init_distributed()
     try:
         lock = lock_run_folder(Path(recipe.run.output_dir), context)
@@ -235,6 +238,7 @@ def dense_baseline_main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         logger.error("%s", error)
         return 2
+    stay_offline(recipe.run.allow_network)
     context = init_distributed()
     tokenizer_dir = prepare_run(recipe, [stage], Path(recipe.run.output_dir), context)
     run_dense_baseline(recipe, stage, load_tokenizer(tokenizer_dir).vocab_size, args.steps, context)
