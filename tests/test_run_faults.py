@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from msa_train.train import checkpoint as checkpoint_module
+from msa_train.train import trainer as trainer_module
 from msa_train.train.checkpoint import CheckpointError, CheckpointSkippedWarning
 from msa_train.train.config import DivergenceConfig, load_recipe
 from msa_train.train.distributed import DistributedContext
@@ -223,3 +224,52 @@ def test_rerun_with_changed_settings_is_refused(tmp_path: Path) -> None:
     changed = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.param_groups.0.lr=1e-3"])
     with pytest.raises(StageRecipeChangedError, match=r"stage.param_groups.0.lr: 0.003 -> 0.001\)"):
         check_stage_recipe(tmp_path, changed, changed.stage("cpt_warmup"))
+
+
+def test_other_world_size_is_a_clear_error(run_dir: Path, context: DistributedContext) -> None:
+    for step in range(1, STEPS + 1):
+        manifest_path = run_dir / CHECKPOINTS / tag(step) / "manifest.json"
+        manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "world_size": 2}))
+    with pytest.warns(CheckpointSkippedWarning), pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):
+        resumed_step(run_dir, context)
+
+
+def test_kill_during_export_does_not_repeat_the_final_eval(tmp_path: Path, context: DistributedContext,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = [*OVERRIDES, "checkpoint.save_final=true", "stages.cpt_warmup.budget.steps=2"]
+
+    def killed_export(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    trainer = make_stage_trainer(tmp_path, context, overrides)
+    trainer.stage.eval.sources = {"kv_retrieval": 1.0}
+    trainer.stage.eval.micro_batches = 1
+    monkeypatch.setattr(trainer_module, "export_stage", killed_export)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.undo()
+    resumed = make_stage_trainer(tmp_path, context, overrides)
+    resumed.stage.eval.sources = {"kv_retrieval": 1.0}
+    resumed.stage.eval.micro_batches = 1
+    resumed.run()
+    records = [json.loads(line) for line in (tmp_path / STAGE / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "eval/loss" in record] == [2]
+    assert (tmp_path / STAGE / "export" / "model.safetensors").is_file()
+
+
+def test_wandb_run_id_survives_a_kill_before_the_first_checkpoint(tmp_path: Path, context: DistributedContext,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = [*OVERRIDES, "tracking.wandb=offline", "stages.cpt_warmup.checkpoint_every_steps=100"]
+    trainer = make_stage_trainer(tmp_path, context, overrides)
+
+    def killed_step() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "_train_step", killed_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    first_run = trainer.state.wandb_run_id
+    assert first_run and trainer.checkpoints.checkpoint_tags() == []
+    resumed = make_stage_trainer(tmp_path, context, [*overrides, "stages.cpt_warmup.budget.steps=1"])
+    resumed.run()
+    assert resumed.state.wandb_run_id == first_run

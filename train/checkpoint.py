@@ -113,8 +113,7 @@ def file_digest(path: Path) -> str:
 
 def _checkpoint_files(folder: Path) -> list[str]:
     """Every file of a checkpoint folder but its manifest, as sorted relative paths."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.endswith(".digests.json"))
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -175,17 +174,20 @@ class CheckpointManager:
         _write_atomically(staging / trainer_state_name(self.context.rank), json.dumps(trainer_state))
         barrier()
         # Every rank hashes its share of the files, so a large optimizer state is read once, in parallel.
+        # The digest parts go beside the folder, not in it, so that every rank lists the same files.
         files = _checkpoint_files(staging)
         share = {name: {"bytes": (staging / name).stat().st_size, "sha256": file_digest(staging / name)}
                  for name in files[self.context.rank::self.context.world_size]}
-        _write_atomically(staging / f"rank{self.context.rank}.digests.json", json.dumps(share))
+        _write_atomically(partial_root / f"{tag}.digests.rank{self.context.rank}.json", json.dumps(share))
         barrier()
         if self.context.is_main:
             entries: dict[str, Any] = {}
             for rank in range(self.context.world_size):
-                part = staging / f"rank{rank}.digests.json"
+                part = partial_root / f"{tag}.digests.rank{rank}.json"
                 entries.update(json.loads(part.read_text()))
                 part.unlink()
+            if sorted(entries) != files:
+                raise RuntimeError(f"checkpoint {staging}: the ranks hashed {sorted(entries)}, the folder has {files}")
             manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": self.context.world_size,
                         "files": entries}
             _write_atomically(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))

@@ -148,6 +148,7 @@ class StageState:
     skipped_steps: int = 0
     diverged_steps: int = 0
     wandb_run_id: str | None = None
+    last_eval_step: int = -1  # so that a resume after the final evaluation does not log it twice
 
 
 def configure_layer_execution(model: Any, recipe: Recipe) -> None:
@@ -248,11 +249,17 @@ class StageTrainer:
         self.resume()
         if self.context.is_main:
             tracking = self.recipe.tracking
+            # The W&B run id is also kept beside the checkpoints, for a kill before the first one.
+            run_id_file = self.dir / "wandb_run_id"
+            if self.state.wandb_run_id is None and run_id_file.is_file():
+                self.state.wandb_run_id = run_id_file.read_text().strip() or None
             self.metrics = MetricsLogger(
                 self.dir, resolve_wandb_mode(tracking.wandb), tracking.project,
                 f"{self.recipe.run.name}/{self.stage.name}", dataclasses.asdict(self.stage), self.state.wandb_run_id)
             self.metrics.truncate_after(self.state.step)
             self.state.wandb_run_id = self.metrics.wandb_run_id
+            if self.state.wandb_run_id is not None:
+                run_id_file.write_text(self.state.wandb_run_id)
         try:
             self._train_loop()
         finally:
@@ -298,7 +305,7 @@ class StageTrainer:
                     self._evaluate()
                 if self.state.step % stage.checkpoint_every_steps == 0:
                     self.save_checkpoint()
-        if stage.eval.sources:
+        if stage.eval.sources and self.state.last_eval_step != self.state.step:
             self._evaluate()
         if self.recipe.checkpoint.save_final:
             self.save_checkpoint()
@@ -374,3 +381,4 @@ class StageTrainer:
                     record["eval/loss"], record["eval/recall@1"], per_layer)
         if self.metrics is not None:
             self.metrics.log({"step": self.state.step, **record})
+        self.state.last_eval_step = self.state.step
