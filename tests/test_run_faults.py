@@ -273,3 +273,14 @@ def test_wandb_run_id_survives_a_kill_before_the_first_checkpoint(tmp_path: Path
     resumed = make_stage_trainer(tmp_path, context, [*overrides, "stages.cpt_warmup.budget.steps=1"])
     resumed.run()
     assert resumed.state.wandb_run_id == first_run
+
+
+def test_data_cursor_past_the_end_is_a_clear_error(run_dir: Path, context: DistributedContext) -> None:
+    name = "trainer_state_rank0.json"
+    path = run_dir / CHECKPOINTS / tag(STEPS) / name
+    state = json.loads(path.read_text())
+    state["data"]["sources"][0]["cursor"] = 10**9
+    path.write_text(json.dumps(state))
+    forge_manifest_entry(run_dir, STEPS, name)
+    with pytest.raises(CheckpointError, match=f"{tag(STEPS)}.*cursor = 1000000000 is past the end"):
+        resumed_step(run_dir, context)

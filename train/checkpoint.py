@@ -281,7 +281,7 @@ class CheckpointManager:
                 "move that folder away to resume from the next older checkpoint") from error
         state = json.loads((self.root / tag / trainer_state_name(self.context.rank)).read_text())
         logger.info("resumed from checkpoint %s (step %d)", self.root / tag, state["step"])
-        return state
+        return {**state, "path": str(self.root / tag)}
 
     def _remove_old(self, keep: str) -> None:
         """Keep the newest `keep_last` checkpoints up to `keep`. Folders newer than `keep` belong to

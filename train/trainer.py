@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
 from .config import DivergenceConfig, LossWeights, Recipe, StageConfig, recipe_to_yaml
 from .data_stream import LayoutSettings, MicroBatchStream
 from .distributed import DistributedContext
@@ -232,9 +232,13 @@ class StageTrainer:
         saved = self.checkpoints.load(self.engine)
         if saved is None:
             return
-        self.state = StageState(**saved["stage_state"])
-        self.stream.load_state_dict(saved["data"])
-        restore_rng_state(saved["rng"])
+        try:
+            self.state = StageState(**saved["stage_state"])
+            self.stream.load_state_dict(saved["data"])
+            restore_rng_state(saved["rng"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {saved['path']}: its trainer state does not fit this stage "
+                                  f"({error!r}); move that folder away to resume from the next older one") from error
 
     def save_checkpoint(self) -> None:
         self.checkpoints.save(self.engine, self.state.step, {
