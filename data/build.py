@@ -327,15 +327,18 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
                                        chat_from_tokenizer=False)
         config = dataclasses.replace(config, template=template)
     added_tokens = tokenizer.ensure_special_tokens(config.template.special_strings())
-    identity = {"config": config.to_dict(), "tokenizer": tokenizer.fingerprint(), "inputs": source_signature(config.source)}
+    # The tokenizer counts by content, not by path, so a run folder copied elsewhere still matches.
+    described = {key: value for key, value in config.to_dict().items() if key != "tokenizer"}
+    identity = {"config": described, "tokenizer": tokenizer.fingerprint(), "inputs": source_signature(config.source)}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     fingerprint_path = output / "build_fingerprint.json"
     if fingerprint_path.exists():
         previous = json.loads(fingerprint_path.read_text())["fingerprint"]
         if previous != fingerprint:
             if not overwrite:
-                raise ValueError(f"{output} holds a build with another config, tokenizer or input files; pass "
-                                 "overwrite=True (--overwrite) to replace it")
+                raise ValueError(f"{output} holds a build with another config, tokenizer or input files; "
+                                 "rebuild with `python -m msa_train.data.build ... --overwrite`, or delete that "
+                                 "folder and run again")
             for sub in ("docs", "examples"):
                 for shard in finished_shards(output / sub):
                     shutil.rmtree(shard)
@@ -420,6 +423,13 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         "document_bytes_per_corpus_token": doc_bytes / corpus_tokens if corpus_tokens else None,
         "build_seconds": round(time.time() - started, 3),
     }
+    if not manifest["examples"]:
+        # Without a manifest the build stays incomplete, so a fixed input rebuilds it.
+        raise ValueError(
+            f"build {output}: 0 examples from {records_total} record(s): {tally.skipped} bad record(s) skipped, "
+            f"{manifest['records_unusable']} unusable {manifest['records_unusable_reasons'] or ''}, "
+            f"{manifest['examples_overlong_skipped']} example(s) over max_example_tokens="
+            f"{config.max_example_tokens}; check the source ({config.source.kind}) and these settings")
     atomic_write_text(output / "manifest.json", json.dumps(manifest, indent=1))
     if manifest["records_skipped_bad"]["skipped"] or manifest["examples_overlong_skipped"]:
         logger.warning("build %s: %d bad record(s) skipped, %d overlong example(s) skipped", output,

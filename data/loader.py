@@ -230,7 +230,30 @@ class PackedRowLoader:
                 raise ValueError(f"state was saved with {key}={state[key]}, this loader has {getattr(self, key)}")
         if len(state["sources"]) != len(self.datasets):
             raise ValueError("state was saved for a different number of datasets")
+        self._check_positions(state)
         self._state = json.loads(json.dumps(state))
+
+    def _check_positions(self, state: dict[str, Any]) -> None:
+        """Counters are non-negative integers and every cursor lies inside its epoch's order."""
+        def count(value: Any, key: str) -> int:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"loader state: {key} = {value!r} is not a non-negative integer")
+            return value
+
+        for key in ("draws", "rows", "examples", "overlong_skipped"):
+            count(state[key], key)
+        for source, position in enumerate(state["sources"]):
+            epoch = count(position["epoch"], f"sources[{source}].epoch")
+            cursor = count(position["cursor"], f"sources[{source}].cursor")
+            available = len(self._rank_order(source, epoch))
+            if cursor > available:
+                raise ValueError(f"loader state: sources[{source}].cursor = {cursor} is past the end of "
+                                 f"{self.datasets[source].path} ({available} examples for this rank per epoch)")
+        pending = state["pending"]
+        if pending is not None:
+            source, example = (count(value, "pending") for value in pending)
+            if source >= len(self.datasets) or example >= len(self.datasets[source]):
+                raise ValueError(f"loader state: pending = {pending} names no example")
 
     @property
     def stats(self) -> dict[str, int]:

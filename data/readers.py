@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -27,23 +28,33 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
+def iter_text_lines(path: Path, tally: BadRecordTally) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of a UTF-8 file; a line that is not UTF-8 is a bad record (file:line)."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                tally.handle(DataFormatError(path, line_number, f"not UTF-8 (byte {raw[error.start]:#04x} at "
+                                                                f"column {error.start + 1})"))
+
+
 def iter_jsonl(path: str | Path, tally: BadRecordTally | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line; lines must hold JSON objects."""
     tally = tally or BadRecordTally()
     path = _require_file(Path(path), "JSONL file")
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                tally.handle(DataFormatError(path, line_number, f"malformed JSON ({error.msg} at column {error.colno})"))
-                continue
-            if not isinstance(value, dict):
-                tally.handle(DataFormatError(path, line_number, f"expected a JSON object, got {type(value).__name__}"))
-                continue
-            yield line_number, value
+    for line_number, line in iter_text_lines(path, tally):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            tally.handle(DataFormatError(path, line_number, f"malformed JSON ({error.msg} at column {error.colno})"))
+            continue
+        if not isinstance(value, dict):
+            tally.handle(DataFormatError(path, line_number, f"expected a JSON object, got {type(value).__name__}"))
+            continue
+        yield line_number, value
 
 
 def _first_present(row: dict[str, Any], names: tuple[str, ...]) -> Any:
@@ -79,6 +90,9 @@ def iter_corpus_jsonl(
         if not isinstance(text, str):
             tally.handle(DataFormatError(path, line_number, "document has no string 'text' field"))
             continue
+        if not text.strip():
+            tally.handle(DataFormatError(path, line_number, f"document {doc_id!r} has empty text"))
+            continue
         doc_id = str(doc_id)
         if doc_id in seen:
             tally.handle(DataFormatError(path, line_number, f"duplicate document id {doc_id!r}"))
@@ -97,6 +111,9 @@ def read_queries_jsonl(path: str | Path, tally: BadRecordTally | None = None) ->
         if query_id is None or not isinstance(text, str):
             tally.handle(DataFormatError(path, line_number, "query needs an id (_id or id) and a string 'text'"))
             continue
+        if str(query_id) in queries:
+            tally.handle(DataFormatError(path, line_number, f"duplicate query id {str(query_id)!r}"))
+            continue
         queries[str(query_id)] = text
     return queries
 
@@ -106,13 +123,16 @@ def read_qrels_tsv(
     known_queries: dict[str, str],
     known_docs: set[str] | dict[str, int],
     tally: BadRecordTally | None = None,
-) -> dict[str, dict[str, int]]:
-    """BEIR qrels: ``query-id<TAB>corpus-id<TAB>score`` with an optional header line."""
+) -> dict[str, dict[str, float]]:
+    """BEIR qrels: ``query-id<TAB>corpus-id<TAB>score`` with an optional header line.
+
+    Scores are kept as numbers (fractional and graded ones too): a document with score > 0 is a
+    positive, one with score <= 0 a hard negative."""
     tally = tally or BadRecordTally()
     path = _require_file(Path(path), "qrels file")
-    judgements: dict[str, dict[str, int]] = {}
-    with path.open("r", encoding="utf-8", newline="") as handle:
-        for line_number, fields in enumerate(csv.reader(handle, delimiter="\t"), start=1):
+    judgements: dict[str, dict[str, float]] = {}
+    for line_number, line in iter_text_lines(path, tally):
+        for fields in csv.reader([line], delimiter="\t"):
             if not fields or not "".join(fields).strip():
                 continue
             if line_number == 1 and fields[0].strip().lower() in ("query-id", "query_id", "qid"):
@@ -122,9 +142,11 @@ def read_qrels_tsv(
                 continue
             query_id, doc_id, score_text = (field.strip() for field in fields[:3])
             try:
-                score = int(float(score_text))
+                score = float(score_text)  # graded or fractional; a positive is score > 0
             except ValueError:
-                tally.handle(DataFormatError(path, line_number, f"score {score_text!r} is not a number"))
+                score = math.nan
+            if not math.isfinite(score):
+                tally.handle(DataFormatError(path, line_number, f"score {score_text!r} is not a finite number"))
                 continue
             if query_id not in known_queries:
                 tally.handle(DataFormatError(path, line_number, f"unknown query id {query_id!r}"))
@@ -277,7 +299,13 @@ def iter_lm_texts(
                     continue
                 yield text
             continue
-        content = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            tally.handle(DataFormatError(file, line, f"not UTF-8 (byte {raw[error.start]:#04x}); the file is skipped"))
+            continue
         if txt_unit == "file":
             pieces = [content]
         elif txt_unit == "paragraph":

@@ -204,12 +204,13 @@ def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: 
     values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
               "sample_kind": "qa", "memory": {"memory_tokens": 300, "max_memory_docs": 16},
               "max_example_tokens": 1024}
-    manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "qa")  # BEIR has no answers
-    assert manifest["examples"] == 0 and manifest["records_kept"] == 0
-    assert manifest["records_unusable_reasons"] == {"no answer": 4}
+    # A build left with 0 examples is an error that names why, and writes no manifest.
+    with pytest.raises(ValueError, match=r"0 examples from 4 record.*4 unusable \{'no answer': 4\}"):
+        build_dataset(BuildConfig.from_dict(values), tmp_path / "qa")  # BEIR has no answers
+    assert not (tmp_path / "qa" / "manifest.json").exists()
     values.update(sample_kind="retrieval", memory={"memory_tokens": 300, "max_memory_docs": 2})
-    manifest = build_dataset(BuildConfig.from_dict(values), tmp_path / "few")
-    assert manifest["records_unusable_reasons"] == {"more positives than max_memory_docs": 4}
+    with pytest.raises(ValueError, match=r"\{'more positives than max_memory_docs': 4\}"):
+        build_dataset(BuildConfig.from_dict(values), tmp_path / "few")
 
 
 def test_shard_size_does_not_change_the_data(tmp_path: Path, sp_model: Path) -> None:

@@ -21,6 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 RECIPE = REPO / "recipes" / "kv_cpu.yaml"
 
 
+# Slow tier: about 65 s idle, several minutes on a loaded machine. Its pass mark holds at the
+# fixed two threads set below (CI's setting), not at every thread count: with one thread the
+# float reduction order changes and this short run can stay on the value-copy plateau.
 def test_kv_experiment_routes_and_answers_held_out_questions(tmp_path: Path) -> None:
     # Two threads, the CI machine's cores. The thread count changes float reductions, and with
     # them whether this short run leaves the value-copy plateau in time: with one thread the
@@ -29,7 +32,7 @@ def test_kv_experiment_routes_and_answers_held_out_questions(tmp_path: Path) -> 
     result = subprocess.run(
         [sys.executable, "-m", "msa_train.eval.kv_cpu_experiment", "--recipe", str(RECIPE),
          "--results-dir", str(tmp_path / "results"), f"run.output_dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )
     assert result.returncode == 0, failure_report(result)
     results = json.loads((tmp_path / "results" / "kv_cpu.json").read_text())

@@ -35,7 +35,7 @@ def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path: Path, context: Di
     assert (checkpoints / "latest").read_text() == "step_00000002"
     assert not (checkpoints / "step_00000003").exists()
     assert (checkpoints / ".partial/step_00000003").is_dir()
-    assert (checkpoints / "step_00000002/trainer_state_rank0.pt").is_file()
+    assert (checkpoints / "step_00000002/trainer_state_rank0.json").is_file()
 
     first_wandb_run = trainer.state.wandb_run_id
     assert first_wandb_run

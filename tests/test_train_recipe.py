@@ -72,10 +72,10 @@ def test_wrong_type_and_bad_choice(tmp_path: Path) -> None:
 
 
 def test_overrides_by_stage_name_and_index() -> None:
-    recipe = load_recipe(TINY_RECIPE, ["stages.cpt_main.budget.tokens=1.5e4", "stages.0.optimizer.lr=0.01",
+    recipe = load_recipe(TINY_RECIPE, ["stages.cpt_main.budget.tokens=1.5e4", "stages.0.param_groups.0.lr=0.01",
                                        "deepspeed.zero_stage=3", "stages.cpt_warmup.eval.sources={}"])
     assert recipe.stage("cpt_main").budget.tokens == 15000.0
-    assert recipe.stages[0].optimizer.lr == 0.01
+    assert recipe.stages[0].param_groups[0].lr == 0.01
     assert recipe.deepspeed.zero_stage == 3
     assert recipe.stages[0].eval.sources == {}
 

@@ -1,5 +1,6 @@
 """A stage killed with SIGKILL and resumed gives exactly the per-step losses of an uninterrupted
-run, under DeepSpeed on 2 CPU ranks, with ZeRO-2 and ZeRO-3."""
+run, under DeepSpeed on 2 CPU ranks, with ZeRO-2 and ZeRO-3, even with `latest` gone and the last
+metrics line torn."""
 
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path, zer
     # A resumed run keeps the records of the steps it does not redo; a run started over would
     # rewrite them with new wall-clock figures (tokens/s, step time).
     saved_records = metric_lines_up_to(stage / "metrics.jsonl", killed_at)
+    # Faults a kill can add: `latest` lost (it is only a hint) and a torn last metrics line.
+    (stage / "checkpoints" / "latest").unlink()
+    with open(stage / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 99, "loss"')
 
     resumed = run_launcher("pretrain", stage_overrides(killed_dir, zero_stage), ranks=2)
     assert resumed.returncode == 0, failure_report(resumed)

@@ -35,6 +35,9 @@ class RunConfig:
     name: str = "msa"
     output_dir: str = "runs/msa"
     seed: int = 0
+    # false: no Hugging Face Hub or `datasets` lookups and no W&B error reporting (train/offline.py);
+    # every model, tokenizer and data source must then be a local path.
+    allow_network: bool = False
 
 
 @dataclass
@@ -126,6 +129,24 @@ class EvalConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """A finite loss or gradient norm that signals divergence (beside NaN/inf, see `nan_policy`).
+
+    A step diverges when its gradient norm (before clipping) exceeds `max_grad_norm`, or its loss
+    exceeds `loss_spike_factor` times the mean of the previous `window_steps` losses (checked once
+    the window is full). Both are known only after the step's update is applied, so there is no
+    skip: `policy: stop` ends the stage without saving the diverged weights (resume starts from
+    the last checkpoint, which predates the divergence); `warn` logs the step, counts it in the
+    metrics (`diverged_steps`) and goes on.
+    """
+
+    max_grad_norm: float | None = None
+    loss_spike_factor: float | None = None
+    window_steps: int = 20
+    policy: Literal["stop", "warn"] = "stop"
+
+
+@dataclass
 class StageConfig:
     name: str
     phase: Literal["pretrain", "sft"]
@@ -142,6 +163,7 @@ class StageConfig:
     checkpoint_every_steps: int = 100
     eval: EvalConfig = field(default_factory=EvalConfig)
     nan_policy: Literal["stop", "skip"] = "stop"
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     # The MSA chunk size P from this stage on (null: the starting model's). Pooling has no
     # parameters, so stages may change it: a curriculum from small chunks to large ones lets a
     # small model learn to read document IDs before they are averaged into big chunks.
@@ -343,10 +365,18 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
                           "model.backbone (a path) or model.inline_config")
     for name, values in recipe.data.sources.items():
         build_dataclass(BuildConfig, {**values, "tokenizer": "<the run's tokenizer>"}, f"data.sources.{name}", source)
+    _check_positive(source, {
+        "tracking.log_every_steps": recipe.tracking.log_every_steps,
+        "checkpoint.keep_last": recipe.checkpoint.keep_last,
+        **({"tokenizer.train_tiny.vocab_size": recipe.tokenizer.train_tiny.vocab_size,
+            "tokenizer.train_tiny.sample_records": recipe.tokenizer.train_tiny.sample_records}
+           if recipe.tokenizer.train_tiny else {}),
+    })
     for index, stage in enumerate(recipe.stages):
         where = f"{source}: stages[{index}] ({stage.name})"
         if (stage.budget.tokens is None) == (stage.budget.steps is None):
             raise RecipeError(f"{where}: budget needs exactly one of budget.tokens or budget.steps")
+        _check_stage_values(stage, where)
         if stage.micro_batch_tokens % stage.row_length:
             raise RecipeError(
                 f"{where}: micro_batch_tokens {stage.micro_batch_tokens} is not a multiple of row_length {stage.row_length}"
@@ -368,6 +398,67 @@ def _check_recipe(recipe: Recipe, source: str) -> None:
             raise RecipeError(f"{where}: the first stage cannot start from the 'previous' stage; use 'backbone' or a path")
 
 
+def _check_positive(where: str, values: dict[str, float | int | None]) -> None:
+    for key, value in values.items():
+        if value is not None and not value > 0:
+            raise RecipeError(f"{where}: {key} = {value} must be greater than 0")
+
+
+def _check_stage_values(stage: StageConfig, where: str) -> None:
+    """Sizes, intervals, budgets and rates that would divide by zero, train nothing or go negative."""
+    group_lrs = {f"param_groups[{i}].lr ({group.name})": group.lr for i, group in enumerate(stage.param_groups)}
+    _check_positive(where, {
+        "row_length": stage.row_length, "micro_batch_tokens": stage.micro_batch_tokens,
+        "global_batch_tokens": stage.global_batch_tokens, "budget.steps": stage.budget.steps,
+        "budget.tokens": stage.budget.tokens, "checkpoint_every_steps": stage.checkpoint_every_steps,
+        "eval.micro_batches": stage.eval.micro_batches, "optimizer.lr": stage.optimizer.lr, **group_lrs,
+    })
+    for key, value in {"schedule.warmup_steps": stage.schedule.warmup_steps,
+                       "eval.every_steps": stage.eval.every_steps,
+                       "optimizer.weight_decay": stage.optimizer.weight_decay}.items():
+        if value < 0:
+            raise RecipeError(f"{where}: {key} = {value} must be 0 or more")
+    if not 0.0 <= stage.schedule.final_lr_ratio <= 1.0:
+        raise RecipeError(f"{where}: schedule.final_lr_ratio = {stage.schedule.final_lr_ratio} must be in [0, 1] "
+                          "(the final LR as a fraction of the peak)")
+    if len(stage.optimizer.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in stage.optimizer.betas):
+        raise RecipeError(f"{where}: optimizer.betas = {stage.optimizer.betas} must be two numbers in [0, 1)")
+    if stage.divergence.max_grad_norm is not None and not stage.divergence.max_grad_norm > 0:
+        raise RecipeError(f"{where}: divergence.max_grad_norm = {stage.divergence.max_grad_norm} must be > 0")
+    if stage.divergence.loss_spike_factor is not None and not stage.divergence.loss_spike_factor > 1:
+        raise RecipeError(f"{where}: divergence.loss_spike_factor = {stage.divergence.loss_spike_factor} "
+                          "must be > 1 (a multiple of the recent mean loss)")
+    if stage.divergence.window_steps < 1:
+        raise RecipeError(f"{where}: divergence.window_steps = {stage.divergence.window_steps} must be >= 1")
+
+
+def check_world_size(recipe: Recipe, stages: list[StageConfig], world_size: int) -> None:
+    """Every stage's global batch splits evenly over `world_size` ranks (checked before any work)."""
+    for stage in stages:
+        per_pass = stage.micro_batch_tokens * world_size
+        if stage.global_batch_tokens % per_pass:
+            raise RecipeError(
+                f"stage {stage.name}: global_batch_tokens {stage.global_batch_tokens} is not a multiple of "
+                f"micro_batch_tokens x ranks = {stage.micro_batch_tokens} x {world_size}; change the batch sizes "
+                "or the number of ranks")
+
+
+def check_local_paths(recipe: Recipe, stages: list[StageConfig]) -> None:
+    """The backbone, tokenizer and `init_from` paths the stages read exist on disk. Runs read only
+    local folders; a name that is not a folder is an error here, never a Hub download."""
+    paths = {"tokenizer.path": recipe.tokenizer.path}
+    if any(stage.init_from == "backbone" for stage in stages):
+        paths["model.backbone"] = recipe.model.backbone
+    for stage in stages:
+        if stage.init_from not in ("previous", "backbone"):
+            paths[f"stages.{stage.name}.init_from"] = stage.init_from
+    for key, value in paths.items():
+        if value is not None and not Path(value).exists():
+            raise RecipeError(f"{key}: no such folder {value!r} (resolved to {Path(value).resolve()}); runs read "
+                              "local checkpoints only: download it first, e.g. `hf download <repo> --local-dir "
+                              f"{value}`")
+
+
 def _stage_names_to_indices(overrides: list[str], stage_names: list[str]) -> list[str]:
     """`stages.<name>.key=v` -> `stages.<index>.key=v`, so overrides can name stages."""
     rewritten = []
@@ -375,6 +466,10 @@ def _stage_names_to_indices(overrides: list[str], stage_names: list[str]) -> lis
         match = re.match(r"stages\.([^.=]+)\.(.*)", override)
         if match and match.group(1) in stage_names:
             override = f"stages.{stage_names.index(match.group(1))}.{match.group(2)}"
+        elif match and not (match.group(1).isdigit() and int(match.group(1)) < len(stage_names)):
+            name = match.group(1)
+            raise RecipeError(f"override {override!r}: no stage named {name!r}{_suggestion(name, stage_names)}; "
+                              f"stages: {stage_names} (or an index 0-{len(stage_names) - 1})")
         rewritten.append(override)
     return rewritten
 
@@ -404,7 +499,25 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     source = f"{path} with command-line overrides {overrides}"
     recipe = build_dataclass(Recipe, OmegaConf.to_container(merged, resolve=True), "", source)
     _check_recipe(recipe, source)
+    _check_lr_overrides(recipe, overrides, source)
     return recipe
+
+
+def _check_lr_overrides(recipe: Recipe, overrides: list[str], source: str) -> None:
+    """A parameter group's own `lr` wins over the stage's `optimizer.lr`, which only sets the LR of
+    groups without one. Overriding `optimizer.lr` of a stage whose every group has its own LR
+    would change nothing (yet be recorded), so it is an error that names the keys to set."""
+    names = [stage.name for stage in recipe.stages]
+    for override in _stage_names_to_indices(overrides, names):
+        match = re.fullmatch(r"stages\.(\d+)\.optimizer\.lr=.*", override.strip())
+        if not match:
+            continue
+        stage = recipe.stages[int(match.group(1))]
+        if stage.param_groups and all(group.lr is not None for group in stage.param_groups):
+            keys = ", ".join(f"stages.{stage.name}.param_groups.{i}.lr ({group.name})"
+                             for i, group in enumerate(stage.param_groups))
+            raise RecipeError(f"{source}: stages.{stage.name}.optimizer.lr has no effect: every param group of the "
+                              f"stage sets its own lr, which wins; override {keys} instead")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -34,6 +34,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed from JIT-building its `deepspeed_shm_comm` op on CPU runs.
+
+    DeepSpeed 0.19.8 builds that op in `init_distributed` for `inference_all_reduce` only, which
+    training never calls (gradients go through the gloo process group). The build takes 35-70 s
+    on a fresh machine, and a launch killed during it leaves `<TORCH_EXTENSIONS_DIR>/
+    deepspeed_shm_comm/lock` behind, on which every later launch would wait forever in silence.
+    """
+    name = get_accelerator().create_op_builder("ShareMemCommBuilder").NAME
+    deepspeed.ops.__compatible_ops__[name] = False
+
+
 def init_distributed() -> DistributedContext:
     """Join (or, for a plain `python` run, create) the process group and pick this rank's device.
 
@@ -47,6 +59,8 @@ def init_distributed() -> DistributedContext:
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_cpu = accelerator.device_name() == "cpu"
+    if on_cpu:
+        skip_shared_memory_comm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else accelerator.communication_backend_name())
     if on_cpu:
@@ -59,3 +73,18 @@ def init_distributed() -> DistributedContext:
 
 def barrier() -> None:
     dist.barrier()
+
+
+def broadcast_failure(failed: bool, context: DistributedContext) -> bool:
+    """Rank 0's `failed` on every rank (a collective call)."""
+    flag = torch.tensor([int(failed)], dtype=torch.int64, device=context.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group together: a barrier, then `destroy_process_group`, so that no rank
+    exits while another still talks to it (a rank killed mid-collective aborts the launch)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -21,12 +21,39 @@ from msa_train.data.build import load_source
 from msa_train.data.errors import BadRecordTally
 from msa_train.data.tokenization import load_tokenizer
 
-from .config import Recipe, RecipeError, StageConfig, load_recipe
+from .checkpoint import CheckpointError
+from .config import (
+    Recipe,
+    RecipeError,
+    StageConfig,
+    check_local_paths,
+    check_world_size,
+    load_recipe,
+)
 from .data_stream import build_config_for, prepare_sources
-from .distributed import DistributedContext, barrier, init_distributed
+from .distributed import (
+    DistributedContext,
+    barrier,
+    broadcast_failure,
+    init_distributed,
+    shutdown_distributed,
+)
 from .export import is_complete_export
+from .offline import stay_offline
+from .run_lock import RunFolderLock, RunFolderLockedError
+from .stage_recipe import (
+    StageRecipeChangedError,
+    check_stage_recipe,
+    record_stage_recipe,
+)
 from .tokenizer import prepare_tokenizer
-from .trainer import NonFiniteLossError, StageTrainer, export_dir
+from .trainer import (
+    DivergenceError,
+    NonFiniteLossError,
+    StageTrainer,
+    export_dir,
+    stage_dir,
+)
 
 logger = logging.getLogger("msa_train")
 
@@ -106,8 +133,24 @@ def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, contex
     return tokenizer_dir
 
 
+def check_stage_recipes(recipe: Recipe, stages: list[StageConfig], run_dir: Path,
+                        context: DistributedContext) -> None:
+    """Every stage folder that exists was made with the stages' current settings (rank 0 reads;
+    every rank raises `StageRecipeChangedError` if not)."""
+    failure = None
+    if context.is_main:
+        try:
+            for stage in stages:
+                check_stage_recipe(stage_dir(run_dir, stage.name), recipe, stage)
+        except StageRecipeChangedError as error:
+            failure = error
+    if broadcast_failure(failure is not None, context):
+        raise failure or StageRecipeChangedError("a stage folder was made with other settings (rank 0 says which)")
+
+
 def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedContext) -> None:
     run_dir = Path(recipe.run.output_dir)
+    check_stage_recipes(recipe, stages, run_dir, context)
     tokenizer_dir = prepare_run(recipe, stages, run_dir, context)
     vocab_size = load_tokenizer(tokenizer_dir).vocab_size
     for stage in stages:
@@ -115,9 +158,26 @@ def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedCo
         if is_complete_export(destination):
             logger.info("stage %s is done (%s); skipping", stage.name, destination)
             continue
+        if context.is_main:
+            record_stage_recipe(stage_dir(run_dir, stage.name), recipe, stage)
         trainer = StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size,
                                previous_export(recipe, stage, run_dir), context)
         trainer.run()
+
+
+def lock_run_folder(run_dir: Path, context: DistributedContext) -> RunFolderLock | None:
+    """Rank 0 takes the run folder's lock (returned; None on other ranks). When it cannot, every
+    rank raises `RunFolderLockedError`, so that none waits for the others at a barrier."""
+    lock = RunFolderLock(run_dir) if context.is_main else None
+    failure = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunFolderLockedError as error:
+            failure = error
+    if broadcast_failure(failure is not None, context):
+        raise failure or RunFolderLockedError(f"{run_dir} is in use by another launch (rank 0 says which)")
+    return lock
 
 
 def configure_logging(rank: int) -> None:
@@ -135,15 +195,28 @@ def main(phase: Phase, argv: list[str] | None = None) -> int:
         # Validated before the process group, the model or the data exist.
         recipe = load_recipe(args.recipe, args.overrides)
         stages = select_stages(recipe, phase, args.stage)
+        check_world_size(recipe, stages, int(os.environ.get("WORLD_SIZE", "1")))
+        if not recipe.run.allow_network:
+            check_local_paths(recipe, stages)
     except RecipeError as error:
         logger.error("%s", error)
         return 2
+    stay_offline(recipe.run.allow_network)
     context = init_distributed()
     try:
-        run_stages(recipe, stages, context)
-    except NonFiniteLossError as error:
+        lock = lock_run_folder(Path(recipe.run.output_dir), context)
+        try:
+            run_stages(recipe, stages, context)
+        finally:
+            if lock is not None:
+                lock.release()
+    except (NonFiniteLossError, DivergenceError) as error:
         logger.error("%s", error)
         return 3
+    except (RunFolderLockedError, CheckpointError, StageRecipeChangedError) as error:
+        logger.error("%s", error)
+        return 4
+    shutdown_distributed()
     return 0
 
 
@@ -165,6 +238,7 @@ def dense_baseline_main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         logger.error("%s", error)
         return 2
+    stay_offline(recipe.run.allow_network)
     context = init_distributed()
     tokenizer_dir = prepare_run(recipe, [stage], Path(recipe.run.output_dir), context)
     run_dense_baseline(recipe, stage, load_tokenizer(tokenizer_dir).vocab_size, args.steps, context)

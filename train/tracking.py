@@ -34,6 +34,33 @@ def _json_safe(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+class MetricsFileError(ValueError):
+    """A `metrics.jsonl` line that is not a JSON record and is not the torn last line of a kill."""
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl`. A last line without its newline that does not parse was
+    torn by a kill in the middle of a write: it is dropped with a warning. Any other bad line is
+    a `MetricsFileError` naming the file and line."""
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):  # no newline after it: the write was cut short
+                logger.warning("%s:%d: dropped a torn last line (%s)", path, number, error)
+                continue
+            raise MetricsFileError(f"{path}:{number}: not a metrics record ({error}); fix or remove the line")
+        records.append(record)
+    return records
+
+
 class MetricsLogger:
     """Appends one JSON line per logged step and forwards the same record to W&B."""
 
@@ -64,7 +91,7 @@ class MetricsLogger:
         """Drop records past `step`: they belong to work lost when a run died after its last checkpoint."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [json.dumps(record) for record in read_metrics(self.path) if record["step"] <= step]
         staging = self.path.with_suffix(".tmp")
         staging.write_text("".join(line + "\n" for line in kept))
         os.replace(staging, self.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from msa_modeling.flops import FlopModel
 
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .config import LossWeights, Recipe, StageConfig, recipe_to_yaml
+from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
+from .config import DivergenceConfig, LossWeights, Recipe, StageConfig, recipe_to_yaml
 from .data_stream import LayoutSettings, MicroBatchStream
 from .distributed import DistributedContext
 from .engine import batch_geometry, deepspeed_config, initialize_engine
@@ -38,6 +39,33 @@ RECALL_KEYS = ("recall@1", "recall@5", "recall@10")
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped on a NaN/inf loss (nan_policy: stop) after saving a checkpoint."""
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped on a loss spike or gradient-norm excess (divergence.policy: stop)."""
+
+
+class DivergenceMonitor:
+    """Flags a step whose gradient norm or loss (against the mean of recent losses) is too large."""
+
+    def __init__(self, config: DivergenceConfig) -> None:
+        self.config = config
+        self.recent: collections.deque[float] = collections.deque(maxlen=config.window_steps)
+
+    def check(self, loss: float, grad_norm: float) -> str | None:
+        """Why this (finite) step diverged, or None; records its loss for later steps."""
+        config = self.config
+        reason = None
+        if config.max_grad_norm is not None and grad_norm > config.max_grad_norm:
+            reason = f"gradient norm {grad_norm:.4g} > divergence.max_grad_norm {config.max_grad_norm}"
+        elif config.loss_spike_factor is not None and len(self.recent) == self.recent.maxlen:
+            mean = sum(self.recent) / len(self.recent)
+            if loss > config.loss_spike_factor * mean:
+                reason = (f"loss {loss:.4g} > divergence.loss_spike_factor {config.loss_spike_factor} x the mean "
+                          f"{mean:.4g} of the previous {len(self.recent)} steps")
+        if reason is None:
+            self.recent.append(loss)
+        return reason
 
 
 def stage_dir(run_dir: Path, stage_name: str) -> Path:
@@ -127,7 +155,9 @@ class StageState:
     step: int = 0
     tokens_seen: int = 0
     skipped_steps: int = 0
+    diverged_steps: int = 0
     wandb_run_id: str | None = None
+    last_eval_step: int = -1  # so that a resume after the final evaluation does not log it twice
 
 
 def configure_layer_execution(model: Any, recipe: Recipe) -> None:
@@ -197,6 +227,7 @@ class StageTrainer:
         self.stream = PrefetchingStream(self._stream(stage.sources, seed=recipe.run.seed), context.device)
         self.checkpoints = CheckpointManager(self.dir / "checkpoints", recipe.checkpoint.keep_last, context)
         self.state = StageState()
+        self.divergence = DivergenceMonitor(stage.divergence)
         self.metrics: MetricsLogger | None = None
 
     def _stream(self, sources: dict[str, float], seed: int) -> MicroBatchStream:
@@ -209,9 +240,13 @@ class StageTrainer:
         saved = self.checkpoints.load(self.engine)
         if saved is None:
             return
-        self.state = StageState(**saved["stage_state"])
-        self.stream.load_state_dict(saved["data"])
-        restore_rng_state(saved["rng"])
+        try:
+            self.state = StageState(**saved["stage_state"])
+            self.stream.load_state_dict(saved["data"])
+            restore_rng_state(saved["rng"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"checkpoint {saved['path']}: its trainer state does not fit this stage "
+                                  f"({error!r}); move that folder away to resume from the next older one") from error
 
     def save_checkpoint(self) -> None:
         self.checkpoints.save(self.engine, self.state.step, {
@@ -232,11 +267,17 @@ class StageTrainer:
         self.resume()
         if self.context.is_main:
             tracking = self.recipe.tracking
+            # The W&B run id is also kept beside the checkpoints, for a kill before the first one.
+            run_id_file = self.dir / "wandb_run_id"
+            if self.state.wandb_run_id is None and run_id_file.is_file():
+                self.state.wandb_run_id = run_id_file.read_text().strip() or None
             self.metrics = MetricsLogger(
                 self.dir, resolve_wandb_mode(tracking.wandb), tracking.project,
                 f"{self.recipe.run.name}/{self.stage.name}", dataclasses.asdict(self.stage), self.state.wandb_run_id)
             self.metrics.truncate_after(self.state.step)
             self.state.wandb_run_id = self.metrics.wandb_run_id
+            if self.state.wandb_run_id is not None:
+                run_id_file.write_text(self.state.wandb_run_id)
         try:
             self._train_loop()
         finally:
@@ -264,18 +305,23 @@ class StageTrainer:
                 finite = math.isfinite(record["loss"])
                 if not finite:
                     self.state.skipped_steps += 1
+                divergence = self.divergence.check(record["loss"], record["grad_norm"]) if finite else None
+                if divergence:
+                    self.state.diverged_steps += 1
                 record.update(step=self.state.step, tokens_seen=self.state.tokens_seen, tokens_budget=budget_tokens,
-                              skipped_steps=self.state.skipped_steps)
+                              skipped_steps=self.state.skipped_steps, diverged_steps=self.state.diverged_steps)
                 if self.metrics is not None and (self.state.step % self.recipe.tracking.log_every_steps == 0
-                                                 or not finite):
+                                                 or not finite or divergence):
                     self.metrics.log(record)
                 if not finite:
                     self._handle_non_finite(record)
+                if divergence:
+                    self._handle_divergence(divergence)
                 if stage.eval.sources and stage.eval.every_steps and self.state.step % stage.eval.every_steps == 0:
                     self._evaluate()
                 if self.state.step % stage.checkpoint_every_steps == 0:
                     self.save_checkpoint()
-        if stage.eval.sources:
+        if stage.eval.sources and self.state.last_eval_step != self.state.step:
             self._evaluate()
         if self.recipe.checkpoint.save_final:
             self.save_checkpoint()
@@ -291,12 +337,25 @@ class StageTrainer:
         raise NonFiniteLossError(f"{message}; checkpoint saved under {self.checkpoints.root}; "
                                  "set nan_policy: skip in the stage to step over such batches")
 
+    def _handle_divergence(self, reason: str) -> None:
+        """The update is already applied: stop without checkpointing it, or warn and go on, per policy."""
+        message = f"stage {self.stage.name}: step {self.state.step} diverged: {reason}"
+        if self.stage.divergence.policy == "warn":
+            logger.warning("%s (divergence.policy: warn)", message)
+            return
+        saved = self.checkpoints.checkpoint_tags()
+        raise DivergenceError(f"{message}. Its weights are not saved; a resume starts from "
+                              f"{saved[0] if saved else 'the start of the stage'} under {self.checkpoints.root}. "
+                              "Lower the LR, or set divergence.policy: warn to go on")
+
     def _train_step(self) -> dict[str, Any]:
         """One optimizer step of `accumulation` micro-batches; returns its metrics (rank-averaged)."""
         engine, device = self.engine, self.context.device
         sums = StepMetrics(len(self.model_config.router_layers), device)
         tokens = flops = 0.0
         started = time.perf_counter()
+        # The LRs this step's update uses: engine.step() advances the scheduler at the boundary.
+        step_lrs = self.scheduler.get_last_lr()
         for _ in range(self.accumulation):
             batch = self.stream.next()
             tokens += batch.input_ids.numel()
@@ -312,7 +371,7 @@ class StageTrainer:
         flops += self.flops.memory_pair_training_flops(record.pop("memory_pairs"))
         grad_norm = engine.get_global_grad_norm()
         record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        for name, lr in zip(self.group_names, self.scheduler.get_last_lr()):
+        for name, lr in zip(self.group_names, step_lrs):
             record[f"lr/{name}"] = lr
         record["tokens_per_s_per_device"] = tokens / elapsed
         record["mfu"] = flops / elapsed / self.recipe.tracking.peak_flops_per_device
@@ -341,3 +400,4 @@ class StageTrainer:
                     record["eval/loss"], record["eval/recall@1"], per_layer)
         if self.metrics is not None:
             self.metrics.log({"step": self.state.step, **record})
+        self.state.last_eval_step = self.state.step

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..routing import prepare_routing_keys
 from .layer_steps import attend, attention_residual, embed_tokens, rotary_tables
-from .store import EncodedDocuments, MemoryStore, _offsets, check_signature, model_signature
+from .store import EncodedDocuments, MemoryStore, _offsets, check_signature, model_identity, model_signature
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class MemoryEncoder:
             keys = [torch.zeros(shape, dtype=self.storage_dtype) for _ in range(self.config.num_hidden_layers)]
             values = [k.clone() for k in keys]
         return MemoryStore(signature=model_signature(self.config), prefix_ids=ids[0].cpu(), prefix_keys=keys,
-                           prefix_values=values)
+                           prefix_values=values, model_identity=model_identity(self.model))
 
     def add_documents(self, store: MemoryStore, documents: Sequence[Sequence[int]]) -> None:
         """Encode `documents` (token id lists, rendered as the model saw them in training) and append them.

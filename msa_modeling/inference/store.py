@@ -11,6 +11,7 @@ appended memory costs one new shard, never a rewrite.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,47 @@ def model_signature(config) -> dict:
         # The stored K̄R are prepared for this score (normalised for cosine, raw for scaled_dot).
         "routing_score": config.routing_score,
     }
+
+
+IDENTITY_SAMPLE = 4096  # elements sampled per parameter tensor for the model identity
+
+
+@torch.no_grad()
+def model_identity(model: torch.nn.Module) -> str:
+    """A SHA-256 that tells one set of weights from another, cheaply: the config, and each
+    parameter's name, shape, dtype and up to `IDENTITY_SAMPLE` evenly strided elements.
+    Two checkpoints of one shape differ in it unless they agree at every sampled element."""
+    digest = hashlib.sha256(json.dumps(model_signature(model.config), sort_keys=True).encode())
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(flat.numel() // IDENTITY_SAMPLE, 1)][:IDENTITY_SAMPLE]
+        digest.update(f"\0{name}\0{tuple(param.shape)}\0{param.dtype}\0".encode())
+        digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_verified(path: Path, entry: dict, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, its size and SHA-256 checked against `entry` while
+    reading it once; every failure names the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {what} is missing") from None
+    if "bytes" in entry and len(data) != entry["bytes"]:
+        raise ValueError(f"{path}: {what} has {len(data)} bytes, the manifest says {entry['bytes']} "
+                         "(truncated or replaced); re-encode the memory or restore the file")
+    if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path}: {what} does not match its SHA-256 in the manifest (corrupt); re-encode the memory "
+                         "or restore the file")
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise ValueError(f"{path}: {what} is not a readable safetensors file ({error})") from error
+
+
+def _file_entry(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _position_mode(document_positions: bool) -> str:
@@ -110,6 +154,7 @@ class MemoryStore:
     values: list[torch.Tensor] = field(default_factory=list)
     routing_keys: list[torch.Tensor] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)  # manifest entries of documents on disk
+    model_identity: str | None = None  # `model_identity` of the encoding model (None: not recorded)
 
     @property
     def router_layers(self) -> list[int]:
@@ -197,11 +242,14 @@ class MemoryStore:
             for layer, (k, v) in enumerate(zip(self.prefix_keys, self.prefix_values)):
                 prefix[f"keys.{layer}"], prefix[f"values.{layer}"] = k, v
             _atomic_save(prefix, directory / PREFIX_FILE)
+        prefix_entry = _file_entry(directory / PREFIX_FILE)
         for first in range(self.saved_docs, self.num_docs, docs_per_shard):
             self.shards.append(self._save_shard(directory, first, min(first + docs_per_shard, self.num_docs)))
         manifest = {
             "format_version": FORMAT_VERSION,
             "signature": self.signature,
+            "model_identity": self.model_identity,
+            "prefix": prefix_entry,
             "dtype": str(self.keys[0].dtype).removeprefix("torch.") if self.keys else None,
             "num_docs": self.num_docs,
             "num_chunks": self.num_chunks,
@@ -228,28 +276,54 @@ class MemoryStore:
         name = f"docs-{first:012d}-{end:012d}.safetensors"
         _atomic_save(tensors, directory / name)
         return {"file": name, "first_doc": first, "num_docs": end - first, "num_chunks": chunk_end - chunk_start,
-                "num_tokens": token_end - token_start}
+                "num_tokens": token_end - token_start, **_file_entry(directory / name)}
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, config=None, pin_memory: bool = False) -> "MemoryStore":
-        """Read a saved memory; with `config`, check that it was encoded for that model's shape."""
+    def load(cls, directory: str | os.PathLike, config=None, pin_memory: bool = False,
+             model: torch.nn.Module | None = None, allow_other_model: bool = False) -> "MemoryStore":
+        """Read a saved memory, each file checked against the manifest's size and SHA-256.
+
+        With `config`, check that it was encoded for that model's shape; with `model`, that it was
+        encoded by those very weights (`model_identity`), unless `allow_other_model`.
+        """
         directory = Path(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
         if manifest["format_version"] != FORMAT_VERSION:
             raise ValueError(f"{directory}: memory format {manifest['format_version']}, expected {FORMAT_VERSION}")
         # Memories saved before the position mode was recorded were all encoded document-wise.
         manifest["signature"].setdefault("document_positions", True)
+        if model is not None and config is None:
+            config = model.config
         if config is not None:
             check_signature(manifest["signature"], config, str(directory))
-        prefix = load_file(str(directory / PREFIX_FILE))
+        recorded = manifest.get("model_identity")
+        if model is not None and recorded is not None and not allow_other_model:
+            if model_identity(model) != recorded:
+                raise ValueError(f"{directory}: the memory was encoded by other weights than this model's (model "
+                                 "identity differs); re-encode it with this model, or pass allow_other_model=True "
+                                 "to use it anyway")
+        if "prefix" not in manifest:
+            logger.warning("%s: memory saved without checksums; its files are not verified", directory)
+        prefix = _read_verified(directory / PREFIX_FILE, manifest.get("prefix", {}), "the prefix file")
         num_layers = manifest["signature"]["num_hidden_layers"]
         store = cls(
             signature=manifest["signature"],
             prefix_ids=prefix["prefix_ids"],
             prefix_keys=[prefix[f"keys.{layer}"] for layer in range(num_layers)],
             prefix_values=[prefix[f"values.{layer}"] for layer in range(num_layers)],
+            model_identity=recorded,
         )
-        parts = [load_file(str(directory / shard["file"])) for shard in manifest["shards"]]
+        parts = []
+        for shard in manifest["shards"]:
+            path = directory / shard["file"]
+            part = _read_verified(path, shard, "a document shard")
+            found = {"num_docs": part["doc_num_chunks"].numel(), "num_chunks": int(part["doc_num_chunks"].sum()),
+                     "num_tokens": part["doc_tokens"].numel()}
+            wrong = {key: value for key, value in found.items() if value != shard[key]}
+            if wrong:
+                raise ValueError(f"{path}: the shard holds {wrong}, the manifest says "
+                                 f"{ {key: shard[key] for key in wrong} }; re-encode the memory")
+            parts.append(part)
         if parts:
             layers = store.router_layers
             # One concatenation for all shards: extending shard by shard would copy O(shards^2).
@@ -260,6 +334,11 @@ class MemoryStore:
                 values=[torch.cat([p[f"values.{layer}"] for p in parts]) for layer in layers],
                 routing_keys=[torch.cat([p[f"routing_keys.{layer}"] for p in parts]) for layer in layers],
             ))
+        totals = {"num_docs": store.num_docs, "num_chunks": store.num_chunks, "num_tokens": store.num_tokens}
+        wrong = {key: value for key, value in totals.items() if value != manifest[key]}
+        if wrong:
+            raise ValueError(f"{directory / MANIFEST}: the shards hold {wrong}, the manifest says "
+                             f"{ {key: manifest[key] for key in wrong} }; re-encode the memory")
         store.shards = list(manifest["shards"])
         logger.info("loaded memory of %d documents (%d tokens) from %s", store.num_docs, store.num_tokens, directory)
         return store.pin_memory() if pin_memory else store
