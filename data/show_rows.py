@@ -1,4 +1,4 @@
-"""Print packed rows of a build in readable form (``python -m msa_train.data.show_rows BUILD``).
+"""Print packed rows of a build in readable form (``python -m data.show_rows BUILD``).
 
 Each example is shown as its runs of tokens: the shared prefix, every memory document
 (``+`` marks a positive), the query and, in brackets, what the model must generate.

@@ -2,11 +2,11 @@
 
 One command trains a tiny random Qwen3 with the real pipeline (`recipes/kv_cpu.yaml`: the
 CPT warm-up with an aux-heavy loss, then CPT main, DeepSpeed in one process), then answers
-held-out key-value questions through `msa_train.eval` (memory encoding, routing, memory
+held-out key-value questions through `eval` (memory encoding, routing, memory
 interleave), and writes the numbers and the curves:
 
-    python -m msa_train.eval.kv_cpu_experiment                    # -> runs/experiments/kv_cpu.{json,*.png}
-    python -m msa_train.eval.kv_cpu_experiment --seed 3 --results-dir /tmp/kv run.output_dir=/tmp/kv/run
+    python -m experiments.kv_cpu                    # -> runs/experiments/kv_cpu.{json,*.png}
+    python -m experiments.kv_cpu --seed 3 --results-dir /tmp/kv run.output_dir=/tmp/kv/run
 
 Held-out means new facts: every evaluation memory comes from `generate_kv_facts` with seeds
 that no training or in-training eval source uses, and holds as many documents as a training
@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from ..data.synthetic import generate_kv_facts
-from ..data.templates import TemplateConfig
-from ..train.config import Recipe, load_recipe
-from ..train.runner import main as run_training
-from ..train.trainer import export_dir, stage_dir
-from .harness import EvalModel, LoopSettings, write_json
-from .qa import QAReport, run_qa
+from data.synthetic import generate_kv_facts
+from data.templates import TemplateConfig
+from eval.harness import EvalModel, LoopSettings, write_json
+from eval.qa import QAReport, run_qa
+from train.config import Recipe, load_recipe
+from train.runner import main as run_training
+from train.trainer import export_dir, stage_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Pieces of the GPU-scale experiment driver that can be checked on the CPU in seconds.
 
-The whole driver at toy scale (`python -m msa_train.eval.gpu_experiment --smoke`) takes about
+The whole driver at toy scale (`python -m experiments.gpu --smoke`) takes about
 three minutes on 2 CPU cores, so it is documented in docs/EXPERIMENTS.md, not run here.
 """
 
@@ -13,12 +13,12 @@ import torch
 from data_fixtures import write_tiny_export
 from memories import training_row
 
-from msa_train.data.records import Document
-from msa_train.data.samples import MemoryConfig
-from msa_train.eval import gpu_experiment as experiment
-from msa_train.eval.harness import LoopSettings
-from msa_train.train.config import load_recipe
-from msa_train.train.runner import tokenizer_texts as runner_tokenizer_texts
+from data.records import Document
+from data.samples import MemoryConfig
+from eval.harness import LoopSettings
+from experiments.gpu import driver as experiment
+from train.config import load_recipe
+from train.runner import tokenizer_texts as runner_tokenizer_texts
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_evaluation_measures_niah_and_routing_at_l_and_64l_first():
 def _fake_niah(monkeypatch, clock: list[float], seconds_per_token: float, fail_at: int | None = None,
                matched: bool = False) -> list[tuple]:
     """run_niah replaced by one that advances `clock` by the memory's cost and records its calls."""
-    from msa_train.eval import niah
+    from eval import niah
 
     calls = []
     expected_matched = matched
@@ -332,10 +332,10 @@ def test_resumed_stages_keep_the_earlier_runs_records(monkeypatch, tmp_path):
     export was trained with, from the earlier run's record."""
     from types import SimpleNamespace
 
-    import msa_train.data.tokenization as tokenization
-    import msa_train.train.distributed as distributed
-    import msa_train.train.export as export
-    import msa_train.train.runner as runner
+    import data.tokenization as tokenization
+    import train.distributed as distributed
+    import train.export as export
+    import train.runner as runner
 
     recipe = load_recipe(experiment.DEFAULT_RECIPE)
     names = [stage.name for stage in recipe.stages]
@@ -354,7 +354,7 @@ def test_resumed_stages_keep_the_earlier_runs_records(monkeypatch, tmp_path):
         ran.append(args[1].name)
         raise StopAtTraining
 
-    import msa_train.train.trainer as trainer
+    import train.trainer as trainer
 
     monkeypatch.setattr(trainer, "StageTrainer", fake_trainer)
     spec = {"run_dir": str(tmp_path), "recipe": str(experiment.DEFAULT_RECIPE), "overrides": [],
@@ -388,11 +388,11 @@ def test_steps_from_reads_mains_stage_steps_and_names_what_is_missing(tmp_path):
 def test_fixed_steps_override_the_planner_whatever_the_time_left(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    import msa_train.data.tokenization as tokenization
-    import msa_train.train.distributed as distributed
-    import msa_train.train.export as export
-    import msa_train.train.runner as runner
-    import msa_train.train.trainer as trainer
+    import data.tokenization as tokenization
+    import train.distributed as distributed
+    import train.export as export
+    import train.runner as runner
+    import train.trainer as trainer
 
     recipe = load_recipe(experiment.DEFAULT_RECIPE)
     names = [stage.name for stage in recipe.stages]

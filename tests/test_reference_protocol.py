@@ -9,13 +9,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from data.templates import TemplateConfig, TemplateTokens, reference_template
+from data.tokenization import HuggingFaceTokenizer
 from msa_modeling.inference.reference_protocol import (
     ProtocolMismatchWarning,
     check_prefix_length,
     warn_on_protocol_mismatch,
 )
-from msa_train.data.templates import TemplateConfig, TemplateTokens, reference_template
-from msa_train.data.tokenization import HuggingFaceTokenizer
 
 DOCUMENTS = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."]
 QUESTION = "Where is Berlin?"

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from msa_train.data.loader import PackedRowLoader, stack_rows
+from data.loader import PackedRowLoader, stack_rows
 
 from .config import Recipe, StageConfig
 from .data_stream import source_build_dir

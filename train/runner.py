@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from msa_train.data.build import load_source
-from msa_train.data.errors import BadRecordTally
-from msa_train.data.tokenization import load_tokenizer
+from data.build import load_source
+from data.errors import BadRecordTally
+from data.tokenization import load_tokenizer
 
 from .config import Recipe, RecipeError, StageConfig, load_recipe
 from .data_stream import build_config_for, prepare_sources

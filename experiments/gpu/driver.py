@@ -1,9 +1,9 @@
 """The GPU-scale MSA experiment, from one command, inside a wall-clock budget.
 
-    python -m msa_train.eval.gpu_experiment --gpus 0 1 2 3 --results-dir runs/experiments
-    python eval/gpu_experiment.py --gpus 0 1 --time-budget 7    # a bare checkout: no install needed
-    python eval/gpu_experiment.py --gpus 0 0 0 --variants main no_aux global_positions   # three on GPU 0
-    python -m msa_train.eval.gpu_experiment --smoke --results-dir /tmp/gpu_smoke   # CPU, toy scale
+    python -m experiments.gpu --gpus 0 1 2 3 --results-dir runs/experiments
+    python -m experiments.gpu --gpus 0 1 --time-budget 7    # from the repository root: no install needed
+    python -m experiments.gpu --gpus 0 0 0 --variants main no_aux global_positions   # three on GPU 0
+    python -m experiments.gpu --smoke --results-dir /tmp/gpu_smoke   # CPU, toy scale
 
 What it does:
 1. Trains one tokenizer for every variant (the recipe's `train_tiny`, on the recipe's sources).
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -65,40 +64,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def _shim_dir(repo: Path) -> Path:
-    """A folder holding `msa_train/{data,train,eval}` links to `repo`'s folders, so that the
-    `msa_train` namespace imports from a bare checkout (pyproject maps it the same way)."""
-    digest = hashlib.sha1(str(repo).encode()).hexdigest()[:10]
-    shim = Path(tempfile.gettempdir()) / f"msa_train_shim_{digest}"
-    package = shim / "msa_train"
-    package.mkdir(parents=True, exist_ok=True)
-    for name in ("data", "train", "eval"):
-        link = package / name
-        if not link.exists():
-            try:
-                link.symlink_to(repo / name, target_is_directory=True)
-            except FileExistsError:  # another process made it meanwhile
-                pass
-    return shim
-
-
-if __name__ == "__main__" and not __package__:
-    # `python eval/gpu_experiment.py ...`: import the module as `msa_train.eval.gpu_experiment`.
-    import importlib.util
-
-    if importlib.util.find_spec("msa_train") is None:
-        _shim = _shim_dir(REPO)
-        sys.path[:0] = [str(_shim), str(REPO)]
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            [str(_shim), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    from msa_train.eval.gpu_experiment import main as _main
-
-    raise SystemExit(_main())
-
-logger = logging.getLogger("msa_train.gpu_experiment")
+logger = logging.getLogger(__name__)
 
 DEFAULT_RECIPE = REPO / "recipes" / "qwen3_350m_synthetic.yaml"
 # The issue's comparison (the default), then recipe changes under test.
@@ -273,9 +242,9 @@ def tokenizer_texts(recipe: Any, tokenizer_dir: Path, limit: int) -> list[str]:
     """The texts `train.runner.tokenizer_texts` trains the tiny tokenizer on, without generating
     whole sources: the synthetic generators are sequential, so a source generated with its counts
     capped at `limit` has the same first `limit` documents and records."""
-    from ..data.build import load_source
-    from ..data.errors import BadRecordTally
-    from ..train.data_stream import build_config_for
+    from data.build import load_source
+    from data.errors import BadRecordTally
+    from train.data_stream import build_config_for
 
     texts: list[str] = []
     for name in recipe.data.sources:
@@ -294,8 +263,8 @@ def tokenizer_texts(recipe: Any, tokenizer_dir: Path, limit: int) -> list[str]:
 
 def prepare_shared_tokenizer(recipe: Any, directory: Path) -> Path:
     """One tokenizer for every variant: the recipe's own (`tokenizer.path`) or its tiny one."""
-    from ..train.runner import special_strings
-    from ..train.tokenizer import prepare_tokenizer
+    from train.runner import special_strings
+    from train.tokenizer import prepare_tokenizer
 
     tiny = recipe.tokenizer.train_tiny
     texts = None
@@ -309,7 +278,7 @@ def prepare_shared_tokenizer(recipe: Any, directory: Path) -> Path:
 
 
 def _build_source(config: Any, output: str) -> dict:
-    from ..data.build import build_dataset
+    from data.build import build_dataset
 
     started = time.perf_counter()
     manifest = build_dataset(config, output)
@@ -320,13 +289,13 @@ def _build_source(config: Any, output: str) -> dict:
 
 def prepare_variant(spec: dict) -> None:
     """A variant's tokenizer copy and data builds (one process per source); writes `prep_done.json`."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    from ..train.config import load_recipe
-    from ..train.data_stream import build_config_for, source_build_dir
-    from ..train.runner import special_strings
-    from ..train.tokenizer import prepare_tokenizer
+    from train.config import load_recipe
+    from train.data_stream import build_config_for, source_build_dir
+    from train.runner import special_strings
+    from train.tokenizer import prepare_tokenizer
 
     started = time.perf_counter()
     run_dir = Path(spec["run_dir"])
@@ -476,12 +445,12 @@ def train_variant(spec: dict, result: dict, save: Any, earlier_stages: dict[str,
 
     import torch
 
-    from ..data.tokenization import load_tokenizer
-    from ..train.config import load_recipe
-    from ..train.distributed import init_distributed
-    from ..train.export import is_complete_export
-    from ..train.runner import previous_export
-    from ..train.trainer import NonFiniteLossError, StageTrainer, export_dir, stage_dir, total_steps
+    from data.tokenization import load_tokenizer
+    from train.config import load_recipe
+    from train.distributed import init_distributed
+    from train.export import is_complete_export
+    from train.runner import previous_export
+    from train.trainer import NonFiniteLossError, StageTrainer, export_dir, stage_dir, total_steps
 
     run_dir = Path(spec["run_dir"])
     base = load_recipe(spec["recipe"], spec["overrides"])
@@ -560,9 +529,8 @@ def load_eval_model(export: Path, device: str, settings: Any, template: dict[str
     import torch
 
     import msa_modeling  # noqa: F401
-
-    from ..data.templates import TemplateConfig
-    from .harness import EvalModel
+    from data.templates import TemplateConfig
+    from eval.harness import EvalModel
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     # A `global_positions` export (document_positions: false) needs nothing special: the
@@ -579,8 +547,8 @@ def rendered_tokens_per_doc(model: Any, documents: Sequence[Any]) -> float:
 def needle_memory(model: Any, memory_tokens: int, questions: int, seed: int) -> Any:
     """One shared memory of about `memory_tokens` rendered tokens with `questions` needles in haystack
     documents (40 words each); each record asks one needle, and the corpus order is shuffled."""
-    from ..data.records import RetrievalDataset
-    from ..data.synthetic import generate_needles
+    from data.records import RetrievalDataset
+    from data.synthetic import generate_needles
 
     probe = generate_needles("single", 1, seed, haystack_docs=8, words_per_doc=40)
     per_doc = rendered_tokens_per_doc(model, probe.corpus)
@@ -599,8 +567,8 @@ def needle_memory(model: Any, memory_tokens: int, questions: int, seed: int) -> 
 
 def chains_memory(model: Any, memory_tokens: int, seed: int, questions: int) -> Any:
     """Two-hop chains (with distractors) filling about `memory_tokens`; positives are both hops."""
-    from ..data.records import RetrievalDataset
-    from ..data.synthetic import generate_multihop_chains
+    from data.records import RetrievalDataset
+    from data.synthetic import generate_multihop_chains
 
     options = dict(hops=2, distractors_per_chain=6, filler_words=12, hop_positives=True)
     probe = generate_multihop_chains(2, seed, **options)
@@ -715,7 +683,7 @@ def job_size(job: dict, settings: dict) -> tuple[float, float]:
 def add_niah_samples(reports: dict[int, Any], evaluation: dict, size: int, report: Any) -> dict[str, Any]:
     """Add a NIAH report's samples to those of `size` so far and put the size's new summary in
     `evaluation` (its `seconds` carried over, for the caller to add to); returns that summary."""
-    from .niah import NIAHReport
+    from eval.niah import NIAHReport
 
     merged = reports.setdefault(size, NIAHReport())
     merged.samples += report.samples
@@ -736,7 +704,7 @@ def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: Cos
     `hard_deadline`: the acceptance check needs it. Later rounds start only when their
     predicted time ends before `soft_deadline`, which leaves time for the jobs after them.
     """
-    from .niah import run_niah
+    from eval.niah import run_niah
 
     for round_index in range(settings["niah_samples"]):
         for task in settings["niah_subtasks"]:
@@ -768,10 +736,10 @@ def run_niah_rounds(model: Any, sizes: Sequence[int], settings: dict, costs: Cos
 def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
     """Run the evaluation jobs in order while the predicted end stays before the deadline (NIAH at
     L and 64L gets at least one round, see `run_niah_rounds`)."""
-    from ..data.synthetic import generate_kv_facts
-    from .harness import LoopSettings
-    from .niah import run_niah
-    from .qa import run_qa
+    from data.synthetic import generate_kv_facts
+    from eval.harness import LoopSettings
+    from eval.niah import run_niah
+    from eval.qa import run_qa
 
     settings = spec["eval"]
     device = spec["device"]
@@ -860,8 +828,8 @@ def run_worker(spec_path: Path) -> int:
     except Exception:
         result["errors"].append(f"training: {traceback.format_exc()}")
         logger.exception("training failed")
-        from ..train.export import is_complete_export
-        from ..train.trainer import export_dir
+        from train.export import is_complete_export
+        from train.trainer import export_dir
 
         exports = [export_dir(run_dir, s["stage"]) for s in result["stages"]]
         complete = [e for e in exports if is_complete_export(e)]
@@ -909,21 +877,9 @@ def assign_worker_slots(num_variants: int, slots: Sequence[int]) -> list[tuple[i
     return [(slots[index % len(slots)], index % len(slots)) for index in range(num_variants)]
 
 
-def python_path_env() -> str:
-    """PYTHONPATH for child processes: `msa_train` importable even from a bare checkout."""
-    import importlib.util
-
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    spec = importlib.util.find_spec("msa_train.eval")
-    locations = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
-    if REPO / "eval" not in locations:
-        parts[:0] = [str(_shim_dir(REPO)), str(REPO)]
-    return os.pathsep.join(dict.fromkeys(parts))
-
-
 def child_env(device: str, slot: int, port: int, threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=python_path_env(), PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", RANK="0", LOCAL_RANK="0",
                WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                WANDB_MODE="disabled")
@@ -938,7 +894,7 @@ def child_env(device: str, slot: int, port: int, threads: int) -> dict[str, str]
 def launch(mode: str, spec_path: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     log = open(log_path, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "msa_train.eval.gpu_experiment", mode, str(spec_path)],
+        return subprocess.Popen([sys.executable, "-m", "experiments.gpu", mode, str(spec_path)],
                                 cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         log.close()
@@ -1110,7 +1066,7 @@ def plot_results(results: dict[str, Any], results_dir: Path, name: str) -> list[
     except ImportError:
         logger.warning("matplotlib is not installed: no plots")
         return []
-    from .scaling import PAPER_NIAH_AVERAGE
+    from eval.scaling import PAPER_NIAH_AVERAGE
 
     paths = []
     variants = results["variants"]
@@ -1221,7 +1177,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 def run_driver(args: argparse.Namespace) -> int:
     t0 = time.time()
-    from ..train.config import load_recipe
+    from train.config import load_recipe
 
     budget_s = args.time_budget * 60.0
     end_all = t0 + budget_s - args.aggregation_reserve

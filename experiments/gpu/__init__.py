@@ -1,0 +1,1 @@
+"""The GPU-scale MSA experiment (see `driver`)."""
