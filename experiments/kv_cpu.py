@@ -30,9 +30,8 @@ from data.synthetic import generate_kv_facts
 from data.templates import TemplateConfig
 from eval.harness import EvalModel, LoopSettings, write_json
 from eval.qa import QAReport, run_qa
-from train.config import Recipe, load_recipe
+from train.api import Recipe, export_dir, load_recipe, stage_dir
 from train.runner import main as run_training
-from train.trainer import export_dir, stage_dir
 
 logger = logging.getLogger(__name__)
 

@@ -177,7 +177,7 @@ def test_scaling_table_compares_at_matching_sizes(tmp_path):
 
 
 def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
-    from eval import bench_inference
+    from benchmarks import bench_inference
 
     out = tmp_path / "bench.json"
     bench_inference.main([
@@ -206,7 +206,7 @@ def test_inference_benchmark_memory_estimates_at_100m_tokens():
     """The spec's sizing (section 8): 100M tokens, P=64, 8 KV heads, D=128, 18 router layers, bf16."""
     import torch
 
-    from eval import bench_inference
+    from benchmarks import bench_inference
 
     args = bench_inference.build_parser().parse_args([])
     args.dtype = torch.bfloat16
