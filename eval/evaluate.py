@@ -20,8 +20,8 @@ import yaml
 
 from data.readers import read_beir, read_retrieval_jsonl
 from data.templates import TemplateConfig, reference_template
+from train.export_files import RECIPE_FILE
 
-RECIPE_FILE = "recipe.yaml"  # the recipe copy a trainer export holds (train.export)
 from .harness import EvalModel, LoopSettings, write_json
 from .judge import JudgeClient
 from .niah import DEFAULT_SIZES, SUBTASKS, run_niah

@@ -16,7 +16,6 @@ memory, so router recall@1 has a chance level of 1 / that number.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -30,8 +29,9 @@ from data.synthetic import generate_kv_facts
 from data.templates import TemplateConfig
 from eval.harness import EvalModel, LoopSettings, write_json
 from eval.qa import QAReport, run_qa
-from train.api import Recipe, export_dir, load_recipe, stage_dir
+from train.api import Recipe, export_dir, load_recipe
 from train.runner import main as run_training
+from train.tracking import stage_curves
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +41,6 @@ DEFAULT_RESULTS_DIR = REPO / "runs" / "experiments"  # ignored by git: tracked r
 # Far from the recipe's data seeds (0, 1, 2), so no evaluation memory repeats a training fact set.
 HELDOUT_SEED_BASE = 1000
 RECALL_KS = (1, 5, 10)
-
-
-def stage_curves(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
-    """Per stage: the training records and the in-training held-out eval records of metrics.jsonl."""
-    curves = []
-    for stage in recipe.stages:
-        records = [json.loads(line) for line in (stage_dir(run_dir, stage.name) / "metrics.jsonl").read_text().splitlines()]
-        keys = ["loss", "lm_loss", "aux_loss", *(f"recall@{k}" for k in RECALL_KS)]
-        train = [{"step": r["step"], **{key: r[key] for key in keys}} for r in records if "loss" in r]
-        evals = [{"step": r["step"], **{key: r[f"eval/{key}"] for key in keys}} for r in records if "eval/loss" in r]
-        curves.append({"stage": stage.name, "train": train, "eval": evals})
-    return curves
 
 
 def memory_docs_of(recipe: Recipe) -> int:
@@ -177,7 +165,7 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
                                qa_source_of(recipe))
     evaluated = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
-    curves = stage_curves(run_dir, recipe)
+    curves = stage_curves(run_dir, [stage.name for stage in recipe.stages])
     results = {
         "recipe": str(recipe_path),
         "overrides": overrides,

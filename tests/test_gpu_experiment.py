@@ -20,6 +20,7 @@ from experiments.gpu import driver, plan, report, stats, training
 from experiments.gpu import evaluation as eval_jobs
 from train.config import load_recipe
 from train.runner import tokenizer_texts as runner_tokenizer_texts
+from train.tracking import stage_curves
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,7 @@ def test_stage_curves_keep_each_router_layers_eval_recall(tmp_path):
         {"step": 1, "eval/loss": 2.5, "eval/recall@1": 0.5, "eval/recall@1/layer_0": 0.9, "eval/recall@1/layer_1": 0.1},
     ]
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    [curve] = report.stage_curves(tmp_path, ["cpt_main", "sft_short"])  # cpt_main never ran
+    [curve] = stage_curves(tmp_path, ["cpt_main", "sft_short"])  # cpt_main never ran
     assert curve["stage"] == "sft_short"
     assert curve["eval"] == [{"step": 1, "loss": 2.5, "lm_loss": None, "aux_loss": None, "recall@1": 0.5,
                               "recall@5": None, "recall@10": None, "recall@1/layer_0": 0.9, "recall@1/layer_1": 0.1}]

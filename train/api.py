@@ -8,11 +8,13 @@ tokenizer and data, then calls `run_stage` per stage: the same step the launcher
 from .config import Recipe, RecipeError, StageConfig, load_recipe
 from .data_stream import build_config_for, source_build_dir
 from .distributed import DistributedContext, init_distributed
-from .export import is_complete_export
+from .export_files import RECIPE_FILE, is_complete_export
 from .runner import prepare_recipe_tokenizer, run_stage, tokenizer_texts
+from .tracking import read_metrics, stage_curves
 from .trainer import NonFiniteLossError, export_dir, stage_dir, total_steps
 
 __all__ = [
+    "RECIPE_FILE",
     "DistributedContext",
     "NonFiniteLossError",
     "Recipe",
@@ -24,8 +26,10 @@ __all__ = [
     "is_complete_export",
     "load_recipe",
     "prepare_recipe_tokenizer",
+    "read_metrics",
     "run_stage",
     "source_build_dir",
+    "stage_curves",
     "stage_dir",
     "tokenizer_texts",
     "total_steps",

@@ -24,7 +24,7 @@ from data.tokenization import load_tokenizer
 from .config import Recipe, RecipeError, StageConfig, load_recipe
 from .data_stream import build_config_for, prepare_sources
 from .distributed import DistributedContext, barrier, init_distributed
-from .export import is_complete_export
+from .export_files import is_complete_export
 from .tokenizer import prepare_tokenizer
 from .trainer import NonFiniteLossError, StageTrainer, export_dir
 

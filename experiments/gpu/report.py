@@ -4,14 +4,14 @@ JSON written while it runs and at the end, and merging earlier runs' variants.""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from train.tracking import stage_curves
 
 from .plan import LOG_TAIL_LINES, RECALL_KS, SIZE_MULTIPLES, VARIANT_TITLES, read_json, size_label, write_json_atomic
 from .stats import acceptance
@@ -20,37 +20,6 @@ if TYPE_CHECKING:
     from .driver import Job
 
 logger = logging.getLogger(__name__)
-
-
-def stage_curves(run_dir: Path, stage_names: Sequence[str]) -> list[dict[str, Any]]:
-    keys = [
-        "loss",
-        "lm_loss",
-        "aux_loss",
-        *(f"recall@{k}" for k in RECALL_KS),
-        "tokens_per_s_per_device",
-        "mfu",
-        "memory_gb",
-    ]
-    curves = []
-    for name in stage_names:
-        path = run_dir / "stages" / name / "metrics.jsonl"
-        if not path.is_file():
-            continue
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        train = [{"step": r["step"], **{k: r.get(k) for k in keys}} for r in records if "loss" in r]
-        # Evaluations also keep recall@1 per router layer: the mean hides a layer that stops routing.
-        evals = [
-            {
-                "step": r["step"],
-                **{k: r.get(f"eval/{k}") for k in keys[:6]},
-                **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/recall@1/layer_")},
-            }
-            for r in records
-            if "eval/loss" in r
-        ]
-        curves.append({"stage": name, "train": train, "eval": evals})
-    return curves
 
 
 def summary_table(results: dict[str, Any]) -> str:

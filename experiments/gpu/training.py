@@ -4,7 +4,6 @@ source), and its stages with planned steps through `train.api.run_stage`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import statistics
 import time
@@ -114,12 +113,11 @@ def wait_for_prep(run_dir: Path, deadline: float) -> dict:
         time.sleep(0.25)
 
 
-def stage_throughput(metrics_path: Path) -> dict[str, float] | None:
+def stage_throughput(stage_dir: Path) -> dict[str, float] | None:
     """Median tokens/s and step seconds of a stage's logged steps (the first two, warm-up, left out when possible)."""
-    if not metrics_path.is_file():
-        return None
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if r.get("tokens_per_s_per_device")]
+    from train.tracking import read_metrics
+
+    steps = [r for r in read_metrics(stage_dir) if r.get("tokens_per_s_per_device")]
     if not steps:
         return None
     steady = steps[2:] if len(steps) > 4 else steps
@@ -204,7 +202,7 @@ def train_variant(spec: dict, result: dict, save: Any, earlier_stages: dict[str,
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         record["wall_s"] = time.time() - started
-        measured = stage_throughput(api.stage_dir(run_dir, stage.name) / "metrics.jsonl")
+        measured = stage_throughput(api.stage_dir(run_dir, stage.name))
         if measured:
             record.update(tokens_per_s=measured["tokens_per_s"], step_seconds_total=measured["step_seconds_total"])
             planner.update(measured["tokens_per_s"], record["wall_s"] - measured["step_seconds_total"])
