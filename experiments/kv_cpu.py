@@ -5,7 +5,7 @@ CPT warm-up with an aux-heavy loss, then CPT main, DeepSpeed in one process), th
 held-out key-value questions through `eval` (memory encoding, routing, memory
 interleave), and writes the numbers and the curves:
 
-    python -m experiments.kv_cpu                    # -> runs/experiments/kv_cpu.{json,*.png}
+    python -m experiments.kv_cpu                    # -> $TMPDIR/msa_experiments/kv_cpu.{json,*.png}
     python -m experiments.kv_cpu --seed 3 --results-dir /tmp/kv run.output_dir=/tmp/kv/run
 
 Held-out means new facts: every evaluation memory comes from `generate_kv_facts` with seeds
@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "kv_cpu.yaml"
-DEFAULT_RESULTS_DIR = REPO / "runs" / "experiments"  # ignored by git: tracked results stay as they are
+DEFAULT_RESULTS_DIR = Path(tempfile.gettempdir()) / "msa_experiments"  # outside the repository unless asked
 # Far from the recipe's data seeds (0, 1, 2), so no evaluation memory repeats a training fact set.
 HELDOUT_SEED_BASE = 1000
 RECALL_KS = (1, 5, 10)

@@ -290,6 +290,17 @@ def test_show_rows_names_every_run(builds: dict[str, Path]) -> None:
     assert "ex 0     doc 1" in text and " + (" in text and "query" in text and "generate" in text
 
 
+def test_show_rows_fits_rows_to_the_build_by_default(builds: dict[str, Path], capsys) -> None:
+    """Without --row-length a row is as long as the build's longest example may be, not 16384."""
+    from data.show_rows import build_row_length, main
+
+    manifest = json.loads((builds["qa"] / "manifest.json").read_text())
+    assert build_row_length(builds["qa"]) == manifest["config"]["max_example_tokens"] < 16_384
+    assert main([str(builds["qa"])]) == 0
+    padding = [int(line.split("x")[-1]) for line in capsys.readouterr().out.splitlines() if "padding x" in line]
+    assert sum(padding) < manifest["config"]["max_example_tokens"]
+
+
 def test_memory_holds_hard_negatives_then_random_fill(builds: dict[str, Path], tmp_path: Path, sp_model: Path) -> None:
     manifest = json.loads((builds["beir"] / "manifest.json").read_text())
     source = load_source(BuildConfig.from_dict(manifest["config"]).source, BadRecordTally())

@@ -347,7 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides for every variant")
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
-    parser.add_argument("--results-dir", type=Path, default=REPO / "runs" / "experiments")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "msa_experiments",
+        help="where the JSON, plots and log go (default: outside the repository)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "msa_gpu_experiment")
     parser.add_argument("--name", help="file stem of the outputs (default gpu_scale, or gpu_scale_smoke)")
     parser.add_argument(
