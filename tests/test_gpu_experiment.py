@@ -14,7 +14,6 @@ from data_fixtures import write_tiny_export
 from memories import training_row
 
 from data.records import Document
-from data.samples import MemoryConfig
 from eval.harness import LoopSettings
 from experiments.gpu import driver, plan, report, stats, training
 from experiments.gpu import evaluation as eval_jobs
@@ -71,16 +70,6 @@ def test_variant_overrides_express_the_three_ablations():
         assert sorted(stage.sources.values()) == sorted(original.sources.values())
     used = {name for stage in recipe.stages for name in stage.sources}
     assert any(kinds[name] == "interleave" for name in used)
-
-
-def test_id_strides_variant_spreads_every_memory_over_its_id_range():
-    recipe = load_recipe(plan.DEFAULT_RECIPE)
-    strided = load_recipe(plan.DEFAULT_RECIPE, plan.variant_overrides(recipe, "id_strides"))
-    for name, source in strided.data.sources.items():
-        memory = MemoryConfig(**source["memory"])
-        assert memory.max_memory_id == MemoryConfig(**recipe.data.sources[name]["memory"]).max_memory_id
-        assert memory.id_stride_max * memory.max_memory_docs <= memory.max_memory_id
-        assert memory.id_stride_max >= 64  # 33280 // 512 for the largest memories
 
 
 def test_the_recipe_trains_the_ids_and_chunks_that_evaluation_uses():

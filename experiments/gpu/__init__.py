@@ -19,7 +19,6 @@ What it does:
      document at its offset in the memory and the question after the whole memory;
    - `no_interleave`: every interleave (multi-hop, one example per retrieval step) source is
      replaced by its one-round counterpart, which retrieves both hops' IDs at once;
-   - `id_strides` (not in the default set): training memories' IDs spaced by random strides.
    Data builds run in separate CPU processes, one per source, while the workers start.
 3. Fits the steps to the budget: the first stage uses the recipe's steps, or fewer when the
    assumed throughput says they would not fit; each later stage is scaled (up to

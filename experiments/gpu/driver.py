@@ -366,8 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="*",
         choices=VARIANTS,
-        help="default: main and the three ablations (main and global_positions with --smoke); "
-        "id_strides spaces training memories' IDs by random strides",
+        help="default: main and the three ablations (main and global_positions with --smoke)",
     )
     parser.add_argument("--time-budget", type=float, default=7.0, help="minutes of wall clock for everything")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")

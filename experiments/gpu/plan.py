@@ -19,13 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RECIPE = REPO / "recipes" / "qwen3_350m_synthetic.yaml"
 # The comparison (the default), then recipe changes under test.
 ABLATIONS = ("main", "no_aux", "global_positions", "no_interleave")
-VARIANTS = (*ABLATIONS, "id_strides")
+VARIANTS = ABLATIONS
 VARIANT_TITLES = {
     "main": "MSA (all stages)",
     "no_aux": "without the aux loss",
     "global_positions": "global positions",
     "no_interleave": "without interleave steps",
-    "id_strides": "IDs spaced by random strides",
 }
 HELDOUT_SEED = 1000  # generator seeds of held-out evaluation data; training sources use seeds < 100
 RECALL_KS = (1, 5, 10)
@@ -79,17 +78,6 @@ def variant_overrides(recipe: Any, variant: str) -> list[str]:
                 overrides.append(f"stages.{index}.sources={json.dumps(replaced)}")
         if not overrides:
             raise ValueError("the no_interleave variant needs a stage with an interleave source")
-        return overrides
-    if variant == "id_strides":
-        # Strides up to what spreads a source's largest memory over its whole ID range.
-        overrides = []
-        for name, source in recipe.data.sources.items():
-            memory = source.get("memory") or {}
-            if memory.get("id_offset_max") and memory.get("max_memory_docs"):
-                stride = (memory["id_offset_max"] + memory["max_memory_docs"]) // memory["max_memory_docs"]
-                overrides.append(f"data.sources.{name}.memory.id_stride_max={stride}")
-        if not overrides:
-            raise ValueError("the id_strides variant needs sources with memory.id_offset_max and max_memory_docs")
         return overrides
     raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
 
