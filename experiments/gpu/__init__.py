@@ -44,5 +44,6 @@ overrides applied to every variant.
 The package, in the order a run takes: `plan` (variants, smoke scale, steps per stage, worker
 slots), `training` (tokenizer, data builds, stages through `train.api.run_stage`), `evaluation`
 (the jobs and their cost model), `stats` (the acceptance check and its bootstrap interval),
-`report` (table, plots, JSON, merging) and `driver` (processes, deadlines, command line).
+`report` (table, plots, JSON, merging), `worker` (one variant's process) and `driver` (processes,
+deadlines, command line).
 """

@@ -14,12 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Any
 
 from . import __doc__ as package_doc
-from .evaluation import evaluate_variant, qa_template
+from .evaluation import qa_template
 from .plan import (
     ABLATIONS,
     DEFAULT_RECIPE,
@@ -32,7 +30,6 @@ from .plan import (
     free_ports,
     kv_generator_options,
     longest_row,
-    read_json,
     recorded_stage_steps,
     recorded_training_seconds,
     smoke_overrides,
@@ -41,7 +38,8 @@ from .plan import (
     write_json_atomic,
 )
 from .report import aggregate, write_progress_snapshot
-from .training import prepare_shared_tokenizer, prepare_variant, train_variant
+from .training import prepare_shared_tokenizer, prepare_variant
+from .worker import run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -59,55 +57,6 @@ class Job:
     hard_deadline: float = 0.0
     started: float = 0.0
     finished: float = 0.0
-
-
-def run_worker(spec_path: Path) -> int:
-    """One variant on one device: wait for its data, train the stages, evaluate; `result.json` throughout."""
-    import torch
-
-    spec = json.loads(spec_path.read_text())
-    torch.set_num_threads(spec["threads"])
-    run_dir = Path(spec["run_dir"])
-    result: dict[str, Any] = {
-        "variant": spec["variant"],
-        "overrides": spec["overrides"],
-        "status": "running",
-        "errors": [],
-        "stages": [],
-        "eval": {},
-        "device": spec["device"],
-        "timing": {"started": time.time()},
-    }
-    if torch.cuda.is_available() and spec["device"].startswith("cuda"):
-        result["device_name"] = torch.cuda.get_device_name(0)
-    earlier_stages = {s["stage"]: s for s in (read_json(run_dir / "result.json") or {}).get("stages", [])}
-    save = lambda: write_json_atomic(run_dir / "result.json", result)  # noqa: E731
-    save()
-    export = None
-    try:
-        export = train_variant(spec, result, save, earlier_stages)
-    except Exception:
-        result["errors"].append(f"training: {traceback.format_exc()}")
-        logger.exception("training failed")
-        from train.api import export_dir, is_complete_export
-
-        exports = [export_dir(run_dir, s["stage"]) for s in result["stages"]]
-        complete = [e for e in exports if is_complete_export(e)]
-        export = complete[-1] if complete else None
-    result["timing"]["train_end"] = time.time()
-    save()
-    if export is not None:
-        try:
-            evaluate_variant(export, spec, result, save)
-        except Exception:
-            result["errors"].append(f"evaluation: {traceback.format_exc()}")
-            logger.exception("evaluation failed")
-    else:
-        result["errors"].append("no complete export to evaluate")
-    result["timing"]["end"] = time.time()
-    result["status"] = "ok" if not result["errors"] and not result["eval"].get("errors") else "errors"
-    save()
-    return 0 if result["status"] == "ok" else 1
 
 
 def child_env(device: str, slot: int, port: int, threads: int) -> dict[str, str]:
@@ -134,8 +83,7 @@ def child_env(device: str, slot: int, port: int, threads: int) -> dict[str, str]
 
 
 def launch(mode: str, spec_path: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    try:
+    with open(log_path, "ab") as log:  # the child holds its own copy of the descriptor
         return subprocess.Popen(
             [sys.executable, "-m", "experiments.gpu", mode, str(spec_path)],
             cwd=str(REPO),
@@ -144,8 +92,6 @@ def launch(mode: str, spec_path: Path, log_path: Path, env: dict[str, str]) -> s
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    finally:
-        log.close()
 
 
 def stop(process: subprocess.Popen | None, wait_s: float = 5.0) -> None:
