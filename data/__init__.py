@@ -1,5 +1,5 @@
 """MSA training data: local readers, synthetic tasks, sample builders, pre-tokenised
-shards and the packed-row streaming loader (``msa_train.data``)."""
+shards and the packed-row streaming loader (``data``)."""
 
 from .build import BuildConfig, SourceConfig, build_dataset
 from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError

@@ -1,4 +1,4 @@
-"""Build pre-tokenised shards from local data (also a CLI: ``python -m msa_train.data.build``).
+"""Build pre-tokenised shards from local data (also a CLI: ``python -m data.build``).
 
 Every corpus document is tokenised once and stored by document; examples are stored as
 document references plus their tokenised query/answer tail (see ``store``). Rows are
@@ -31,8 +31,16 @@ from . import readers, synthetic
 from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError
 from .records import Document, RetrievalDataset, RetrievalRecord
 from .samples import IndexedRecord, MemoryConfig, SampleBuilder, SampleKind, UnusableRecordError
-from .store import (DocumentStore, atomic_write_text, finished_shards, remove_stale_temporaries, shard_name,
-                    token_dtype, write_document_shard, write_example_shard)
+from .store import (
+    DocumentStore,
+    atomic_write_text,
+    finished_shards,
+    remove_stale_temporaries,
+    shard_name,
+    token_dtype,
+    write_document_shard,
+    write_example_shard,
+)
 from .templates import ChatFormat, TemplateConfig, TemplateTokens
 from .tokenization import HuggingFaceTokenizer, TextTokenizer, load_tokenizer, worker_pool
 
@@ -337,7 +345,7 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
         if previous != fingerprint:
             if not overwrite:
                 raise ValueError(f"{output} holds a build with another config, tokenizer or input files; "
-                                 "rebuild with `python -m msa_train.data.build ... --overwrite`, or delete that "
+                                 "rebuild with `python -m data.build ... --overwrite`, or delete that "
                                  "folder and run again")
             for sub in ("docs", "examples"):
                 for shard in finished_shards(output / sub):

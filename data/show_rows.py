@@ -1,4 +1,4 @@
-"""Print packed rows of a build in readable form (``python -m msa_train.data.show_rows BUILD``).
+"""Print packed rows of a build in readable form (``python -m data.show_rows BUILD``).
 
 Each example is shown as its runs of tokens: the shared prefix, every memory document
 (``+`` marks a positive), the query and, in brackets, what the model must generate.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loader import PackedRowLoader
+from .loader import PackedRowLoader, PreparedDataset
 from .tokenization import load_tokenizer
 
 
@@ -43,17 +43,23 @@ def describe_row(row: dict, decode: Callable[[list[int]], str], max_chars: int =
     return "\n".join(lines)
 
 
+def build_row_length(build: Path) -> int:
+    """The build's own `max_example_tokens`: the shortest row that holds any of its examples."""
+    return int(PreparedDataset(build).manifest["config"]["max_example_tokens"])
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("build", type=Path)
-    parser.add_argument("--row-length", type=int, default=16_384)
+    parser.add_argument("build", type=Path, help="one source's build folder, e.g. runs/tiny/data/<source>")
+    parser.add_argument("--row-length", type=int, help="tokens per row (default: the build's max_example_tokens)")
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-chars", type=int, default=200, help="shorten longer runs of text")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.build / "tokenizer")
-    loader = PackedRowLoader(args.build, args.row_length, seed=args.seed)
+    row_length = args.row_length or build_row_length(args.build)
+    loader = PackedRowLoader(args.build, row_length, seed=args.seed)
     for index in range(args.rows):
         row = loader.next_row()
         if row is None:

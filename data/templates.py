@@ -242,7 +242,3 @@ class TemplateTokens:
         wants_eos = template.append_eos and template.chat is None and tokenizer.eos_token_id is not None
         eos = [tokenizer.eos_token_id] if wants_eos else []
         return cls(prefix=encoded[0], doc_suffix=encoded[1], doc_id_prefix=[[], *encoded[2:]], eos=eos)
-
-    def rendered_doc_length(self, memory_id: int, doc_tokens: int) -> int:
-        """Tokens of document ``memory_id`` once rendered with its ID prefix and suffix."""
-        return len(self.doc_id_prefix[memory_id]) + doc_tokens + len(self.doc_suffix)

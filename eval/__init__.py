@@ -1,2 +1,2 @@
-"""Evaluation of MSA checkpoints (``msa_train.eval``): RULER-style NIAH, QA on local data with
+"""Evaluation of MSA checkpoints (``eval``): RULER-style NIAH, QA on local data with
 EM/F1/router recall, an optional LLM judge, memory-size scaling curves and benchmarks."""

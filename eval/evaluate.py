@@ -1,7 +1,7 @@
 """Evaluate a checkpoint directory (a trainer stage export, or any MSA checkpoint with its
 tokenizer files): NIAH accuracy per memory size with its scaling curve, and QA on local data.
 
-    python -m msa_train.eval.evaluate runs/tiny/stages/sft_long/export --out eval_out \
+    python -m eval.evaluate runs/tiny/stages/sft_long/export --out eval_out \
         --niah-sizes 32768 65536 --qa-beir path/to/beir_folder --qa-limit 200 --qa-sizes 16384 65536 262144
 
 The prompt template is the export's own (its recipe copy, see `--template`).
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..data.readers import read_beir, read_retrieval_jsonl
-from ..data.templates import TemplateConfig, reference_template
+from data.readers import read_beir, read_retrieval_jsonl
+from data.templates import TemplateConfig, reference_template
+from train.export_files import RECIPE_FILE
 
-RECIPE_FILE = "recipe.yaml"  # the recipe copy a trainer export holds (msa_train.train.export)
 from .harness import EvalModel, LoopSettings, write_json
 from .judge import JudgeClient
 from .niah import DEFAULT_SIZES, SUBTASKS, run_niah

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import msa_modeling  # noqa: F401  (registers model_type "msa" with the Auto classes)
-from msa_modeling.inference import reference_protocol
-from msa_modeling.inference.reference_protocol import warn_on_protocol_mismatch
+from data.records import Document
+from data.templates import ChatFormat, TemplateConfig, TemplateTokens
+from data.tokenization import TextTokenizer, load_tokenizer
 from msa_modeling.inference import (
     InterleaveFormat,
     InterleaveResult,
@@ -26,11 +27,9 @@ from msa_modeling.inference import (
     MSAGenerator,
     RegeneratePrompt,
     RoutingIndex,
+    reference_protocol,
 )
-
-from ..data.records import Document
-from ..data.templates import ChatFormat, TemplateConfig, TemplateTokens
-from ..data.tokenization import TextTokenizer, load_tokenizer
+from msa_modeling.inference.reference_protocol import warn_on_protocol_mismatch
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from data.records import RetrievalDataset, RetrievalRecord
+from data.synthetic import generate_needles, is_haystack_doc
 from msa_modeling.inference import MemoryInterleave, selected_memory_ids
 
-from ..data.records import RetrievalDataset, RetrievalRecord
-from ..data.synthetic import generate_needles, is_haystack_doc
 from .harness import EvalModel
 from .metrics import string_match_fraction
 

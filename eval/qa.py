@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
+from data.records import Document, RetrievalDataset, RetrievalRecord
 from msa_modeling.inference import selected_memory_ids
 
-from ..data.records import Document, RetrievalDataset, RetrievalRecord
 from .harness import EvalModel
 from .judge import JudgeClient
 from .metrics import exact_match, recall_at_k, summarize, token_f1

@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 launch/bench_trainer.py recipes/qwen3_4b.yaml --stage cpt_main --shape qwen3-4b --synthetic
 """
 
-from msa_train.train.benchmark import benchmark_main
+from train.benchmark import benchmark_main
 
 if __name__ == "__main__":
     raise SystemExit(benchmark_main())

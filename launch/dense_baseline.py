@@ -5,7 +5,7 @@ batch and DeepSpeed set-up as the MSA stage: the throughput baseline for docs/BE
     python launch/dense_baseline.py recipes/tiny.yaml --stage cpt_warmup --steps 3
 """
 
-from msa_train.train.runner import dense_baseline_main
+from train.runner import dense_baseline_main
 
 if __name__ == "__main__":
     raise SystemExit(dense_baseline_main())

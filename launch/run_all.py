@@ -5,7 +5,7 @@
     python launch/run_all.py recipes/tiny.yaml         # one process, same code path
 """
 
-from msa_train.train.runner import main
+from train.runner import main
 
 if __name__ == "__main__":
     raise SystemExit(main("all"))

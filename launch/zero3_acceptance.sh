@@ -18,7 +18,7 @@ overrides=("${@:4}")
 
 read -r run_dir stage < <(python - "$recipe" "${overrides[@]}" <<'EOF'
 import sys
-from msa_train.train.config import load_recipe
+from train.config import load_recipe
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 print(recipe.run.output_dir, recipe.stages[0].name)
 EOF

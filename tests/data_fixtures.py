@@ -12,11 +12,11 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from msa_train.data.build import BuildConfig, build_dataset
-from msa_train.data.records import RetrievalDataset
-from msa_train.data.synthetic import filler_text, generate_kv_facts, generate_multihop_chains, generate_needles
-from msa_train.data.templates import TemplateConfig
-from msa_train.data.tokenization import SentencePieceTokenizer
+from data.build import BuildConfig, build_dataset
+from data.records import RetrievalDataset
+from data.synthetic import filler_text, generate_kv_facts, generate_multihop_chains, generate_needles
+from data.templates import TemplateConfig
+from data.tokenization import SentencePieceTokenizer
 
 DELIMITER = "<|object_ref_end|>"
 END_OF_RETRIEVAL = "<End-of-Retrieve>"

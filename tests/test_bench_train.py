@@ -8,7 +8,7 @@ import weakref
 import torch
 from batches import random_packed_batch, tiny_msa
 
-from msa_train.eval.bench_train import optimizer_in_backward
+from benchmarks.bench_train import optimizer_in_backward
 
 
 def test_optimizer_in_backward_matches_the_plain_step_and_frees_every_gradient() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msa_train.data.build import BuildConfig, build_dataset
-from msa_train.data.errors import OverlongExampleError
-from msa_train.data.loader import ROW_FIELDS, PackedRowLoader
-from msa_train.data.store import DocumentStore, ExampleShard, finished_shards
+from data.build import BuildConfig, build_dataset
+from data.errors import OverlongExampleError
+from data.loader import ROW_FIELDS, PackedRowLoader
+from data.store import DocumentStore, ExampleShard, finished_shards
 
 GENERATOR = {"generator": "needles", "kind": "multi_value", "num_samples": 24, "seed": 7, "haystack_docs": 5}
 
@@ -44,7 +44,7 @@ def shard_identity(directory: Path) -> dict[str, int]:
 def test_cli_build_and_manifest(tmp_path: Path, sp_model: Path) -> None:
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_values(sp_model)))
-    result = subprocess.run([sys.executable, "-m", "msa_train.data.build", "--config", str(config_path),
+    result = subprocess.run([sys.executable, "-m", "data.build", "--config", str(config_path),
                              "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -73,8 +73,8 @@ def test_killed_build_resumes_without_redoing_or_exposing_partial_shards(tmp_pat
     # first, then example shards), leaving that shard's files complete but unpublished.
     script = textwrap.dedent(f"""
         import json, os, signal
-        from msa_train.data import store
-        from msa_train.data.build import BuildConfig, build_dataset
+        from data import store
+        from data.build import BuildConfig, build_dataset
         renames = []
         real_rename = os.rename
         def rename_then_die(source, target):
@@ -159,8 +159,8 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
 def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
 
-    from msa_train.data.errors import DataFormatError, MissingFileError
-    from msa_train.data.synthetic import generate_needles
+    from data.errors import DataFormatError, MissingFileError
+    from data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("single", 6, seed=2, haystack_docs=3))
     corpus = beir / "corpus.jsonl"
@@ -183,7 +183,7 @@ def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Pat
 def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
 
-    from msa_train.data.synthetic import generate_needles
+    from data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("single", 4, seed=2, haystack_docs=3))
     values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
@@ -198,7 +198,7 @@ def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model
 def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: Path) -> None:
     from data_fixtures import write_beir
 
-    from msa_train.data.synthetic import generate_needles
+    from data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("multi_value", 4, seed=2, haystack_docs=3))
     values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),

@@ -9,8 +9,8 @@ import pytest
 import torch
 from data_fixtures import synthetic_build, train_sentencepiece
 
-from msa_train.data.errors import OverlongExampleError
-from msa_train.data.loader import ROW_FIELDS, PackedRowLoader
+from data.errors import OverlongExampleError
+from data.loader import ROW_FIELDS, PackedRowLoader
 
 ROW_LENGTH = 1024
 
@@ -130,7 +130,7 @@ def test_builds_with_different_tokenizers_are_not_mixed(builds: dict[str, Path],
 def test_open_file_limit_is_raised_for_many_shards() -> None:
     import resource
 
-    from msa_train.data.loader import ensure_open_file_limit
+    from data.loader import ensure_open_file_limit
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 4096:

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from msa_train.data.errors import BadRecordTally, DataFormatError
-from msa_train.data.readers import (
+from data.errors import BadRecordTally, DataFormatError
+from data.readers import (
     iter_lm_texts,
     read_corpus_jsonl,
     read_qrels_tsv,

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 from data_fixtures import write_beir
 
-from msa_train.data.errors import BadRecordTally, DataFormatError, MissingFileError
-from msa_train.data.readers import (corpus_from_hf, iter_lm_texts, load_local_hf_dataset, read_beir,
-                                    read_retrieval_jsonl, records_from_hf)
-from msa_train.data.synthetic import generate_multihop_chains, generate_needles
+from data.errors import BadRecordTally, DataFormatError, MissingFileError
+from data.readers import (
+    corpus_from_hf,
+    iter_lm_texts,
+    load_local_hf_dataset,
+    read_beir,
+    read_retrieval_jsonl,
+    records_from_hf,
+)
+from data.synthetic import generate_multihop_chains, generate_needles
 
 
 @pytest.fixture()

@@ -14,16 +14,16 @@ import pytest
 import torch
 from data_fixtures import DELIMITER, END_OF_RETRIEVAL, doc_runs, synthetic_build, train_byte_bpe, write_beir
 
+from data.build import BuildConfig, build_dataset, load_source
+from data.errors import BadRecordTally
+from data.layout import compute_position_ids
+from data.loader import PackedRowLoader, stack_rows
+from data.samples import MemoryConfig
+from data.synthetic import generate_needles
+from data.templates import TemplateConfig
+from data.tokenization import load_tokenizer
 from msa_modeling.layout import build_packed_layout
 from msa_modeling.layout import compute_position_ids as model_position_ids
-from msa_train.data.build import BuildConfig, build_dataset, load_source
-from msa_train.data.errors import BadRecordTally
-from msa_train.data.layout import compute_position_ids
-from msa_train.data.loader import PackedRowLoader, stack_rows
-from msa_train.data.samples import MemoryConfig
-from msa_train.data.synthetic import generate_needles
-from msa_train.data.templates import TemplateConfig
-from msa_train.data.tokenization import load_tokenizer
 
 ROW_LENGTH = 1536
 OFFSET = 16
@@ -256,7 +256,7 @@ CHATML_WITH_DEFAULT_SYSTEM = (
 def test_chat_format_from_the_tokenizers_template(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from msa_train.data.templates import ChatFormat
+    from data.templates import ChatFormat
 
     folder = train_byte_bpe(tmp_path)
     hf = AutoTokenizer.from_pretrained(str(folder))
@@ -282,12 +282,23 @@ def test_chat_format_from_the_tokenizers_template(tmp_path: Path) -> None:
 
 
 def test_show_rows_names_every_run(builds: dict[str, Path]) -> None:
-    from msa_train.data.show_rows import describe_row
+    from data.show_rows import describe_row
 
     tokenizer = load_tokenizer(builds["qa"] / "tokenizer")
     rows, _, _ = rows_of(builds["qa"])
     text = describe_row(rows[0], tokenizer.decode)
     assert "ex 0     doc 1" in text and " + (" in text and "query" in text and "generate" in text
+
+
+def test_show_rows_fits_rows_to_the_build_by_default(builds: dict[str, Path], capsys) -> None:
+    """Without --row-length a row is as long as the build's longest example may be, not 16384."""
+    from data.show_rows import build_row_length, main
+
+    manifest = json.loads((builds["qa"] / "manifest.json").read_text())
+    assert build_row_length(builds["qa"]) == manifest["config"]["max_example_tokens"] < 16_384
+    assert main([str(builds["qa"])]) == 0
+    padding = [int(line.split("x")[-1]) for line in capsys.readouterr().out.splitlines() if "padding x" in line]
+    assert sum(padding) < manifest["config"]["max_example_tokens"]
 
 
 def test_memory_holds_hard_negatives_then_random_fill(builds: dict[str, Path], tmp_path: Path, sp_model: Path) -> None:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from msa_train.data.synthetic import generate_kv_facts, generate_multihop_chains, generate_needles
+from data.synthetic import generate_kv_facts, generate_multihop_chains, generate_needles
 
 
 @pytest.mark.parametrize("kind", ["single", "multi_key", "multi_value", "multi_query"])

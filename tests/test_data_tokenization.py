@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import DELIMITER, END_OF_RETRIEVAL, train_byte_bpe, train_sentencepiece, training_texts
 
-from msa_train.data.tokenization import (HuggingFaceTokenizer, SentencePieceTokenizer, encode_in_workers,
-                                         load_tokenizer)
+from data.tokenization import HuggingFaceTokenizer, SentencePieceTokenizer, encode_in_workers, load_tokenizer
 
 SAMPLE = f"[12]. The river watches\nthe light.{DELIMITER}[3]{DELIMITER}{END_OF_RETRIEVAL}Zürich 1984"
 

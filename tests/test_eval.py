@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import re
 import json
+import re
 import threading
 import weakref
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -15,16 +15,16 @@ import pytest
 import torch
 from data_fixtures import write_tiny_export
 
-from msa_train.data.records import Document, RetrievalDataset, RetrievalRecord
-from msa_train.data.synthetic import generate_kv_facts, generate_needles, is_haystack_doc
-from msa_train.data.templates import TemplateConfig, reference_template
-from msa_train.eval import evaluate
-from msa_train.eval.harness import EvalModel, LoopSettings
-from msa_train.eval.judge import RUBRIC, JudgeClient, parse_score
-from msa_train.eval.metrics import exact_match, recall_at_k, string_match_fraction, token_f1
-from msa_train.eval.niah import SUBTASKS, NIAHReport, NIAHSample, run_niah
-from msa_train.eval.qa import run_qa
-from msa_train.eval.scaling import PAPER_NIAH_AVERAGE, comparison_table, matplotlib_available, write_scaling_curve
+from data.records import Document, RetrievalDataset, RetrievalRecord
+from data.synthetic import generate_kv_facts, generate_needles, is_haystack_doc
+from data.templates import TemplateConfig, reference_template
+from eval import evaluate
+from eval.harness import EvalModel, LoopSettings
+from eval.judge import RUBRIC, JudgeClient, parse_score
+from eval.metrics import exact_match, recall_at_k, string_match_fraction, token_f1
+from eval.niah import SUBTASKS, NIAHReport, NIAHSample, run_niah
+from eval.qa import run_qa
+from eval.scaling import PAPER_NIAH_AVERAGE, comparison_table, matplotlib_available, write_scaling_curve
 
 FAST_LOOP = ["--max-rounds", "1", "--max-round-tokens", "3", "--max-answer-tokens", "3", "--no-progress"]
 
@@ -177,7 +177,7 @@ def test_scaling_table_compares_at_matching_sizes(tmp_path):
 
 
 def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
-    from msa_train.eval import bench_inference
+    from benchmarks import bench_inference
 
     out = tmp_path / "bench.json"
     bench_inference.main([
@@ -206,7 +206,7 @@ def test_inference_benchmark_memory_estimates_at_100m_tokens():
     """The spec's sizing (section 8): 100M tokens, P=64, 8 KV heads, D=128, 18 router layers, bf16."""
     import torch
 
-    from msa_train.eval import bench_inference
+    from benchmarks import bench_inference
 
     args = bench_inference.build_parser().parse_args([])
     args.dtype = torch.bfloat16
@@ -217,7 +217,7 @@ def test_inference_benchmark_memory_estimates_at_100m_tokens():
 
 
 def test_ids_from_routed_counts_generated_ids_among_the_documents_shown() -> None:
-    from msa_train.eval.qa import QAItem, QAReport
+    from eval.qa import QAItem, QAReport
 
     def item(routed: list[int], retrieved: list[int]) -> QAItem:
         no_recall = {"recall@1": None, "recall@5": None, "recall@10": None}
@@ -230,8 +230,8 @@ def test_ids_from_routed_counts_generated_ids_among_the_documents_shown() -> Non
 
 
 def test_router_recall_reports_each_router_layer_when_there_are_several() -> None:
+    from eval.qa import QAItem, QAReport, router_recall
     from msa_modeling.inference.generation import LayerRouting
-    from msa_train.eval.qa import QAItem, QAReport, router_recall
 
     def routing(layer: int, ranked: list[int]) -> LayerRouting:  # 0-based store indices, best first
         return LayerRouting(layer=layer, docs=torch.tensor(ranked), scores=torch.zeros(len(ranked)))

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from train_runs import REPO, failure_report, launcher_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -30,7 +29,7 @@ def test_kv_experiment_routes_and_answers_held_out_questions(tmp_path: Path) -> 
     # run stayed on it at seed 0 (docs/EXPERIMENTS.md, CPU scale).
     env = {**launcher_env(), "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "msa_train.eval.kv_cpu_experiment", "--recipe", str(RECIPE),
+        [sys.executable, "-m", "experiments.kv_cpu", "--recipe", str(RECIPE),
          "--results-dir", str(tmp_path / "results"), f"run.output_dir={tmp_path / 'run'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
     )

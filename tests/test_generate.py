@@ -157,7 +157,7 @@ def test_beam_search_over_a_memory_keeps_each_prompts_selection():
 
 @pytest.fixture(scope="module")
 def text_model():
-    from msa_train.train.tokenizer import train_tiny_tokenizer
+    from train.tokenizer import train_tiny_tokenizer
 
     texts = ["the cat sat on the mat", "a dog ran in the park", "memory sparse attention reads documents"] * 20
     tokenizer = train_tiny_tokenizer(texts, vocab_size=300, special_tokens=[])

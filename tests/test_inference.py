@@ -50,6 +50,27 @@ def test_scaled_dot_inference_matches_the_training_forward(seed):
     assert_inference_matches_the_training_forward(model, memory, store)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_softcapped_inference_attention_rounds_as_training_does(is_causal):
+    """Gemma 2 caps attention logits. Inference's attention is training's function: in bf16 the
+    two give the same bits (scores formed in fp32 on one side only differed in the last place)."""
+    from msa_modeling.attention import softcapped_attention
+    from msa_modeling.inference.layer_steps import attend
+
+    model = tiny_msa(5, family="gemma2").to(torch.bfloat16)
+    layer = model.model.layers[0]
+    assert layer.self_attn.softcap is not None
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 6, 4, 12, generator=generator).to(torch.bfloat16) * 4  # [B, L, heads, D]
+    k, v = (torch.randn(1, 6, 2, 12, generator=generator).to(torch.bfloat16) * 4 for _ in range(2))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril() if is_causal else torch.rand(6, 6, generator=generator) > 0.3
+    mask[:, 0] = True  # every query sees a key
+    out = attend(layer, q, k, v, mask=None if is_causal else mask, is_causal=is_causal)
+    expected = softcapped_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                    layer.self_attn.scaling, layer.self_attn.softcap).transpose(1, 2)
+    assert torch.equal(out, expected)
+
+
 def test_a_memory_encoded_for_the_other_routing_score_is_refused(tmp_path):
     model = tiny_msa(4, top_k_docs=2, chunk_size=4, query_position_offset=3)
     memory = random_memory(4)

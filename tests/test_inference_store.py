@@ -9,8 +9,8 @@ import torch
 from batches import tiny_msa
 from memories import DELIM, END, EOS, ScriptedGenerator, random_memory
 
+from data.templates import TemplateConfig
 from msa_modeling.inference import InterleaveFormat, MemoryEncoder, MemoryInterleave, MemoryStore, MSAGenerator
-from msa_train.data.templates import TemplateConfig
 
 
 def answers(model, store, questions: list[list[int]]) -> list[tuple[list[int], list[list[int]]]]:

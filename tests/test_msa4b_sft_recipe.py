@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM
 from msa_modeling import MSAConfig
 from msa_modeling.convert_reference import main as convert
 from msa_modeling.inference import reference_protocol as rp
-from msa_train.data.loader import PackedRowLoader
-from msa_train.data.tokenization import load_tokenizer
-from msa_train.train.tokenizer import train_tiny_tokenizer
+from data.loader import PackedRowLoader
+from data.tokenization import load_tokenizer
+from train.tokenizer import train_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from msa_train.train.offline import OFFLINE_ENVIRONMENT, stay_offline
+from train.offline import OFFLINE_ENVIRONMENT, stay_offline
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_hub_name_is_not_looked_up(offline: None, socket_guard: list[object]) ->
 def test_local_datasets_folder_is_read_without_network(offline: None, socket_guard: list[object],
                                                        tmp_path: Path) -> None:
     import datasets
-    from msa_train.data.readers import load_local_hf_dataset
+    from data.readers import load_local_hf_dataset
 
     datasets.Dataset.from_dict({"text": ["alpha", "beta"]}).save_to_disk(str(tmp_path / "ds"))
     assert len(load_local_hf_dataset(tmp_path / "ds")) == 2

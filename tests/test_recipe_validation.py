@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from msa_train.train.config import (
+from train.config import (
     RecipeError,
     check_local_paths,
     check_world_size,

@@ -11,16 +11,16 @@ from memories import ScriptedGenerator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from data.records import Document
+from data.templates import TemplateConfig, TemplateTokens, reference_template
+from data.tokenization import HuggingFaceTokenizer
+from eval.harness import EvalModel, LoopSettings
 from msa_modeling.inference import MemoryInterleave
 from msa_modeling.inference.reference_protocol import (
     ProtocolMismatchWarning,
     check_prefix_length,
     warn_on_protocol_mismatch,
 )
-from msa_train.data.records import Document
-from msa_train.data.templates import TemplateConfig, TemplateTokens, reference_template
-from msa_train.data.tokenization import HuggingFaceTokenizer
-from msa_train.eval.harness import EvalModel, LoopSettings
 
 DOCUMENTS = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."]
 QUESTION = "Where is Berlin?"

@@ -16,18 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from msa_train.train import checkpoint as checkpoint_module
-from msa_train.train import trainer as trainer_module
-from msa_train.train.checkpoint import CheckpointError, CheckpointSkippedWarning
-from msa_train.train.config import DivergenceConfig, load_recipe
-from msa_train.train.distributed import DistributedContext
-from msa_train.train.stage_recipe import (
+from train import checkpoint as checkpoint_module
+from train import trainer as trainer_module
+from train.checkpoint import CheckpointError, CheckpointSkippedWarning
+from train.config import DivergenceConfig, load_recipe
+from train.distributed import DistributedContext
+from train.stage_recipe import (
     StageRecipeChangedError,
     check_stage_recipe,
     record_stage_recipe,
 )
-from msa_train.train.tracking import MetricsFileError
-from msa_train.train.trainer import DivergenceError, DivergenceMonitor
+from train.tracking import MetricsFileError
+from train.trainer import DivergenceError, DivergenceMonitor
 from train_runs import (
     TINY_RECIPE,
     make_stage_trainer,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from msa_train.train.run_lock import LOCK_FILE, RunFolderLock, RunFolderLockedError
+from train.run_lock import LOCK_FILE, RunFolderLock, RunFolderLockedError
 from train_runs import run_launcher
 
 

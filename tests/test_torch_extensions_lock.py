@@ -16,7 +16,7 @@ def test_stale_shm_comm_build_lock_does_not_hang_a_cpu_launch(tmp_path: Path) ->
     lock.parent.mkdir()
     lock.touch()
     env = {**launcher_env(), "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    code = "from msa_train.train.distributed import init_distributed; print(init_distributed().world_size)"
+    code = "from train.distributed import init_distributed; print(init_distributed().world_size)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from msa_train.train.distributed import DistributedContext
 from train_runs import make_stage_trainer
+
+from train.distributed import DistributedContext
 
 OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_every_steps=1", "checkpoint.keep_last=2",
              "tracking.wandb=offline"]

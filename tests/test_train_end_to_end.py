@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_runs import failure_report, run_launcher
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import msa_modeling  # noqa: F401  (registers model_type "msa")
-from msa_train.train.config import load_recipe
-from train_runs import failure_report, run_launcher
+from train.config import load_recipe
 
 pytestmark = pytest.mark.integration
 

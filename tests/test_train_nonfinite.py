@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from msa_train.train import trainer as trainer_module
-from msa_train.train.distributed import DistributedContext
-from msa_train.train.trainer import NonFiniteLossError, StageTrainer
 from train_runs import make_stage_trainer
+
+from train import trainer as trainer_module
+from train.distributed import DistributedContext
+from train.trainer import NonFiniteLossError, StageTrainer
 
 POISONED_STEP = 2
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from msa_train.train.config import RecipeError, load_recipe
-from msa_train.train.distributed import DistributedContext
 from train_runs import TINY_RECIPE, make_stage_trainer
+
+from train.config import RecipeError, load_recipe
+from train.distributed import DistributedContext
 
 
 @pytest.mark.parametrize("start, steps, window", [(2, 2, "steps 2-3"), (3, 5, "steps 3-3")])
@@ -38,7 +38,7 @@ def test_profile_settings_are_checked() -> None:
 
 def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: DistributedContext,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from msa_train.train import profiling
+    from train import profiling
 
     def fail(self, profiler, wall_s: float) -> None:
         raise OSError("disk full")
@@ -58,7 +58,7 @@ def test_device_time_counts_kernels_once() -> None:
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import FunctionEvent
 
-    from msa_train.train.profiling import device_kernel_ms
+    from train.profiling import device_kernel_ms
 
     op = FunctionEvent(id=0, name="aten::mm", thread=0, start_us=0, end_us=900, use_device="cuda")
     kernel = FunctionEvent(id=1, name="gemm_kernel", thread=0, start_us=100, end_us=800,

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from msa_train.train.config import RecipeError, load_recipe
-from msa_train.train.engine import batch_geometry, deepspeed_config
-from msa_train.train.model_setup import parameter_groups
-from msa_train.train.schedule import LRMultiplier
-from msa_train.train.trainer import configure_layer_execution, total_steps
 from train_runs import REPO, TINY_RECIPE, failure_report, run_launcher
+
+from train.config import RecipeError, load_recipe
+from train.engine import batch_geometry, deepspeed_config
+from train.model_setup import parameter_groups
+from train.schedule import LRMultiplier
+from train.trainer import configure_layer_execution, total_steps
 
 QWEN3_4B_RECIPE = REPO / "recipes" / "qwen3_4b.yaml"
 
@@ -197,7 +197,8 @@ def test_parameter_groups_route_router_weights_and_freeze_the_backbone() -> None
 
 def test_stage_starts_from_a_backbone_checkpoint_or_an_msa_export(tmp_path: Path) -> None:
     from batches import tiny_msa, tiny_qwen3
-    from msa_train.train.model_setup import load_stage_model
+
+    from train.model_setup import load_stage_model
 
     model_config = load_recipe(TINY_RECIPE, ["model.dtype=float32"]).model
     tiny_qwen3().save_pretrained(tmp_path / "backbone")
@@ -209,7 +210,7 @@ def test_stage_starts_from_a_backbone_checkpoint_or_an_msa_export(tmp_path: Path
 
 
 def test_random_backbone_is_drawn_on_the_requested_device() -> None:
-    from msa_train.train.model_setup import load_stage_model
+    from train.model_setup import load_stage_model
 
     model_config = load_recipe(TINY_RECIPE).model
     on_meta = load_stage_model("backbone", model_config, None, vocab_size=97, seed=0, device=torch.device("meta"))
@@ -221,7 +222,7 @@ def test_random_backbone_is_drawn_on_the_requested_device() -> None:
 
 
 def test_tokenizer_from_a_path_gets_the_template_tokens(tmp_path: Path) -> None:
-    from msa_train.train.tokenizer import prepare_tokenizer, train_tiny_tokenizer
+    from train.tokenizer import prepare_tokenizer, train_tiny_tokenizer
 
     train_tiny_tokenizer(["a small corpus of words"] * 10, 300, []).save_pretrained(tmp_path / "base")
     tokenizer = prepare_tokenizer(tmp_path / "run_tokenizer", ["<|object_ref_end|>", "<End-of-Retrieve>"],
@@ -232,7 +233,7 @@ def test_tokenizer_from_a_path_gets_the_template_tokens(tmp_path: Path) -> None:
 
 
 def test_tiny_tokenizer_with_individual_digits_splits_every_number(tmp_path: Path) -> None:
-    from msa_train.train.tokenizer import prepare_tokenizer
+    from train.tokenizer import prepare_tokenizer
 
     texts = [f"The magic number of item {i} is {(i * 7919) % 10_000_000:07d}." for i in range(400)]
     value = "The magic number of item 5 is 7776424."

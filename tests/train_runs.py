@@ -91,7 +91,7 @@ def single_process_world() -> Iterator[object]:
     """A world of one process for in-process trainer tests. The process group outlives the
     test (DeepSpeed caches its groups, so it cannot be rebuilt in the same process), but the
     environment variables it needs are restored, so that later subprocesses start clean."""
-    from msa_train.train.distributed import init_distributed
+    from train.distributed import init_distributed
 
     saved = dict(os.environ)
     try:
@@ -103,10 +103,10 @@ def single_process_world() -> Iterator[object]:
 
 def make_stage_trainer(run_dir: Path, context, overrides: list[str]):  # noqa: ANN001, ANN201
     """An in-process `StageTrainer` for the tiny recipe's cpt_warmup stage, data and tokenizer prepared."""
-    from msa_train.data.tokenization import load_tokenizer
-    from msa_train.train.config import load_recipe
-    from msa_train.train.runner import prepare_run
-    from msa_train.train.trainer import StageTrainer
+    from data.tokenization import load_tokenizer
+    from train.config import load_recipe
+    from train.runner import prepare_run
+    from train.trainer import StageTrainer
 
     recipe = load_recipe(TINY_RECIPE, [f"run.output_dir={run_dir}", "stages.cpt_warmup.eval.sources={}",
                                        "tracking.progress_bar=false", *overrides])

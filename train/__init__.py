@@ -1,4 +1,4 @@
-"""The MSA trainer (`msa_train.train`): recipes, DeepSpeed ZeRO stages, checkpoints, export, tracking.
+"""The MSA trainer (`train`): recipes, DeepSpeed ZeRO stages, checkpoints, export, tracking.
 
 Entry points are `launch/pretrain.py`, `launch/sft.py` and `launch/run_all.py` (all call
 `runner.main`), and `launch/dense_baseline.py` for the dense throughput baseline.

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from msa_modeling.flops import FlopModel
-from msa_train.data.tokenization import load_tokenizer
+from data.tokenization import load_tokenizer
 
 from .config import BudgetConfig, EvalConfig, Recipe, RecipeError, StageConfig, TinyTokenizerConfig, load_recipe
 from .data_stream import LayoutSettings, MicroBatch, MicroBatchStream

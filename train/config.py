@@ -19,11 +19,10 @@ from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
-
 from transformers import Qwen3Config
 
+from data.build import BuildConfig
 from msa_modeling import MSAConfig
-from msa_train.data.build import BuildConfig
 
 
 class RecipeError(ValueError):
@@ -71,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Named data sources. Each is a `msa_train.data.build.BuildConfig` without `tokenizer`
+    """Named data sources. Each is a `data.build.BuildConfig` without `tokenizer`
     (the run's tokenizer is filled in): source, sample kind, template, memory filling."""
 
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """The trainer's data path: data builds per recipe source, and micro-batches with their layout.
 
-Rows come from `msa_train.data` (pre-tokenised builds read by `PackedRowLoader`). The
+Rows come from `data` (pre-tokenised builds read by `PackedRowLoader`). The
 `PackedLayout` of each micro-batch is built here, on the CPU, so that the training step on
 the accelerator never waits for the host-synchronising index computations it needs.
 """
@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from data.build import BuildConfig, build_dataset
+from data.loader import PackedRowLoader, stack_rows
 from msa_modeling import PackedLayout, build_packed_layout
 from msa_modeling.flops import MicroBatchWork, msa_work
-from msa_train.data.build import BuildConfig, build_dataset
-from msa_train.data.loader import PackedRowLoader, stack_rows
 
 from .config import Recipe
 

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from data.loader import PackedRowLoader, stack_rows
 from msa_modeling.flops import FlopModel, dense_work
-from msa_train.data.loader import PackedRowLoader, stack_rows
 
 from .config import Recipe, StageConfig
 from .data_stream import source_build_dir

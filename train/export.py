@@ -10,16 +10,9 @@ from typing import Any
 import torch
 
 from .distributed import DistributedContext, barrier
+from .export_files import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
-
-RECIPE_FILE = "recipe.yaml"
-
-
-def is_complete_export(path: Path) -> bool:
-    """An export is complete once its folder exists: it is renamed into place as the last step."""
-    return (path / "config.json").is_file() and (path / RECIPE_FILE).is_file()
-
 
 def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
     """The full model state dict on rank 0 (None elsewhere); a collective call under ZeRO-3."""

@@ -13,13 +13,13 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from msa_train.data.build import load_source
-from msa_train.data.errors import BadRecordTally
-from msa_train.data.tokenization import load_tokenizer
+from data.build import load_source
+from data.errors import BadRecordTally
+from data.tokenization import load_tokenizer
 
 from .checkpoint import CheckpointError
 from .config import (
@@ -38,7 +38,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from .export import is_complete_export
+from .export_files import is_complete_export
 from .offline import stay_offline
 from .run_lock import RunFolderLock, RunFolderLockedError
 from .stage_recipe import (
@@ -113,20 +113,32 @@ def special_strings(recipe: Recipe, tokenizer_dir: Path) -> list[str]:
     return list(dict.fromkeys(strings))
 
 
+def prepare_recipe_tokenizer(
+    recipe: Recipe, tokenizer_dir: Path, source: str | Path | None = None, texts: Iterable[str] | None = None
+) -> None:
+    """`recipe`'s tokenizer in `tokenizer_dir` (kept if already there), every source's template
+    strings single tokens: loaded from `source` (default `tokenizer.path`), else the recipe's tiny
+    BPE trained on `texts` (default: its sources' documents, queries and answers)."""
+    tiny = recipe.tokenizer.train_tiny
+    source = recipe.tokenizer.path if source is None else str(source)
+    if source is None and texts is None and tiny is not None:
+        texts = tokenizer_texts(recipe, tokenizer_dir, tiny.sample_records)
+    prepare_tokenizer(
+        tokenizer_dir,
+        special_strings(recipe, tokenizer_dir),
+        source,
+        texts if source is None else None,
+        tiny.vocab_size if tiny else 0,
+        tiny.individual_digits if tiny else False,
+    )
+
+
 def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, context: DistributedContext) -> Path:
     """Tokenizer and data builds, made by rank 0 while the other ranks wait. Returns the tokenizer folder."""
     tokenizer_dir = run_dir / "tokenizer"
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tiny = recipe.tokenizer.train_tiny
-        prepare_tokenizer(
-            tokenizer_dir,
-            special_strings(recipe, tokenizer_dir),
-            recipe.tokenizer.path,
-            tokenizer_texts(recipe, tokenizer_dir, tiny.sample_records) if recipe.tokenizer.path is None and tiny else None,
-            tiny.vocab_size if tiny else 0,
-            tiny.individual_digits if tiny else False,
-        )
+        prepare_recipe_tokenizer(recipe, tokenizer_dir)
         sources = list(dict.fromkeys(name for stage in stages for name in [*stage.sources, *stage.eval.sources]))
         prepare_sources(recipe, sources, run_dir, tokenizer_dir)
     barrier()
@@ -154,15 +166,22 @@ def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedCo
     tokenizer_dir = prepare_run(recipe, stages, run_dir, context)
     vocab_size = load_tokenizer(tokenizer_dir).vocab_size
     for stage in stages:
-        destination = export_dir(run_dir, stage.name)
-        if is_complete_export(destination):
-            logger.info("stage %s is done (%s); skipping", stage.name, destination)
-            continue
-        if context.is_main:
-            record_stage_recipe(stage_dir(run_dir, stage.name), recipe, stage)
-        trainer = StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size,
-                               previous_export(recipe, stage, run_dir), context)
-        trainer.run()
+        run_stage(recipe, stage, run_dir, tokenizer_dir, vocab_size, context)
+
+
+def run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: Path, vocab_size: int,
+              context: DistributedContext) -> Path:
+    """Train `stage` of `recipe` from its starting point (the previous stage's export or the
+    backbone) and return its export; a stage whose export is complete is skipped. The one stage
+    step of `run_stages`, public for drivers that change a recipe between stages."""
+    destination = export_dir(run_dir, stage.name)
+    if is_complete_export(destination):
+        logger.info("stage %s is done (%s); skipping", stage.name, destination)
+        return destination
+    if context.is_main:
+        record_stage_recipe(stage_dir(run_dir, stage.name), recipe, stage)
+    StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size, previous_export(recipe, stage, run_dir), context).run()
+    return destination
 
 
 def lock_run_folder(run_dir: Path, context: DistributedContext) -> RunFolderLock | None:

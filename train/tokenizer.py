@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from msa_train.data.tokenization import HuggingFaceTokenizer, TextTokenizer, load_tokenizer
+from data.tokenization import HuggingFaceTokenizer, TextTokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

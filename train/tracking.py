@@ -12,6 +12,11 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+# Keys of a training record that `stage_curves` keeps; an evaluation record holds the first six as `eval/<key>`.
+CURVE_KEYS = ("loss", "lm_loss", "aux_loss", "recall@1", "recall@5", "recall@10", "tokens_per_s_per_device", "mfu",
+              "memory_gb")
+
 
 def wandb_key_configured() -> bool:
     """True when W&B has credentials: WANDB_API_KEY, or an api.wandb.ai entry in ~/.netrc."""
@@ -66,7 +71,7 @@ class MetricsLogger:
 
     def __init__(self, stage_dir: Path, wandb_mode: str, project: str, run_name: str,
                  config: dict[str, Any], wandb_run_id: str | None) -> None:
-        self.path = stage_dir / "metrics.jsonl"
+        self.path = stage_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run = None
         if wandb_mode != "disabled":
@@ -106,3 +111,30 @@ class MetricsLogger:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
+    """The records of a stage's `metrics.jsonl` in order ([] when the stage logged nothing yet)."""
+    path = stage_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_curves(run_dir: Path, stage_names: list[str]) -> list[dict[str, Any]]:
+    """Per stage that logged: its training records and its held-out evaluation records, each
+    reduced to `CURVE_KEYS` (None where a record lacks one). Evaluations also keep recall@1 per
+    router layer: the mean hides a layer that stops routing."""
+    curves = []
+    for name in stage_names:
+        records = read_metrics(run_dir / "stages" / name)
+        if not records:
+            continue
+        train = [{"step": r["step"], **{k: r.get(k) for k in CURVE_KEYS}} for r in records if "loss" in r]
+        evals = [
+            {"step": r["step"], **{k: r.get(f"eval/{k}") for k in CURVE_KEYS[:6]},
+             **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/recall@1/layer_")}}
+            for r in records if "eval/loss" in r
+        ]
+        curves.append({"stage": name, "train": train, "eval": evals})
+    return curves

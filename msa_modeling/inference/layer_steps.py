@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..attention import softcapped_attention
+
 # cuDNN's attention builds an execution plan per key length, about 3 ms of host time for a
 # kernel of a few microseconds; a decode step grows the key length every token, so with cuDNN
 # among the candidates a 20-layer step cost 80 ms (experiments/results/gpu_decode_profile.txt).
@@ -62,15 +64,13 @@ def attend(
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                  scale=attention.scaling, enable_gqa=True)
         return out.transpose(1, 2)
-    # SDPA has no logit soft-cap (Gemma 2): the scores are formed explicitly.
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.tanh((q @ k.transpose(-1, -2)).float() * attention.scaling / softcap) * softcap
+    # SDPA has no logit soft-cap (Gemma 2): training's explicit-score attention, so that both
+    # round the scores alike.
     if is_causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1).to(v.dtype) @ v).transpose(1, 2)
+    elif mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+    return softcapped_attention(q, k, v, mask, attention.scaling, softcap).transpose(1, 2)
 
 
 def final_logits(model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

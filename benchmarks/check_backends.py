@@ -31,9 +31,9 @@ import json
 import sys
 
 import torch
-from bench_train import random_memory_row
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from benchmarks.bench_train import random_memory_row
 from msa_modeling import MSAForCausalLM
 from msa_modeling.attention import torch_varlen_available
 

@@ -1,5 +1,5 @@
 """Data pipeline benchmark: tokenisation and row assembly throughput, and a projection of
-the wall time and disk needed to prepare the CPT data (``python -m msa_train.data.bench``).
+the wall time and disk needed to prepare the CPT data (``python -m benchmarks.bench_data``).
 
 The corpus is generated: pseudo-words drawn from a Zipf distribution over a large
 vocabulary, so the tokenizer's word cache hits about as often as on natural text. Without
@@ -23,13 +23,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # per-core numbers: on
 
 import numpy as np  # noqa: E402
 
-from .build import BuildConfig, build_dataset  # noqa: E402
-from .loader import PackedRowLoader  # noqa: E402
-from .readers import read_retrieval_records  # noqa: E402
-from .samples import IndexedRecord, SampleBuilder  # noqa: E402
-from .store import DocumentStore  # noqa: E402
-from .templates import TemplateTokens  # noqa: E402
-from .tokenization import encode_in_workers, load_tokenizer  # noqa: E402
+from data.build import BuildConfig, build_dataset  # noqa: E402
+from data.loader import PackedRowLoader  # noqa: E402
+from data.readers import read_retrieval_records  # noqa: E402
+from data.samples import IndexedRecord, SampleBuilder  # noqa: E402
+from data.store import DocumentStore  # noqa: E402
+from data.templates import TemplateTokens  # noqa: E402
+from data.tokenization import encode_in_workers, load_tokenizer  # noqa: E402
 
 _SYLLABLES = ["ka", "lo", "mi", "ra", "te", "su", "vo", "ne", "pi", "da", "gu", "ze", "ba", "fi", "sho", "tri",
               "an", "el", "or", "is", "um", "ex", "qua", "ry", "wen", "dal", "mor", "pel", "sin", "tor"]

@@ -1,7 +1,7 @@
 """Inference benchmark: per-query routing latency, content fetch, encoding throughput, prefill
 and decode latency, and host and GPU memory against memory size, on 1 and 2 GPUs.
 
-    python -m msa_train.eval.bench_inference --gpus 1 2 --sizes 1e6 1e7 1e8 --out runs/bench/bench_inference.json
+    python -m benchmarks.bench_inference --gpus 1 2 --sizes 1e6 1e7 1e8 --out runs/bench/bench_inference.json
 
 Sections (each is measured, printed and written to the JSON as soon as it finishes, so a
 run that is cut short keeps what it measured; an error in one measurement is recorded and

@@ -2,11 +2,11 @@
 
 One command trains a tiny random Qwen3 with the real pipeline (`recipes/kv_cpu.yaml`: the
 CPT warm-up with an aux-heavy loss, then CPT main, DeepSpeed in one process), then answers
-held-out key-value questions through `msa_train.eval` (memory encoding, routing, memory
+held-out key-value questions through `eval` (memory encoding, routing, memory
 interleave), and writes the numbers and the curves:
 
-    python -m msa_train.eval.kv_cpu_experiment                    # -> runs/experiments/kv_cpu.{json,*.png}
-    python -m msa_train.eval.kv_cpu_experiment --seed 3 --results-dir /tmp/kv run.output_dir=/tmp/kv/run
+    python -m experiments.kv_cpu                    # -> $TMPDIR/msa_experiments/kv_cpu.{json,*.png}
+    python -m experiments.kv_cpu --seed 3 --results-dir /tmp/kv run.output_dir=/tmp/kv/run
 
 Held-out means new facts: every evaluation memory comes from `generate_kv_facts` with seeds
 that no training or in-training eval source uses, and holds as many documents as a training
@@ -16,44 +16,32 @@ memory, so router recall@1 has a chance level of 1 / that number.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.synthetic import generate_kv_facts
-from ..data.templates import TemplateConfig
-from ..train.config import Recipe, load_recipe
-from ..train.runner import main as run_training
-from ..train.trainer import export_dir, stage_dir
-from .harness import EvalModel, LoopSettings, write_json
-from .qa import QAReport, run_qa
+from data.synthetic import generate_kv_facts
+from data.templates import TemplateConfig
+from eval.harness import EvalModel, LoopSettings, write_json
+from eval.qa import QAReport, run_qa
+from train.api import Recipe, export_dir, load_recipe
+from train.runner import main as run_training
+from train.tracking import stage_curves
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "kv_cpu.yaml"
-DEFAULT_RESULTS_DIR = REPO / "runs" / "experiments"  # ignored by git: tracked results stay as they are
+DEFAULT_RESULTS_DIR = Path(tempfile.gettempdir()) / "msa_experiments"  # outside the repository unless asked
 # Far from the recipe's data seeds (0, 1, 2), so no evaluation memory repeats a training fact set.
 HELDOUT_SEED_BASE = 1000
 RECALL_KS = (1, 5, 10)
-
-
-def stage_curves(run_dir: Path, recipe: Recipe) -> list[dict[str, Any]]:
-    """Per stage: the training records and the in-training held-out eval records of metrics.jsonl."""
-    curves = []
-    for stage in recipe.stages:
-        records = [json.loads(line) for line in (stage_dir(run_dir, stage.name) / "metrics.jsonl").read_text().splitlines()]
-        keys = ["loss", "lm_loss", "aux_loss", *(f"recall@{k}" for k in RECALL_KS)]
-        train = [{"step": r["step"], **{key: r[key] for key in keys}} for r in records if "loss" in r]
-        evals = [{"step": r["step"], **{key: r[f"eval/{key}"] for key in keys}} for r in records if "eval/loss" in r]
-        curves.append({"stage": stage.name, "train": train, "eval": evals})
-    return curves
 
 
 def memory_docs_of(recipe: Recipe) -> int:
@@ -178,7 +166,7 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
                                qa_source_of(recipe))
     evaluated = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
-    curves = stage_curves(run_dir, recipe)
+    curves = stage_curves(run_dir, [stage.name for stage in recipe.stages])
     results = {
         "recipe": str(recipe_path),
         "overrides": overrides,
