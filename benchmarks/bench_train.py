@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -31,13 +30,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import msa_modeling  # noqa: F401
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout
-from msa_modeling.flops import FlopModel, dense_work, msa_work
 from msa_modeling.execution import (
     activation_offload_of,
     apply_activation_checkpointing,
     apply_activation_offload,
     apply_compile,
 )
+from msa_modeling.flops import FlopModel, dense_work, msa_work
 
 logger = logging.getLogger("bench_train")
 

@@ -141,8 +141,9 @@ def apply_activation_checkpointing(
     decoder = _decoder(model)
     chosen = _layer_range(decoder, start, layers, "activation checkpointing")
     if not 0 <= keep_attention_layers <= len(chosen):
-        raise ValueError(f"keep_attention_layers={keep_attention_layers} must be between 0 and the "
-                         f"{len(chosen)} checkpointed layers")
+        raise ValueError(
+            f"keep_attention_layers={keep_attention_layers} must be between 0 and the {len(chosen)} checkpointed layers"
+        )
     for offset, index in enumerate(chosen):
         decoder.layers[index] = CheckpointedLayer(decoder.layers[index], keep_attention=offset < keep_attention_layers)
 
@@ -170,6 +171,7 @@ def apply_activation_offload(
         def hook(module: nn.Module, args: tuple, output: tuple) -> None:
             if offload.active(module):
                 offload.current.prefetch_hook(output[0], index)
+
         return hook
 
     decoder.register_forward_pre_hook(start_step)
