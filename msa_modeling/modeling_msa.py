@@ -13,15 +13,15 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .attention import PooledMemory, make_attention_backend
 from .backbones import BackboneAdapter, get_backbone
 from .backbones.base import SLIDING_ATTENTION
 from .configuration_msa import MSAConfig
 from .decoding import run_cached_decoder
-from .remote_code import AUTO_MAP, write_remote_code
-from .attention import PooledMemory, make_attention_backend
 from .execution import apply_activation_checkpointing, remove_activation_checkpointing
 from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
+from .remote_code import AUTO_MAP, write_remote_code
 from .routing import pool_chunks, rank_documents, score_chunks, score_documents, select_documents
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from batches import VOCAB, document_token_mask, random_packed_batch, tiny_msa, tiny_qwen3
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout, compute_position_ids
