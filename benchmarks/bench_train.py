@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import msa_modeling  # noqa: F401
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout
+from msa_modeling.execution import (
+    activation_offload_of,
+    apply_activation_checkpointing,
+    apply_activation_offload,
+    apply_compile,
+)
 from msa_modeling.flops import FlopModel, dense_work, msa_work
 
 logger = logging.getLogger("bench_train")
@@ -269,7 +274,7 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
             model_tflop_per_step=flops / 1e12,
         )
         result.note = memory_note(memory).removeprefix("in done; ")
-        offload = getattr(getattr(model, "model", None), "_activation_offload", None)
+        offload = activation_offload_of(model) if isinstance(model, MSAForCausalLM) else None
         if offload is not None:
             result.note += (f"; offloaded {offload.offloaded_bytes / 2**30:.1f} GiB a step, "
                             f"{offload.late_fetches} tensors fetched without prefetch")
@@ -299,13 +304,15 @@ def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     config = msa_config(cfg, args)
     with torch.device("cuda"):
         model = MSAForCausalLM(config).to(torch.bfloat16)
-    model.model.gradient_checkpointing = True
-    model.model.checkpointed_layers = args.checkpointed_layers
-    model.model.saved_attention_layers = args.saved_attention_layers
-    model.model.offloaded_layers = offloaded_layers
-    model.model.offload_prefetch_layers = args.offload_prefetch_layers
+    # Checkpointing counts from the layer after the offloaded ones; one --checkpointed-layers or
+    # --saved-attention-layers serves a sweep of --offloaded-layers, so each is capped at what is left.
+    remaining = config.num_hidden_layers - offloaded_layers
+    recomputed = remaining if args.checkpointed_layers is None else min(args.checkpointed_layers, remaining)
+    apply_activation_checkpointing(model, layers=recomputed, start=offloaded_layers,
+                                   keep_attention_layers=min(args.saved_attention_layers, recomputed))
+    apply_activation_offload(model, layers=offloaded_layers, prefetch_layers=args.offload_prefetch_layers)
     if args.compile:
-        model.model.compile_dense_blocks()
+        apply_compile(model)
     model.train()
     layout = build_packed_layout(
         row["doc_ids"], chunk_size=config.chunk_size, query_position_offset=config.query_position_offset,

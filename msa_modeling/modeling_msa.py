@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .attention import PooledMemory, make_attention_backend
 from .backbones import BackboneAdapter, get_backbone
 from .backbones.base import SLIDING_ATTENTION
 from .configuration_msa import MSAConfig
 from .decoding import run_cached_decoder
-from .remote_code import AUTO_MAP, write_remote_code
-from .attention import PooledMemory, keep_attention_kernel_outputs, make_attention_backend
+from .execution import apply_activation_checkpointing, remove_activation_checkpointing
 from .layout import ROLE_PREFIX, ROLE_QUERY, PackedLayout, build_packed_layout
 from .losses import RECALL_KS, chunked_lm_loss, router_recall, routing_loss
-from .offload import ActivationOffload
+from .remote_code import AUTO_MAP, write_remote_code
 from .routing import pool_chunks, rank_documents, score_chunks, score_documents, select_documents
 
 logger = logging.getLogger(__name__)
@@ -247,13 +245,6 @@ class MSASandwichDecoderLayer(MSADecoderLayer):
         return hidden_states + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(hidden_states)))
 
 
-# The two-call varlen backend rewrites rows of its first kernel output in place, the same rows
-# with the same values in forward and recomputation, so the cached tensor may be mutated.
-KEEP_ATTENTION_CONTEXT = functools.partial(
-    create_selective_checkpoint_contexts, keep_attention_kernel_outputs, allow_cache_entry_mutation=True
-)
-
-
 class MSAPreTrainedModel(PreTrainedModel):
     config_class = MSAConfig
     config: MSAConfig
@@ -269,8 +260,8 @@ class MSAPreTrainedModel(PreTrainedModel):
     def _activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
-        """What `gradient_checkpointing_enable` / `activation_checkpointing_enable` run: MSA's layers
-        recompute with torch's non-reentrant checkpoint (its selective policy, which keeps the
+        """What `gradient_checkpointing_enable` / `activation_checkpointing_enable` run: every layer
+        recomputes with torch's non-reentrant checkpoint (its selective policy, which keeps the
         attention kernels' outputs, needs it), so other settings are refused rather than ignored."""
         settings = dict(activation_checkpointing_kwargs or {})
         if settings.pop("use_reentrant", False):
@@ -279,9 +270,19 @@ class MSAPreTrainedModel(PreTrainedModel):
             raise ValueError(f"MSA's activation checkpointing takes no settings {sorted(settings)}")
         if every_n_layers != 1 or offload:
             raise ValueError(
-                "every_n_layers and offload are MSAModel's checkpointed_layers and offloaded_layers; set those instead"
+                "every_n_layers and offload: use msa_modeling.execution's apply_activation_checkpointing(model, "
+                "layers=N) and apply_activation_offload(model, layers=K) instead"
             )
         super()._activation_checkpointing_enable(None)
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: object = None, every_n_layers: int = 1
+    ) -> None:
+        """Hugging Face's switch, applied from outside the forward: the layers are wrapped
+        (`msa_modeling.execution`), so `forward` stays a plain loop."""
+        remove_activation_checkpointing(self)
+        if enable:
+            apply_activation_checkpointing(self)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
         """Hugging Face's `save_pretrained`, plus the modeling code and `auto_map`, so that the folder
@@ -322,50 +323,8 @@ class MSAModel(MSAPreTrainedModel):
             None if adapter.local_rotary_embedding is None else adapter.local_rotary_embedding(backbone_config)
         )
         self.sliding_windows = adapter.sliding_windows(backbone_config)
-        self.gradient_checkpointing = False
-        # With gradient checkpointing: recompute only the first this-many layers in backward and
-        # keep the rest's activations (None: every layer). Trades memory for speed at short rows.
-        self.checkpointed_layers: int | None = None
-        # Of the recomputed layers, the first this-many keep their attention kernel's output
-        # (0.5 GiB per layer at 64K tokens for the 4B shape), so backward does not run it again.
-        self.saved_attention_layers = 0
-        # In training, the first this-many layers keep their saved activations in pinned host
-        # memory (copied out and back on side streams) instead of on the device or recomputed;
-        # `checkpointed_layers` and `saved_attention_layers` count from the layer after them.
-        self.offloaded_layers = 0
-        # How many offloaded layers backward brings back ahead of need: more hides the copies
-        # better, each costs one layer's saved activations on the device.
-        self.offload_prefetch_layers = 2
-        self._activation_offload: ActivationOffload | None = None
         self._attention_backends: dict[str, object] = {}
         self.post_init()
-
-    def compile_dense_blocks(self) -> None:
-        """`torch.compile` the token-wise parts of every layer (norms, projections, RoPE, residual adds, MLP).
-
-        Their shapes depend only on the row length, so they compile once per length; routing
-        and attention, whose sizes follow the data, stay eager. Fusing the norms, RoPE and the
-        MLP's activation saves most of their memory traffic on a GPU.
-        """
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        # Instance attributes shadow the methods, so parameter names (and checkpoints) stay the same.
-        for layer in self.layers:
-            layer.input_layernorm.compile(dynamic=False)
-            layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
-            layer.after_attention = torch.compile(layer.after_attention, dynamic=False)
-        self.norm.compile(dynamic=False)
-
-    def activation_offload(self, device: torch.device) -> ActivationOffload | None:
-        """The offload of this training step's first `offloaded_layers` layers, or None when off."""
-        if not (self.offloaded_layers and self.training and torch.is_grad_enabled()):
-            return None
-        if self.offloaded_layers > len(self.layers):
-            raise ValueError(f"offloaded_layers={self.offloaded_layers} but the model has {len(self.layers)} layers")
-        if (self._activation_offload is None or self._activation_offload.device != device
-                or self._activation_offload.prefetch_layers != self.offload_prefetch_layers):
-            self._activation_offload = ActivationOffload(device, prefetch_layers=self.offload_prefetch_layers)
-        self._activation_offload.start_step()
-        return self._activation_offload
 
     def attention_backend(self, device: torch.device):
         """The configured attention backend for `device`, chosen once per device type and logged."""
@@ -399,25 +358,9 @@ class MSAModel(MSAPreTrainedModel):
         attention = AttentionContext(backend=backend, plan=backend.prepare(layout))
         all_hidden = [hidden_states] if output_hidden_states else None
         router_outputs = []
-        offload = self.activation_offload(hidden_states.device)
-        offloaded = self.offloaded_layers if offload is not None else 0
-        recomputed = len(self.layers) if self.checkpointed_layers is None else self.checkpointed_layers
-        for index, layer in enumerate(self.layers):
+        for layer in self.layers:
             layer_cos, layer_sin = local_rope if layer.self_attn.uses_local_rope else (cos, sin)
-            after_offloaded = index - offloaded
-            if index < offloaded:
-                with offload.layer(index):
-                    hidden_states, router_output = layer(hidden_states, layer_cos, layer_sin, layout, attention)
-            elif self.gradient_checkpointing and self.training and after_offloaded < recomputed:
-                kept = after_offloaded < self.saved_attention_layers
-                selective = {"context_fn": KEEP_ATTENTION_CONTEXT} if kept else {}
-                hidden_states, router_output = checkpoint(
-                    layer, hidden_states, layer_cos, layer_sin, layout, attention, use_reentrant=False, **selective
-                )
-            else:
-                hidden_states, router_output = layer(hidden_states, layer_cos, layer_sin, layout, attention)
-            if offloaded:
-                offload.prefetch_hook(hidden_states, index)
+            hidden_states, router_output = layer(hidden_states, layer_cos, layer_sin, layout, attention)
             if router_output is not None:
                 router_outputs.append(router_output)
             if output_hidden_states:

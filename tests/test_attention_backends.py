@@ -21,6 +21,7 @@ from msa_modeling.attention import (
     query_context_keys,
     varlen_key_order,
 )
+from msa_modeling.execution import apply_activation_checkpointing
 
 
 class _LoopVarlen(torch.autograd.Function):
@@ -169,10 +170,9 @@ def test_two_call_varlen_under_selective_checkpointing_keeps_the_same_gradients(
     backend = QueryContextVarlenBackend("reference", VarlenKernelOps(forward=forward, backward=_reference_flash_backward))
     batch = random_packed_batch(3, batch_size=2, examples_per_row=2)
     grads = []
-    for saved in (0, 99):
+    for saved in (0, len(tiny_msa(3).model.layers)):
         model = tiny_msa(3, chunk_size=2).train()
-        model.model.gradient_checkpointing = True
-        model.model.saved_attention_layers = saved
+        apply_activation_checkpointing(model, keep_attention_layers=saved)
         grads.append(run_with_backend(model, backend, batch)[1])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -9,6 +9,7 @@ import torch
 from batches import random_packed_batch, tiny_msa
 
 from benchmarks.bench_train import optimizer_in_backward
+from msa_modeling.execution import apply_activation_checkpointing
 
 
 def test_optimizer_in_backward_matches_the_plain_step_and_frees_every_gradient() -> None:
@@ -18,7 +19,7 @@ def test_optimizer_in_backward_matches_the_plain_step_and_frees_every_gradient()
     for in_backward in (False, True):
         # Tied embeddings: one parameter used twice must still step once per backward.
         model = tiny_msa(7, backbone_overrides={"tie_word_embeddings": True}).train()
-        model.model.gradient_checkpointing = True
+        apply_activation_checkpointing(model)
         optimizer = None if in_backward else make_optimizer(model.parameters())
         if in_backward:
             optimizer_in_backward(model.parameters(), make_optimizer)

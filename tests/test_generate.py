@@ -12,6 +12,7 @@ from test_inference import encoded_store, random_memory
 from transformers import DynamicCache, GenerationConfig, TextIteratorStreamer, pipeline
 
 from msa_modeling import MSAForCausalLM
+from msa_modeling.execution import CheckpointedLayer
 from msa_modeling.inference import MSAGenerator
 
 PAD = 0
@@ -196,6 +197,12 @@ def test_reentrant_gradient_checkpointing_is_refused_and_the_default_enables_it(
     model = tiny_msa(20)
     with pytest.raises(ValueError, match="non-reentrant"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    assert not model.model.gradient_checkpointing
+    assert not model.is_activation_checkpointing
+    keys = list(model.state_dict())
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.model.gradient_checkpointing
+    assert model.is_activation_checkpointing
+    assert all(isinstance(layer, CheckpointedLayer) for layer in model.model.layers)
+    assert list(model.state_dict()) == keys
+    model.gradient_checkpointing_disable()
+    assert not model.is_activation_checkpointing
+    assert not any(isinstance(layer, CheckpointedLayer) for layer in model.model.layers)

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from batches import VOCAB, document_token_mask, random_packed_batch, tiny_msa, tiny_qwen3
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout, compute_position_ids
+from msa_modeling.execution import (
+    activation_offload_of,
+    apply_activation_checkpointing,
+    apply_activation_offload,
+    apply_compile,
+    decoder_layer,
+)
+from msa_modeling.modeling_msa import MSAModel
 from msa_modeling.offload import ActivationOffload
 from msa_modeling.routing import rank_documents, select_documents
 
@@ -335,14 +344,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads, forward_calls = [], []
     for checkpointing, checkpointed_layers in ((False, None), (True, None), (True, 1)):
         model = tiny_msa(14).train()
-        model.model.gradient_checkpointing = checkpointing
-        model.model.checkpointed_layers = checkpointed_layers
         calls = [0] * len(model.model.layers)
         for index, layer in enumerate(model.model.layers):
             def counted(hidden, index=index, feed_forward=layer.feed_forward):
                 calls[index] += 1
                 return feed_forward(hidden)
             layer.feed_forward = counted
+        if checkpointing:
+            apply_activation_checkpointing(model, layers=checkpointed_layers)
         model(**batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         forward_calls.append(calls)
@@ -373,10 +382,9 @@ def test_saved_attention_layers_skip_the_kernel_in_backward_with_the_same_gradie
 
     batch = random_packed_batch(14)
     grads, runs = [], []
-    for saved in (0, 1, 99):
+    for saved in (0, 1, len(tiny_msa(14).model.layers)):
         model = tiny_msa(14, attn_backend="sdpa").train()
-        model.model.gradient_checkpointing = True
-        model.model.saved_attention_layers = saved
+        apply_activation_checkpointing(model, keep_attention_layers=saved)
         with CountAttentionKernels() as counter:
             model(**batch).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -408,15 +416,14 @@ def test_offloaded_layers_match_kept_activations_and_are_prefetched(compiled):
     grads, losses, offloads = [], [], []
     for offloaded in (0, 2):
         model = tiny_msa(16).train()
-        model.model.gradient_checkpointing = True
-        model.model.checkpointed_layers = 1
-        model.model.offloaded_layers = offloaded
+        apply_activation_checkpointing(model, layers=1, start=offloaded)
         # Every saved tensor of the tiny model is small; offload them all.
-        model.model._activation_offload = ActivationOffload(torch.device("cpu"), min_bytes=0)
+        apply_activation_offload(model, layers=offloaded, min_bytes=0)
         if compiled:
-            model.model.compile_dense_blocks()
+            apply_compile(model)
         calls = [0] * len(model.model.layers)
         for index, layer in enumerate(model.model.layers):
+            layer = decoder_layer(layer)
             def counted(hidden, attended, index=index, after=layer.after_attention):
                 calls[index] += 1
                 return after(hidden, attended)
@@ -425,7 +432,7 @@ def test_offloaded_layers_match_kept_activations_and_are_prefetched(compiled):
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        offloads.append((calls, model.model._activation_offload))
+        offloads.append((calls, activation_offload_of(model)))
     layers = len(offloads[0][0])
     # Without offload layer 0 is recomputed; with 2 offloaded, layers 0-1 run once and layer 2 is recomputed.
     assert offloads[0][0] == [2] + [1] * (layers - 1)
@@ -440,12 +447,12 @@ def test_offloaded_layers_match_kept_activations_and_are_prefetched(compiled):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-6, atol=1e-7)
 
 
-def test_offload_prefetch_depth_follows_the_model_attribute():
+def test_offload_prefetch_depth_follows_the_setting_and_is_off_outside_training():
+    batch = random_packed_batch(16)
     model = tiny_msa(16).train()
-    model.model.offloaded_layers = 2
-    assert model.model.activation_offload(torch.device("cpu")).prefetch_layers == 2
-    model.model.offload_prefetch_layers = 1
-    offload = model.model.activation_offload(torch.device("cpu"))
+    apply_activation_offload(model, layers=2, prefetch_layers=1)
+    model(**batch).loss.backward()
+    offload = activation_offload_of(model)
     assert offload.prefetch_layers == 1
     hidden = torch.zeros(2, requires_grad=True) * 1.0
     offload.prefetch_hook(hidden, 3)
@@ -454,8 +461,12 @@ def test_offload_prefetch_depth_follows_the_model_attribute():
     offload._prefetch = fetched.extend
     hidden.sum().backward()
     assert fetched == [2]  # layer 3's backward brings back only layer 2
+    offload.offloaded_bytes = -1  # a training forward would reset it
     with torch.no_grad():
-        assert model.model.activation_offload(torch.device("cpu")) is None
+        model(**batch)
+    model.eval()
+    model(**batch)
+    assert offload.offloaded_bytes == -1 and activation_offload_of(model) is offload
 
 
 def test_offload_keeps_parameters_and_small_tensors_in_place():
@@ -563,11 +574,10 @@ def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
     batch = random_packed_batch(3)
     eager = tiny_msa(3).train()
     compiled = tiny_msa(3).train()
-    for model in (eager, compiled):
-        model.model.gradient_checkpointing = True
-        model.model.checkpointed_layers = 1
-    compiled.model.saved_attention_layers = 1  # selective checkpointing around compiled blocks too
-    compiled.model.compile_dense_blocks()
+    apply_activation_checkpointing(eager, layers=1)
+    # Selective checkpointing around compiled blocks too.
+    apply_activation_checkpointing(compiled, layers=1, keep_attention_layers=1)
+    apply_compile(compiled)
     losses = []
     for model in (eager, compiled):
         out = model(**batch)
@@ -579,3 +589,39 @@ def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     assert list(eager.state_dict()) == list(compiled.state_dict())
+
+
+def test_model_forward_is_a_plain_loop_without_execution_policy():
+    source = inspect.getsource(MSAModel.forward).lower()
+    for word in ("checkpoint", "offload", "compile"):
+        assert word not in source, word
+
+
+def test_wrapped_layers_keep_parameter_names_state_dict_and_module_moves():
+    plain = tiny_msa(17)
+    wrapped = tiny_msa(17)
+    apply_activation_checkpointing(wrapped, layers=2, start=1, keep_attention_layers=1)
+    apply_activation_offload(wrapped, layers=1)
+    assert [type(layer).__name__ for layer in wrapped.model.layers[:4]] == [
+        "OffloadedLayer", "CheckpointedLayer", "CheckpointedLayer", "MSADecoderLayer"]
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    assert [name for name, _ in wrapped.named_parameters()] == [name for name, _ in plain.named_parameters()]
+    # The wrapper's parameters are the layer's own tensors, and module-wide moves reach them.
+    inner = decoder_layer(wrapped.model.layers[1])
+    assert wrapped.model.layers[1].self_attn is inner.self_attn
+    wrapped.to(torch.float64).eval()
+    assert inner.self_attn.q_proj.weight.dtype == torch.float64 and not inner.training
+    assert not inner.self_attn.training
+    plain.load_state_dict({k: v.float() for k, v in wrapped.state_dict().items()}, strict=True)
+
+
+def test_layers_take_one_execution_policy_within_the_model():
+    model = tiny_msa(18)
+    apply_activation_checkpointing(model, layers=1)
+    with pytest.raises(ValueError, match="already wrapped"):
+        apply_activation_offload(model, layers=1)
+    layers = len(model.model.layers)
+    with pytest.raises(ValueError, match=f"the model has {layers} layers"):
+        apply_activation_checkpointing(model, layers=layers, start=1)
+    with pytest.raises(ValueError, match="keep_attention_layers=3"):
+        apply_activation_checkpointing(model, layers=2, start=1, keep_attention_layers=3)

@@ -86,7 +86,7 @@ def test_the_msa4b_recipe_fine_tunes_a_released_layout_model_and_converts_back(t
         f"run.output_dir={run_dir}",
         f"tokenizer.path={converted}",
         "model.dtype=float32",  # CPU
-        "deepspeed.activation_checkpointing=false",
+        "activations.checkpointing=false",
         "tracking.progress_bar=false",
         "tracking.log_every_steps=1",
         "checkpoint.save_final=false",

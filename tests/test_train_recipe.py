@@ -10,7 +10,7 @@ import pytest
 import torch
 from train_runs import REPO, TINY_RECIPE, failure_report, run_launcher
 
-from train.config import RecipeError, load_recipe
+from train.config import MOVED_KEYS, RecipeError, load_recipe
 from train.engine import batch_geometry, deepspeed_config
 from train.model_setup import parameter_groups
 from train.schedule import LRMultiplier
@@ -96,40 +96,71 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_recipe(TINY_RECIPE, ["stages.cpt_warmup.sources={kv_retrival: 1.0}"])
     with pytest.raises(RecipeError, match="no stage named 'sft_lng'.*'sft_long'"):
         load_recipe(TINY_RECIPE).stage("sft_lng")
-    with pytest.raises(RecipeError, match="checkpointed_layers=2 needs deepspeed.activation_checkpointing: true"):
-        load_recipe(TINY_RECIPE, ["deepspeed.checkpointed_layers=2"])
-    with pytest.raises(RecipeError, match="saved_attention_layers=2 needs deepspeed.activation_checkpointing: true"):
-        load_recipe(TINY_RECIPE, ["deepspeed.saved_attention_layers=2"])
+    with pytest.raises(RecipeError, match="checkpointed_layers=2 needs activations.checkpointing: true"):
+        load_recipe(TINY_RECIPE, ["activations.checkpointed_layers=2"])
+    with pytest.raises(RecipeError, match="saved_attention_layers=2 needs activations.checkpointing: true"):
+        load_recipe(TINY_RECIPE, ["activations.saved_attention_layers=2"])
+    with pytest.raises(RecipeError, match="saved_attention_layers=2 counts among the activations.checkpointed_layers=1"):
+        load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.checkpointed_layers=1",
+                                  "activations.saved_attention_layers=2"])
     with pytest.raises(RecipeError, match=r"stages\[1\] \(cpt_main\): chunk_size 0 must be at least 1"):
         load_recipe(TINY_RECIPE, ["stages.cpt_main.chunk_size=0"])
+
+
+@pytest.mark.parametrize("old_key, new_key", sorted(MOVED_KEYS.items()))
+def test_activation_keys_moved_out_of_deepspeed_say_where(tmp_path: Path, old_key: str, new_key: str) -> None:
+    value = "true" if old_key.endswith("checkpointing") else "1"
+    with pytest.raises(RecipeError, match=f"command-line overrides.*{old_key} moved to {new_key}"):
+        load_recipe(TINY_RECIPE, [f"{old_key}={value}"])
+    section, key = old_key.split(".")
+    text = TINY_RECIPE.read_text().replace(f"{section}:\n", f"{section}:\n  {key}: {value}\n", 1)
+    recipe_file = tmp_path / "old_keys.yaml"
+    recipe_file.write_text(text)
+    with pytest.raises(RecipeError, match=f"{recipe_file}: {old_key} moved to {new_key}"):
+        load_recipe(recipe_file)
 
 
 def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
     from batches import tiny_msa
 
+    import train.trainer
+
+    def kinds(model) -> list[str]:
+        return [type(layer).__name__ for layer in model.model.layers]
+
+    compiled = []
+    monkeypatch.setattr(train.trainer, "apply_compile", compiled.append)
     model = tiny_msa()
     layers = model.config.num_hidden_layers
-    compiled = []
-    monkeypatch.setattr(type(model.model), "compile_dense_blocks", lambda self: compiled.append(self))
     configure_layer_execution(model, load_recipe(TINY_RECIPE))
-    assert (model.model.gradient_checkpointing, model.model.checkpointed_layers, compiled) == (False, None, [])
-    recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true", "deepspeed.checkpointed_layers=1",
-                                       "deepspeed.saved_attention_layers=1", "model.compile=true"])
+    assert (set(kinds(model)), compiled) == ({"MSADecoderLayer"}, [])
+    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.checkpointed_layers=2",
+                                       "activations.saved_attention_layers=1", "model.compile=true"])
     configure_layer_execution(model, recipe)
-    assert (model.model.gradient_checkpointing, model.model.checkpointed_layers, compiled) == (True, 1, [model.model])
-    assert model.model.saved_attention_layers == 1
-    recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true",
-                                       f"deepspeed.checkpointed_layers={layers + 1}"])
+    assert kinds(model)[:3] == ["CheckpointedLayer", "CheckpointedLayer", "MSADecoderLayer"] and compiled == [model]
+    assert [layer.keep_attention for layer in model.model.layers[:2]] == [True, False]
+
+    model = tiny_msa()
+    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.offloaded_layers=1",
+                                       "activations.offload_prefetch_layers=3"])
+    configure_layer_execution(model, recipe)
+    assert kinds(model) == ["OffloadedLayer"] + ["CheckpointedLayer"] * (layers - 1)
+    assert model.model.layers[0].offload.prefetch_layers == 3
+
+    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true",
+                                       f"activations.checkpointed_layers={layers + 1}"])
     with pytest.raises(ValueError, match=f"checkpointed_layers={layers + 1} .*but the model has {layers} layers"):
-        configure_layer_execution(model, recipe)
-    configure_layer_execution(model, load_recipe(TINY_RECIPE, ["deepspeed.offloaded_layers=1"]))
-    assert model.model.offloaded_layers == 1
-    recipe = load_recipe(TINY_RECIPE, ["deepspeed.activation_checkpointing=true", "deepspeed.offloaded_layers=1",
-                                       f"deepspeed.checkpointed_layers={layers}"])
+        configure_layer_execution(tiny_msa(), recipe)
+    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.offloaded_layers=1",
+                                       f"activations.checkpointed_layers={layers}"])
     with pytest.raises(ValueError, match=f"checkpointed_layers={layers} \\(after 1 offloaded\\)"):
-        configure_layer_execution(model, recipe)
-    with pytest.raises(RecipeError, match="offloaded_layers=-1 must be >= 0"):
-        load_recipe(TINY_RECIPE, ["deepspeed.offloaded_layers=-1"])
+        configure_layer_execution(tiny_msa(), recipe)
+    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", f"activations.offloaded_layers={layers - 1}",
+                                       "activations.saved_attention_layers=2"])
+    with pytest.raises(ValueError, match="saved_attention_layers=2 but only 1 layers are recomputed"):
+        configure_layer_execution(tiny_msa(), recipe)
+    with pytest.raises(RecipeError, match="offloaded_layers=-1 .* must be >= 0"):
+        load_recipe(TINY_RECIPE, ["activations.offloaded_layers=-1"])
 
 
 @pytest.mark.integration

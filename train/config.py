@@ -175,9 +175,20 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_clipping: float = 1.0
-    activation_checkpointing: bool = False
-    # With activation_checkpointing: recompute only the first this-many decoder layers and keep
-    # the others' activations (null: recompute every layer). Speed for memory; see BENCHMARKS.md.
+    torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPUs
+    # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
+    # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
+    zero_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ActivationsConfig:
+    """How the decoder layers keep what backward needs (applied by `msa_modeling.execution`)."""
+
+    # Recompute decoder layers in backward instead of keeping their activations.
+    checkpointing: bool = False
+    # With checkpointing: recompute only the first this-many decoder layers and keep the others'
+    # activations (null: recompute every layer). Speed for memory; see BENCHMARKS.md.
     checkpointed_layers: int | None = None
     # Of the recomputed layers, the first this-many keep their attention kernel's output, so
     # backward skips that kernel's second run (0.5 GiB per layer at 64K tokens, 4B shape).
@@ -186,10 +197,19 @@ class DeepSpeedConfig:
     # copied out and back on side streams (neither recomputed nor held on the GPU); the two
     # counts above start from the layer after them. For long rows on one GPU.
     offloaded_layers: int = 0
-    torch_adam: bool | None = None  # None: torch's AdamW on CPU, DeepSpeed's fused Adam on GPUs
-    # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
-    # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
-    zero_config: dict[str, Any] = field(default_factory=dict)
+    # How many offloaded layers backward brings back ahead of need: more hides the copies
+    # better, each costs one layer's saved activations on the GPU.
+    offload_prefetch_layers: int = 2
+
+
+# Keys that left a section, and where they live now: a recipe that still uses one fails with
+# the new name instead of a bare "unknown key".
+MOVED_KEYS = {
+    "deepspeed.activation_checkpointing": "activations.checkpointing",
+    "deepspeed.checkpointed_layers": "activations.checkpointed_layers",
+    "deepspeed.saved_attention_layers": "activations.saved_attention_layers",
+    "deepspeed.offloaded_layers": "activations.offloaded_layers",
+}
 
 
 @dataclass
@@ -221,6 +241,7 @@ class Recipe:
     run: RunConfig = field(default_factory=RunConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -301,6 +322,9 @@ def build_dataclass(cls: type, data: Any, path: str, source: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{path}." if path else ""
     for key in data:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise RecipeError(f"{source}: {prefix}{key} moved to {MOVED_KEYS[f'{prefix}{key}']}; rename the key "
+                              "(the value means the same)")
         if key not in known:
             raise RecipeError(f"{source}: unknown key {prefix}{key}{_suggestion(str(key), known)}; valid keys here: {sorted(known)}")
     values = {}
@@ -329,24 +353,29 @@ def _check_model_settings(model: ModelConfig, source: str) -> None:
 def _check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-field rules that types alone cannot express."""
     _check_model_settings(recipe.model, source)
-    checkpointed = recipe.deepspeed.checkpointed_layers
-    if checkpointed is not None and (checkpointed < 0 or not recipe.deepspeed.activation_checkpointing):
+    activations = recipe.activations
+    checkpointed = activations.checkpointed_layers
+    if checkpointed is not None and (checkpointed < 0 or not activations.checkpointing):
         raise RecipeError(
-            f"{source}: deepspeed.checkpointed_layers={checkpointed} needs deepspeed.activation_checkpointing: true "
+            f"{source}: activations.checkpointed_layers={checkpointed} needs activations.checkpointing: true "
             "and a count >= 0 (null recomputes every layer)"
         )
-    saved = recipe.deepspeed.saved_attention_layers
-    if saved < 0 or (saved and not recipe.deepspeed.activation_checkpointing):
+    saved = activations.saved_attention_layers
+    if saved < 0 or (saved and not activations.checkpointing):
         raise RecipeError(
-            f"{source}: deepspeed.saved_attention_layers={saved} needs deepspeed.activation_checkpointing: true "
+            f"{source}: activations.saved_attention_layers={saved} needs activations.checkpointing: true "
             "and a count >= 0"
         )
+    if checkpointed is not None and saved > checkpointed:
+        raise RecipeError(f"{source}: activations.saved_attention_layers={saved} counts among the "
+                          f"activations.checkpointed_layers={checkpointed} recomputed layers, so it cannot exceed it")
+    if activations.offloaded_layers < 0 or activations.offload_prefetch_layers < 0:
+        raise RecipeError(f"{source}: activations.offloaded_layers={activations.offloaded_layers} and "
+                          f"activations.offload_prefetch_layers={activations.offload_prefetch_layers} must be >= 0")
     if recipe.tracking.profile_steps < 0 or recipe.tracking.profile_start_step < 1:
         raise RecipeError(f"{source}: tracking.profile_steps must be >= 0 and tracking.profile_start_step >= 1 "
                           f"(steps count from 1), got {recipe.tracking.profile_steps} and "
                           f"{recipe.tracking.profile_start_step}")
-    if recipe.deepspeed.offloaded_layers < 0:
-        raise RecipeError(f"{source}: deepspeed.offloaded_layers={recipe.deepspeed.offloaded_layers} must be >= 0")
     if "stage" in recipe.deepspeed.zero_config:
         raise RecipeError(f"{source}: deepspeed.zero_config.stage: set the ZeRO stage with deepspeed.zero_stage")
     names = [stage.name for stage in recipe.stages]

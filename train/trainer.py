@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from msa_modeling.execution import apply_activation_checkpointing, apply_activation_offload, apply_compile
 from msa_modeling.flops import FlopModel
 
 from .checkpoint import CheckpointError, CheckpointManager, capture_rng_state, restore_rng_state
@@ -161,23 +162,31 @@ class StageState:
 
 
 def configure_layer_execution(model: Any, recipe: Recipe) -> None:
-    """Activation offload of the first `offloaded_layers`, checkpointing of the layers after them
-    (all, or the first `checkpointed_layers`, of which the first `saved_attention_layers` keep
-    their attention output), and `torch.compile`."""
+    """The recipe's `activations` section and `model.compile`, applied by wrapping the decoder layers:
+    checkpointing of the layers after the first `offloaded_layers` (all, or the first
+    `checkpointed_layers`, of which the first `saved_attention_layers` keep their attention
+    output), activation offload of the first `offloaded_layers`, and `torch.compile`."""
+    activations = recipe.activations
     layers = model.config.num_hidden_layers
-    offloaded = recipe.deepspeed.offloaded_layers
-    checkpointed = recipe.deepspeed.checkpointed_layers
+    offloaded = activations.offloaded_layers
+    checkpointed = activations.checkpointed_layers
     if offloaded > layers:
-        raise ValueError(f"deepspeed.offloaded_layers={offloaded} but the model has {layers} layers")
+        raise ValueError(f"activations.offloaded_layers={offloaded} but the model has {layers} layers")
     if checkpointed is not None and offloaded + checkpointed > layers:
-        raise ValueError(f"deepspeed.checkpointed_layers={checkpointed} (after {offloaded} offloaded) "
+        raise ValueError(f"activations.checkpointed_layers={checkpointed} (after {offloaded} offloaded) "
                          f"but the model has {layers} layers")
-    model.model.offloaded_layers = offloaded
-    model.model.gradient_checkpointing = recipe.deepspeed.activation_checkpointing
-    model.model.checkpointed_layers = checkpointed
-    model.model.saved_attention_layers = recipe.deepspeed.saved_attention_layers
+    if activations.checkpointing:
+        recomputed = layers - offloaded if checkpointed is None else checkpointed
+        if activations.saved_attention_layers > recomputed:
+            raise ValueError(f"activations.saved_attention_layers={activations.saved_attention_layers} but only "
+                             f"{recomputed} layers are recomputed ({layers} layers, {offloaded} offloaded)")
+        apply_activation_checkpointing(model, layers=recomputed, start=offloaded,
+                                       keep_attention_layers=activations.saved_attention_layers)
+    # After checkpointing, so that the offload's prefetch hooks sit outside the recomputation.
+    if offloaded:
+        apply_activation_offload(model, layers=offloaded, prefetch_layers=activations.offload_prefetch_layers)
     if recipe.model.compile:
-        model.model.compile_dense_blocks()
+        apply_compile(model)
 
 
 def seed_everything(seed: int) -> None:

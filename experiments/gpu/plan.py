@@ -98,8 +98,8 @@ def smoke_overrides(recipe: Any) -> list[str]:
         "tokenizer.train_tiny.sample_records=60",
         "model.compile=false",  # compiling costs more than it saves in a few CPU steps; tests cover it
     ]
-    if recipe.deepspeed.checkpointed_layers is not None:
-        overrides.append("deepspeed.checkpointed_layers=2")
+    if recipe.activations.checkpointed_layers is not None:
+        overrides.append("activations.checkpointed_layers=2")
     caps = {
         "num_samples": 40,
         "num_queries": 60,
