@@ -335,7 +335,7 @@ def test_resumed_stages_keep_the_earlier_runs_records(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "is_complete_export", is_complete)
     monkeypatch.setattr(runner, "previous_export", lambda *args: None)
     monkeypatch.setattr(training, "wait_for_prep", lambda run_dir, deadline: {})
-    monkeypatch.setattr(api, "init_distributed", lambda: None)
+    monkeypatch.setattr(api, "init_distributed", lambda: SimpleNamespace(is_main=False, rank=1, world_size=2))
     monkeypatch.setattr(tokenization, "load_tokenizer", lambda path: SimpleNamespace(vocab_size=10))
     ran = []
 
@@ -388,7 +388,7 @@ def test_fixed_steps_override_the_planner_whatever_the_time_left(monkeypatch, tm
     monkeypatch.setattr(runner, "is_complete_export", lambda path: False)
     monkeypatch.setattr(runner, "previous_export", lambda *args: None)
     monkeypatch.setattr(training, "wait_for_prep", lambda run_dir, deadline: {})
-    monkeypatch.setattr(api, "init_distributed", lambda: None)
+    monkeypatch.setattr(api, "init_distributed", lambda: SimpleNamespace(is_main=False, rank=1, world_size=2))
     monkeypatch.setattr(tokenization, "load_tokenizer", lambda path: SimpleNamespace(vocab_size=10))
     trained = []
 
