@@ -10,7 +10,7 @@ from .data_stream import build_config_for, source_build_dir
 from .distributed import DistributedContext, init_distributed
 from .export_files import RECIPE_FILE, is_complete_export
 from .runner import prepare_recipe_tokenizer, run_stage, tokenizer_texts
-from .tracking import read_metrics, stage_curves
+from .tracking import read_metrics, read_stage_metrics, stage_curves
 from .trainer import NonFiniteLossError, export_dir, stage_dir, total_steps
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "load_recipe",
     "prepare_recipe_tokenizer",
     "read_metrics",
+    "read_stage_metrics",
     "run_stage",
     "source_build_dir",
     "stage_curves",

@@ -47,6 +47,7 @@ from .distributed import DistributedContext, init_distributed
 from .engine import batch_geometry
 from .model_setup import load_stage_model
 from .runner import configure_logging, prepare_run
+from .tracking import read_metrics
 from .trainer import StageTrainer, configure_layer_execution, stage_dir, weighted_loss
 
 logger = logging.getLogger(__name__)
@@ -120,9 +121,9 @@ def summarize(records: list[dict[str, Any]], warmup: int) -> dict[str, float]:
     return result
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [record for line in path.read_text().splitlines()
-            if "tokens_per_s_per_device" in (record := json.loads(line))]
+def step_records(path: Path) -> list[dict[str, Any]]:
+    """The training-step records of a `metrics.jsonl`."""
+    return [record for record in read_metrics(path) if "tokens_per_s_per_device" in record]
 
 
 def reset_device(context: DistributedContext) -> None:
@@ -138,7 +139,7 @@ def run_trainer(recipe: Recipe, stage: StageConfig, tokenizer_dir: Path, vocab_s
     shutil.rmtree(stage_dir(Path(recipe.run.output_dir), stage.name), ignore_errors=True)
     trainer = StageTrainer(recipe, stage, Path(recipe.run.output_dir), tokenizer_dir, vocab_size, None, context)
     trainer.train()
-    records = read_metrics(trainer.dir / "metrics.jsonl") if context.is_main else []
+    records = step_records(trainer.dir / "metrics.jsonl") if context.is_main else []
     trainer.engine.destroy()
     del trainer
     return summarize(records, warmup) if context.is_main else {}
@@ -149,7 +150,7 @@ def run_dense(recipe: Recipe, stage: StageConfig, vocab_size: int, context: Dist
     out_dir = Path(recipe.run.output_dir) / "dense_baseline" / stage.name
     shutil.rmtree(out_dir, ignore_errors=True)
     run_dense_baseline(recipe, stage, vocab_size, stage.budget.steps, context)
-    return summarize(read_metrics(out_dir / "metrics.jsonl"), warmup) if context.is_main else {}
+    return summarize(step_records(out_dir / "metrics.jsonl"), warmup) if context.is_main else {}
 
 
 def run_standalone(recipe: Recipe, stage: StageConfig, vocab_size: int, context: DistributedContext,

@@ -113,12 +113,10 @@ class MetricsLogger:
             self.run.finish()
 
 
-def read_metrics(stage_dir: Path) -> list[dict[str, Any]]:
+def read_stage_metrics(stage_dir: Path) -> list[dict[str, Any]]:
     """The records of a stage's `metrics.jsonl` in order ([] when the stage logged nothing yet)."""
     path = stage_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path) if path.is_file() else []
 
 
 def stage_curves(run_dir: Path, stage_names: list[str]) -> list[dict[str, Any]]:
@@ -127,7 +125,7 @@ def stage_curves(run_dir: Path, stage_names: list[str]) -> list[dict[str, Any]]:
     router layer: the mean hides a layer that stops routing."""
     curves = []
     for name in stage_names:
-        records = read_metrics(run_dir / "stages" / name)
+        records = read_stage_metrics(run_dir / "stages" / name)
         if not records:
             continue
         train = [{"step": r["step"], **{k: r.get(k) for k in CURVE_KEYS}} for r in records if "loss" in r]

@@ -115,9 +115,9 @@ def wait_for_prep(run_dir: Path, deadline: float) -> dict:
 
 def stage_throughput(stage_dir: Path) -> dict[str, float] | None:
     """Median tokens/s and step seconds of a stage's logged steps (the first two, warm-up, left out when possible)."""
-    from train.tracking import read_metrics
+    from train.tracking import read_stage_metrics
 
-    steps = [r for r in read_metrics(stage_dir) if r.get("tokens_per_s_per_device")]
+    steps = [r for r in read_stage_metrics(stage_dir) if r.get("tokens_per_s_per_device")]
     if not steps:
         return None
     steady = steps[2:] if len(steps) > 4 else steps
