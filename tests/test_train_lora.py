@@ -19,7 +19,7 @@ from data.tokenization import load_tokenizer
 from msa_modeling import MSAForCausalLM
 from train.config import RecipeError, load_recipe
 from train.export_files import is_complete_export
-from train.model_setup import add_lora_adapters, build_from_backbone, parameter_groups
+from train.model_setup import add_lora_adapters, build_from_backbone, load_stage_model, parameter_groups
 
 # The backbone's query and value projections and the router's query projection; `\.q_proj$`
 # does not match `router_q_proj` (no dot before `q`).
@@ -61,6 +61,14 @@ def test_lora_pattern_that_matches_no_linear_layer_is_refused(tmp_path: Path) ->
         add_lora_adapters(tiny_msa(0), stage.lora, stage.name)
 
 
+def test_lora_on_a_tied_lm_head_is_refused(tmp_path: Path) -> None:
+    overrides = lora_overrides(tmp_path, "merged")
+    overrides[-1] = "stages.cpt_warmup.lora={target_modules: ['\\.q_proj$', 'lm_head']}"
+    stage = stage_of(overrides)
+    with pytest.raises(ValueError, match="match lm_head, whose weight is tied"):
+        add_lora_adapters(tiny_msa(0, backbone_overrides={"tie_word_embeddings": True}), stage.lora, stage.name)
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ("{target_modules: []}", "lora.target_modules is empty"),
     ("{target_modules: ['(q']}", r"lora.target_modules\[0\] = '\(q' is not a regex"),
@@ -75,8 +83,11 @@ def test_lora_settings_are_validated(setting: str, message: str) -> None:
 @pytest.mark.integration
 def test_lora_stage_trains_adapters_and_exports_merged_or_adapter(tmp_path: Path) -> None:
     exports = {}
-    for export in ("merged", "adapter"):
-        result = run_launcher("pretrain", ["--stage", "cpt_warmup", *lora_overrides(tmp_path / export, export)])
+    # The merged run under ZeRO-3 (the adapted layers partitioned, consolidated for the export),
+    # the adapter run under ZeRO-2: one trajectory on one rank.
+    for export, zero_stage in (("merged", 3), ("adapter", 2)):
+        overrides = [*lora_overrides(tmp_path / export, export), f"deepspeed.zero_stage={zero_stage}"]
+        result = run_launcher("pretrain", ["--stage", "cpt_warmup", *overrides])
         assert result.returncode == 0, failure_report(result)
         exports[export] = tmp_path / export / "stages/cpt_warmup/export"
         assert is_complete_export(exports[export])
@@ -114,6 +125,11 @@ def test_lora_stage_trains_adapters_and_exports_merged_or_adapter(tmp_path: Path
         # The adapters changed the model: the base alone predicts otherwise.
         plain = AutoModelForCausalLM.from_pretrained(adapter_dir / "base").eval()(**batch, return_logits=True)
     assert not torch.allclose(plain.logits, want.logits, atol=1e-3)
+
+    # A later stage starting from the adapter export starts from the merged model.
+    following = load_stage_model("previous", recipe.model, adapter_dir, vocab_size, recipe.run.seed).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(following(**batch, return_logits=True).logits, want.logits, rtol=0, atol=0)
 
     # The merged export is a plain MSA export: generate() gives peft's merged model's tokens.
     prompt = batch["input_ids"][:1, :8]

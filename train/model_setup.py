@@ -111,6 +111,10 @@ def add_lora_adapters(model: MSAForCausalLM, lora: LoraConfig, stage_name: str) 
             raise ValueError(f"stage {stage_name}: lora.target_modules[{index}] = {pattern!r} matches no linear layer "
                              f"of the model; its linear layers are named like {examples} (N: the layer index)")
         targets += matched
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head" in targets:
+        # An adapter on a head that shares its weight with the embedding cannot be merged into one.
+        raise ValueError(f"stage {stage_name}: lora.target_modules match lm_head, whose weight is tied to the "
+                         "input embedding; adapt the head only in a model with tie_word_embeddings: false")
     # Full module names, so that peft adapts exactly the layers matched here (it would treat a
     # bare name such as "q_proj" as a suffix, and a single string as a full-match regex).
     config = PeftLoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
