@@ -3,10 +3,14 @@ next run resumes from it (W&B run included), and only the newest `keep_last` che
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from train_runs import make_stage_trainer
+import torch
+from safetensors.torch import load_file
+from train_runs import failure_report, launcher_env, make_stage_trainer
 
 from train.distributed import DistributedContext
 
@@ -48,3 +52,24 @@ def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path: Path, context: Di
     assert (checkpoints / "latest").read_text() == "step_00000004"
     assert not (checkpoints / ".partial/step_00000003").exists()
     assert (tmp_path / "stages/cpt_warmup/export/model.safetensors").is_file()
+
+
+def test_deepspeed_recovery_script_lands_beside_the_checkpoints(tmp_path: Path, context: DistributedContext) -> None:
+    """`zero_to_fp32.py` sits in `checkpoints/`, where it finds the checkpoints by `latest`, and
+    consolidates the newest one into the weights the stage exported."""
+    trainer = make_stage_trainer(tmp_path, context, ["stages.cpt_warmup.budget.steps=1", "tracking.wandb=disabled"])
+    trainer.run()
+    checkpoints = tmp_path / "stages/cpt_warmup/checkpoints"
+    assert not list((checkpoints / ".partial").glob("*.py"))
+    script = checkpoints / "zero_to_fp32.py"
+    assert script.is_file() and (checkpoints / "zero_to_torch.py").is_file()
+
+    # A pickle, not safetensors: the tied embedding and LM head share their storage there.
+    result = subprocess.run([sys.executable, script.name, ".", str(tmp_path / "fp32")],
+                            cwd=checkpoints, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, failure_report(result)
+    consolidated = torch.load(tmp_path / "fp32/pytorch_model.bin", weights_only=True)
+    exported = load_file(tmp_path / "stages/cpt_warmup/export/model.safetensors")
+    assert exported.keys() <= consolidated.keys()
+    for name, tensor in exported.items():
+        assert torch.equal(consolidated[name], tensor), name

@@ -5,6 +5,8 @@ Layout under a stage's `checkpoints/` folder:
     step_00000040/          one checkpoint: DeepSpeed's model/optimizer/scheduler files,
                             `trainer_state_rank{r}.json` per rank, and `manifest.json`
     latest                  the tag of the newest checkpoint written (a hint for people only)
+    zero_to_fp32.py         DeepSpeed's tools that consolidate a checkpoint into one state dict
+    zero_to_torch.py        (`python zero_to_fp32.py . out/ --tag step_00000040`)
     .partial/               where a checkpoint is written before it is complete
 
 A checkpoint is written under `.partial/`; every rank adds its trainer state (plain JSON) and
@@ -45,6 +47,9 @@ PARTIAL = ".partial"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 TAG_PREFIX = "step_"
+# Scripts DeepSpeed's rank 0 copies into the folder it saves to (here `.partial/`). They read the
+# checkpoint tags beside them, so they are moved up to the checkpoints' own folder.
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
 class CheckpointError(RuntimeError):
@@ -201,10 +206,18 @@ class CheckpointManager:
             else:
                 os.rename(staging, final)
             _write_atomically(self.root / LATEST, tag)
+            self._move_recovery_scripts(partial_root)
             self._remove_old(keep=tag)
             logger.info("checkpoint %s saved", final)
         barrier()
         return final
+
+    def _move_recovery_scripts(self, partial_root: Path) -> None:
+        """Move DeepSpeed's recovery scripts from where it wrote them up beside the checkpoints."""
+        for script in RECOVERY_SCRIPTS:
+            written = partial_root / script
+            if written.is_file():
+                os.replace(written, self.root / script)
 
     def validate(self, tag: str) -> str | None:
         """Why checkpoint `tag` cannot be used by this world, or None when it is complete and intact.

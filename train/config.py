@@ -119,6 +119,22 @@ class ParamGroupConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the linear layers whose module names match a `target_modules`
+    regex (search), e.g. `'\\.(q|v)_proj$'` for the backbone, `'\\.router_'` for the router.
+    Every other weight of the model is frozen; `param_groups`, if any, split the adapter weights.
+
+    `export: merged` writes a plain MSA model with the adapters folded in; `adapter` writes the
+    adapter (peft's files) over the stage's starting model (docs/EXPORTS.md)."""
+
+    target_modules: list[str]
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    export: Literal["merged", "adapter"] = "merged"
+
+
+@dataclass
 class EvalConfig:
     """Held-out loss and router recall on `sources` (none: no evaluation)."""
 
@@ -167,6 +183,7 @@ class StageConfig:
     # parameters, so stages may change it: a curriculum from small chunks to large ones lets a
     # small model learn to read document IDs before they are averaged into big chunks.
     chunk_size: int | None = None
+    lora: LoraConfig | None = None  # null: every weight (or the param_groups) trains
 
 
 @dataclass
@@ -456,8 +473,26 @@ def _check_stage_values(stage: StageConfig, where: str) -> None:
     if stage.divergence.loss_spike_factor is not None and not stage.divergence.loss_spike_factor > 1:
         raise RecipeError(f"{where}: divergence.loss_spike_factor = {stage.divergence.loss_spike_factor} "
                           "must be > 1 (a multiple of the recent mean loss)")
+    if stage.lora is not None:
+        _check_lora(stage.lora, where)
     if stage.divergence.window_steps < 1:
         raise RecipeError(f"{where}: divergence.window_steps = {stage.divergence.window_steps} must be >= 1")
+
+
+def _check_lora(lora: LoraConfig, where: str) -> None:
+    """Sizes and patterns of a stage's `lora` block (whether the patterns match a layer is checked
+    on the model, `train.model_setup.add_lora_adapters`)."""
+    _check_positive(where, {"lora.rank": lora.rank, "lora.alpha": lora.alpha})
+    if not 0.0 <= lora.dropout < 1.0:
+        raise RecipeError(f"{where}: lora.dropout = {lora.dropout} must be in [0, 1)")
+    if not lora.target_modules:
+        raise RecipeError(f"{where}: lora.target_modules is empty; list regexes of the linear layers to adapt, "
+                          "e.g. ['\\.(q|k|v|o)_proj$', '\\.router_']")
+    for index, pattern in enumerate(lora.target_modules):
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise RecipeError(f"{where}: lora.target_modules[{index}] = {pattern!r} is not a regex: {error}") from None
 
 
 def check_world_size(recipe: Recipe, stages: list[StageConfig], world_size: int) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from peft import PeftModel
 from torch.optim.lr_scheduler import LambdaLR
 
 from .config import Recipe, StageConfig
@@ -83,7 +84,8 @@ def zero3_leaf_layers(model: torch.nn.Module) -> None:
     0.4 GB in bf16 for the Qwen3-4B shape), which is what ZeRO-3's prefetch of the next layer
     holds anyway.
     """
-    layer_types = sorted({type(layer) for layer in model.model.layers}, key=lambda t: t.__name__)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model  # a LoRA stage's model
+    layer_types = sorted({type(layer) for layer in base.model.layers}, key=lambda t: t.__name__)
     deepspeed.utils.set_z3_leaf_modules(model, layer_types)
 
 

@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import msa_modeling  # noqa: F401  (registers model_type "msa" with the Auto classes)
 from msa_modeling import MSAForCausalLM
 
-from .config import ModelConfig, StageConfig
+from .config import LoraConfig, ModelConfig, StageConfig
+from .export_files import ADAPTER_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,9 @@ def load_stage_model(
         path = previous_export
     else:
         path = Path(init_from)
+    if (path / ADAPTER_CONFIG_FILE).is_file():
+        logger.info("starting from LoRA adapter %s, merged into its base model", path)
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_config.dtype]).merge_and_unload()
     if is_msa_checkpoint(path):
         logger.info("starting from MSA checkpoint %s", path)
         return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_config.dtype])
@@ -84,22 +90,72 @@ def load_stage_model(
                                vocab_size, seed)
 
 
+def starting_checkpoint(init_from: str, previous_export: Path | None) -> Path | None:
+    """The MSA checkpoint folder a stage loads as it is, or None when its starting model exists
+    only in memory (converted from a backbone, or merged from a LoRA adapter)."""
+    if init_from == "backbone":
+        return None
+    path = previous_export if init_from == "previous" else Path(init_from)
+    return path.resolve() if path is not None and is_msa_checkpoint(path) else None
+
+
+def add_lora_adapters(model: MSAForCausalLM, lora: LoraConfig, stage_name: str) -> PeftModel:
+    """`model` wrapped by peft with LoRA adapters on the linear layers that `lora.target_modules`
+    match (every other weight frozen). A pattern that matches no linear layer is an error."""
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    targets: list[str] = []
+    for index, pattern in enumerate(lora.target_modules):
+        matched = [name for name in linear_names if re.search(pattern, name)]
+        if not matched:
+            examples = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in linear_names})
+            raise ValueError(f"stage {stage_name}: lora.target_modules[{index}] = {pattern!r} matches no linear layer "
+                             f"of the model; its linear layers are named like {examples} (N: the layer index)")
+        targets += matched
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head" in targets:
+        # An adapter on a head that shares its weight with the embedding cannot be merged into one.
+        raise ValueError(f"stage {stage_name}: lora.target_modules match lm_head, whose weight is tied to the "
+                         "input embedding; adapt the head only in a model with tie_word_embeddings: false")
+    # Full module names, so that peft adapts exactly the layers matched here (it would treat a
+    # bare name such as "q_proj" as a suffix, and a single string as a full-match regex).
+    config = PeftLoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=sorted(set(targets)))
+    wrapped = get_peft_model(model, config)
+    # The adapted layers' inputs then carry gradients even where the frozen embedding starts a
+    # recomputed (activation-checkpointed) segment.
+    wrapped.enable_input_require_grads()
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    logger.info("stage %s: LoRA rank %d on %d linear layers, %d trainable parameters", stage_name, lora.rank,
+                len(set(targets)), trainable)
+    return wrapped
+
+
+def is_lora_parameter(name: str) -> bool:
+    return ".lora_" in name
+
+
 def parameter_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
     """Optimizer parameter groups of a stage; frozen groups get `requires_grad=False` and no group.
 
     Each parameter joins the first group whose regex `pattern` it matches. Without groups in
-    the recipe every parameter trains at the stage optimizer's LR.
+    the recipe every parameter trains at the stage optimizer's LR. With `stage.lora` only the
+    adapter weights are candidates (the groups split them); every other weight is frozen.
     """
     optimizer = stage.optimizer
+    candidates = []
+    for name, param in model.named_parameters():
+        if stage.lora is not None and not is_lora_parameter(name):
+            param.requires_grad_(False)
+        else:
+            candidates.append((name, param))
     if not stage.param_groups:
-        params = [p for p in model.parameters()]
+        params = [param for _, param in candidates]
         for param in params:
             param.requires_grad_(True)
         return [{"name": "all", "params": params, "lr": optimizer.lr, "weight_decay": optimizer.weight_decay}]
     patterns = [re.compile(group.pattern) for group in stage.param_groups]
     members: list[list[torch.nn.Parameter]] = [[] for _ in stage.param_groups]
     unmatched = []
-    for name, param in model.named_parameters():
+    for name, param in candidates:
         index = next((i for i, pattern in enumerate(patterns) if pattern.search(name)), None)
         if index is None:
             unmatched.append(name)
@@ -114,8 +170,9 @@ def parameter_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[st
     empty = [group for group, params in zip(stage.param_groups, members) if not params]
     if empty:
         raise ValueError(
-            f"stage {stage.name}: param group {empty[0].name!r} (pattern {empty[0].pattern!r}) matches no parameter; "
-            "check the regex (YAML: write '\\.router_' in single quotes) and that no earlier group takes its parameters"
+            f"stage {stage.name}: param group {empty[0].name!r} (pattern {empty[0].pattern!r}) matches no "
+            f"{'LoRA adapter ' if stage.lora is not None else ''}parameter; check the regex (YAML: write "
+            "'\\.router_' in single quotes) and that no earlier group takes its parameters"
         )
     groups = []
     for group, params in zip(stage.param_groups, members):

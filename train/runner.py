@@ -10,6 +10,7 @@ newest one. So re-running the same command after a crash continues where it stop
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from typing import Literal
 
 from data.build import load_source
 from data.errors import BadRecordTally
+from data.readers import iter_lm_texts
 from data.tokenization import load_tokenizer
 
 from .checkpoint import CheckpointError
@@ -93,14 +95,19 @@ def previous_export(recipe: Recipe, stage: StageConfig, run_dir: Path) -> Path |
 
 
 def tokenizer_texts(recipe: Recipe, tokenizer_dir: Path, limit: int) -> Iterator[str]:
-    """Text to train a tiny tokenizer on: documents, queries and answers of the recipe's sources.
+    """Text to train a tiny tokenizer on: the first `limit` texts of each `lm` source, and the
+    first `limit` documents, queries and answers of each retrieval source.
 
     A generator, so the sources are read only when a tokenizer is actually trained (not on a
     resume, where it already exists).
     """
     for name in recipe.data.sources:
         build = build_config_for(recipe, name, tokenizer_dir)
-        dataset = load_source(build.source, BadRecordTally())
+        tally = BadRecordTally(skip_bad_records=build.skip_bad_records)
+        if build.source.kind == "lm":
+            yield from itertools.islice(iter_lm_texts(build.source.path, build.source.text_field, tally=tally), limit)
+            continue
+        dataset = load_source(build.source, tally)
         yield from (doc.full_text() for doc in dataset.corpus[:limit])
         yield from (f"{record.query} {record.answer or ''}" for record in dataset.records[:limit])
 

@@ -26,7 +26,7 @@ from .data_stream import LayoutSettings, MicroBatchStream
 from .distributed import DistributedContext
 from .engine import batch_geometry, deepspeed_config, initialize_engine
 from .export import export_stage
-from .model_setup import load_stage_model, parameter_groups
+from .model_setup import add_lora_adapters, load_stage_model, parameter_groups, starting_checkpoint
 from .prefetch import PrefetchingStream
 from .profiling import StepProfiler
 from .schedule import LRMultiplier
@@ -221,6 +221,10 @@ class StageTrainer:
         model.train()
         self.model_config = model.config
         self.flops = FlopModel.from_model(model)
+        # What a LoRA stage's adapter export names as its base (None: written beside the adapter).
+        self.base_checkpoint = starting_checkpoint(stage.init_from, previous_export)
+        if stage.lora is not None:
+            model = add_lora_adapters(model, stage.lora, stage.name)
         groups = parameter_groups(model, stage)
         self.group_names = [group["name"] for group in groups]
         self.rows_per_micro, self.accumulation = batch_geometry(stage, context.world_size)
@@ -269,7 +273,8 @@ class StageTrainer:
         """Train to the budget, then export; returns the export folder."""
         self.train()
         return export_stage(self.engine, self.recipe.deepspeed.zero_stage, export_dir(self.run_dir, self.stage.name),
-                            self.tokenizer_dir, recipe_to_yaml(self.recipe), self.context)
+                            self.tokenizer_dir, recipe_to_yaml(self.recipe), self.context,
+                            self.stage.lora.export if self.stage.lora is not None else None, self.base_checkpoint)
 
     def train(self) -> None:
         """Resume from the newest checkpoint, if any, and train to the budget (no export)."""
