@@ -149,7 +149,7 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
         "source": {"kind": "lm", "path": str(tmp_path / "texts")}, "tokenizer": str(sp_model), "sample_kind": "lm",
         "max_example_tokens": 64}), tmp_path / "out")
     assert manifest["documents"] == 0 and manifest["examples"] >= 3
-    rows = list(PackedRowLoader(tmp_path / "out", 128, max_epochs=1, query_position_offset=0))
+    rows = list(PackedRowLoader(tmp_path / "out", 128, max_epochs=1))
     for row in rows:
         real = row["doc_ids"] != -1
         assert (row["doc_ids"][real] == 0).all()

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from batches import tiny_msa
 from data_fixtures import DELIMITER, END_OF_RETRIEVAL, doc_runs, synthetic_build, train_byte_bpe, write_beir
 
 from data.build import BuildConfig, build_dataset, load_source
 from data.errors import BadRecordTally
-from data.layout import compute_position_ids
 from data.loader import PackedRowLoader, stack_rows
 from data.samples import MemoryConfig
 from data.synthetic import generate_needles
 from data.templates import TemplateConfig
 from data.tokenization import load_tokenizer
-from msa_modeling.layout import build_packed_layout
-from msa_modeling.layout import compute_position_ids as model_position_ids
+from msa_modeling.layout import compute_position_ids
+from train.data_stream import LayoutSettings, MicroBatchStream
 
 ROW_LENGTH = 1536
 OFFSET = 16
@@ -105,8 +105,7 @@ def id_numbers_in(text: str, template: TemplateConfig) -> list[int]:
 
 
 def rows_of(build: Path, world_size: int = 1, rank: int = 0) -> tuple[list[dict], list[list[tuple[int, int]]], PackedRowLoader]:
-    loader = PackedRowLoader(build, ROW_LENGTH, seed=1, rank=rank, world_size=world_size, max_epochs=1,
-                             query_position_offset=OFFSET)
+    loader = PackedRowLoader(build, ROW_LENGTH, seed=1, rank=rank, world_size=world_size, max_epochs=1)
     rows, origins = [], []
     for row in loader:
         rows.append(row)
@@ -201,31 +200,51 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
     assert len(id_strides) > 1 if config.memory.id_stride_max > 1 else id_strides == {1}
 
 
-@pytest.mark.parametrize("name", ["retrieval", "interleave"])
-def test_positions_follow_spec_and_model_accepts_rows(builds: dict[str, Path], name: str) -> None:
-    rows, _, _ = rows_of(builds[name])
-    for row in rows:
-        doc_ids, example_ids, positions = row["doc_ids"], row["example_ids"], row["position_ids"]
-        assert torch.equal(positions, torch.from_numpy(compute_position_ids(doc_ids.numpy(), example_ids.numpy(), OFFSET)))
-        assert torch.equal(positions, model_position_ids(doc_ids, example_ids, OFFSET))
-        for example in example_ids.unique():
+def expected_positions(doc_ids: torch.Tensor, example_ids: torch.Tensor, document_positions: bool) -> torch.Tensor:
+    """Spec section 4 written out token by token: document-wise, prefix 0..T-1, each document 0..len-1 and
+    the query T + OFFSET + j; global, 0.. from each example's first token; padding 0."""
+    positions = torch.zeros_like(doc_ids)
+    for row in range(doc_ids.shape[0]):
+        counter, previous = 0, None
+        for token in range(doc_ids.shape[1]):
+            example, role = int(example_ids[row, token]), int(doc_ids[row, token])
             if example < 0:
                 continue
-            mask = example_ids == example
-            roles, pos = doc_ids[mask], positions[mask]
-            prefix_length = int((roles == -2).sum())
-            assert torch.equal(pos[roles == -2], torch.arange(prefix_length))
-            for doc in roles[roles > 0].unique():
-                assert torch.equal(pos[roles == doc], torch.arange(int((roles == doc).sum())))
-            query = pos[roles == 0]
-            assert torch.equal(query, torch.arange(len(query)) + prefix_length + OFFSET)
-        assert (positions[doc_ids == -1] == 0).all()
-    batch = stack_rows(rows[:3])
-    layout = build_packed_layout(batch["doc_ids"], chunk_size=64, query_position_offset=OFFSET,
-                                 example_ids=batch["example_ids"], labels=batch["labels"],
-                                 aux_labels=batch["aux_labels"])
-    assert torch.equal(layout.position_ids, batch["position_ids"])
-    assert layout.has_positives
+            if not document_positions:
+                counter = 0 if previous is None or previous[0] != example else counter + 1
+            elif previous is None or previous != (example, role):
+                prefix = int(((example_ids[row] == example) & (doc_ids[row] == -2)).sum())
+                counter = prefix + OFFSET if role == 0 else 0
+            else:
+                counter += 1
+            positions[row, token] = counter
+            previous = (example, role)
+    return positions
+
+
+@pytest.mark.parametrize("document_positions", [True, False])
+@pytest.mark.parametrize("name", ["retrieval", "interleave"])
+def test_positions_agree_on_the_data_path_and_the_model_path(builds: dict[str, Path], tmp_path: Path, name: str,
+                                                              document_positions: bool) -> None:
+    """The trainer's micro-batches (loader rows, layout built on the host) and the model building its own
+    layout from the same rows give the positions of spec section 4, for both position settings."""
+    model = tiny_msa(0, query_position_offset=OFFSET, chunk_size=64, document_positions=document_positions)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / name).symlink_to(builds[name])
+    rows_per_micro_batch = 2
+    stream = MicroBatchStream({name: 1.0}, ROW_LENGTH, rows_per_micro_batch, tmp_path,
+                              LayoutSettings.from_model_config(model.config), seed=1, rank=0, world_size=1)
+    loader = PackedRowLoader(builds[name], ROW_LENGTH, seed=1)
+    for _ in range(3):
+        batch = stack_rows([loader.next_row() for _ in range(rows_per_micro_batch)])
+        data_path = stream.next().layout.position_ids
+        model_path = model.build_layout(batch["doc_ids"], batch["example_ids"], batch["labels"],
+                                        batch["aux_labels"]).position_ids
+        expected = expected_positions(batch["doc_ids"], batch["example_ids"], document_positions)
+        assert torch.equal(data_path, expected)
+        assert torch.equal(model_path, expected)
+        assert torch.equal(compute_position_ids(batch["doc_ids"], batch["example_ids"], OFFSET, document_positions),
+                           expected)
 
 
 def test_chat_prefix_is_shared_prefix(tmp_path: Path, sp_model: Path) -> None:
