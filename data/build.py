@@ -68,6 +68,14 @@ class SourceConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)
 
 
+def _known_keys(section: type, values: dict[str, Any], name: str) -> dict[str, Any]:
+    """``values`` unchanged, or ValueError naming the keys that ``section`` does not have."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(section)}
+    if unknown:
+        raise ValueError(f"unknown build config keys in {name}: {sorted(unknown)}")
+    return values
+
+
 @dataclass
 class BuildConfig:
     """Everything that determines the content of a build (and so its fingerprint)."""
@@ -97,14 +105,10 @@ class BuildConfig:
     def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
         """Build from plain (JSON/YAML) values; nested sections may be partial."""
         values = dict(values)
-        values["source"] = SourceConfig(**values["source"])
+        values["source"] = SourceConfig(**_known_keys(SourceConfig, values["source"], "source"))
         values["template"] = TemplateConfig.from_dict(values.get("template") or {})
-        values["memory"] = MemoryConfig(**(values.get("memory") or {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown build config keys: {sorted(unknown)}")
-        return cls(**values)
+        values["memory"] = MemoryConfig(**_known_keys(MemoryConfig, values.get("memory") or {}, "memory"))
+        return cls(**_known_keys(cls, values, "the top level"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for the manifest."""

@@ -109,16 +109,16 @@ class PreparedDataset:
         shard, local = self._locate(index)
         return int(shard.example_origin[local][0]), int(shard.example_origin[local][1])
 
-    def example_id_numbering(self, index: int) -> tuple[int, int]:
-        """(offset, stride) of example ``index``'s document IDs: memory document i is shown as ID offset + stride * i."""
+    def example_id_offset(self, index: int) -> int:
+        """The ID offset of example ``index``: memory document i is shown as ID offset + i."""
         shard, local = self._locate(index)
-        return int(shard.id_offsets[local]), int(shard.id_strides[local])
+        return int(shard.id_offsets[local])
 
     def write_example(self, index: int, row: dict[str, np.ndarray], start: int, example_id: int) -> int:
         """Write example ``index`` into ``row`` from ``start``; return the end position."""
         shard, local = self._locate(index)
         memory, positive, tail_tokens, tail_labelled = self._parts(shard, local)
-        id_offset, id_stride = int(shard.id_offsets[local]), int(shard.id_strides[local])
+        id_offset = int(shard.id_offsets[local])
         input_ids, doc_ids = row["input_ids"], row["doc_ids"]
         position = start
         prefix_length = len(self.prefix)
@@ -128,7 +128,7 @@ class PreparedDataset:
             position += prefix_length
         suffix_length = len(self.doc_suffix)
         for memory_id, (doc, is_positive) in enumerate(zip(memory.tolist(), positive.tolist()), start=1):
-            id_prefix = self.doc_id_prefix[id_offset + id_stride * memory_id]
+            id_prefix = self.doc_id_prefix[id_offset + memory_id]
             tokens, begin, end = self.docs.locate(doc)
             head = len(id_prefix)
             body = end - begin

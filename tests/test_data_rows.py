@@ -57,10 +57,6 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     synthetic_build(root / "interleave-id-offset", sp_model, "interleave", GENERATORS["interleave"], memory=offsets,
                     template={"id_digits": ID_DIGITS})
     outputs["interleave-id-offset"] = root / "interleave-id-offset"
-    strides = {**offsets, "id_stride_max": 60}
-    synthetic_build(root / "interleave-id-stride", sp_model, "interleave", GENERATORS["interleave"], memory=strides,
-                    template={"id_digits": ID_DIGITS})
-    outputs["interleave-id-stride"] = root / "interleave-id-stride"
     beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
     build_dataset(BuildConfig.from_dict({
         "source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
@@ -71,9 +67,9 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
 
 
 def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int,
-                     id_text: Callable[[int], str] = str, id_offset: int = 0, id_stride: int = 1):
+                     id_text: Callable[[int], str] = str, id_offset: int = 0):
     """(full text, labelled text, positive corpus ids) the example must decode to."""
-    memory_id_of = {doc_id: id_offset + id_stride * i for i, doc_id in enumerate(memory_ids, start=1)}
+    memory_id_of = {doc_id: id_offset + i for i, doc_id in enumerate(memory_ids, start=1)}
     doc_of = {memory_id: doc_id for doc_id, memory_id in memory_id_of.items()}
     memory_text = "".join(f"[{id_text(memory_id_of[doc_id])}]. {corpus[doc_id]}\n" for doc_id in memory_ids)
 
@@ -141,11 +137,11 @@ def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits",
-                                  "retrieval-id-offset", "interleave-id-offset", "interleave-id-stride"])
+                                  "retrieval-id-offset", "interleave-id-offset"])
 def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> None:
     build = builds[name]
     kind = {"bpe-qa": "qa", "beir": "retrieval", "qa-id-digits": "qa", "retrieval-id-offset": "retrieval",
-            "interleave-id-offset": "interleave", "interleave-id-stride": "interleave"}.get(name, name)
+            "interleave-id-offset": "interleave"}.get(name, name)
     config = BuildConfig.from_dict(json.loads((build / "manifest.json").read_text())["config"])
     source = load_source(config.source, BadRecordTally())
     corpus = {doc.doc_id: doc.full_text() for doc in source.corpus}
@@ -156,7 +152,6 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
     eos = tokenizer.eos_token_id
     seen = 0
     id_offsets: set[int] = set()
-    id_strides: set[int] = set()
     for row, row_examples in zip(rows, origins):
         check_row_grammar(row)
         for example_id, (_, example) in enumerate(row_examples):
@@ -164,13 +159,12 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             record_index, step = dataset.example_origin(example)
             memory, _, _, _ = dataset.example_parts(example)
             memory_ids = [corpus_ids[i] for i in memory.tolist()]
-            id_offset, id_stride = dataset.example_id_numbering(example)
-            assert 0 <= id_offset <= config.memory.id_offset_max and 1 <= id_stride <= config.memory.id_stride_max
-            assert id_offset + id_stride * len(memory_ids) <= config.memory.max_memory_id
+            id_offset = dataset.example_id_offset(example)
+            assert 0 <= id_offset <= config.memory.id_offset_max
+            assert id_offset + len(memory_ids) <= config.memory.max_memory_id
             id_offsets.add(id_offset)
-            id_strides.add(id_stride)
             full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step,
-                                                         config.template.memory_id_text, id_offset, id_stride)
+                                                         config.template.memory_id_text, id_offset)
             input_ids = row["input_ids"].numpy()[mask].tolist()
             labels = row["labels"].numpy()[mask]
             generated = labels[labels != -100].tolist()
@@ -185,7 +179,7 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             for doc, start, end in doc_runs(doc_ids):
                 expected_flag = int(memory_ids[doc - 1] in positives)
                 assert (aux[start:end] == expected_flag).all()
-                id_text = config.template.memory_id_text(id_offset + id_stride * doc)
+                id_text = config.template.memory_id_text(id_offset + doc)
                 assert tokenizer.decode(input_ids[start:end]) == f"[{id_text}]. {corpus[memory_ids[doc - 1]]}\n"
             if config.template.id_digits:
                 # Each ID digit is one token of its own, which the documents' numbers never use.
@@ -197,7 +191,6 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
     assert seen == len(dataset) > 0
     # Offsets vary between records and are absent unless asked for.
     assert len(id_offsets) > 1 if config.memory.id_offset_max else id_offsets == {0}
-    assert len(id_strides) > 1 if config.memory.id_stride_max > 1 else id_strides == {1}
 
 
 def expected_positions(doc_ids: torch.Tensor, example_ids: torch.Tensor, document_positions: bool) -> torch.Tensor:
@@ -369,28 +362,28 @@ def test_id_offsets_are_log_uniform_and_drawn_only_when_asked_for() -> None:
         MemoryConfig(id_offset_max=-1)
 
 
-def test_id_strides_are_log_uniform_and_keep_the_last_id_in_range() -> None:
-    rng = np.random.default_rng(0)
-    config = MemoryConfig(max_memory_docs=64, id_offset_max=9936, id_stride_max=100)
-    strides = np.array([config.draw_id_stride(rng, 0, 64) for _ in range(8000)])
-    assert strides.min() == 1 and strides.max() == 100
-    # Log-uniform: as many strides in 1..9 as in 10..100 (each about half).
-    assert abs(np.mean(strides < 10) - 0.5) < 0.03
-    # Near the top of the ID range the stride shrinks so that 64 documents still fit under 10,000.
-    assert max(config.draw_id_stride(rng, 9000, 64) for _ in range(200)) == 15
-    assert config.draw_id_stride(rng, 9990, 64) == 1
-    state = rng.bit_generator.state
-    assert MemoryConfig(id_offset_max=9999).draw_id_stride(rng, 5, 64) == 1
-    assert rng.bit_generator.state == state, "builds without strides keep their random draws"
-    with pytest.raises(ValueError, match="memory.id_stride_max must be >= 1"):
-        MemoryConfig(id_stride_max=0)
+def test_id_stride_max_is_refused_and_strided_builds_are_not_read(builds: dict[str, Path], tmp_path: Path) -> None:
+    """`memory.id_stride_max` is gone: a config that sets it, and a build whose shards spaced the IDs by
+    strides, fail with an error naming it instead of rendering other IDs than the build wrote."""
+    config = json.loads((builds["retrieval-id-offset"] / "manifest.json").read_text())["config"]
+    config["memory"]["id_stride_max"] = 8
+    with pytest.raises(ValueError, match="id_stride_max"):
+        BuildConfig.from_dict(config)
+    strided = tmp_path / "strided"
+    shutil.copytree(builds["retrieval-id-offset"], strided)
+    shard = sorted(strided.glob("examples/shard-*"))[0]
+    np.save(shard / "id_strides.npy", np.full(len(np.load(shard / "id_offsets.npy")), 3, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"id_strides\.npy.*id_stride_max"):
+        PackedRowLoader(strided, ROW_LENGTH)
+    np.save(shard / "id_strides.npy", np.ones(len(np.load(shard / "id_offsets.npy")), dtype=np.int64))
+    assert len(list(PackedRowLoader(strided, ROW_LENGTH, max_epochs=1))) > 0
 
 
 def test_shards_without_id_offsets_read_as_offset_zero(builds: dict[str, Path], tmp_path: Path) -> None:
     """Builds written before ID offsets existed load unchanged."""
     old = tmp_path / "retrieval"
     shutil.copytree(builds["retrieval"], old)
-    for path in [*old.glob("examples/shard-*/id_offsets.npy"), *old.glob("examples/shard-*/id_strides.npy")]:
+    for path in old.glob("examples/shard-*/id_offsets.npy"):
         path.unlink()
     new_rows, _, _ = rows_of(builds["retrieval"])
     old_rows, _, _ = rows_of(old)
