@@ -346,6 +346,10 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     fingerprint_path = output / "build_fingerprint.json"
     if fingerprint_path.exists():
         previous = json.loads(fingerprint_path.read_text())["fingerprint"]
+        finished = _finished_manifest(output, fingerprint) if previous == fingerprint else None
+        if finished is not None:
+            logger.info("reusing build %s (%d examples)", output, finished["examples"])
+            return finished
         if previous != fingerprint:
             if not overwrite:
                 raise ValueError(f"{output} holds a build with another config, tokenizer or input files; "
@@ -449,6 +453,16 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     logger.info("build %s: %d documents (%d tokens), %d examples (%d training tokens per epoch)", output,
                 manifest["documents"], corpus_tokens, manifest["examples"], manifest["training_tokens_per_epoch"])
     return manifest
+
+
+def _finished_manifest(output: Path, fingerprint: str) -> dict | None:
+    """The manifest of a finished build of ``fingerprint`` in ``output``, or None. The manifest is
+    written last, after every shard, so its presence with this fingerprint means nothing is left to do."""
+    manifest_path = output / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    return manifest if manifest.get("fingerprint") == fingerprint else None
 
 
 def _load_config_file(path: Path) -> dict[str, Any]:
