@@ -68,6 +68,14 @@ class SourceConfig:
     synthetic: dict[str, Any] = field(default_factory=dict)
 
 
+def _known_keys(section: type, values: dict[str, Any], name: str) -> dict[str, Any]:
+    """``values`` unchanged, or ValueError naming the keys that ``section`` does not have."""
+    unknown = set(values) - {f.name for f in dataclasses.fields(section)}
+    if unknown:
+        raise ValueError(f"unknown build config keys in {name}: {sorted(unknown)}")
+    return values
+
+
 @dataclass
 class BuildConfig:
     """Everything that determines the content of a build (and so its fingerprint)."""
@@ -97,14 +105,10 @@ class BuildConfig:
     def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
         """Build from plain (JSON/YAML) values; nested sections may be partial."""
         values = dict(values)
-        values["source"] = SourceConfig(**values["source"])
+        values["source"] = SourceConfig(**_known_keys(SourceConfig, values["source"], "source"))
         values["template"] = TemplateConfig.from_dict(values.get("template") or {})
-        values["memory"] = MemoryConfig(**(values.get("memory") or {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown build config keys: {sorted(unknown)}")
-        return cls(**values)
+        values["memory"] = MemoryConfig(**_known_keys(MemoryConfig, values.get("memory") or {}, "memory"))
+        return cls(**_known_keys(cls, values, "the top level"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for the manifest."""
@@ -342,6 +346,10 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     fingerprint_path = output / "build_fingerprint.json"
     if fingerprint_path.exists():
         previous = json.loads(fingerprint_path.read_text())["fingerprint"]
+        finished = _finished_manifest(output, fingerprint) if previous == fingerprint else None
+        if finished is not None:
+            logger.info("reusing build %s (%d examples)", output, finished["examples"])
+            return finished
         if previous != fingerprint:
             if not overwrite:
                 raise ValueError(f"{output} holds a build with another config, tokenizer or input files; "
@@ -445,6 +453,16 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     logger.info("build %s: %d documents (%d tokens), %d examples (%d training tokens per epoch)", output,
                 manifest["documents"], corpus_tokens, manifest["examples"], manifest["training_tokens_per_epoch"])
     return manifest
+
+
+def _finished_manifest(output: Path, fingerprint: str) -> dict | None:
+    """The manifest of a finished build of ``fingerprint`` in ``output``, or None. The manifest is
+    written last, after every shard, so its presence with this fingerprint means nothing is left to do."""
+    manifest_path = output / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    return manifest if manifest.get("fingerprint") == fingerprint else None
 
 
 def _load_config_file(path: Path) -> dict[str, Any]:

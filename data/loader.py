@@ -1,13 +1,15 @@
 """Streaming loader: assembles packed training rows from a finished build.
 
-Row format (int64 tensors of length ``row_length``; see ``layout`` for the constants):
+Row format (int64 tensors of length ``row_length``; the constants are ``msa_modeling.layout``'s):
 
 - ``input_ids``
 - ``doc_ids``: -2 prefix, 1..n memory documents, 0 query/answer, -1 padding
 - ``example_ids``: 0..E-1 per packed example, -1 padding (padding only at the end)
 - ``labels``: input id where the model generates, -100 elsewhere (not shifted)
 - ``aux_labels``: 1 on every token of a positive memory document, else 0
-- ``position_ids``: document-wise positions (spec section 4)
+
+Rows carry no positions: the model's position rule (``msa_modeling.layout``) derives them from
+``doc_ids`` and ``example_ids`` with the model's own settings.
 
 Order is a pure function of (seed, epoch, rank, world size): each epoch permutes every
 dataset's examples, rank r takes every ``world_size``-th of them from position r, and
@@ -27,13 +29,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from msa_modeling.layout import IGNORE_INDEX, PAD_ID, PREFIX_ID, QUERY_ID
+
 from .errors import OverlongExampleError
-from .layout import IGNORE_LABEL, PADDING_DOC_ID, PREFIX_DOC_ID, QUERY_DOC_ID
 from .store import DocumentStore, ExampleShard, finished_shards
 
 logger = logging.getLogger(__name__)
 
-ROW_FIELDS = ("input_ids", "doc_ids", "example_ids", "labels", "aux_labels", "position_ids")
+ROW_FIELDS = ("input_ids", "doc_ids", "example_ids", "labels", "aux_labels")
 _MIX_BLOCK = 4096
 
 
@@ -106,28 +109,26 @@ class PreparedDataset:
         shard, local = self._locate(index)
         return int(shard.example_origin[local][0]), int(shard.example_origin[local][1])
 
-    def example_id_numbering(self, index: int) -> tuple[int, int]:
-        """(offset, stride) of example ``index``'s document IDs: memory document i is shown as ID offset + stride * i."""
+    def example_id_offset(self, index: int) -> int:
+        """The ID offset of example ``index``: memory document i is shown as ID offset + i."""
         shard, local = self._locate(index)
-        return int(shard.id_offsets[local]), int(shard.id_strides[local])
+        return int(shard.id_offsets[local])
 
-    def write_example(self, index: int, row: dict[str, np.ndarray], start: int, example_id: int,
-                      query_position_offset: int, ramp: np.ndarray) -> int:
+    def write_example(self, index: int, row: dict[str, np.ndarray], start: int, example_id: int) -> int:
         """Write example ``index`` into ``row`` from ``start``; return the end position."""
         shard, local = self._locate(index)
         memory, positive, tail_tokens, tail_labelled = self._parts(shard, local)
-        id_offset, id_stride = int(shard.id_offsets[local]), int(shard.id_strides[local])
-        input_ids, doc_ids, positions = row["input_ids"], row["doc_ids"], row["position_ids"]
+        id_offset = int(shard.id_offsets[local])
+        input_ids, doc_ids = row["input_ids"], row["doc_ids"]
         position = start
         prefix_length = len(self.prefix)
         if prefix_length:
             input_ids[position:position + prefix_length] = self.prefix
-            doc_ids[position:position + prefix_length] = PREFIX_DOC_ID
-            positions[position:position + prefix_length] = ramp[:prefix_length]
+            doc_ids[position:position + prefix_length] = PREFIX_ID
             position += prefix_length
         suffix_length = len(self.doc_suffix)
         for memory_id, (doc, is_positive) in enumerate(zip(memory.tolist(), positive.tolist()), start=1):
-            id_prefix = self.doc_id_prefix[id_offset + id_stride * memory_id]
+            id_prefix = self.doc_id_prefix[id_offset + memory_id]
             tokens, begin, end = self.docs.locate(doc)
             head = len(id_prefix)
             body = end - begin
@@ -137,17 +138,15 @@ class PreparedDataset:
             if suffix_length:
                 input_ids[position + head + body:position + length] = self.doc_suffix
             doc_ids[position:position + length] = memory_id
-            positions[position:position + length] = ramp[:length]
             if is_positive:
                 row["aux_labels"][position:position + length] = 1
             position += length
         tail_length = len(tail_tokens)
         input_ids[position:position + tail_length] = tail_tokens
-        doc_ids[position:position + tail_length] = QUERY_DOC_ID
-        positions[position:position + tail_length] = ramp[:tail_length] + (prefix_length + query_position_offset)
+        doc_ids[position:position + tail_length] = QUERY_ID
         labelled = np.asarray(tail_labelled, dtype=bool)
         row["labels"][position:position + tail_length] = np.where(labelled, input_ids[position:position + tail_length],
-                                                                  IGNORE_LABEL)
+                                                                  IGNORE_INDEX)
         position += tail_length
         row["example_ids"][start:position] = example_id
         return position
@@ -174,7 +173,6 @@ class PackedRowLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        query_position_offset: int = 16,
         max_epochs: int | None = None,
         overlong: Literal["skip", "error"] = "skip",
     ) -> None:
@@ -195,10 +193,8 @@ class PackedRowLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.query_position_offset = query_position_offset
         self.max_epochs = max_epochs
         self.overlong = overlong
-        self._ramp = np.arange(row_length, dtype=np.int64)
         self._order_cache: dict[int, tuple[int, np.ndarray]] = {}
         self._mix_cache: tuple[int, np.ndarray] | None = None
         self._state = self._initial_state()
@@ -308,11 +304,10 @@ class PackedRowLoader:
         length = self.row_length
         row = {
             "input_ids": np.zeros(length, dtype=np.int64),
-            "doc_ids": np.full(length, PADDING_DOC_ID, dtype=np.int64),
+            "doc_ids": np.full(length, PAD_ID, dtype=np.int64),
             "example_ids": np.full(length, -1, dtype=np.int64),
-            "labels": np.full(length, IGNORE_LABEL, dtype=np.int64),
+            "labels": np.full(length, IGNORE_INDEX, dtype=np.int64),
             "aux_labels": np.zeros(length, dtype=np.int64),
-            "position_ids": np.zeros(length, dtype=np.int64),
         }
         position = 0
         packed = 0
@@ -338,7 +333,7 @@ class PackedRowLoader:
             if position + example_length > length:
                 self._state["pending"] = [source, example]
                 break
-            position = dataset.write_example(example, row, position, packed, self.query_position_offset, self._ramp)
+            position = dataset.write_example(example, row, position, packed)
             pad_token_id = dataset.pad_token_id if pad_token_id is None else pad_token_id
             self.last_row_examples.append((source, example))
             packed += 1

@@ -48,12 +48,6 @@ class MemoryConfig:
     memory of N documents 1..N, so a model trained only on small memories has never written
     the longer IDs of a large one; offsets up to the largest evaluated memory train every ID
     length equally often. Only the rendered ID text changes: ``doc_ids`` and routing do not.
-
-    ``id_stride_max`` > 1 also spaces the IDs by a random stride s (IDs o+s, o+2s, .., o+ns; s
-    log-uniform in 1..id_stride_max, at most what keeps the last ID within ``max_memory_id``).
-    With consecutive IDs every document of a small memory shares its ID's leading digits, so
-    they can be read from any attended document; in a large memory the documents the router
-    layers select have unrelated IDs, and every digit must come from the right one.
     """
 
     memory_tokens: int = 8192
@@ -61,7 +55,6 @@ class MemoryConfig:
     random_negatives: bool = True
     random_draw_attempts: int = 64
     id_offset_max: int = 0
-    id_stride_max: int = 1
 
     def __post_init__(self) -> None:
         for key in ("memory_tokens", "max_memory_docs"):
@@ -69,8 +62,6 @@ class MemoryConfig:
                 raise ValueError(f"memory.{key} must be >= 1, got {getattr(self, key)}")
         if self.id_offset_max < 0:
             raise ValueError(f"memory.id_offset_max must be >= 0, got {self.id_offset_max}")
-        if self.id_stride_max < 1:
-            raise ValueError(f"memory.id_stride_max must be >= 1, got {self.id_stride_max}")
 
     @property
     def max_memory_id(self) -> int:
@@ -83,14 +74,6 @@ class MemoryConfig:
             return 0
         # o + 1 log-uniform in [1, id_offset_max + 2): its integer part covers 1..id_offset_max + 1.
         return int(np.exp(rng.uniform(0.0, np.log(self.id_offset_max + 2)))) - 1
-
-    def draw_id_stride(self, rng: np.random.Generator, id_offset: int, num_docs: int) -> int:
-        """An ID stride, log-uniform over 1..id_stride_max, at most (max_memory_id - id_offset) // num_docs
-        (1 without drawing when id_stride_max is 1)."""
-        if self.id_stride_max == 1:
-            return 1
-        largest = max(1, min(self.id_stride_max, (self.max_memory_id - id_offset) // max(num_docs, 1)))
-        return min(largest, int(np.exp(rng.uniform(0.0, np.log(largest + 1)))))
 
 
 @dataclass
@@ -115,13 +98,12 @@ class ExamplePlan:
     tail_labelled: np.ndarray
     record_index: int = -1
     step: int = 0
-    id_offset: int = 0  # memory document i is rendered with ID id_offset + id_stride * i
-    id_stride: int = 1
+    id_offset: int = 0  # memory document i is rendered with ID id_offset + i
 
     def num_tokens(self, template_tokens: TemplateTokens, doc_lengths: np.ndarray) -> int:
         """Length of the assembled example."""
         memory_tokens = int(doc_lengths[self.memory].sum()) if len(self.memory) else 0
-        id_prefix_tokens = sum(len(template_tokens.doc_id_prefix[self.id_offset + self.id_stride * i])
+        id_prefix_tokens = sum(len(template_tokens.doc_id_prefix[self.id_offset + i])
                                for i in range(1, len(self.memory) + 1))
         suffix_tokens = len(template_tokens.doc_suffix) * len(self.memory)
         return len(template_tokens.prefix) + memory_tokens + id_prefix_tokens + suffix_tokens + len(self.tail_tokens)
@@ -181,17 +163,16 @@ class SampleBuilder:
         if self.kind in ("qa", "interleave") and record.answer is None:
             raise MissingAnswerError(f"{self.kind} samples need an answer")
         memory, positive_flags = self._fill_memory(record, rng)
-        # Drawn after the memory, so that builds without offsets (strides) keep their exact examples.
+        # Drawn after the memory, so that builds without offsets keep their exact examples.
         id_offset = self.memory.draw_id_offset(rng)
-        id_stride = self.memory.draw_id_stride(rng, id_offset, len(memory))
-        memory_id_of = {int(doc): id_offset + id_stride * (position + 1) for position, doc in enumerate(memory)}
+        memory_id_of = {int(doc): id_offset + position + 1 for position, doc in enumerate(memory)}
         if self.kind == "retrieval":
             plan = self._plan(memory, positive_flags, [
                 (self.template.query_text(record.query), False),
                 (self.template.target_ids_text(self._ids(record.positives, memory_id_of)), True),
             ])
             plan.record_index = record.record_index
-            plan.id_offset, plan.id_stride = id_offset, id_stride
+            plan.id_offset = id_offset
             return [plan]
         hops = record.hops if (self.kind == "interleave" and record.hops) else [record.positives]
         plans = []
@@ -215,7 +196,7 @@ class SampleBuilder:
             plan = self._plan(memory, flags, segments)
             plan.record_index = record.record_index
             plan.step = step
-            plan.id_offset, plan.id_stride = id_offset, id_stride
+            plan.id_offset = id_offset
             plans.append(plan)
         return plans
 

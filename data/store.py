@@ -8,8 +8,8 @@ Example shard ``examples/shard-NNNNN/``:
   ``memory_offsets.npy`` int64 [E+1], ``tail_tokens.npy``, ``tail_labelled.npy`` uint8,
   ``tail_offsets.npy`` int64 [E+1], ``example_tokens.npy`` int64 [E] assembled lengths,
   ``example_origin.npy`` int64 [E, 2] (source record index, retrieval step), ``id_offsets.npy``
-  int64 [E] and ``id_strides.npy`` int64 [E] (memory document i is rendered with ID offset + stride * i;
-  absent in older builds: offset 0, stride 1), ``shard.json`` counts.
+  int64 [E] (memory document i is rendered with ID offset + i; absent in older builds: offset 0),
+  ``shard.json`` counts.
 
 A shard is written into a hidden ``.tmp-*`` folder and renamed into place, so a visible
 shard folder is always complete, and a killed build leaves only hidden leftovers.
@@ -124,7 +124,6 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         np.save(temp / "example_origin.npy", np.asarray([[p.record_index, p.step] for p in plans],
                                                          dtype=np.int64).reshape(len(plans), 2))
         np.save(temp / "id_offsets.npy", np.asarray([p.id_offset for p in plans], dtype=np.int64))
-        np.save(temp / "id_strides.npy", np.asarray([p.id_stride for p in plans], dtype=np.int64))
         (temp / "shard.json").write_text(json.dumps(stats, indent=1))
 
 
@@ -226,9 +225,16 @@ class ExampleShard:
         offsets_path = directory / "id_offsets.npy"
         self.id_offsets = (np.load(offsets_path) if offsets_path.is_file()
                            else np.zeros(len(self.example_tokens), dtype=np.int64))
-        strides_path = directory / "id_strides.npy"  # absent in shards written before strides
-        self.id_strides = (np.load(strides_path) if strides_path.is_file()
-                           else np.ones(len(self.example_tokens), dtype=np.int64))
+        _refuse_id_strides(directory)
 
     def __len__(self) -> int:
         return len(self.example_tokens)
+
+
+def _refuse_id_strides(directory: Path) -> None:
+    """Shards of builds made with the removed ``memory.id_stride_max`` hold ``id_strides.npy``; with a
+    stride other than 1 their rendered IDs can no longer be reproduced, so such a build is refused."""
+    strides_path = directory / "id_strides.npy"
+    if strides_path.is_file() and bool((np.load(strides_path) != 1).any()):
+        raise ValueError(f"{strides_path}: this build spaces document IDs by strides (memory.id_stride_max), "
+                         "which is no longer supported; rebuild it without id_stride_max (--overwrite)")

@@ -45,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-niah", action="store_true")
     parser.add_argument("--niah-sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--niah-samples", type=int, default=4, help="samples per subtask and size")
-    parser.add_argument("--niah-matched", action="store_true",
-                        help="every size asks the same questions of the same needles at the same depths")
     parser.add_argument("--niah-subtasks", nargs="+", choices=list(SUBTASKS))
     parser.add_argument("--qa-beir", type=Path, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     parser.add_argument("--qa-split", default="test")
@@ -136,10 +134,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     results: dict = {"checkpoint": str(args.checkpoint),
                      "template": {"source": template_source, "fields": asdict(model.template)}}
     if not args.skip_niah:
-        report = run_niah(model, args.niah_sizes, args.niah_samples, args.niah_subtasks, args.seed,
-                          matched=args.niah_matched)
+        report = run_niah(model, args.niah_sizes, args.niah_samples, args.niah_subtasks, args.seed)
         accuracy = report.accuracy()
-        results["niah"] = {"matched": args.niah_matched, "accuracy": {str(k): v for k, v in accuracy.items()},
+        results["niah"] = {"accuracy": {str(k): v for k, v in accuracy.items()},
                            "misses": {str(k): v for k, v in report.miss_kinds().items()},
                            "samples": [asdict(s) for s in report.samples]}
         points = {size: row["average"] for size, row in accuracy.items()}

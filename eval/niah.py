@@ -7,12 +7,11 @@ three multi-key tasks with 4, 16 and 64 distractor needles, multi-value and mult
 Every sample is its own memory, filled with haystack documents up to the memory size; the
 score is RULER's string match (the share of expected values in the answer).
 
-With `matched`, the sizes ask the same questions: a sample's needles, their texts and its
-question depend on the seed and the subtask alone (two subtasks of one kind get their own),
-its haystack on the seed and the size, and each needle sits at the same relative depth of the
-memory at every size. The samples of two sizes then differ only in the haystack around the
-needles, so their difference measures the memory size alone.
-Without it, each size draws its own needles and questions (the samples of earlier versions).
+Every size asks the same questions: a sample's needles, their texts and its question depend on
+the seed and the subtask alone (two subtasks of one kind get their own), its haystack on the
+seed and the size, and each needle sits at the same relative depth of the memory at every size.
+The samples of two sizes differ only in the haystack around the needles, so their difference
+measures the memory size alone.
 
 With `routed_ids_too`, each question is also answered with the round's IDs decoded among the
 routed documents only (`RoutedIdGrammar`), on the same encoded memory, and scored apart.
@@ -124,37 +123,30 @@ def _generator_options(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "kind"}
 
 
-def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int,
-                  matched_depth: bool = False) -> tuple[list, list[int]]:
-    """The record's memory (its positives and negatives) shuffled, and the needles' memory IDs.
-
-    With `matched_depth`, the haystack is shuffled and each needle (asked or distractor) is put
-    at a relative depth drawn from `seed` alone, so a needle sits at the same fraction of the
-    memory whatever the haystack's size.
-    """
+def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int) -> tuple[list, list[int]]:
+    """The record's memory (its positives and negatives) and the needles' memory IDs: the haystack
+    shuffled and each needle (asked or distractor) put at a relative depth drawn from `seed` alone,
+    so a needle sits at the same fraction of the memory whatever the haystack's size."""
     by_id = {doc.doc_id: doc for doc in dataset.corpus}
     doc_ids = list(dict.fromkeys(record.positives + record.negatives))
-    if matched_depth:
-        haystack = [doc_id for doc_id in doc_ids if is_haystack_doc(doc_id)]
-        needles = sorted(doc_id for doc_id in doc_ids if not is_haystack_doc(doc_id))
-        random.Random(f"haystack/{seed}").shuffle(haystack)
-        depth = random.Random(f"depth/{seed}")
-        placed = [((index + 0.5) / len(haystack), doc_id) for index, doc_id in enumerate(haystack)]
-        placed += [(depth.random(), doc_id) for doc_id in needles]
-        doc_ids = [doc_id for _, doc_id in sorted(placed)]
-    else:
-        random.Random(seed).shuffle(doc_ids)
+    haystack = [doc_id for doc_id in doc_ids if is_haystack_doc(doc_id)]
+    needles = sorted(doc_id for doc_id in doc_ids if not is_haystack_doc(doc_id))
+    random.Random(f"haystack/{seed}").shuffle(haystack)
+    depth = random.Random(f"depth/{seed}")
+    placed = [((index + 0.5) / len(haystack), doc_id) for index, doc_id in enumerate(haystack)]
+    placed += [(depth.random(), doc_id) for doc_id in needles]
+    doc_ids = [doc_id for _, doc_id in sorted(placed)]
     needle_ids = [position + 1 for position, doc_id in enumerate(doc_ids) if doc_id in set(record.positives)]
     return [by_id[doc_id] for doc_id in doc_ids], needle_ids
 
 
 def run_niah(
     model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
-    subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False, matched: bool = False,
+    subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False,
 ) -> NIAHReport:
-    """Score every subtask at every memory size (tokens of rendered memory); with `routed_ids_too`
-    also with IDs decoded among the routed documents; with `matched`, every size asks the same
-    questions of the same needles at the same depths (see the module's docstring)."""
+    """Score every subtask at every memory size (tokens of rendered memory), every size asking the
+    same questions of the same needles at the same depths (see the module's docstring); with
+    `routed_ids_too` also with IDs decoded among the routed documents."""
     unknown = set(subtasks or ()) - set(SUBTASKS)
     if unknown:
         raise ValueError(f"unknown NIAH subtasks {sorted(unknown)}; choose from {list(SUBTASKS)}")
@@ -163,14 +155,10 @@ def run_niah(
     for size, task in tqdm(jobs, desc="NIAH", disable=not model.settings.show_progress):
         config = SUBTASKS[task]
         haystack = haystack_docs_for(model, config, size, seed)
-        if matched:
-            dataset = generate_needles(config["kind"], samples_per_task, seed, haystack_docs=haystack,
-                                       haystack_seed=seed + size, stream=task, **_generator_options(config))
-        else:
-            dataset = generate_needles(config["kind"], samples_per_task, seed + size, haystack_docs=haystack,
-                                       **_generator_options(config))
+        dataset = generate_needles(config["kind"], samples_per_task, seed, haystack_docs=haystack,
+                                   haystack_seed=seed + size, stream=task, **_generator_options(config))
         for number, record in enumerate(dataset.records):
-            documents, needle_ids = sample_memory(dataset, record, seed + number, matched_depth=matched)
+            documents, needle_ids = sample_memory(dataset, record, seed + number)
             store = model.encode_memory(documents, pin=False)  # one or two questions: pinning costs more than it saves
             loop = model.interleave(store)
             result = model.ask(loop, record.query)

@@ -100,8 +100,22 @@ def test_killed_build_resumes_without_redoing_or_exposing_partial_shards(tmp_pat
     assert all(after[name] == inode for name, inode in before.items()), "finished shards were rewritten"
     assert not [p for p in killed.rglob(".tmp-*")]
     assert all_rows(killed) == all_rows(reference)
-    rerun = build_dataset(BuildConfig.from_dict(config_values(sp_model)), killed)
-    assert rerun["shards_reused"] == {"documents": 5, "examples": 5}
+
+
+def test_finished_build_is_reused_without_reading_its_source(tmp_path: Path, sp_model: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import data.build as build_module
+
+    first = build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "out")
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()}
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished build read its source again")
+
+    monkeypatch.setattr(build_module, "stream_source", no_reading)
+    monkeypatch.setattr(build_module, "_run_tasks", no_reading)
+    assert build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "out") == first
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*") if p.is_file()} == files
 
 
 def test_changed_config_does_not_mix_with_old_build(tmp_path: Path, sp_model: Path) -> None:
@@ -149,7 +163,7 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
         "source": {"kind": "lm", "path": str(tmp_path / "texts")}, "tokenizer": str(sp_model), "sample_kind": "lm",
         "max_example_tokens": 64}), tmp_path / "out")
     assert manifest["documents"] == 0 and manifest["examples"] >= 3
-    rows = list(PackedRowLoader(tmp_path / "out", 128, max_epochs=1, query_position_offset=0))
+    rows = list(PackedRowLoader(tmp_path / "out", 128, max_epochs=1))
     for row in rows:
         real = row["doc_ids"] != -1
         assert (row["doc_ids"][real] == 0).all()

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from batches import tiny_msa
 from data_fixtures import DELIMITER, END_OF_RETRIEVAL, doc_runs, synthetic_build, train_byte_bpe, write_beir
 
 from data.build import BuildConfig, build_dataset, load_source
 from data.errors import BadRecordTally
-from data.layout import compute_position_ids
 from data.loader import PackedRowLoader, stack_rows
 from data.samples import MemoryConfig
 from data.synthetic import generate_needles
 from data.templates import TemplateConfig
 from data.tokenization import load_tokenizer
-from msa_modeling.layout import build_packed_layout
-from msa_modeling.layout import compute_position_ids as model_position_ids
+from msa_modeling.layout import compute_position_ids
+from train.data_stream import LayoutSettings, MicroBatchStream
 
 ROW_LENGTH = 1536
 OFFSET = 16
@@ -57,10 +57,6 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     synthetic_build(root / "interleave-id-offset", sp_model, "interleave", GENERATORS["interleave"], memory=offsets,
                     template={"id_digits": ID_DIGITS})
     outputs["interleave-id-offset"] = root / "interleave-id-offset"
-    strides = {**offsets, "id_stride_max": 60}
-    synthetic_build(root / "interleave-id-stride", sp_model, "interleave", GENERATORS["interleave"], memory=strides,
-                    template={"id_digits": ID_DIGITS})
-    outputs["interleave-id-stride"] = root / "interleave-id-stride"
     beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
     build_dataset(BuildConfig.from_dict({
         "source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
@@ -71,9 +67,9 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
 
 
 def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int,
-                     id_text: Callable[[int], str] = str, id_offset: int = 0, id_stride: int = 1):
+                     id_text: Callable[[int], str] = str, id_offset: int = 0):
     """(full text, labelled text, positive corpus ids) the example must decode to."""
-    memory_id_of = {doc_id: id_offset + id_stride * i for i, doc_id in enumerate(memory_ids, start=1)}
+    memory_id_of = {doc_id: id_offset + i for i, doc_id in enumerate(memory_ids, start=1)}
     doc_of = {memory_id: doc_id for doc_id, memory_id in memory_id_of.items()}
     memory_text = "".join(f"[{id_text(memory_id_of[doc_id])}]. {corpus[doc_id]}\n" for doc_id in memory_ids)
 
@@ -105,8 +101,7 @@ def id_numbers_in(text: str, template: TemplateConfig) -> list[int]:
 
 
 def rows_of(build: Path, world_size: int = 1, rank: int = 0) -> tuple[list[dict], list[list[tuple[int, int]]], PackedRowLoader]:
-    loader = PackedRowLoader(build, ROW_LENGTH, seed=1, rank=rank, world_size=world_size, max_epochs=1,
-                             query_position_offset=OFFSET)
+    loader = PackedRowLoader(build, ROW_LENGTH, seed=1, rank=rank, world_size=world_size, max_epochs=1)
     rows, origins = [], []
     for row in loader:
         rows.append(row)
@@ -142,11 +137,11 @@ def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits",
-                                  "retrieval-id-offset", "interleave-id-offset", "interleave-id-stride"])
+                                  "retrieval-id-offset", "interleave-id-offset"])
 def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> None:
     build = builds[name]
     kind = {"bpe-qa": "qa", "beir": "retrieval", "qa-id-digits": "qa", "retrieval-id-offset": "retrieval",
-            "interleave-id-offset": "interleave", "interleave-id-stride": "interleave"}.get(name, name)
+            "interleave-id-offset": "interleave"}.get(name, name)
     config = BuildConfig.from_dict(json.loads((build / "manifest.json").read_text())["config"])
     source = load_source(config.source, BadRecordTally())
     corpus = {doc.doc_id: doc.full_text() for doc in source.corpus}
@@ -157,7 +152,6 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
     eos = tokenizer.eos_token_id
     seen = 0
     id_offsets: set[int] = set()
-    id_strides: set[int] = set()
     for row, row_examples in zip(rows, origins):
         check_row_grammar(row)
         for example_id, (_, example) in enumerate(row_examples):
@@ -165,13 +159,12 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             record_index, step = dataset.example_origin(example)
             memory, _, _, _ = dataset.example_parts(example)
             memory_ids = [corpus_ids[i] for i in memory.tolist()]
-            id_offset, id_stride = dataset.example_id_numbering(example)
-            assert 0 <= id_offset <= config.memory.id_offset_max and 1 <= id_stride <= config.memory.id_stride_max
-            assert id_offset + id_stride * len(memory_ids) <= config.memory.max_memory_id
+            id_offset = dataset.example_id_offset(example)
+            assert 0 <= id_offset <= config.memory.id_offset_max
+            assert id_offset + len(memory_ids) <= config.memory.max_memory_id
             id_offsets.add(id_offset)
-            id_strides.add(id_stride)
             full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step,
-                                                         config.template.memory_id_text, id_offset, id_stride)
+                                                         config.template.memory_id_text, id_offset)
             input_ids = row["input_ids"].numpy()[mask].tolist()
             labels = row["labels"].numpy()[mask]
             generated = labels[labels != -100].tolist()
@@ -186,7 +179,7 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             for doc, start, end in doc_runs(doc_ids):
                 expected_flag = int(memory_ids[doc - 1] in positives)
                 assert (aux[start:end] == expected_flag).all()
-                id_text = config.template.memory_id_text(id_offset + id_stride * doc)
+                id_text = config.template.memory_id_text(id_offset + doc)
                 assert tokenizer.decode(input_ids[start:end]) == f"[{id_text}]. {corpus[memory_ids[doc - 1]]}\n"
             if config.template.id_digits:
                 # Each ID digit is one token of its own, which the documents' numbers never use.
@@ -198,34 +191,53 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
     assert seen == len(dataset) > 0
     # Offsets vary between records and are absent unless asked for.
     assert len(id_offsets) > 1 if config.memory.id_offset_max else id_offsets == {0}
-    assert len(id_strides) > 1 if config.memory.id_stride_max > 1 else id_strides == {1}
 
 
-@pytest.mark.parametrize("name", ["retrieval", "interleave"])
-def test_positions_follow_spec_and_model_accepts_rows(builds: dict[str, Path], name: str) -> None:
-    rows, _, _ = rows_of(builds[name])
-    for row in rows:
-        doc_ids, example_ids, positions = row["doc_ids"], row["example_ids"], row["position_ids"]
-        assert torch.equal(positions, torch.from_numpy(compute_position_ids(doc_ids.numpy(), example_ids.numpy(), OFFSET)))
-        assert torch.equal(positions, model_position_ids(doc_ids, example_ids, OFFSET))
-        for example in example_ids.unique():
+def expected_positions(doc_ids: torch.Tensor, example_ids: torch.Tensor, document_positions: bool) -> torch.Tensor:
+    """Spec section 4 written out token by token: document-wise, prefix 0..T-1, each document 0..len-1 and
+    the query T + OFFSET + j; global, 0.. from each example's first token; padding 0."""
+    positions = torch.zeros_like(doc_ids)
+    for row in range(doc_ids.shape[0]):
+        counter, previous = 0, None
+        for token in range(doc_ids.shape[1]):
+            example, role = int(example_ids[row, token]), int(doc_ids[row, token])
             if example < 0:
                 continue
-            mask = example_ids == example
-            roles, pos = doc_ids[mask], positions[mask]
-            prefix_length = int((roles == -2).sum())
-            assert torch.equal(pos[roles == -2], torch.arange(prefix_length))
-            for doc in roles[roles > 0].unique():
-                assert torch.equal(pos[roles == doc], torch.arange(int((roles == doc).sum())))
-            query = pos[roles == 0]
-            assert torch.equal(query, torch.arange(len(query)) + prefix_length + OFFSET)
-        assert (positions[doc_ids == -1] == 0).all()
-    batch = stack_rows(rows[:3])
-    layout = build_packed_layout(batch["doc_ids"], chunk_size=64, query_position_offset=OFFSET,
-                                 example_ids=batch["example_ids"], labels=batch["labels"],
-                                 aux_labels=batch["aux_labels"])
-    assert torch.equal(layout.position_ids, batch["position_ids"])
-    assert layout.has_positives
+            if not document_positions:
+                counter = 0 if previous is None or previous[0] != example else counter + 1
+            elif previous is None or previous != (example, role):
+                prefix = int(((example_ids[row] == example) & (doc_ids[row] == -2)).sum())
+                counter = prefix + OFFSET if role == 0 else 0
+            else:
+                counter += 1
+            positions[row, token] = counter
+            previous = (example, role)
+    return positions
+
+
+@pytest.mark.parametrize("document_positions", [True, False])
+@pytest.mark.parametrize("name", ["retrieval", "interleave"])
+def test_positions_agree_on_the_data_path_and_the_model_path(builds: dict[str, Path], tmp_path: Path, name: str,
+                                                              document_positions: bool) -> None:
+    """The trainer's micro-batches (loader rows, layout built on the host) and the model building its own
+    layout from the same rows give the positions of spec section 4, for both position settings."""
+    model = tiny_msa(0, query_position_offset=OFFSET, chunk_size=64, document_positions=document_positions)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / name).symlink_to(builds[name])
+    rows_per_micro_batch = 2
+    stream = MicroBatchStream({name: 1.0}, ROW_LENGTH, rows_per_micro_batch, tmp_path,
+                              LayoutSettings.from_model_config(model.config), seed=1, rank=0, world_size=1)
+    loader = PackedRowLoader(builds[name], ROW_LENGTH, seed=1)
+    for _ in range(3):
+        batch = stack_rows([loader.next_row() for _ in range(rows_per_micro_batch)])
+        data_path = stream.next().layout.position_ids
+        model_path = model.build_layout(batch["doc_ids"], batch["example_ids"], batch["labels"],
+                                        batch["aux_labels"]).position_ids
+        expected = expected_positions(batch["doc_ids"], batch["example_ids"], document_positions)
+        assert torch.equal(data_path, expected)
+        assert torch.equal(model_path, expected)
+        assert torch.equal(compute_position_ids(batch["doc_ids"], batch["example_ids"], OFFSET, document_positions),
+                           expected)
 
 
 def test_chat_prefix_is_shared_prefix(tmp_path: Path, sp_model: Path) -> None:
@@ -350,28 +362,28 @@ def test_id_offsets_are_log_uniform_and_drawn_only_when_asked_for() -> None:
         MemoryConfig(id_offset_max=-1)
 
 
-def test_id_strides_are_log_uniform_and_keep_the_last_id_in_range() -> None:
-    rng = np.random.default_rng(0)
-    config = MemoryConfig(max_memory_docs=64, id_offset_max=9936, id_stride_max=100)
-    strides = np.array([config.draw_id_stride(rng, 0, 64) for _ in range(8000)])
-    assert strides.min() == 1 and strides.max() == 100
-    # Log-uniform: as many strides in 1..9 as in 10..100 (each about half).
-    assert abs(np.mean(strides < 10) - 0.5) < 0.03
-    # Near the top of the ID range the stride shrinks so that 64 documents still fit under 10,000.
-    assert max(config.draw_id_stride(rng, 9000, 64) for _ in range(200)) == 15
-    assert config.draw_id_stride(rng, 9990, 64) == 1
-    state = rng.bit_generator.state
-    assert MemoryConfig(id_offset_max=9999).draw_id_stride(rng, 5, 64) == 1
-    assert rng.bit_generator.state == state, "builds without strides keep their random draws"
-    with pytest.raises(ValueError, match="memory.id_stride_max must be >= 1"):
-        MemoryConfig(id_stride_max=0)
+def test_id_stride_max_is_refused_and_strided_builds_are_not_read(builds: dict[str, Path], tmp_path: Path) -> None:
+    """`memory.id_stride_max` is gone: a config that sets it, and a build whose shards spaced the IDs by
+    strides, fail with an error naming it instead of rendering other IDs than the build wrote."""
+    config = json.loads((builds["retrieval-id-offset"] / "manifest.json").read_text())["config"]
+    config["memory"]["id_stride_max"] = 8
+    with pytest.raises(ValueError, match="id_stride_max"):
+        BuildConfig.from_dict(config)
+    strided = tmp_path / "strided"
+    shutil.copytree(builds["retrieval-id-offset"], strided)
+    shard = sorted(strided.glob("examples/shard-*"))[0]
+    np.save(shard / "id_strides.npy", np.full(len(np.load(shard / "id_offsets.npy")), 3, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"id_strides\.npy.*id_stride_max"):
+        PackedRowLoader(strided, ROW_LENGTH)
+    np.save(shard / "id_strides.npy", np.ones(len(np.load(shard / "id_offsets.npy")), dtype=np.int64))
+    assert len(list(PackedRowLoader(strided, ROW_LENGTH, max_epochs=1))) > 0
 
 
 def test_shards_without_id_offsets_read_as_offset_zero(builds: dict[str, Path], tmp_path: Path) -> None:
     """Builds written before ID offsets existed load unchanged."""
     old = tmp_path / "retrieval"
     shutil.copytree(builds["retrieval"], old)
-    for path in [*old.glob("examples/shard-*/id_offsets.npy"), *old.glob("examples/shard-*/id_strides.npy")]:
+    for path in old.glob("examples/shard-*/id_offsets.npy"):
         path.unlink()
     new_rows, _, _ = rows_of(builds["retrieval"])
     old_rows, _, _ = rows_of(old)

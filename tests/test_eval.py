@@ -45,12 +45,11 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     ))
     out = tmp_path / "out"
     evaluate.main([
-        str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1", "--niah-matched",
+        str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1",
         "--qa-records", str(records), "--qa-corpus", str(corpus), "--qa-sizes", "40", "100000", *FAST_LOOP,
     ])
     results = json.loads((out / "results.json").read_text())
     accuracy = results["niah"]["accuracy"]
-    assert results["niah"]["matched"] is True
     questions = {size: [s["expected"] for s in results["niah"]["samples"] if s["memory_tokens"] == size] for size in (96, 192)}
     assert questions[96] == questions[192]  # the same needles asked at both sizes
     assert list(accuracy) == ["96", "192"]
@@ -318,18 +317,11 @@ def test_generate_needles_keeps_the_samples_of_earlier_versions():
     assert digest.hexdigest() == "2459fe6703abcebb30407440b52f358b2f6ebf413a472f33a5f2bc941d9c2012"
 
 
-def test_matched_niah_asks_every_size_the_same_questions_at_the_same_depths():
+def test_niah_asks_every_size_the_same_questions_at_the_same_depths():
     sizes = [400, 12800]  # 20 and 640 documents of 20 tokens
     subtasks = ["niah_single_1", "niah_multikey_1"]
-    runs = {}
-    for matched in (False, True):
-        model = _RecordingNIAHModel()
-        report = run_niah(model, sizes=sizes, samples_per_task=3, subtasks=subtasks, seed=4, matched=matched)
-        runs[matched] = (model, report)
-    # Without matching, each size draws its own questions.
-    model, report = runs[False]
-    assert model.questions[:6] != model.questions[6:]
-    model, report = runs[True]
+    model = _RecordingNIAHModel()
+    report = run_niah(model, sizes=sizes, samples_per_task=3, subtasks=subtasks, seed=4)
     assert model.questions[:6] == model.questions[6:]  # size 400's six samples, then size 12800's
     small, large = report.samples[:6], report.samples[6:]
     assert [s.expected for s in small] == [s.expected for s in large]
@@ -343,17 +335,13 @@ def test_matched_niah_asks_every_size_the_same_questions_at_the_same_depths():
             assert abs(small_id / len(small_memory) - large_id / len(large_memory)) <= 1.5 / len(small_memory)
 
 
-def test_matched_niah_gives_each_subtask_of_a_kind_its_own_needles():
+def test_niah_gives_each_subtask_of_a_kind_its_own_needles():
     """The gpu_experiment driver's rounds: one sample per subtask, seeded by the round."""
-    expected = {}
-    for matched in (False, True):
-        samples = [sample for round_index in range(3)
-                   for sample in run_niah(_RecordingNIAHModel(), sizes=[400], samples_per_task=1, seed=round_index,
-                                          subtasks=["niah_single_1", "niah_single_2"], matched=matched).samples]
-        expected[matched] = [[s.expected for s in samples if s.subtask == task]
-                             for task in ("niah_single_1", "niah_single_2")]
-    assert expected[False][0] == expected[False][1]  # the default's draws, kept for comparability
-    assert all(a != b for a, b in zip(*expected[True]))
+    samples = [sample for round_index in range(3)
+               for sample in run_niah(_RecordingNIAHModel(), sizes=[400], samples_per_task=1, seed=round_index,
+                                      subtasks=["niah_single_1", "niah_single_2"]).samples]
+    expected = [[s.expected for s in samples if s.subtask == task] for task in ("niah_single_1", "niah_single_2")]
+    assert all(a != b for a, b in zip(*expected))
 
 
 def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):

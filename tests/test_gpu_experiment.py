@@ -184,7 +184,7 @@ def test_paired_comparison_pairs_rounds_and_bounds_the_drop():
 
 def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
     run = {"recipe": "/repo/recipes/qwen3_350m_synthetic.yaml", "overrides": [], "longest_row": 16384, "smoke": False,
-           "variants": {"main": {"status": "done", "steps": 1}}}
+           "niah_matched": True, "variants": {"main": {"status": "done", "steps": 1}}}
     earlier = {**run, "recipe": "/elsewhere/recipes/qwen3_350m_synthetic.yaml", "device": "cuda: H200",
                "variants": {"main": {"status": "old"}, "no_aux": {"status": "done", "acceptance": {"passed": True}}}}
     (tmp_path / "a.json").write_text(json.dumps(earlier))
@@ -198,9 +198,13 @@ def test_merge_adds_the_other_variants_of_an_earlier_run(tmp_path):
         report.merge_variants(run, [tmp_path / "b.json"])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         report.merge_variants(run, [tmp_path / "missing.json"])
-    # Matched NIAH questions are not comparable with an earlier file's own-draw ones (no key: unmatched).
-    with pytest.raises(ValueError, match="niah_matched is False, this run's is True"):
-        report.merge_variants({**run, "niah_matched": True}, [tmp_path / "a.json"])
+    # A file from before matched NIAH (no key, or false) asked other questions at each size: refused, not mixed.
+    for old_file in ({key: value for key, value in earlier.items() if key != "niah_matched"},
+                     {**earlier, "niah_matched": False}):
+        (tmp_path / "old.json").write_text(json.dumps(old_file))
+        with pytest.raises(ValueError, match="old.json: its NIAH samples draw their own questions"):
+            report.merge_variants(run, [tmp_path / "old.json"])
+    assert "no_aux" in run["variants"] and set(run["variants"]) == {"main", "no_aux"}
 
 
 def test_summary_table_reports_whether_the_model_wrote_the_routed_id():
@@ -260,16 +264,14 @@ def test_evaluation_measures_niah_and_routing_at_l_and_64l_first():
     assert ("qa_recall", 800) in {(job["kind"], job.get("size")) for job in jobs}
 
 
-def _fake_niah(monkeypatch, clock: list[float], seconds_per_token: float, fail_at: int | None = None,
-               matched: bool = False) -> list[tuple]:
+def _fake_niah(monkeypatch, clock: list[float], seconds_per_token: float, fail_at: int | None = None) -> list[tuple]:
     """run_niah replaced by one that advances `clock` by the memory's cost and records its calls."""
     from eval import niah
 
     calls = []
-    expected_matched = matched
 
-    def run_niah(model, sizes, samples_per_task, subtasks, seed, routed_ids_too, matched=False):
-        assert samples_per_task == 1 and routed_ids_too and len(sizes) == 1 and matched == expected_matched
+    def run_niah(model, sizes, samples_per_task, subtasks, seed, routed_ids_too):
+        assert samples_per_task == 1 and routed_ids_too and len(sizes) == 1
         calls.append((sizes[0], subtasks[0], seed))
         if len(calls) == fail_at:
             raise RuntimeError("CUDA out of memory")
@@ -300,15 +302,12 @@ def test_niah_rounds_ask_both_sizes_equally_often_until_the_deadline(monkeypatch
     assert evaluation["niah"]["100"]["seconds"] == pytest.approx(3.0) and len(saves) == 3
     check = stats.acceptance({"eval": evaluation}, row=100)
     assert (check["samples_at_L"], check["samples_at_64L"], check["passed"]) == (3, 3, False)
-    assert check["pairs_matched"] is False
-    matched = stats.acceptance({"eval": {**evaluation, "settings": {"niah_matched": True}}}, row=100)
-    assert matched["pairs_matched"] is True
 
 
 def test_the_first_niah_round_runs_past_the_soft_deadline_and_an_error_ends_the_rounds(monkeypatch):
     clock = [0.0]
-    calls = _fake_niah(monkeypatch, clock, seconds_per_token=0.01, fail_at=4, matched=True)
-    settings = {"niah_samples": 8, "niah_subtasks": ["a", "b", "c"], "niah_matched": True}
+    calls = _fake_niah(monkeypatch, clock, seconds_per_token=0.01, fail_at=4)
+    settings = {"niah_samples": 8, "niah_subtasks": ["a", "b", "c"]}
     costs = eval_jobs.CostModel(encode_tokens_per_s=100.0, question_s=0.0, min_tokens=400)
     evaluation = {"niah": {}, "skipped": []}
     eval_jobs.run_niah_rounds(None, [100, 6400], settings, costs, soft_deadline=10.0, hard_deadline=100.0,
@@ -421,10 +420,10 @@ def test_progress_snapshot_keeps_the_numbers_so_far_where_the_results_go(tmp_pat
     jobs = [driver.Job(name, 0, 0, run_dir, tmp_path / name / "spec.json", tmp_path / name / "worker.log")
             for name, run_dir in (("main", done), ("no_aux", waiting))]
     args = argparse.Namespace(recipe=plan.DEFAULT_RECIPE, overrides=[], smoke=False, name="gpu_x",
-                              steps_from=None, niah_matched=False)
+                              steps_from=None)
     report.write_progress_snapshot(jobs, args, "cuda", 16384, t0=0.0, results_dir=tmp_path)
     snapshot = json.loads((tmp_path / "gpu_x.json").read_text())
-    assert snapshot["partial"] is True and snapshot["longest_row"] == 16384
+    assert snapshot["partial"] is True and snapshot["longest_row"] == 16384 and snapshot["niah_matched"] is True
     assert snapshot["variants"]["main"]["stages"] == [{"steps": 3}]
     assert snapshot["variants"]["no_aux"] == {"status": "not started"}
 

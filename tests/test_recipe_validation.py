@@ -40,6 +40,11 @@ def test_unknown_stage_name_in_an_override_suggests_the_closest() -> None:
         load_recipe(TINY_RECIPE, ["stages.cpt_mian.budget.steps=5"])
 
 
+def test_removed_memory_id_stride_max_is_an_unknown_key() -> None:
+    with pytest.raises(RecipeError, match="data.sources.kv_retrieval.memory.*id_stride_max"):
+        load_recipe(TINY_RECIPE, ["data.sources.kv_retrieval.memory.id_stride_max=8"])
+
+
 def test_optimizer_lr_override_shadowed_by_group_lrs_is_an_error() -> None:
     with pytest.raises(RecipeError, match="optimizer.lr has no effect.*param_groups.0.lr"):
         load_recipe(TINY_RECIPE, ["stages.0.optimizer.lr=3e-4"])

@@ -108,7 +108,6 @@ class MicroBatchStream:
             seed=seed,
             rank=rank,
             world_size=world_size,
-            query_position_offset=layout.query_position_offset,
         )
         self.rows_per_micro_batch = rows_per_micro_batch
         self.layout_settings = layout

@@ -10,13 +10,16 @@ newest one. So re-running the same command after a crash continues where it stop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
+
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.build import load_source
 from data.errors import BadRecordTally
@@ -60,6 +63,22 @@ from .trainer import (
 logger = logging.getLogger("msa_train")
 
 Phase = Literal["pretrain", "sft", "all"]
+
+# The shell's exit status for a process ended by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT_CODE = 130
+
+
+class StageInterruptedError(KeyboardInterrupt):
+    """Ctrl-C during a stage, with where it stopped (`step` None: before training began)."""
+
+    def __init__(self, stage: str, step: int | None, total_steps: int | None) -> None:
+        super().__init__(stage, step, total_steps)
+        self.stage, self.step, self.total_steps = stage, step, total_steps
+
+    def where(self) -> str:
+        if self.step is None:
+            return f"while stage {self.stage} was starting"
+        return f"in stage {self.stage} at step {self.step} of {self.total_steps}"
 
 
 def parse_arguments(argv: list[str], phase: Phase) -> argparse.Namespace:
@@ -187,7 +206,16 @@ def run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: 
         return destination
     if context.is_main:
         record_stage_recipe(stage_dir(run_dir, stage.name), recipe, stage)
-    StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size, previous_export(recipe, stage, run_dir), context).run()
+    trainer = None
+    try:
+        trainer = StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size,
+                               previous_export(recipe, stage, run_dir), context)
+        trainer.run()
+    except StageInterruptedError:
+        raise
+    except KeyboardInterrupt:
+        step = None if trainer is None else trainer.state.step
+        raise StageInterruptedError(stage.name, step, None if trainer is None else trainer.total_steps) from None
     return destination
 
 
@@ -207,16 +235,50 @@ def lock_run_folder(run_dir: Path, context: DistributedContext) -> RunFolderLock
 
 
 def configure_logging(rank: int) -> None:
+    """Rank 0 logs INFO, the other ranks WARNING; transformers' own progress bars stay off (the
+    stage's bar is the one to watch)."""
+    import transformers
+
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
+    transformers.utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def launcher_output(rank: int) -> Iterator[None]:
+    """Logging configured for a launcher, with log lines written through tqdm so that they never
+    tear a progress bar (DeepSpeed's logger has a console handler of its own)."""
+    configure_logging(rank)
+    with logging_redirect_tqdm([logging.getLogger(), logging.getLogger("DeepSpeed")]):
+        yield
+
+
+def stop_on_interrupt(entry: Callable[[], int]) -> int:
+    """`entry()`, or one line and exit code 130 on Ctrl-C instead of a traceback: where the run
+    stopped, and that the same command resumes it (finished stages are skipped, the stopped one
+    continues from its newest checkpoint)."""
+    try:
+        return entry()
+    except KeyboardInterrupt as interrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            where = (interrupt.where() if isinstance(interrupt, StageInterruptedError)
+                     else "while preparing the run (tokenizer, data builds)")
+            logger.warning("interrupted %s; run the same command again to resume (finished stages are skipped, "
+                           "a stopped stage continues from its newest checkpoint)", where)
+        return INTERRUPTED_EXIT_CODE
 
 
 def main(phase: Phase, argv: list[str] | None = None) -> int:
     """Entry point of `launch/pretrain.py`, `launch/sft.py` and `launch/run_all.py`."""
     args = parse_arguments(sys.argv[1:] if argv is None else argv, phase)
-    configure_logging(int(os.environ.get("RANK", "0")))
+    with launcher_output(int(os.environ.get("RANK", "0"))):
+        return stop_on_interrupt(lambda: run_launch(phase, args))
+
+
+def run_launch(phase: Phase, args: argparse.Namespace) -> int:
+    """Validate the recipe, take the run folder and run the chosen stages; the exit code."""
     try:
         # Validated before the process group, the model or the data exist.
         recipe = load_recipe(args.recipe, args.overrides)
@@ -257,15 +319,19 @@ def dense_baseline_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the stage budget)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(int(os.environ.get("RANK", "0")))
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        stage = recipe.stage(args.stage)
-    except RecipeError as error:
-        logger.error("%s", error)
-        return 2
-    stay_offline(recipe.run.allow_network)
-    context = init_distributed()
-    tokenizer_dir = prepare_run(recipe, [stage], Path(recipe.run.output_dir), context)
-    run_dense_baseline(recipe, stage, load_tokenizer(tokenizer_dir).vocab_size, args.steps, context)
-    return 0
+
+    def run() -> int:
+        try:
+            recipe = load_recipe(args.recipe, args.overrides)
+            stage = recipe.stage(args.stage)
+        except RecipeError as error:
+            logger.error("%s", error)
+            return 2
+        stay_offline(recipe.run.allow_network)
+        context = init_distributed()
+        tokenizer_dir = prepare_run(recipe, [stage], Path(recipe.run.output_dir), context)
+        run_dense_baseline(recipe, stage, load_tokenizer(tokenizer_dir).vocab_size, args.steps, context)
+        return 0
+
+    with launcher_output(int(os.environ.get("RANK", "0"))):
+        return stop_on_interrupt(run)

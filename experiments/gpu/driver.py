@@ -185,7 +185,6 @@ def run_driver(args: argparse.Namespace) -> int:
         "kv_generator": kv_generator_options(base),
         "template": qa_template(base),
         "niah_samples": 1 if args.smoke else args.niah_samples,
-        "niah_matched": args.niah_matched,
         "memory_on_gpu": args.memory_on_gpu,
         "qa_questions": 4 if args.smoke else args.qa_questions,
         "max_batch_tokens": 65536 if device == "cuda" else 8192,
@@ -365,12 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluation keeps each encoded memory on the GPU instead of the host (about 25 GB at 1M "
         "tokens for the 320M model): no copies to the host and back",
-    )
-    parser.add_argument(
-        "--niah-matched",
-        action="store_true",
-        help="NIAH at L and 64L asks the same questions of the same needles at the same depths, "
-        "only the haystack differs (default: each size draws its own, as runs before this option)",
     )
     parser.add_argument(
         "--steps-from",

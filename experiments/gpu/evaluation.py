@@ -268,7 +268,6 @@ def run_niah_rounds(
                         subtasks=[task],
                         seed=round_index,
                         routed_ids_too=True,
-                        matched=settings.get("niah_matched", False),
                     )
                 except Exception:
                     evaluation.setdefault("errors", []).append({"job": label, "traceback": traceback.format_exc()})
@@ -346,7 +345,6 @@ def evaluate_variant(export: Path, spec: dict, result: dict, save: Any) -> None:
                     subtasks=[job["subtask"]],
                     seed=0,
                     routed_ids_too=True,
-                    matched=settings.get("niah_matched", False),
                 )
                 summary = add_niah_samples(niah_reports, evaluation, job["size"], report)
                 encoded, asked = sum(s.encoded_tokens for s in report.samples), 2 * len(report.samples)

@@ -242,18 +242,17 @@ def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
         previous = read_json(path)
         if previous is None:
             raise FileNotFoundError(f"--merge {path}: no readable results file there")
+        if previous.get("niah_matched") is not True:
+            raise ValueError(f"--merge {path}: its NIAH samples draw their own questions at every size (a file "
+                             "without niah_matched: true); they cannot share a table with this run's matched "
+                             "questions, so run those variants again instead of merging them")
         mine = {
             "recipe": Path(results["recipe"]).name,
             "overrides": results["overrides"],
             "longest_row": results["longest_row"],
             "smoke": results["smoke"],
-            "niah_matched": results.get("niah_matched", False),
         }
-        theirs = {
-            **{key: previous.get(key) for key in mine},
-            "recipe": Path(previous.get("recipe") or "").name,
-            "niah_matched": previous.get("niah_matched", False),
-        }  # files from before the option: unmatched
+        theirs = {**{key: previous.get(key) for key in mine}, "recipe": Path(previous.get("recipe") or "").name}
         for key in mine:
             if theirs[key] != mine[key]:
                 raise ValueError(f"--merge {path}: its {key} is {theirs[key]!r}, this run's is {mine[key]!r}")
@@ -279,7 +278,8 @@ def results_header(args: argparse.Namespace, device: str, row: int) -> dict[str,
         "device": device,
         "longest_row": row,
         "steps_from": str(args.steps_from) if args.steps_from else None,
-        "niah_matched": args.niah_matched,
+        # Every size asks the same NIAH questions; files written before that lack this key (`merge_variants`).
+        "niah_matched": True,
     }
 
 

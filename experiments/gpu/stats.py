@@ -36,7 +36,6 @@ def acceptance(variant: dict, row: int, accuracy_key: str = "accuracy") -> dict[
             niah[str(row)].get("samples", []), niah[str(64 * row)].get("samples", []), common, score_key
         )
         check.update(paired_niah_comparison(pairs))
-        check["pairs_matched"] = bool(variant.get("eval", {}).get("settings", {}).get("niah_matched", False))
     return check
 
 
@@ -44,10 +43,9 @@ def paired_niah_scores(
     at_row: list[dict], at_64: list[dict], subtasks: Sequence[str], score_key: str = "score"
 ) -> dict[str, list[tuple[float, float]]]:
     """Per subtask, (score at L, score at 64L) of the samples asked in the same round: the n-th
-    sample of a subtask at one size pairs with its n-th at the other. By default the two are
-    different questions (`run_niah` seeds each size's generator apart), so a pair is a unit of
-    resampling; with `--niah-matched` they are the same question in different haystacks, a matched
-    comparison. Samples without a partner (a deadline inside a round) are left out."""
+    sample of a subtask at one size pairs with its n-th at the other: the same question of the same
+    needles at the same depths in haystacks of the two sizes (`run_niah`), a matched comparison.
+    Samples without a partner (a deadline inside a round) are left out."""
     pairs = {}
     for task in subtasks:
         row_scores = [s[score_key] for s in at_row if s["subtask"] == task and s.get(score_key) is not None]
