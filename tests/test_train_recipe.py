@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from batches import tiny_msa
 from train_runs import REPO, TINY_RECIPE, failure_report, run_launcher
 
 from train.config import MOVED_KEYS, RecipeError, load_recipe
@@ -121,7 +122,6 @@ def test_activation_keys_moved_out_of_deepspeed_say_where(tmp_path: Path, old_ke
 
 
 def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batches import tiny_msa
 
     import train.trainer
 
@@ -277,3 +277,19 @@ def test_tiny_tokenizer_with_individual_digits_splits_every_number(tmp_path: Pat
     assert pieces[True][-8:] == list("7776424.")
     # Merged, BPE learns digit groups from so many numbers.
     assert any(len(p.strip()) > 1 and p.strip().isdigit() for p in pieces[False])
+
+
+def test_a_stage_can_set_its_own_activations() -> None:
+    """An 8K stage may keep what a 64K stage recomputes: the stage's section wins over the recipe's."""
+    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true",
+                                       "stages.sft_short.activations={checkpointing: true, checkpointed_layers: 1}"])
+    kinds = {}
+    for stage in recipe.stages:
+        model = tiny_msa()
+        configure_layer_execution(model, recipe, stage)
+        kinds[stage.name] = [type(layer).__name__ for layer in model.model.layers]
+    layers = len(kinds["sft_short"])
+    assert kinds["sft_short"] == ["CheckpointedLayer"] + ["MSADecoderLayer"] * (layers - 1)
+    assert kinds["cpt_main"] == ["CheckpointedLayer"] * layers
+    with pytest.raises(RecipeError, match="stages.sft_short.activations.checkpointed_layers=1 needs"):
+        load_recipe(TINY_RECIPE, ["stages.sft_short.activations={checkpointed_layers: 1}"])

@@ -158,7 +158,7 @@ def run_standalone(recipe: Recipe, stage: StageConfig, vocab_size: int, context:
     """The model's step without the trainer: bf16 weights, fused AdamW, rows built before timing."""
     device = context.device
     model = load_stage_model("backbone", recipe.model, None, vocab_size, recipe.run.seed, device).to(device)
-    configure_layer_execution(model, recipe)
+    configure_layer_execution(model, recipe, stage)
     model.train()
     flop_model = FlopModel.from_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.optimizer.lr, betas=tuple(stage.optimizer.betas),
@@ -296,8 +296,7 @@ def write_report(args: argparse.Namespace, argv: list[str] | None, context: Dist
         "zero_stage": recipe.deepspeed.zero_stage,
         "compile": recipe.model.compile,
         "model": recipe.model.inline_config or recipe.model.backbone,
-        "activation_checkpointing": recipe.activations.checkpointing,
-        "checkpointed_layers": recipe.activations.checkpointed_layers,
+        "activations": dataclasses.asdict(stage.activations or recipe.activations),
         "peak_flops_per_device": recipe.tracking.peak_flops_per_device,
         "steps": args.steps,
         "warmup": args.warmup,

@@ -162,6 +162,27 @@ class DivergenceConfig:
 
 
 @dataclass
+class ActivationsConfig:
+    """How the decoder layers keep what backward needs (applied by `msa_modeling.execution`)."""
+
+    # Recompute decoder layers in backward instead of keeping their activations.
+    checkpointing: bool = False
+    # With checkpointing: recompute only the first this-many decoder layers and keep the others'
+    # activations (null: recompute every layer). Speed for memory; see BENCHMARKS.md.
+    checkpointed_layers: int | None = None
+    # Of the recomputed layers, the first this-many keep their attention kernel's output, so
+    # backward skips that kernel's second run (0.5 GiB per layer at 64K tokens, 4B shape).
+    saved_attention_layers: int = 0
+    # The first this-many decoder layers keep their saved activations in pinned host memory,
+    # copied out and back on side streams (neither recomputed nor held on the GPU); the two
+    # counts above start from the layer after them. For long rows on one GPU.
+    offloaded_layers: int = 0
+    # How many offloaded layers backward brings back ahead of need: more hides the copies
+    # better, each costs one layer's saved activations on the GPU.
+    offload_prefetch_layers: int = 2
+
+
+@dataclass
 class StageConfig:
     name: str
     phase: Literal["pretrain", "sft"]
@@ -184,6 +205,9 @@ class StageConfig:
     # small model learn to read document IDs before they are averaged into big chunks.
     chunk_size: int | None = None
     lora: LoraConfig | None = None  # null: every weight (or the param_groups) trains
+    # This stage's own `activations` section (null: the recipe's): how much a layer keeps depends
+    # on the row length, so an 8K stage can keep what a 64K stage must recompute.
+    activations: ActivationsConfig | None = None
 
 
 @dataclass
@@ -196,27 +220,6 @@ class DeepSpeedConfig:
     # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
     # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
     zero_config: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ActivationsConfig:
-    """How the decoder layers keep what backward needs (applied by `msa_modeling.execution`)."""
-
-    # Recompute decoder layers in backward instead of keeping their activations.
-    checkpointing: bool = False
-    # With checkpointing: recompute only the first this-many decoder layers and keep the others'
-    # activations (null: recompute every layer). Speed for memory; see BENCHMARKS.md.
-    checkpointed_layers: int | None = None
-    # Of the recomputed layers, the first this-many keep their attention kernel's output, so
-    # backward skips that kernel's second run (0.5 GiB per layer at 64K tokens, 4B shape).
-    saved_attention_layers: int = 0
-    # The first this-many decoder layers keep their saved activations in pinned host memory,
-    # copied out and back on side streams (neither recomputed nor held on the GPU); the two
-    # counts above start from the layer after them. For long rows on one GPU.
-    offloaded_layers: int = 0
-    # How many offloaded layers backward brings back ahead of need: more hides the copies
-    # better, each costs one layer's saved activations on the GPU.
-    offload_prefetch_layers: int = 2
 
 
 # Keys that left a section, and where they live now: a recipe that still uses one fails with
@@ -370,25 +373,36 @@ def _check_model_settings(model: ModelConfig, source: str) -> None:
 def _check_recipe(recipe: Recipe, source: str) -> None:
     """Cross-field rules that types alone cannot express."""
     _check_model_settings(recipe.model, source)
-    activations = recipe.activations
+    _check_activations(recipe.activations, "activations", source)
+    for stage in recipe.stages:
+        if stage.activations is not None:
+            _check_activations(stage.activations, f"stages.{stage.name}.activations", source)
+    _check_rest(recipe, source)
+
+
+def _check_activations(activations: ActivationsConfig, path: str, source: str) -> None:
     checkpointed = activations.checkpointed_layers
     if checkpointed is not None and (checkpointed < 0 or not activations.checkpointing):
         raise RecipeError(
-            f"{source}: activations.checkpointed_layers={checkpointed} needs activations.checkpointing: true "
+            f"{source}: {path}.checkpointed_layers={checkpointed} needs {path}.checkpointing: true "
             "and a count >= 0 (null recomputes every layer)"
         )
     saved = activations.saved_attention_layers
     if saved < 0 or (saved and not activations.checkpointing):
         raise RecipeError(
-            f"{source}: activations.saved_attention_layers={saved} needs activations.checkpointing: true "
+            f"{source}: {path}.saved_attention_layers={saved} needs {path}.checkpointing: true "
             "and a count >= 0"
         )
     if checkpointed is not None and saved > checkpointed:
-        raise RecipeError(f"{source}: activations.saved_attention_layers={saved} counts among the "
-                          f"activations.checkpointed_layers={checkpointed} recomputed layers, so it cannot exceed it")
+        raise RecipeError(f"{source}: {path}.saved_attention_layers={saved} counts among the "
+                          f"{path}.checkpointed_layers={checkpointed} recomputed layers, so it cannot exceed it")
     if activations.offloaded_layers < 0 or activations.offload_prefetch_layers < 0:
-        raise RecipeError(f"{source}: activations.offloaded_layers={activations.offloaded_layers} and "
-                          f"activations.offload_prefetch_layers={activations.offload_prefetch_layers} must be >= 0")
+        raise RecipeError(f"{source}: {path}.offloaded_layers={activations.offloaded_layers} and "
+                          f"{path}.offload_prefetch_layers={activations.offload_prefetch_layers} must be >= 0")
+
+
+def _check_rest(recipe: Recipe, source: str) -> None:
+    """The other cross-field rules (tracking, stages)."""
     if recipe.tracking.profile_steps < 0 or recipe.tracking.profile_start_step < 1:
         raise RecipeError(f"{source}: tracking.profile_steps must be >= 0 and tracking.profile_start_step >= 1 "
                           f"(steps count from 1), got {recipe.tracking.profile_steps} and "

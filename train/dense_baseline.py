@@ -46,7 +46,7 @@ def run_dense_baseline(recipe: Recipe, stage: StageConfig, vocab_size: int, step
     """Train the dense backbone on the stage's rows for `steps` (default: the stage budget);
     returns the folder of its metrics.jsonl."""
     model = dense_backbone(recipe, vocab_size, context.device)
-    if recipe.activations.checkpointing:
+    if (stage.activations or recipe.activations).checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     flops = FlopModel.from_model(model)

@@ -161,12 +161,13 @@ class StageState:
     last_eval_step: int = -1  # so that a resume after the final evaluation does not log it twice
 
 
-def configure_layer_execution(model: Any, recipe: Recipe) -> None:
-    """The recipe's `activations` section and `model.compile`, applied by wrapping the decoder layers:
+def configure_layer_execution(model: Any, recipe: Recipe, stage: StageConfig | None = None) -> None:
+    """The `activations` section (the stage's own, else the recipe's) and `model.compile`, applied by
+    wrapping the decoder layers:
     checkpointing of the layers after the first `offloaded_layers` (all, or the first
     `checkpointed_layers`, of which the first `saved_attention_layers` keep their attention
     output), activation offload of the first `offloaded_layers`, and `torch.compile`."""
-    activations = recipe.activations
+    activations = stage.activations if stage is not None and stage.activations is not None else recipe.activations
     layers = model.config.num_hidden_layers
     offloaded = activations.offloaded_layers
     checkpointed = activations.checkpointed_layers
@@ -217,7 +218,7 @@ class StageTrainer:
             # Layouts (the data stream's and the model's own) and the export all read the config.
             logger.info("stage %s: chunk size %d -> %d", stage.name, model.config.chunk_size, stage.chunk_size)
             model.config.chunk_size = stage.chunk_size
-        configure_layer_execution(model, recipe)
+        configure_layer_execution(model, recipe, stage)
         model.train()
         self.model_config = model.config
         self.flops = FlopModel.from_model(model)
