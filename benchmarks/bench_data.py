@@ -31,15 +31,46 @@ from data.store import DocumentStore  # noqa: E402
 from data.templates import TemplateTokens  # noqa: E402
 from data.tokenization import encode_in_workers, load_tokenizer  # noqa: E402
 
-_SYLLABLES = ["ka", "lo", "mi", "ra", "te", "su", "vo", "ne", "pi", "da", "gu", "ze", "ba", "fi", "sho", "tri",
-              "an", "el", "or", "is", "um", "ex", "qua", "ry", "wen", "dal", "mor", "pel", "sin", "tor"]
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ra",
+    "te",
+    "su",
+    "vo",
+    "ne",
+    "pi",
+    "da",
+    "gu",
+    "ze",
+    "ba",
+    "fi",
+    "sho",
+    "tri",
+    "an",
+    "el",
+    "or",
+    "is",
+    "um",
+    "ex",
+    "qua",
+    "ry",
+    "wen",
+    "dal",
+    "mor",
+    "pel",
+    "sin",
+    "tor",
+]
 
 
 def zipf_corpus(num_docs: int, seed: int, vocabulary: int = 60_000) -> list[str]:
     """Documents of 40-250 pseudo-words with Zipf-distributed word frequencies."""
     rng = random.Random(seed)
-    words = list(dict.fromkeys("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
-                                for _ in range(vocabulary * 2)))[:vocabulary]
+    words = list(
+        dict.fromkeys("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(vocabulary * 2))
+    )[:vocabulary]
     weights = 1.0 / np.arange(1, len(words) + 1) ** 1.07
     generator = np.random.default_rng(seed)
     documents = []
@@ -47,8 +78,11 @@ def zipf_corpus(num_docs: int, seed: int, vocabulary: int = 60_000) -> list[str]
         length = int(generator.integers(40, 250))
         picks = generator.choice(len(words), size=length, p=weights / weights.sum())
         sentence_ends = set(generator.choice(length, size=max(1, length // 12), replace=False).tolist())
-        documents.append(" ".join(words[i] + ("." if position in sentence_ends else "")
-                                  for position, i in enumerate(picks)).capitalize())
+        documents.append(
+            " ".join(
+                words[i] + ("." if position in sentence_ends else "") for position, i in enumerate(picks)
+            ).capitalize()
+        )
     return documents
 
 
@@ -60,8 +94,12 @@ def train_bench_tokenizer(texts: list[str], vocab_size: int, directory: Path) ->
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(texts, trainer=trainer)
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(directory))
     return directory
@@ -79,10 +117,20 @@ def _time_example_building(config: BuildConfig, build_dir: Path, records_path: P
     index_of = {doc_id: index for index, doc_id in enumerate(store.doc_ids())}
     tokenizer = load_tokenizer(build_dir / "tokenizer")
     template_tokens = TemplateTokens.build(config.template, tokenizer, config.memory.max_memory_id)
-    builder = SampleBuilder(config.sample_kind, config.template, template_tokens, tokenizer, store.lengths,
-                            store.tokens, config.memory, config.seed)
-    records = [IndexedRecord(i, r.query, [index_of[d] for d in r.positives], [index_of[d] for d in r.negatives])
-               for i, r in enumerate(read_retrieval_records(records_path, index_of))]
+    builder = SampleBuilder(
+        config.sample_kind,
+        config.template,
+        template_tokens,
+        tokenizer,
+        store.lengths,
+        store.tokens,
+        config.memory,
+        config.seed,
+    )
+    records = [
+        IndexedRecord(i, r.query, [index_of[d] for d in r.positives], [index_of[d] for d in r.negatives])
+        for i, r in enumerate(read_retrieval_records(records_path, index_of))
+    ]
     started = time.perf_counter()
     for record in records:
         for plan in builder.build(record):
@@ -95,12 +143,17 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="msa-data-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {cores} CPU cores, "
-                                f"python {platform.python_version()}"}
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {cores} CPU cores, "
+        f"python {platform.python_version()}"
+    }
 
     texts = zipf_corpus(args.docs, seed=0)
-    tokenizer_path = Path(args.tokenizer) if args.tokenizer else train_bench_tokenizer(
-        texts[: min(len(texts), 5000)], args.vocab_size, workdir / "tokenizer")
+    tokenizer_path = (
+        Path(args.tokenizer)
+        if args.tokenizer
+        else train_bench_tokenizer(texts[: min(len(texts), 5000)], args.vocab_size, workdir / "tokenizer")
+    )
     tokenizer = load_tokenizer(tokenizer_path)
     results["tokenizer"] = f"{tokenizer_path} ({type(tokenizer).__name__}, vocab {tokenizer.vocab_size})"
 
@@ -113,21 +166,37 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     sum(len(ids) for ids in encode_in_workers(tokenizer, texts, num_workers=cores))
     all_cores = token_count / (time.perf_counter() - started)
-    results["tokenisation"] = {"corpus_tokens": token_count, "tokens_per_s_one_process": round(one_core),
-                               f"tokens_per_s_{cores}_processes_with_startup": round(all_cores),
-                               "tokens_per_s_per_core": round(max(one_core, all_cores / cores))}
+    results["tokenisation"] = {
+        "corpus_tokens": token_count,
+        "tokens_per_s_one_process": round(one_core),
+        f"tokens_per_s_{cores}_processes_with_startup": round(all_cores),
+        "tokens_per_s_per_core": round(max(one_core, all_cores / cores)),
+    }
 
     corpus_path, records_path = workdir / "corpus.jsonl", workdir / "records.jsonl"
     _write_jsonl(corpus_path, [{"_id": f"d{i}", "text": text} for i, text in enumerate(texts)])
     rng = random.Random(1)
-    _write_jsonl(records_path, [{"query": " ".join(texts[rng.randrange(len(texts))].split()[:12]) + "?",
-                                 "positives": [f"d{rng.randrange(len(texts))}" for _ in range(rng.randint(1, 3))]}
-                                for _ in range(args.records)])
-    config = BuildConfig.from_dict({
-        "source": {"kind": "records", "path": str(records_path), "corpus_path": str(corpus_path)},
-        "tokenizer": str(tokenizer_path), "sample_kind": "retrieval",
-        "memory": {"memory_tokens": args.memory_tokens, "max_memory_docs": 1024},
-        "max_example_tokens": args.row_length, "docs_per_shard": 10_000, "records_per_shard": 200})
+    _write_jsonl(
+        records_path,
+        [
+            {
+                "query": " ".join(texts[rng.randrange(len(texts))].split()[:12]) + "?",
+                "positives": [f"d{rng.randrange(len(texts))}" for _ in range(rng.randint(1, 3))],
+            }
+            for _ in range(args.records)
+        ],
+    )
+    config = BuildConfig.from_dict(
+        {
+            "source": {"kind": "records", "path": str(records_path), "corpus_path": str(corpus_path)},
+            "tokenizer": str(tokenizer_path),
+            "sample_kind": "retrieval",
+            "memory": {"memory_tokens": args.memory_tokens, "max_memory_docs": 1024},
+            "max_example_tokens": args.row_length,
+            "docs_per_shard": 10_000,
+            "records_per_shard": 200,
+        }
+    )
     build_dir = workdir / "build"
     shutil.rmtree(build_dir, ignore_errors=True)
     manifest = build_dataset(config, build_dir, num_workers=1)
@@ -135,8 +204,11 @@ def run(args: argparse.Namespace) -> dict:
     examples = manifest["examples"]
     tokens_per_example = manifest["training_tokens_per_epoch"] / examples
     results["build"] = {
-        "documents": manifest["documents"], "corpus_tokens": manifest["corpus_tokens"], "examples": examples,
-        "mean_example_tokens": round(tokens_per_example), "mean_memory_docs": round(manifest["memory_references"] / examples, 1),
+        "documents": manifest["documents"],
+        "corpus_tokens": manifest["corpus_tokens"],
+        "examples": examples,
+        "mean_example_tokens": round(tokens_per_example),
+        "mean_memory_docs": round(manifest["memory_references"] / examples, 1),
         "examples_per_s_per_core": round(examples / example_seconds, 1),
         "token_dtype": manifest["token_dtype"],
         "document_bytes_per_corpus_token": round(manifest["document_bytes_per_corpus_token"], 3),
@@ -156,10 +228,13 @@ def run(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - started
         if seconds < best_seconds:
             best_seconds, real_tokens = seconds, tokens
-    results["row_assembly"] = {"row_length": args.row_length, "rows": args.rows,
-                               "training_tokens_per_s_per_core": round(real_tokens / best_seconds),
-                               "row_tokens_per_s_per_core": round(args.rows * args.row_length / best_seconds),
-                               "rows_per_s": round(args.rows / best_seconds, 1)}
+    results["row_assembly"] = {
+        "row_length": args.row_length,
+        "rows": args.rows,
+        "training_tokens_per_s_per_core": round(real_tokens / best_seconds),
+        "row_tokens_per_s_per_core": round(args.rows * args.row_length / best_seconds),
+        "rows_per_s": round(args.rows / best_seconds, 1),
+    }
 
     # Projection. A >65,536-id vocabulary (Qwen3: 151,669) needs 4-byte tokens.
     token_bytes = 4 if args.projected_vocab > 65_536 else 2
@@ -169,8 +244,10 @@ def run(args: argparse.Namespace) -> dict:
     tokenise_seconds = args.corpus_tokens / results["tokenisation"]["tokens_per_s_per_core"]
     plan_seconds = projected_examples / results["build"]["examples_per_s_per_core"]
     results["projection"] = {
-        "training_tokens": args.training_tokens, "corpus_tokens": args.corpus_tokens,
-        "projected_vocab": args.projected_vocab, "examples": round(projected_examples),
+        "training_tokens": args.training_tokens,
+        "corpus_tokens": args.corpus_tokens,
+        "projected_vocab": args.projected_vocab,
+        "examples": round(projected_examples),
         "core_hours_tokenise": round(tokenise_seconds / 3600, 1),
         "core_hours_build_examples": round(plan_seconds / 3600, 1),
         "wall_hours_on_this_machine": round((tokenise_seconds + plan_seconds) / cores / 3600, 1),
@@ -180,7 +257,8 @@ def run(args: argparse.Namespace) -> dict:
         "bytes_per_corpus_token": round(bytes_per_corpus_token, 3),
         "disk_if_rows_were_written_gb": round(args.training_tokens * token_bytes / 1e9),
         "core_hours_row_assembly_over_training": round(
-            args.training_tokens / results["row_assembly"]["training_tokens_per_s_per_core"] / 3600, 1),
+            args.training_tokens / results["row_assembly"]["training_tokens_per_s_per_core"] / 3600, 1
+        ),
     }
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

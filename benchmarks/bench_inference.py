@@ -29,6 +29,7 @@ With no GPU, "devices" are the CPU (to exercise the sharding and merging code).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -49,13 +50,34 @@ logger = logging.getLogger(__name__)
 
 MODEL_SHAPES = {
     # Qwen3-4B-Instruct-2507's shape (spec sections 3 and 8): 36 layers, router layers 18..35.
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "qwen3-4b": dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
     # recipes/qwen3_350m_synthetic.yaml's model (Qwen3-0.6B's layer shapes, 4096-id tokenizer).
-    "qwen3-320m": dict(vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=20,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "qwen3-320m": dict(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 GIB = 1 << 30
 
@@ -90,8 +112,12 @@ def timed_ms(run: Callable[[], object], devices: Sequence[torch.device], repeats
         synchronize(devices)
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "min_ms": times[0],
-            "repeats": repeats}
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[int(0.9 * (len(times) - 1))],
+        "min_ms": times[0],
+        "repeats": repeats,
+    }
 
 
 def _proc_value(path: str, key: str) -> int:
@@ -127,10 +153,8 @@ def reset_host_peak() -> None:
     except OSError:
         pass
     if torch.cuda.is_available():
-        try:
+        with contextlib.suppress(AttributeError, RuntimeError):  # older torch has no host statistics
             torch.cuda.reset_peak_host_memory_stats()
-        except (AttributeError, RuntimeError):
-            pass
 
 
 def available_host_bytes() -> int:
@@ -142,9 +166,13 @@ def gpu_memory(devices: Sequence[torch.device]) -> dict[str, dict[str, int]]:
     for device in dict.fromkeys(devices):
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
-            used[str(device)] = {"allocated": torch.cuda.memory_allocated(device),
-                                 "peak": torch.cuda.max_memory_allocated(device),
-                                 "reserved_peak": torch.cuda.max_memory_reserved(device), "free": free, "total": total}
+            used[str(device)] = {
+                "allocated": torch.cuda.memory_allocated(device),
+                "peak": torch.cuda.max_memory_allocated(device),
+                "reserved_peak": torch.cuda.max_memory_reserved(device),
+                "free": free,
+                "total": total,
+            }
     return used
 
 
@@ -174,8 +202,13 @@ def memory_estimates(args: argparse.Namespace, shape: dict, size: int) -> dict:
     width = shape["num_key_value_heads"] * shape["head_dim"]
     routing = chunks * args.router_layers * width * element + chunks * 8  # + the int64 chunk->document map
     content = chunks * args.router_layers * 2 * width * element
-    estimate = {"memory_tokens": size, "chunks": chunks, "routing_key_bytes": routing,
-                "content_host_bytes": content, "host_total_bytes": _proc_value("/proc/meminfo", "MemTotal")}
+    estimate = {
+        "memory_tokens": size,
+        "chunks": chunks,
+        "routing_key_bytes": routing,
+        "content_host_bytes": content,
+        "host_total_bytes": _proc_value("/proc/meminfo", "MemTotal"),
+    }
     estimate["content_fits_host"] = content < 0.8 * estimate["host_total_bytes"]
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(0).total_memory
@@ -190,8 +223,14 @@ def memory_estimates(args: argparse.Namespace, shape: dict, size: int) -> dict:
 
 
 def random_routing_index(
-    num_chunks: int, chunks_per_doc: int, num_layers: int, width: int, devices: Sequence[torch.device],
-    dtype: torch.dtype, tile_size: int, seed: int = 0,
+    num_chunks: int,
+    chunks_per_doc: int,
+    num_layers: int,
+    width: int,
+    devices: Sequence[torch.device],
+    dtype: torch.dtype,
+    tile_size: int,
+    seed: int = 0,
 ) -> RoutingIndex:
     """A routing index of random normalised keys, built on the devices tile by tile (no host copy)."""
     num_docs = -(-num_chunks // chunks_per_doc)
@@ -225,7 +264,9 @@ def bench_routing(args: argparse.Namespace, shape: dict, size: int, devices: lis
     release_memory(devices)
     host_before = host_memory()
     started = time.perf_counter()
-    index = random_routing_index(num_chunks, chunks_per_doc, args.router_layers, width, devices, args.dtype, args.tile_size)
+    index = random_routing_index(
+        num_chunks, chunks_per_doc, args.router_layers, width, devices, args.dtype, args.tile_size
+    )
     synchronize(devices)
     build_seconds = time.perf_counter() - started
     # The question's grouped routing queries (fp32, on the model's GPU), broadcast to every shard per layer.
@@ -240,14 +281,25 @@ def bench_routing(args: argparse.Namespace, shape: dict, size: int, devices: lis
     scores, docs = index.top_documents(0, queries, args.top_k)
     host_after = host_memory()
     result = {
-        "memory_tokens": size, "gpus": len(devices), "devices": [str(d) for d in devices],
-        "chunks": num_chunks, "docs": index.num_docs, "router_layers": args.router_layers,
-        "routing_tokens": args.routing_tokens, "top_k": args.top_k, "tile_size": args.tile_size,
-        "routing": latency, "routing_per_layer_ms": latency["median_ms"] / args.router_layers,
-        "routing_key_bytes": sum(index.device_bytes().values()), "routing_key_bytes_by_device": index.device_bytes(),
-        "gpu_memory": gpu_memory(devices), "host_memory": host_after,
-        "host_rss_delta_bytes": host_after["rss"] - host_before["rss"], "build_seconds": build_seconds,
-        "top_docs_sample": docs.tolist()[:4], "top_scores_sample": [round(float(s), 4) for s in scores[:4]],
+        "memory_tokens": size,
+        "gpus": len(devices),
+        "devices": [str(d) for d in devices],
+        "chunks": num_chunks,
+        "docs": index.num_docs,
+        "router_layers": args.router_layers,
+        "routing_tokens": args.routing_tokens,
+        "top_k": args.top_k,
+        "tile_size": args.tile_size,
+        "routing": latency,
+        "routing_per_layer_ms": latency["median_ms"] / args.router_layers,
+        "routing_key_bytes": sum(index.device_bytes().values()),
+        "routing_key_bytes_by_device": index.device_bytes(),
+        "gpu_memory": gpu_memory(devices),
+        "host_memory": host_after,
+        "host_rss_delta_bytes": host_after["rss"] - host_before["rss"],
+        "build_seconds": build_seconds,
+        "top_docs_sample": docs.tolist()[:4],
+        "top_scores_sample": [round(float(s), 4) for s in scores[:4]],
         "meets_100ms_target": latency["median_ms"] < 100.0,
     }
     return result
@@ -264,8 +316,13 @@ def bench_content(args: argparse.Namespace, shape: dict, size: int, device: torc
     per_layer = 2 * num_chunks * shape["num_key_value_heads"] * shape["head_dim"] * element
     needed = per_layer * args.router_layers
     available = available_host_bytes()
-    result = {"memory_tokens": size, "host_bytes_all_layers": needed, "host_bytes_per_layer": per_layer,
-              "host_available_bytes": available, "router_layers": args.router_layers}
+    result = {
+        "memory_tokens": size,
+        "host_bytes_all_layers": needed,
+        "host_bytes_per_layer": per_layer,
+        "host_available_bytes": available,
+        "router_layers": args.router_layers,
+    }
     if args.content == "off":
         return {**result, "allocated_layers": 0, "skipped": "--content off"}
     if args.content == "on" and needed < 0.8 * available:
@@ -273,11 +330,18 @@ def bench_content(args: argparse.Namespace, shape: dict, size: int, device: torc
     elif per_layer < 0.5 * available:
         layers = 1
         if args.content == "on":
-            logger.warning("content of %d tokens needs %.1f GiB, %.1f GiB free: one layer only", size, needed / GIB,
-                           available / GIB)
+            logger.warning(
+                "content of %d tokens needs %.1f GiB, %.1f GiB free: one layer only",
+                size,
+                needed / GIB,
+                available / GIB,
+            )
     else:
-        return {**result, "allocated_layers": 0,
-                "skipped": f"one layer needs {per_layer / GIB:.1f} GiB, {available / GIB:.1f} GiB free"}
+        return {
+            **result,
+            "allocated_layers": 0,
+            "skipped": f"one layer needs {per_layer / GIB:.1f} GiB, {available / GIB:.1f} GiB free",
+        }
     release_memory([device])
     pinned = device.type == "cuda"
     shape_kv = (num_chunks, shape["num_key_value_heads"], shape["head_dim"])
@@ -288,8 +352,15 @@ def bench_content(args: argparse.Namespace, shape: dict, size: int, device: torc
     allocate_seconds = time.perf_counter() - started
     num_docs = -(-num_chunks // chunks_per_doc)
     offsets = torch.clamp(torch.arange(num_docs + 1) * chunks_per_doc, max=num_chunks)
-    store = MemoryStore(signature={}, prefix_ids=torch.zeros(0, dtype=torch.long), prefix_keys=[], prefix_values=[],
-                        doc_chunk_offsets=offsets, keys=keys, values=values)
+    store = MemoryStore(
+        signature={},
+        prefix_ids=torch.zeros(0, dtype=torch.long),
+        prefix_keys=[],
+        prefix_values=[],
+        doc_chunk_offsets=offsets,
+        keys=keys,
+        values=values,
+    )
     docs = torch.sort(torch.randperm(num_docs, generator=torch.Generator().manual_seed(size))[: args.top_k]).values
 
     def fetch_all_layers() -> None:
@@ -300,12 +371,22 @@ def bench_content(args: argparse.Namespace, shape: dict, size: int, device: torc
     # More warm-up: the first fetches allocate the pinned staging blocks they reuse later.
     fetch = timed_ms(fetch_all_layers, [device], args.queries, warmup=5)
     fetched = sum(int(store.doc_chunk_offsets[d + 1] - store.doc_chunk_offsets[d]) for d in docs.tolist())
-    result.update({
-        "allocated_layers": layers, "pinned": pinned, "allocate_seconds": allocate_seconds,
-        "fetch_all_layers": fetch, "fetched_chunks_per_layer": fetched,
-        "fetched_bytes_per_query": fetched * 2 * shape["num_key_value_heads"] * shape["head_dim"] * element * args.router_layers,
-        "host_memory": host_memory(),
-    })
+    result.update(
+        {
+            "allocated_layers": layers,
+            "pinned": pinned,
+            "allocate_seconds": allocate_seconds,
+            "fetch_all_layers": fetch,
+            "fetched_chunks_per_layer": fetched,
+            "fetched_bytes_per_query": fetched
+            * 2
+            * shape["num_key_value_heads"]
+            * shape["head_dim"]
+            * element
+            * args.router_layers,
+            "host_memory": host_memory(),
+        }
+    )
     # The pinned host memory goes before the next size allocates its own (the store shares the lists).
     keys.clear()
     values.clear()
@@ -334,9 +415,14 @@ def build_model(args: argparse.Namespace, shape: dict, device: torch.device) -> 
         import msa_modeling  # noqa: F401  (registers model_type "msa")
 
         return AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(device).eval()
-    config = MSAConfig(backbone_model_type="qwen3", top_k_docs=args.top_k, chunk_size=args.chunk_size,
-                       router_layers=router_layer_indices(args, shape),
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **shape)
+    config = MSAConfig(
+        backbone_model_type="qwen3",
+        top_k_docs=args.top_k,
+        chunk_size=args.chunk_size,
+        router_layers=router_layer_indices(args, shape),
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        **shape,
+    )
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)
     try:
@@ -354,7 +440,10 @@ def random_documents(num_tokens: int, doc_length: int, vocab_size: int, seed: in
 
 
 def bench_encoding_and_prefill(
-    args: argparse.Namespace, shape: dict, devices: list[torch.device], models: dict[str, MSAForCausalLM],
+    args: argparse.Namespace,
+    shape: dict,
+    devices: list[torch.device],
+    models: dict[str, MSAForCausalLM],
 ) -> dict:
     """Encoding tokens/s with one model replica per device (concurrent), then prefill and decode latency on the first."""
     replicas = list(dict.fromkeys(devices))
@@ -364,9 +453,15 @@ def bench_encoding_and_prefill(
     replica_models = [models[str(device)] for device in replicas]
     vocab_size = replica_models[0].config.vocab_size
     documents = random_documents(args.encode_tokens, args.doc_length, vocab_size, seed=1)
-    encoders = [MemoryEncoder(m, max_batch_tokens=args.max_batch_tokens, show_progress=False,
-                              storage_device=device if args.store_on_gpu else None)
-                for m, device in zip(replica_models, replicas)]
+    encoders = [
+        MemoryEncoder(
+            m,
+            max_batch_tokens=args.max_batch_tokens,
+            show_progress=False,
+            storage_device=device if args.store_on_gpu else None,
+        )
+        for m, device in zip(replica_models, replicas)
+    ]
     parts = [documents[i :: len(encoders)] for i in range(len(encoders))]
     stores = [encoder.new_store([]) for encoder in encoders]
     release_memory(devices)
@@ -401,14 +496,27 @@ def bench_encoding_and_prefill(
     _, cache = generator.prefill(question, reserve=args.queries + 4 + args.profile_decode)
     token = torch.tensor([question[0]], device=devices[0])
     decode = timed_ms(lambda: generator.decode(cache, token), [devices[0]], args.queries)
-    profile = profile_table(lambda: generator.decode(cache, token), args.profile_decode) if args.profile_decode else None
+    profile = (
+        profile_table(lambda: generator.decode(cache, token), args.profile_decode) if args.profile_decode else None
+    )
     return {
-        "gpus": len(devices), "replicas": len(encoders), "encoded_tokens": encoded_tokens, "encode_seconds": seconds,
-        "encode_tokens_per_s": encoded_tokens / seconds, "encode_gpu_memory": encode_gpu, "index_seconds": index_seconds,
-        "index_bytes": sum(index.device_bytes().values()), "pin_seconds": pin_seconds,
-        "prefill_memory_tokens": store.num_tokens, "prefill_question_tokens": len(question),
-        "prefill": prefill, "decode_step": decode, "decode_profile": profile,
-        "store_bytes": store.nbytes(), "store_device": str(store.device), "host_memory": host_memory(),
+        "gpus": len(devices),
+        "replicas": len(encoders),
+        "encoded_tokens": encoded_tokens,
+        "encode_seconds": seconds,
+        "encode_tokens_per_s": encoded_tokens / seconds,
+        "encode_gpu_memory": encode_gpu,
+        "index_seconds": index_seconds,
+        "index_bytes": sum(index.device_bytes().values()),
+        "pin_seconds": pin_seconds,
+        "prefill_memory_tokens": store.num_tokens,
+        "prefill_question_tokens": len(question),
+        "prefill": prefill,
+        "decode_step": decode,
+        "decode_profile": profile,
+        "store_bytes": store.nbytes(),
+        "store_device": str(store.device),
+        "host_memory": host_memory(),
     }
 
 
@@ -439,8 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=list(MODEL_SHAPES), default="qwen3-4b")
     parser.add_argument("--model", help="checkpoint dir for encoding/prefill instead of random weights")
     parser.add_argument("--router-layers", type=int, default=18)
-    parser.add_argument("--router-placement", choices=["top", "bottom"], default="top",
-                        help="router layers at the top (the paper's) or the bottom (the synthetic GPU recipe's)")
+    parser.add_argument(
+        "--router-placement",
+        choices=["top", "bottom"],
+        default="top",
+        help="router layers at the top (the paper's) or the bottom (the synthetic GPU recipe's)",
+    )
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--doc-length", type=int, default=512, help="tokens per document")
     parser.add_argument("--top-k", type=int, default=16)
@@ -448,64 +560,96 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=20, help="timed repeats of each measurement")
     parser.add_argument("--tile-size", type=int, default=1 << 18, help="chunks scored at once per shard")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--content", choices=["auto", "on", "off"], default="auto",
-                        help="pinned host K̄/V̄: auto = one router layer (where it fits in half the free RAM), "
-                             "on = every router layer (where they fit in 80%%), off = skip")
-    parser.add_argument("--encode-tokens", type=int, default=1 << 18,
-                        help="tokens to encode per GPU count (0: skip encoding, prefill and decode)")
+    parser.add_argument(
+        "--content",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="pinned host K̄/V̄: auto = one router layer (where it fits in half the free RAM), "
+        "on = every router layer (where they fit in 80%%), off = skip",
+    )
+    parser.add_argument(
+        "--encode-tokens",
+        type=int,
+        default=1 << 18,
+        help="tokens to encode per GPU count (0: skip encoding, prefill and decode)",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=65536)
-    parser.add_argument("--store-on-gpu", action="store_true",
-                        help="keep the encoded memory on each replica's GPU instead of the host (it must fit)")
-    parser.add_argument("--profile-decode", type=int, default=0, metavar="STEPS",
-                        help="also profile this many decode steps (torch.profiler tables in the JSON and printed)")
+    parser.add_argument(
+        "--store-on-gpu",
+        action="store_true",
+        help="keep the encoded memory on each replica's GPU instead of the host (it must fit)",
+    )
+    parser.add_argument(
+        "--profile-decode",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile this many decode steps (torch.profiler tables in the JSON and printed)",
+    )
     parser.add_argument("--out", default="bench_inference.json")
     return parser
 
 
 def print_table(results: dict) -> None:
-    print(f"\nrouting: {results['args']['router_layers']} router layers, {results['args']['routing_tokens']} routing tokens, "
-          f"top-{results['args']['top_k']} (device: {results['device']})")
-    print(f"{'memory':>10} {'gpus':>4} {'route ms':>9} {'p90 ms':>8} {'ms/layer':>9} {'keys GiB':>9} "
-          f"{'GiB/GPU peak':>13} {'build s':>8} {'<100ms':>6}")
+    print(
+        f"\nrouting: {results['args']['router_layers']} router layers, {results['args']['routing_tokens']} routing tokens, "
+        f"top-{results['args']['top_k']} (device: {results['device']})"
+    )
+    print(
+        f"{'memory':>10} {'gpus':>4} {'route ms':>9} {'p90 ms':>8} {'ms/layer':>9} {'keys GiB':>9} "
+        f"{'GiB/GPU peak':>13} {'build s':>8} {'<100ms':>6}"
+    )
     for row in results["routing"]:
         if "error" in row:
             print(f"{row['memory_tokens']:>10.3g} {row['gpus']:>4} {row['error'][:100]}")
             continue
         peak = max((d["peak"] for d in row["gpu_memory"].values()), default=0) / GIB
-        print(f"{row['memory_tokens']:>10.3g} {row['gpus']:>4} {row['routing']['median_ms']:>9.2f} "
-              f"{row['routing']['p90_ms']:>8.2f} {row['routing_per_layer_ms']:>9.3f} {row['routing_key_bytes'] / GIB:>9.2f} "
-              f"{peak:>13.2f} {row['build_seconds']:>8.1f} {'yes' if row['meets_100ms_target'] else 'NO':>6}")
+        print(
+            f"{row['memory_tokens']:>10.3g} {row['gpus']:>4} {row['routing']['median_ms']:>9.2f} "
+            f"{row['routing']['p90_ms']:>8.2f} {row['routing_per_layer_ms']:>9.3f} {row['routing_key_bytes'] / GIB:>9.2f} "
+            f"{peak:>13.2f} {row['build_seconds']:>8.1f} {'yes' if row['meets_100ms_target'] else 'NO':>6}"
+        )
     print("\ncontent K̄/V̄ (pinned host; fetch of top-k documents, every router layer, to GPU 0)")
     print(f"{'memory':>10} {'all layers GiB':>15} {'layers held':>11} {'fetch ms':>9} {'p90 ms':>8} {'MiB/query':>10}")
     for row in results["content"]:
         if "error" in row or row.get("allocated_layers", 0) == 0:
-            print(f"{row['memory_tokens']:>10.3g} {row.get('host_bytes_all_layers', 0) / GIB:>15.2f} "
-                  f"{row.get('error') or row.get('skipped')}")
+            print(
+                f"{row['memory_tokens']:>10.3g} {row.get('host_bytes_all_layers', 0) / GIB:>15.2f} "
+                f"{row.get('error') or row.get('skipped')}"
+            )
             continue
-        print(f"{row['memory_tokens']:>10.3g} {row['host_bytes_all_layers'] / GIB:>15.2f} "
-              f"{row['allocated_layers']:>5}/{row['router_layers']:<5} {row['fetch_all_layers']['median_ms']:>9.2f} "
-              f"{row['fetch_all_layers']['p90_ms']:>8.2f} {row['fetched_bytes_per_query'] / (1 << 20):>10.2f}")
+        print(
+            f"{row['memory_tokens']:>10.3g} {row['host_bytes_all_layers'] / GIB:>15.2f} "
+            f"{row['allocated_layers']:>5}/{row['router_layers']:<5} {row['fetch_all_layers']['median_ms']:>9.2f} "
+            f"{row['fetch_all_layers']['p90_ms']:>8.2f} {row['fetched_bytes_per_query'] / (1 << 20):>10.2f}"
+        )
     for row in results["encoding"]:
         if "error" in row:
             print(f"encoding on {row['gpus']} device(s): {row['error'][:200]}")
             continue
-        print(f"encoding on {row['replicas']} device(s): {row['encode_tokens_per_s']:.0f} tokens/s "
-              f"({row['encoded_tokens']} tokens in {row['encode_seconds']:.1f} s; routing keys to the GPU "
-              f"{row['index_seconds']:.1f} s for {row['index_bytes'] / GIB:.2f} GiB"
-              + (f", then {row['pin_seconds']:.1f} s to pin the store" if row.get("pin_seconds") is not None else "")
-              + f"); prefill of {row['prefill_question_tokens']} "
-              f"tokens over {row['prefill_memory_tokens']} memory tokens {row['prefill']['median_ms']:.1f} ms, "
-              f"decode step {row['decode_step']['median_ms']:.2f} ms")
+        print(
+            f"encoding on {row['replicas']} device(s): {row['encode_tokens_per_s']:.0f} tokens/s "
+            f"({row['encoded_tokens']} tokens in {row['encode_seconds']:.1f} s; routing keys to the GPU "
+            f"{row['index_seconds']:.1f} s for {row['index_bytes'] / GIB:.2f} GiB"
+            + (f", then {row['pin_seconds']:.1f} s to pin the store" if row.get("pin_seconds") is not None else "")
+            + f"); prefill of {row['prefill_question_tokens']} "
+            f"tokens over {row['prefill_memory_tokens']} memory tokens {row['prefill']['median_ms']:.1f} ms, "
+            f"decode step {row['decode_step']['median_ms']:.2f} ms"
+        )
         if row.get("decode_profile"):
             print(row["decode_profile"])
     print("\nmemory needed (computed): routing keys on the GPUs, content K̄/V̄ of every router layer on the host")
     for row in results["estimates"]:
         per_gpu = row.get("routing_key_bytes_per_gpu", {})
         fits = row.get("routing_fits_gpus", {})
-        gpus = " ".join(f"{g} GPU: {b / GIB:.1f} GiB/GPU ({'fits' if fits.get(g) else 'does NOT fit'})" for g, b in per_gpu.items())
-        print(f"{row['memory_tokens']:>10.3g}: keys {row['routing_key_bytes'] / GIB:.2f} GiB {gpus}; "
-              f"content {row['content_host_bytes'] / GIB:.1f} GiB of {row['host_total_bytes'] / GIB:.0f} GiB host RAM "
-              f"({'fits' if row['content_fits_host'] else 'does NOT fit'})")
+        gpus = " ".join(
+            f"{g} GPU: {b / GIB:.1f} GiB/GPU ({'fits' if fits.get(g) else 'does NOT fit'})" for g, b in per_gpu.items()
+        )
+        print(
+            f"{row['memory_tokens']:>10.3g}: keys {row['routing_key_bytes'] / GIB:.2f} GiB {gpus}; "
+            f"content {row['content_host_bytes'] / GIB:.1f} GiB of {row['host_total_bytes'] / GIB:.0f} GiB host RAM "
+            f"({'fits' if row['content_fits_host'] else 'does NOT fit'})"
+        )
 
 
 def _write(results: dict, path: str) -> None:
@@ -541,28 +685,47 @@ def run(args: argparse.Namespace, out: str | None = None) -> dict:
     results = {
         "args": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in vars(args).items()},
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "gpus_visible": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__,
+        "gpus_visible": torch.cuda.device_count() if cuda else 0,
+        "torch": torch.__version__,
         "estimates": [memory_estimates(args, shape, size) for size in sizes],
-        "routing": [], "content": [], "encoding": [],
+        "routing": [],
+        "content": [],
+        "encoding": [],
     }
     started = time.perf_counter()
     gpu_counts = [g for g in args.gpus if not cuda or g <= torch.cuda.device_count()]
     for skipped in sorted(set(args.gpus) - set(gpu_counts)):
-        results["routing"].append({"memory_tokens": 0, "gpus": skipped, "error": f"only {torch.cuda.device_count()} GPUs"})
+        results["routing"].append(
+            {"memory_tokens": 0, "gpus": skipped, "error": f"only {torch.cuda.device_count()} GPUs"}
+        )
     for gpus in gpu_counts:
         devices = bench_devices(gpus)
         for size in sizes:
-            _measure(results, "routing", {"memory_tokens": size, "gpus": gpus},
-                     lambda: bench_routing(args, shape, size, devices), devices, out)
+            _measure(
+                results,
+                "routing",
+                {"memory_tokens": size, "gpus": gpus},
+                lambda: bench_routing(args, shape, size, devices),
+                devices,
+                out,
+            )
     first = bench_devices(1)
     for size in sizes:  # host-side: the same for any GPU count
-        _measure(results, "content", {"memory_tokens": size}, lambda: bench_content(args, shape, size, first[0]), first, out)
+        _measure(
+            results, "content", {"memory_tokens": size}, lambda: bench_content(args, shape, size, first[0]), first, out
+        )
     if args.encode_tokens:
         models: dict[str, MSAForCausalLM] = {}
         for gpus in gpu_counts:
             devices = bench_devices(gpus)
-            _measure(results, "encoding", {"gpus": gpus},
-                     lambda: bench_encoding_and_prefill(args, shape, devices, models), devices, out)
+            _measure(
+                results,
+                "encoding",
+                {"gpus": gpus},
+                lambda: bench_encoding_and_prefill(args, shape, devices, models),
+                devices,
+                out,
+            )
         del models
     results["total_seconds"] = time.perf_counter() - started
     results["host_memory_end"] = host_memory()

@@ -54,12 +54,26 @@ QWEN3_4B = dict(
 )
 
 # The shape of recipes/qwen3_1b_synthetic.yaml (the trainer's multi-GPU acceptance run).
-QWEN3_1B = dict(QWEN3_4B, hidden_size=2048, intermediate_size=6144, num_hidden_layers=16, num_attention_heads=16,
-                num_key_value_heads=8)
+QWEN3_1B = dict(
+    QWEN3_4B,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+)
 # The shape of recipes/qwen3_350m_synthetic.yaml (the GPU experiment's model; run it with --router-layers 0).
-QWEN3_350M = dict(QWEN3_4B, vocab_size=4096, hidden_size=1024, intermediate_size=3072, num_hidden_layers=20,
-                  num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=40960,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+QWEN3_350M = dict(
+    QWEN3_4B,
+    vocab_size=4096,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=20,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=40960,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+)
 SHAPES = {"qwen3-4b": QWEN3_4B, "qwen3-1b": QWEN3_1B, "qwen3-350m": QWEN3_350M}
 
 
@@ -120,11 +134,17 @@ def msa_step_flops(row: dict, cfg: dict, args) -> float:
     config = msa_config(cfg, args)
     with torch.device("meta"):
         flop_model = FlopModel.from_model(MSAForCausalLM(config))
-    layout = build_packed_layout(row["doc_ids"], chunk_size=config.chunk_size,
-                                 query_position_offset=config.query_position_offset, labels=row["labels"],
-                                 aux_labels=row["aux_labels"])
+    layout = build_packed_layout(
+        row["doc_ids"],
+        chunk_size=config.chunk_size,
+        query_position_offset=config.query_position_offset,
+        labels=row["labels"],
+        aux_labels=row["aux_labels"],
+    )
     work = msa_work(layout)
-    memory_pairs = len(config.router_layers) * float(work.doc_memory_pairs.sort(descending=True).values[:args.top_k].sum())
+    memory_pairs = len(config.router_layers) * float(
+        work.doc_memory_pairs.sort(descending=True).values[: args.top_k].sum()
+    )
     return flop_model.training_flops(work, memory_pairs)
 
 
@@ -186,15 +206,18 @@ def profile_step(step, label: str) -> dict:
         classes[kernel_class(name)] = classes.get(kernel_class(name), 0.0) + ms
     top = sorted(kernels.items(), key=lambda item: -item[1])[:25]
     lines = [f"{label}: {total:.1f} ms of GPU kernels"]
-    lines += [f"  {name:<28}{ms:>10.1f} ms {100 * ms / total:>6.1f}%" for name, ms in sorted(classes.items(), key=lambda i: -i[1])]
+    lines += [
+        f"  {name:<28}{ms:>10.1f} ms {100 * ms / total:>6.1f}%"
+        for name, ms in sorted(classes.items(), key=lambda i: -i[1])
+    ]
     lines += [f"    {ms:>9.2f} ms  {name[:110]}" for name, ms in top]
     print("\n".join(lines), flush=True)
     return {"label": label, "kernel_ms": total, "classes_ms": classes, "top_kernels_ms": dict(top)}
 
 
-def optimizer_in_backward(params: Iterable[torch.nn.Parameter],
-                          make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-                          ) -> list[RemovableHandle]:
+def optimizer_in_backward(
+    params: Iterable[torch.nn.Parameter], make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+) -> list[RemovableHandle]:
     """One optimizer per parameter, stepped by a hook as soon as backward has accumulated that
     parameter's gradient, which it then frees: the whole set of gradients (2 bytes a parameter
     in bf16) never exists at once, which leaves room for kept activations. The update is the
@@ -219,6 +242,7 @@ def optimizer_in_backward(params: Iterable[torch.nn.Parameter],
 def make_step(model, inputs: dict, optimizer, use_optimizer: bool, memory: dict):
     """One training step. `memory` gets the phase it is in and the allocator's peak after forward
     (host-side allocator counters: no device sync), so a run out of memory says where."""
+
     def step():
         # Per-step peaks, so the forward peak is not the previous step's backward.
         memory["peak"] = max(memory.get("peak", 0), torch.cuda.max_memory_allocated())
@@ -242,8 +266,10 @@ def make_step(model, inputs: dict, optimizer, use_optimizer: bool, memory: dict)
 def memory_note(memory: dict) -> str:
     if "forward_peak" not in memory:
         return f"in {memory.get('phase', 'build')}"
-    return (f"in {memory['phase']}; forward peak {memory['forward_peak'] / 2**30:.1f} GiB, "
-            f"{memory['after_forward'] / 2**30:.1f} GiB held into backward")
+    return (
+        f"in {memory['phase']}; forward peak {memory['forward_peak'] / 2**30:.1f} GiB, "
+        f"{memory['after_forward'] / 2**30:.1f} GiB held into backward"
+    )
 
 
 def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profiles: list) -> Result:
@@ -276,15 +302,34 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
         result.note = memory_note(memory).removeprefix("in done; ")
         offload = activation_offload_of(model) if isinstance(model, MSAForCausalLM) else None
         if offload is not None:
-            result.note += (f"; offloaded {offload.offloaded_bytes / 2**30:.1f} GiB a step, "
-                            f"{offload.late_fetches} tensors fetched without prefetch")
+            result.note += (
+                f"; offloaded {offload.offloaded_bytes / 2**30:.1f} GiB a step, "
+                f"{offload.late_fetches} tensors fetched without prefetch"
+            )
     except torch.OutOfMemoryError:
         peak = max(memory.get("peak", 0), torch.cuda.max_memory_allocated())
-        result = Result(name, row["input_ids"].numel(), None, None, None, peak / 2**30, flops / 1e12,
-                        f"out of memory {memory_note(memory)}")
+        result = Result(
+            name,
+            row["input_ids"].numel(),
+            None,
+            None,
+            None,
+            peak / 2**30,
+            flops / 1e12,
+            f"out of memory {memory_note(memory)}",
+        )
     except Exception as error:  # noqa: BLE001 - a failing configuration is reported, the others still run
         logger.exception("%s failed", name)
-        result = Result(name, row["input_ids"].numel(), None, None, None, None, flops / 1e12, f"{type(error).__name__}: {error}"[:200])
+        result = Result(
+            name,
+            row["input_ids"].numel(),
+            None,
+            None,
+            None,
+            None,
+            flops / 1e12,
+            f"{type(error).__name__}: {error}"[:200],
+        )
     for hook in hooks:
         hook.remove()
     del model, optimizer, hooks
@@ -295,9 +340,14 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
 
 
 def msa_config(cfg: dict, args) -> MSAConfig:
-    return MSAConfig(**cfg, top_k_docs=args.top_k, chunk_size=args.chunk_size, attn_backend=args.backend,
-                     lm_loss_chunk_size=4096,
-                     **({"router_layers": args.router_layers} if args.router_layers is not None else {}))
+    return MSAConfig(
+        **cfg,
+        top_k_docs=args.top_k,
+        chunk_size=args.chunk_size,
+        attn_backend=args.backend,
+        lm_loss_chunk_size=4096,
+        **({"router_layers": args.router_layers} if args.router_layers is not None else {}),
+    )
 
 
 def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
@@ -308,15 +358,22 @@ def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     # --saved-attention-layers serves a sweep of --offloaded-layers, so each is capped at what is left.
     remaining = config.num_hidden_layers - offloaded_layers
     recomputed = remaining if args.checkpointed_layers is None else min(args.checkpointed_layers, remaining)
-    apply_activation_checkpointing(model, layers=recomputed, start=offloaded_layers,
-                                   keep_attention_layers=min(args.saved_attention_layers, recomputed))
+    apply_activation_checkpointing(
+        model,
+        layers=recomputed,
+        start=offloaded_layers,
+        keep_attention_layers=min(args.saved_attention_layers, recomputed),
+    )
     apply_activation_offload(model, layers=offloaded_layers, prefetch_layers=args.offload_prefetch_layers)
     if args.compile:
         apply_compile(model)
     model.train()
     layout = build_packed_layout(
-        row["doc_ids"], chunk_size=config.chunk_size, query_position_offset=config.query_position_offset,
-        labels=row["labels"], aux_labels=row["aux_labels"],
+        row["doc_ids"],
+        chunk_size=config.chunk_size,
+        query_position_offset=config.query_position_offset,
+        labels=row["labels"],
+        aux_labels=row["aux_labels"],
     ).to("cuda")
     return model, {"input_ids": row["input_ids"].cuda(), "layout": layout}
 
@@ -331,7 +388,9 @@ def build_dense(cfg: dict, row: dict, document_mask: bool):
     inputs = {"input_ids": row["input_ids"].cuda(), "labels": row["input_ids"].cuda()}
     if document_mask:
         # Positions restarting at 0 mark packed sequences; Hugging Face turns them into a document mask.
-        segments = [int((row["doc_ids"] == -2).sum())] + row["doc_lengths"].tolist() + [int((row["doc_ids"] == 0).sum())]
+        segments = (
+            [int((row["doc_ids"] == -2).sum())] + row["doc_lengths"].tolist() + [int((row["doc_ids"] == 0).sum())]
+        )
         inputs["position_ids"] = torch.cat([torch.arange(n) for n in segments])[None].cuda()
     return model, inputs
 
@@ -343,28 +402,57 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["msa", "dense_causal", "dense_docmask"])
     parser.add_argument("--backend", default="auto", help="MSA attention backend")
     parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--router-layers", type=int, nargs="+", help="MSA layers (default: the config's, the upper half)")
+    parser.add_argument(
+        "--router-layers", type=int, nargs="+", help="MSA layers (default: the config's, the upper half)"
+    )
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-optimizer", action="store_true", help="time forward+backward only")
-    parser.add_argument("--optimizer-in-backward", action="store_true",
-                        help="step AdamW per parameter inside backward, freeing each gradient at once")
+    parser.add_argument(
+        "--optimizer-in-backward",
+        action="store_true",
+        help="step AdamW per parameter inside backward, freeing each gradient at once",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the MSA layers' token-wise blocks")
-    parser.add_argument("--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)")
-    parser.add_argument("--checkpointed-layers", type=int, default=None,
-                        help="MSA: recompute only the first N layers in backward (default: all)")
-    parser.add_argument("--saved-attention-layers", type=int, default=0,
-                        help="MSA: of the recomputed layers, the first N keep their attention kernel's output")
-    parser.add_argument("--offloaded-layers", type=int, nargs="+", default=[0],
-                        help="MSA: the first N layers keep their activations in pinned host memory (neither "
-                             "recomputed nor on the GPU); --checkpointed-layers counts from the layer after them. "
-                             "Several values run one MSA step each, in one process")
-    parser.add_argument("--offload-prefetch-layers", type=int, default=2,
-                        help="MSA: offloaded layers that backward copies back ahead of need")
-    parser.add_argument("--profile", nargs="*", default=[], metavar="CONFIG",
-                        help="also profile one step of these configs: GPU time by kernel class and the top kernels")
+    parser.add_argument(
+        "--peak-flops", type=float, default=989e12, help="dense bf16 peak of the card (H100 SXM: 989e12)"
+    )
+    parser.add_argument(
+        "--checkpointed-layers",
+        type=int,
+        default=None,
+        help="MSA: recompute only the first N layers in backward (default: all)",
+    )
+    parser.add_argument(
+        "--saved-attention-layers",
+        type=int,
+        default=0,
+        help="MSA: of the recomputed layers, the first N keep their attention kernel's output",
+    )
+    parser.add_argument(
+        "--offloaded-layers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="MSA: the first N layers keep their activations in pinned host memory (neither "
+        "recomputed nor on the GPU); --checkpointed-layers counts from the layer after them. "
+        "Several values run one MSA step each, in one process",
+    )
+    parser.add_argument(
+        "--offload-prefetch-layers",
+        type=int,
+        default=2,
+        help="MSA: offloaded layers that backward copies back ahead of need",
+    )
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        metavar="CONFIG",
+        help="also profile one step of these configs: GPU time by kernel class and the top kernels",
+    )
     parser.add_argument("--out", default="bench_train.json")
     args = parser.parse_args()
     if args.optimizer_in_backward and args.no_optimizer:
@@ -381,7 +469,9 @@ def main() -> None:
             if name == "msa":
                 flops = msa_step_flops(row, cfg, args)
                 for offloaded in args.offloaded_layers:
-                    result = run_config(name, lambda: build_msa(cfg, row, args, offloaded), row, cfg, args, flops, profiles)
+                    result = run_config(
+                        name, lambda: build_msa(cfg, row, args, offloaded), row, cfg, args, flops, profiles
+                    )
                     result.offloaded_layers = offloaded
                     results.append(result)
             else:
@@ -402,8 +492,10 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     placement = " (inside backward)" if args.optimizer_in_backward else ""
-    print(f"\n{device}, torch {torch.__version__}, optimizer step "
-          f"{'included' + placement if not args.no_optimizer else 'excluded'}")
+    print(
+        f"\n{device}, torch {torch.__version__}, optimizer step "
+        f"{'included' + placement if not args.no_optimizer else 'excluded'}"
+    )
     print(f"{'config':<14}{'tokens':>8}{'offload':>8}{'step s':>9}{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  note")
     for r in results:
         fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731

@@ -51,28 +51,46 @@ def run(model: MSAForCausalLM, batch: dict, device: str):
     return out, grads
 
 
-def memoryless_row(row_length: int, generator: torch.Generator, vocab_size: int, prefix_length: int = 32,
-                   answer_length: int = 32) -> dict[str, torch.Tensor]:
+def memoryless_row(
+    row_length: int, generator: torch.Generator, vocab_size: int, prefix_length: int = 32, answer_length: int = 32
+) -> dict[str, torch.Tensor]:
     """A row of prefix and question only: no document, so no routing and no memory."""
     doc_ids = torch.tensor([-2] * prefix_length + [0] * (row_length - prefix_length))
     input_ids = torch.randint(0, vocab_size, (row_length,), generator=generator)
     labels = torch.full_like(input_ids, -100)
     labels[-answer_length:] = input_ids[-answer_length:]
-    return {"input_ids": input_ids[None], "doc_ids": doc_ids[None], "labels": labels[None],
-            "aux_labels": torch.zeros_like(doc_ids)[None]}
+    return {
+        "input_ids": input_ids[None],
+        "doc_ids": doc_ids[None],
+        "labels": labels[None],
+        "aux_labels": torch.zeros_like(doc_ids)[None],
+    }
 
 
-def packed_rows(row_length: int, generator: torch.Generator, vocab_size: int, examples: int = 3,
-                padding: int = 100) -> dict[str, torch.Tensor]:
+def packed_rows(
+    row_length: int, generator: torch.Generator, vocab_size: int, examples: int = 3, padding: int = 100
+) -> dict[str, torch.Tensor]:
     """Two rows of `examples` examples each (`example_ids` set); the second row ends in padding."""
     rows = []
     for row in range(2):
         tail = padding if row == 1 else 0
         lengths = [(row_length - tail) // examples] * examples
         lengths[-1] += row_length - tail - sum(lengths)
-        parts = [random_memory_row(n, generator, doc_length=(30, 400), vocab_size=vocab_size, prefix_length=8 * e,
-                                   prompt_length=24, answer_length=16) for e, n in enumerate(lengths)]
-        columns = {key: torch.cat([part[key][0] for part in parts]) for key in ("input_ids", "doc_ids", "labels", "aux_labels")}
+        parts = [
+            random_memory_row(
+                n,
+                generator,
+                doc_length=(30, 400),
+                vocab_size=vocab_size,
+                prefix_length=8 * e,
+                prompt_length=24,
+                answer_length=16,
+            )
+            for e, n in enumerate(lengths)
+        ]
+        columns = {
+            key: torch.cat([part[key][0] for part in parts]) for key in ("input_ids", "doc_ids", "labels", "aux_labels")
+        }
         columns["example_ids"] = torch.cat([torch.full((n,), e) for e, n in enumerate(lengths)])
         pad = {"input_ids": 0, "doc_ids": -1, "labels": -100, "aux_labels": 0, "example_ids": -1}
         rows.append({key: torch.cat([value, value.new_full((tail,), pad[key])]) for key, value in columns.items()})
@@ -94,8 +112,9 @@ def compare(seed: int, backend: str, got, grads: dict, expected, expected_grads:
         "lm_loss": relative_error(got.lm_loss, expected.lm_loss.float().cpu()),
         "aux_loss": maybe(got.aux_loss, None if expected.aux_loss is None else expected.aux_loss.float().cpu()),
         "doc_scores": maybe(got.doc_scores, None if expected.doc_scores is None else expected.doc_scores.float().cpu()),
-        "grads": relative_error(torch.cat([g.flatten() for g in grads.values()]),
-                                torch.cat([expected_grads[n].flatten() for n in grads])),
+        "grads": relative_error(
+            torch.cat([g.flatten() for g in grads.values()]), torch.cat([expected_grads[n].flatten() for n in grads])
+        ),
         "worst_grad": relative_error(grads[worst_name], expected_grads[worst_name]),
         "worst_grad_param": worst_name,
         "same_selection": same,
@@ -111,7 +130,8 @@ def model_on(reference_model: MSAForCausalLM, backend: str, dtype: torch.dtype, 
         chosen = model.model.attention_backend(torch.device("cuda"))
         attend = chosen.attend
         chosen.attend = lambda q, k, v, layout, plan, scale, *rest, **kw: attend(
-            q, k, v, layout, plan, scale * (1 + plant[1]), *rest, **kw)
+            q, k, v, layout, plan, scale * (1 + plant[1]), *rest, **kw
+        )
     return model
 
 
@@ -124,13 +144,22 @@ def make_batch(case: str, seed: int, row_length: int) -> dict:
     return memoryless_row(row_length, generator, vocab_size=1024)
 
 
-def check_case(seed: int, case: str, args: argparse.Namespace, backends: list[str],
-               plant: tuple[str, float] | None) -> list[dict]:
+def check_case(
+    seed: int, case: str, args: argparse.Namespace, backends: list[str], plant: tuple[str, float] | None
+) -> list[dict]:
     torch.manual_seed(seed)
-    backbone = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
-    ))
+    backbone = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=1024,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            tie_word_embeddings=True,
+        )
+    )
     # Round the weights to bf16 first, so that the comparisons measure arithmetic, not weight rounding.
     reference_model = MSAForCausalLM.from_backbone(backbone, top_k_docs=4, chunk_size=64, attn_backend="sdpa")
     reference_model = reference_model.to(torch.bfloat16).float().train()
@@ -146,8 +175,16 @@ def check_case(seed: int, case: str, args: argparse.Namespace, backends: list[st
         try:
             got, grads = run(model_on(reference_model, backend, torch.float32, plant), batch, "cuda")
         except Exception as error:  # noqa: BLE001 - report the backend and go on
-            rows.append({"seed": seed, "case": case, "check": "fp32", "backend": backend, "pass": False,
-                         "error": f"{type(error).__name__}: {error}"[:300]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "case": case,
+                    "check": "fp32",
+                    "backend": backend,
+                    "pass": False,
+                    "error": f"{type(error).__name__}: {error}"[:300],
+                }
+            )
             continue
         row = compare(seed, backend, got, grads, expected, expected_grads)
         record(row, "fp32", row["same_selection"] and all(row[k] < args.fp32_tolerance for k in QUANTITIES))
@@ -160,32 +197,51 @@ def check_case(seed: int, case: str, args: argparse.Namespace, backends: list[st
         try:
             got, grads = run(model_on(reference_model, backend, torch.bfloat16, plant), batch, "cuda")
         except Exception as error:  # noqa: BLE001
-            rows.append({"seed": seed, "case": case, "check": "bf16", "backend": backend, "pass": False,
-                         "error": f"{type(error).__name__}: {error}"[:300]})
+            rows.append(
+                {
+                    "seed": seed,
+                    "case": case,
+                    "check": "bf16",
+                    "backend": backend,
+                    "pass": False,
+                    "error": f"{type(error).__name__}: {error}"[:300],
+                }
+            )
             continue
         row = compare(seed, backend, got, grads, gpu_fp32, gpu_fp32_grads)
         row["same_selection_as_sdpa_bf16"] = floor_run.selected_docs is None or bool(
-            torch.equal(got.selected_docs.cpu(), floor_run.selected_docs.cpu()))
+            torch.equal(got.selected_docs.cpu(), floor_run.selected_docs.cpu())
+        )
         # NaN fails every comparison, so it can never pass.
-        record(row, "bf16", (row["same_selection"] or row["same_selection_as_sdpa_bf16"]) and all(
-            row[k] < args.tolerance or row[k] <= args.floor_ratio * floor[k] for k in QUANTITIES))
+        record(
+            row,
+            "bf16",
+            (row["same_selection"] or row["same_selection_as_sdpa_bf16"])
+            and all(row[k] < args.tolerance or row[k] <= args.floor_ratio * floor[k] for k in QUANTITIES),
+        )
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; fp32 rows against the CPU fp32 path, "
-          "bf16 rows against the GPU fp32 sdpa run")
-    print(f"{'seed':>4} {'case':<10}{'check':<11}{'backend':<16}{'logits':>9}{'lm':>9}{'aux':>9}{'scores':>9}"
-          f"{'grads':>9}{'worst':>9}  sel  pass")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; fp32 rows against the CPU fp32 path, "
+        "bf16 rows against the GPU fp32 sdpa run"
+    )
+    print(
+        f"{'seed':>4} {'case':<10}{'check':<11}{'backend':<16}{'logits':>9}{'lm':>9}{'aux':>9}{'scores':>9}"
+        f"{'grads':>9}{'worst':>9}  sel  pass"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['seed']:>4} {r['case']:<10}{r['check']:<11}{r['backend']:<16}ERROR {r['error']}")
             continue
         selection = "ok" if r["same_selection"] else "bf16" if r.get("same_selection_as_sdpa_bf16") else "DIFF"
         verdict = "-" if r["pass"] is None else str(r["pass"])
-        print(f"{r['seed']:>4} {r['case']:<10}{r['check']:<11}{r['backend']:<16}{r['logits']:>9.2e}{r['lm_loss']:>9.2e}"
-              f"{r['aux_loss']:>9.2e}{r['doc_scores']:>9.2e}{r['grads']:>9.2e}{r['worst_grad']:>9.2e}  "
-              f"{selection:<4} {verdict}")
+        print(
+            f"{r['seed']:>4} {r['case']:<10}{r['check']:<11}{r['backend']:<16}{r['logits']:>9.2e}{r['lm_loss']:>9.2e}"
+            f"{r['aux_loss']:>9.2e}{r['doc_scores']:>9.2e}{r['grads']:>9.2e}{r['worst_grad']:>9.2e}  "
+            f"{selection:<4} {verdict}"
+        )
 
 
 def main() -> None:
@@ -194,8 +250,12 @@ def main() -> None:
     parser.add_argument("--row-length", type=int, default=3000)
     parser.add_argument("--fp32-tolerance", type=float, default=1e-4)
     parser.add_argument("--tolerance", type=float, default=2e-2)
-    parser.add_argument("--floor-ratio", type=float, default=1.5,
-                        help="a bf16 quantity also passes within this factor of the bf16 sdpa run's error")
+    parser.add_argument(
+        "--floor-ratio",
+        type=float,
+        default=1.5,
+        help="a bf16 quantity also passes within this factor of the bf16 sdpa run's error",
+    )
     parser.add_argument("--plant-backend", help="the backend that gets the planted scale error")
     parser.add_argument("--plant-scale-error", type=float, default=0.0)
     parser.add_argument("--out", default="check_backends.json")
@@ -215,8 +275,17 @@ def main() -> None:
         rows += check_case(seed, case, args, backends, plant)
     failures = sum(r["pass"] is False for r in rows)
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
-                   "failures": failures, "rows": rows}, f, indent=2)
+        json.dump(
+            {
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "args": vars(args),
+                "failures": failures,
+                "rows": rows,
+            },
+            f,
+            indent=2,
+        )
     print_rows(rows)
     print(f"{failures} failing rows" + (f" (planted: {plant[0]} scale x {1 + plant[1]})" if plant else ""))
     sys.exit(1 if failures else 0)

@@ -96,13 +96,15 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if (self.source.kind == "lm") != (self.sample_kind == "lm"):
-            raise ValueError(f"sample_kind {self.sample_kind!r} does not fit source kind {self.source.kind!r}: "
-                             "plain-text sources make 'lm' samples and only they do")
+            raise ValueError(
+                f"sample_kind {self.sample_kind!r} does not fit source kind {self.source.kind!r}: "
+                "plain-text sources make 'lm' samples and only they do"
+            )
         if self.sample_kind not in ("retrieval", "qa", "interleave", "lm"):
             raise ValueError(f"unknown sample_kind {self.sample_kind!r}")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BuildConfig":
+    def from_dict(cls, values: dict[str, Any]) -> BuildConfig:
         """Build from plain (JSON/YAML) values; nested sections may be partial."""
         values = dict(values)
         values["source"] = SourceConfig(**_known_keys(SourceConfig, values["source"], "source"))
@@ -122,15 +124,20 @@ def load_source(source: SourceConfig, tally: BadRecordTally) -> RetrievalDataset
     if source.kind == "records":
         return readers.read_retrieval_jsonl(source.path, source.corpus_path, tally)
     if source.kind == "hf_records":
-        corpus = readers.corpus_from_hf(readers.load_local_hf_dataset(source.corpus_path), source_name=source.corpus_path)
+        corpus = readers.corpus_from_hf(
+            readers.load_local_hf_dataset(source.corpus_path), source_name=source.corpus_path
+        )
         rows = readers.load_local_hf_dataset(source.path, source.split)
         records = readers.records_from_hf(rows, {d.doc_id for d in corpus}, source.path, tally)
         return RetrievalDataset(corpus, records)
     if source.kind == "synthetic":
         options = dict(source.synthetic)
         generator = options.pop("generator", "needles")
-        generators = {"needles": synthetic.generate_needles, "kv_facts": synthetic.generate_kv_facts,
-                      "multihop": synthetic.generate_multihop_chains}
+        generators = {
+            "needles": synthetic.generate_needles,
+            "kv_facts": synthetic.generate_kv_facts,
+            "multihop": synthetic.generate_multihop_chains,
+        }
         if generator not in generators:
             raise ValueError(f"unknown synthetic generator {generator!r}; choose from {sorted(generators)}")
         return generators[generator](**options)
@@ -151,17 +158,23 @@ def stream_source(
         root = Path(source.path)
         if not root.is_dir():
             raise MissingFileError(root, "BEIR folder not found")
-        for required, what in (("queries.jsonl", "BEIR queries.jsonl"), (f"qrels/{source.split}.tsv",
-                                                                        f"BEIR qrels/{source.split}.tsv")):
+        for required, what in (
+            ("queries.jsonl", "BEIR queries.jsonl"),
+            (f"qrels/{source.split}.tsv", f"BEIR qrels/{source.split}.tsv"),
+        ):
             if not (root / required).is_file():
                 raise MissingFileError(root / required, f"missing {what}")
-        return (readers.iter_corpus_jsonl(root / "corpus.jsonl", tally, index_of),
-                lambda: readers.read_beir_records(root, source.split, index_of, tally))
+        return (
+            readers.iter_corpus_jsonl(root / "corpus.jsonl", tally, index_of),
+            lambda: readers.read_beir_records(root, source.split, index_of, tally),
+        )
     if source.kind == "records":
         if not Path(source.path).is_file():
             raise MissingFileError(source.path, "missing records JSONL file")
-        return (readers.iter_corpus_jsonl(source.corpus_path, tally, index_of),
-                lambda: readers.read_retrieval_records(source.path, index_of, tally))
+        return (
+            readers.iter_corpus_jsonl(source.corpus_path, tally, index_of),
+            lambda: readers.read_retrieval_records(source.path, index_of, tally),
+        )
     dataset = load_source(source, tally)
 
     def indexed() -> Iterator[Document]:
@@ -183,6 +196,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[tuple[int, list]]:
 
 # --- worker side -------------------------------------------------------------------------
 
+
 @dataclass
 class _WorkerContext:
     tokenizer: TextTokenizer
@@ -203,11 +217,19 @@ def _init_worker(tokenizer: TextTokenizer, config_values: dict, output: str, dty
 def _sample_builder(context: _WorkerContext) -> SampleBuilder:
     if context.builder is None:
         store = DocumentStore(context.output / "docs")
-        template_tokens = TemplateTokens.build(context.config.template, context.tokenizer,
-                                               context.config.memory.max_memory_id)
-        context.builder = SampleBuilder(context.config.sample_kind, context.config.template, template_tokens,
-                                        context.tokenizer, store.lengths, store.tokens, context.config.memory,
-                                        context.config.seed)
+        template_tokens = TemplateTokens.build(
+            context.config.template, context.tokenizer, context.config.memory.max_memory_id
+        )
+        context.builder = SampleBuilder(
+            context.config.sample_kind,
+            context.config.template,
+            template_tokens,
+            context.tokenizer,
+            store.lengths,
+            store.tokens,
+            context.config.memory,
+            context.config.seed,
+        )
     return context.builder
 
 
@@ -231,12 +253,22 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
     config = _context.config
     builder = _sample_builder(_context)
     plans, lengths = [], []
-    stats: dict = {"records": len(items), "records_unusable": 0, "examples": 0, "overlong_skipped": 0,
-                   "tail_tokens": 0, "training_tokens": 0, "memory_references": 0, "unusable_reasons": {}}
+    stats: dict = {
+        "records": len(items),
+        "records_unusable": 0,
+        "examples": 0,
+        "overlong_skipped": 0,
+        "tail_tokens": 0,
+        "training_tokens": 0,
+        "memory_references": 0,
+        "unusable_reasons": {},
+    }
     for position, item in enumerate(items):
         try:
             if isinstance(item, str):
-                new_plans = builder.build_lm(item, config.max_example_tokens, index * config.records_per_shard + position)
+                new_plans = builder.build_lm(
+                    item, config.max_example_tokens, index * config.records_per_shard + position
+                )
             else:
                 new_plans = builder.build(item)
         except UnusableRecordError as error:
@@ -247,8 +279,10 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
             length = plan.num_tokens(builder.template_tokens, builder.doc_lengths)
             if length > config.max_example_tokens:
                 if config.overlong == "error":
-                    raise OverlongExampleError(f"record {getattr(item, 'record_index', '?')}: example of {length} "
-                                               f"tokens exceeds max_example_tokens={config.max_example_tokens}")
+                    raise OverlongExampleError(
+                        f"record {getattr(item, 'record_index', '?')}: example of {length} "
+                        f"tokens exceeds max_example_tokens={config.max_example_tokens}"
+                    )
                 stats["overlong_skipped"] += 1
                 continue
             plans.append(plan)
@@ -261,8 +295,9 @@ def _example_shard_task(task: tuple[int, list]) -> dict:
     return stats
 
 
-def _run_tasks(tasks: Iterable, function: Callable[[Any], dict], num_workers: int, initargs: tuple,
-               description: str) -> None:
+def _run_tasks(
+    tasks: Iterable, function: Callable[[Any], dict], num_workers: int, initargs: tuple, description: str
+) -> None:
     """Run ``function`` over ``tasks`` (possibly a lazy stream) in ``num_workers`` processes.
 
     At most two tasks per worker are in flight, so a streamed corpus never piles up in memory.
@@ -333,10 +368,13 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     tokenizer = load_tokenizer(config.tokenizer)
     if config.template.chat_from_tokenizer:
         if not isinstance(tokenizer, HuggingFaceTokenizer) or not getattr(tokenizer.hf, "chat_template", None):
-            raise ValueError(f"{config.tokenizer}: chat_from_tokenizer needs a Hugging Face tokenizer with a chat template")
+            raise ValueError(
+                f"{config.tokenizer}: chat_from_tokenizer needs a Hugging Face tokenizer with a chat template"
+            )
         # Resolved into the config, so that workers, the manifest and the fingerprint all see it.
-        template = dataclasses.replace(config.template, chat=ChatFormat.from_hf_tokenizer(tokenizer.hf),
-                                       chat_from_tokenizer=False)
+        template = dataclasses.replace(
+            config.template, chat=ChatFormat.from_hf_tokenizer(tokenizer.hf), chat_from_tokenizer=False
+        )
         config = dataclasses.replace(config, template=template)
     added_tokens = tokenizer.ensure_special_tokens(config.template.special_strings())
     # The tokenizer counts by content, not by path, so a run folder copied elsewhere still matches.
@@ -352,9 +390,11 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
             return finished
         if previous != fingerprint:
             if not overwrite:
-                raise ValueError(f"{output} holds a build with another config, tokenizer or input files; "
-                                 "rebuild with `python -m data.build ... --overwrite`, or delete that "
-                                 "folder and run again")
+                raise ValueError(
+                    f"{output} holds a build with another config, tokenizer or input files; "
+                    "rebuild with `python -m data.build ... --overwrite`, or delete that "
+                    "folder and run again"
+                )
             for sub in ("docs", "examples"):
                 for shard in finished_shards(output / sub):
                     shutil.rmtree(shard)
@@ -378,26 +418,43 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
     else:
         index_of: dict[str, int] = {}
         corpus, read_records = stream_source(config.source, tally, index_of)
-        doc_tasks = ((index, [d.doc_id for d in chunk], [d.full_text() for d in chunk])
-                     for index, chunk in _chunks(corpus, config.docs_per_shard) if shard_name(index) not in done_docs)
+        doc_tasks = (
+            (index, [d.doc_id for d in chunk], [d.full_text() for d in chunk])
+            for index, chunk in _chunks(corpus, config.docs_per_shard)
+            if shard_name(index) not in done_docs
+        )
         _run_tasks(doc_tasks, _document_shard_task, num_workers, initargs, "tokenising documents")
         DocumentStore(output / "docs").write_lengths()
         records = read_records()
         items = []
         for record_index, record in enumerate(records):
             try:
-                items.append(IndexedRecord(
-                    record_index, record.query, [index_of[d] for d in record.positives],
-                    [index_of[d] for d in record.negatives], record.answer,
-                    [[index_of[d] for d in hop] for hop in record.hops] if record.hops else None))
+                items.append(
+                    IndexedRecord(
+                        record_index,
+                        record.query,
+                        [index_of[d] for d in record.positives],
+                        [index_of[d] for d in record.negatives],
+                        record.answer,
+                        [[index_of[d] for d in hop] for hop in record.hops] if record.hops else None,
+                    )
+                )
             except KeyError as error:
-                tally.handle(DataFormatError(config.source.path or "<source>", None,
-                                             f"record {record_index} names unknown doc id {error.args[0]!r}"))
+                tally.handle(
+                    DataFormatError(
+                        config.source.path or "<source>",
+                        None,
+                        f"record {record_index} names unknown doc id {error.args[0]!r}",
+                    )
+                )
         records_total = len(records)
         del records
 
-    example_tasks = [(index, chunk) for index, chunk in _chunks(items, config.records_per_shard)
-                     if shard_name(index) not in done_examples]
+    example_tasks = [
+        (index, chunk)
+        for index, chunk in _chunks(items, config.records_per_shard)
+        if shard_name(index) not in done_examples
+    ]
     reused_examples = len(done_examples)
     _run_tasks(example_tasks, _example_shard_task, num_workers, initargs, "building examples")
 
@@ -445,13 +502,24 @@ def build_dataset(config: BuildConfig, output: str | Path, num_workers: int = 1,
             f"build {output}: 0 examples from {records_total} record(s): {tally.skipped} bad record(s) skipped, "
             f"{manifest['records_unusable']} unusable {manifest['records_unusable_reasons'] or ''}, "
             f"{manifest['examples_overlong_skipped']} example(s) over max_example_tokens="
-            f"{config.max_example_tokens}; check the source ({config.source.kind}) and these settings")
+            f"{config.max_example_tokens}; check the source ({config.source.kind}) and these settings"
+        )
     atomic_write_text(output / "manifest.json", json.dumps(manifest, indent=1))
     if manifest["records_skipped_bad"]["skipped"] or manifest["examples_overlong_skipped"]:
-        logger.warning("build %s: %d bad record(s) skipped, %d overlong example(s) skipped", output,
-                       manifest["records_skipped_bad"]["skipped"], manifest["examples_overlong_skipped"])
-    logger.info("build %s: %d documents (%d tokens), %d examples (%d training tokens per epoch)", output,
-                manifest["documents"], corpus_tokens, manifest["examples"], manifest["training_tokens_per_epoch"])
+        logger.warning(
+            "build %s: %d bad record(s) skipped, %d overlong example(s) skipped",
+            output,
+            manifest["records_skipped_bad"]["skipped"],
+            manifest["examples_overlong_skipped"],
+        )
+    logger.info(
+        "build %s: %d documents (%d tokens), %d examples (%d training tokens per epoch)",
+        output,
+        manifest["documents"],
+        corpus_tokens,
+        manifest["examples"],
+        manifest["training_tokens_per_epoch"],
+    )
     return manifest
 
 
@@ -488,8 +556,17 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.skip_bad_records:
         values["skip_bad_records"] = True
     manifest = build_dataset(BuildConfig.from_dict(values), args.output, args.num_workers, args.overwrite)
-    summary = {key: manifest[key] for key in ("documents", "corpus_tokens", "examples", "training_tokens_per_epoch",
-                                              "examples_overlong_skipped", "document_bytes_per_corpus_token")}
+    summary = {
+        key: manifest[key]
+        for key in (
+            "documents",
+            "corpus_tokens",
+            "examples",
+            "training_tokens_per_epoch",
+            "examples_overlong_skipped",
+            "document_bytes_per_corpus_token",
+        )
+    }
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -56,8 +56,12 @@ def ensure_open_file_limit(needed: int) -> None:
     target = wanted * 2 if hard == resource.RLIM_INFINITY else min(hard, wanted * 2)
     resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     if target < wanted:
-        logger.warning("the open-file limit (hard %d) is below the %d memory maps needed; build with larger "
-                       "shards (docs_per_shard, records_per_shard)", hard, wanted)
+        logger.warning(
+            "the open-file limit (hard %d) is below the %d memory maps needed; build with larger "
+            "shards (docs_per_shard, records_per_shard)",
+            hard,
+            wanted,
+        )
 
 
 class PreparedDataset:
@@ -74,12 +78,15 @@ class PreparedDataset:
         self.docs = DocumentStore(self.path / "docs")
         self.shards = [ExampleShard(p) for p in finished_shards(self.path / "examples")]
         if len(self.shards) != self.manifest["example_shards"]:
-            raise ValueError(f"{self.path}: manifest lists {self.manifest['example_shards']} example shards, "
-                             f"found {len(self.shards)}")
+            raise ValueError(
+                f"{self.path}: manifest lists {self.manifest['example_shards']} example shards, "
+                f"found {len(self.shards)}"
+            )
         counts = [len(shard) for shard in self.shards]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.example_tokens = (np.concatenate([s.example_tokens for s in self.shards]) if self.shards
-                               else np.zeros(0, dtype=np.int64))
+        self.example_tokens = (
+            np.concatenate([s.example_tokens for s in self.shards]) if self.shards else np.zeros(0, dtype=np.int64)
+        )
         template = self.manifest["template_tokens"]
         self.prefix = np.asarray(template["prefix"], dtype=np.int64)
         self.doc_suffix = np.asarray(template["doc_suffix"], dtype=np.int64)
@@ -123,8 +130,8 @@ class PreparedDataset:
         position = start
         prefix_length = len(self.prefix)
         if prefix_length:
-            input_ids[position:position + prefix_length] = self.prefix
-            doc_ids[position:position + prefix_length] = PREFIX_ID
+            input_ids[position : position + prefix_length] = self.prefix
+            doc_ids[position : position + prefix_length] = PREFIX_ID
             position += prefix_length
         suffix_length = len(self.doc_suffix)
         for memory_id, (doc, is_positive) in enumerate(zip(memory.tolist(), positive.tolist()), start=1):
@@ -133,20 +140,21 @@ class PreparedDataset:
             head = len(id_prefix)
             body = end - begin
             length = head + body + suffix_length
-            input_ids[position:position + head] = id_prefix
-            input_ids[position + head:position + head + body] = tokens[begin:end]
+            input_ids[position : position + head] = id_prefix
+            input_ids[position + head : position + head + body] = tokens[begin:end]
             if suffix_length:
-                input_ids[position + head + body:position + length] = self.doc_suffix
-            doc_ids[position:position + length] = memory_id
+                input_ids[position + head + body : position + length] = self.doc_suffix
+            doc_ids[position : position + length] = memory_id
             if is_positive:
-                row["aux_labels"][position:position + length] = 1
+                row["aux_labels"][position : position + length] = 1
             position += length
         tail_length = len(tail_tokens)
-        input_ids[position:position + tail_length] = tail_tokens
-        doc_ids[position:position + tail_length] = QUERY_ID
+        input_ids[position : position + tail_length] = tail_tokens
+        doc_ids[position : position + tail_length] = QUERY_ID
         labelled = np.asarray(tail_labelled, dtype=bool)
-        row["labels"][position:position + tail_length] = np.where(labelled, input_ids[position:position + tail_length],
-                                                                  IGNORE_INDEX)
+        row["labels"][position : position + tail_length] = np.where(
+            labelled, input_ids[position : position + tail_length], IGNORE_INDEX
+        )
         position += tail_length
         row["example_ids"][start:position] = example_id
         return position
@@ -181,8 +189,10 @@ class PackedRowLoader:
         self.datasets = [d if isinstance(d, PreparedDataset) else PreparedDataset(d) for d in datasets]
         tokenizers = {d.manifest["tokenizer_sha256"] for d in self.datasets}
         if len(tokenizers) > 1:
-            raise ValueError("datasets were built with different tokenizers; their token ids cannot be mixed: "
-                             + ", ".join(f"{d.path} ({d.manifest['tokenizer_sha256'][:12]})" for d in self.datasets))
+            raise ValueError(
+                "datasets were built with different tokenizers; their token ids cannot be mixed: "
+                + ", ".join(f"{d.path} ({d.manifest['tokenizer_sha256'][:12]})" for d in self.datasets)
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         weights = list(weights) if weights is not None else [1.0] * len(self.datasets)
@@ -231,6 +241,7 @@ class PackedRowLoader:
 
     def _check_positions(self, state: dict[str, Any]) -> None:
         """Counters are non-negative integers and every cursor lies inside its epoch's order."""
+
         def count(value: Any, key: str) -> int:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"loader state: {key} = {value!r} is not a non-negative integer")
@@ -243,8 +254,10 @@ class PackedRowLoader:
             cursor = count(position["cursor"], f"sources[{source}].cursor")
             available = len(self._rank_order(source, epoch))
             if cursor > available:
-                raise ValueError(f"loader state: sources[{source}].cursor = {cursor} is past the end of "
-                                 f"{self.datasets[source].path} ({available} examples for this rank per epoch)")
+                raise ValueError(
+                    f"loader state: sources[{source}].cursor = {cursor} is past the end of "
+                    f"{self.datasets[source].path} ({available} examples for this rank per epoch)"
+                )
         pending = state["pending"]
         if pending is not None:
             source, example = (count(value, "pending") for value in pending)
@@ -260,7 +273,7 @@ class PackedRowLoader:
         cached = self._order_cache.get(source)
         if cached is None or cached[0] != epoch:
             permutation = np.random.default_rng([self.seed, source, epoch]).permutation(len(self.datasets[source]))
-            cached = (epoch, permutation[self.rank::self.world_size])
+            cached = (epoch, permutation[self.rank :: self.world_size])
             self._order_cache[source] = cached
         return cached[1]
 
@@ -286,8 +299,12 @@ class PackedRowLoader:
             else:
                 weights = np.where(active, self.weights, 0.0)
                 cumulative = np.cumsum(weights / weights.sum())
-                source = int(min(np.searchsorted(cumulative, self._uniform(self._state["draws"]), side="right"),
-                                 len(cumulative) - 1))
+                source = int(
+                    min(
+                        np.searchsorted(cumulative, self._uniform(self._state["draws"]), side="right"),
+                        len(cumulative) - 1,
+                    )
+                )
                 self._state["draws"] += 1
             state = self._state["sources"][source]
             order = self._rank_order(source, state["epoch"])
@@ -345,8 +362,10 @@ class PackedRowLoader:
         return {name: torch.from_numpy(row[name]) for name in ROW_FIELDS}
 
     def _report_overlong(self, source: int, example: int, example_length: int) -> None:
-        message = (f"example {example} of {self.datasets[source].path} has {example_length} tokens, more than the "
-                   f"row length {self.row_length}")
+        message = (
+            f"example {example} of {self.datasets[source].path} has {example_length} tokens, more than the "
+            f"row length {self.row_length}"
+        )
         if self.overlong == "error":
             raise OverlongExampleError(message)
         self._state["overlong_skipped"] += 1

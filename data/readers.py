@@ -35,8 +35,11 @@ def iter_text_lines(path: Path, tally: BadRecordTally) -> Iterator[tuple[int, st
             try:
                 yield line_number, raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                tally.handle(DataFormatError(path, line_number, f"not UTF-8 (byte {raw[error.start]:#04x} at "
-                                                                f"column {error.start + 1})"))
+                tally.handle(
+                    DataFormatError(
+                        path, line_number, f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                    )
+                )
 
 
 def iter_jsonl(path: str | Path, tally: BadRecordTally | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -233,7 +236,9 @@ def parse_retrieval_row(row: dict[str, Any], known_docs: set[str] | dict[str, in
         referenced = record.positives + record.negatives + [d for hop in (record.hops or []) for d in hop]
         unknown = [doc_id for doc_id in referenced if doc_id not in known_docs]
         if unknown:
-            raise ValueError(f"unknown doc id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+            raise ValueError(
+                f"unknown doc id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
     return record
 
 
@@ -315,13 +320,20 @@ def iter_lm_texts(
         yield from (piece for piece in pieces if piece.strip())
 
 
-_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
-                ".arrow": "arrow"}
+_HF_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
 
 
 def _is_saved_hf_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).exists() for name in ("dataset_info.json", "state.json",
-                                                                      "dataset_dict.json"))
+    return path.is_dir() and any(
+        (path / name).exists() for name in ("dataset_info.json", "state.json", "dataset_dict.json")
+    )
 
 
 def load_local_hf_dataset(path: str | Path, split: str | None = None) -> Any:
@@ -353,7 +365,10 @@ DOCUMENT_ID_FIELDS = ("_id", "id", "doc_id")
 
 
 def corpus_from_hf(
-    dataset: Any, id_field: str | None = None, text_field: str = "text", title_field: str | None = "title",
+    dataset: Any,
+    id_field: str | None = None,
+    text_field: str = "text",
+    title_field: str | None = "title",
     source_name: str = "<hf dataset>",
 ) -> list[Document]:
     """Documents from a Hugging Face dataset's rows; the id is `id_field`, or by default the first
@@ -363,8 +378,11 @@ def corpus_from_hf(
     for row_number, row in enumerate(dataset, start=1):
         doc_id = _first_present(row, id_fields)
         if doc_id is None:
-            raise DataFormatError(source_name, row_number, f"document has no id field ({' or '.join(id_fields)}); "
-                                  f"its fields are {sorted(row)}")
+            raise DataFormatError(
+                source_name,
+                row_number,
+                f"document has no id field ({' or '.join(id_fields)}); its fields are {sorted(row)}",
+            )
         if not isinstance(row.get(text_field), str):
             raise DataFormatError(source_name, row_number, f"document {doc_id!r} has no string {text_field!r} field")
         title = row.get(title_field) if title_field else ""

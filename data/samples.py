@@ -103,8 +103,9 @@ class ExamplePlan:
     def num_tokens(self, template_tokens: TemplateTokens, doc_lengths: np.ndarray) -> int:
         """Length of the assembled example."""
         memory_tokens = int(doc_lengths[self.memory].sum()) if len(self.memory) else 0
-        id_prefix_tokens = sum(len(template_tokens.doc_id_prefix[self.id_offset + i])
-                               for i in range(1, len(self.memory) + 1))
+        id_prefix_tokens = sum(
+            len(template_tokens.doc_id_prefix[self.id_offset + i]) for i in range(1, len(self.memory) + 1)
+        )
         suffix_tokens = len(template_tokens.doc_suffix) * len(self.memory)
         return len(template_tokens.prefix) + memory_tokens + id_prefix_tokens + suffix_tokens + len(self.tail_tokens)
 
@@ -142,8 +143,10 @@ class SampleBuilder:
         seed: int,
     ) -> None:
         if len(template_tokens.doc_id_prefix) <= memory.max_memory_id:
-            raise ValueError(f"template_tokens hold ID prefixes up to {len(template_tokens.doc_id_prefix) - 1}, "
-                             f"fewer than max_memory_docs + id_offset_max = {memory.max_memory_id}")
+            raise ValueError(
+                f"template_tokens hold ID prefixes up to {len(template_tokens.doc_id_prefix) - 1}, "
+                f"fewer than max_memory_docs + id_offset_max = {memory.max_memory_id}"
+            )
         self.kind = kind
         self.template = template
         self.template_tokens = template_tokens
@@ -154,8 +157,9 @@ class SampleBuilder:
         self.seed = seed
         # Budgeting with the longest ID prefix keeps every memory within memory_tokens
         # whatever position a document ends up at after shuffling.
-        self._overhead = max(len(p) for p in template_tokens.doc_id_prefix[1:memory.max_memory_id + 1]) + len(
-            template_tokens.doc_suffix)
+        self._overhead = max(len(p) for p in template_tokens.doc_id_prefix[1 : memory.max_memory_id + 1]) + len(
+            template_tokens.doc_suffix
+        )
 
     def build(self, record: IndexedRecord) -> list[ExamplePlan]:
         """Example plans for ``record``: one, or one per retrieval step for ``interleave``."""
@@ -167,10 +171,14 @@ class SampleBuilder:
         id_offset = self.memory.draw_id_offset(rng)
         memory_id_of = {int(doc): id_offset + position + 1 for position, doc in enumerate(memory)}
         if self.kind == "retrieval":
-            plan = self._plan(memory, positive_flags, [
-                (self.template.query_text(record.query), False),
-                (self.template.target_ids_text(self._ids(record.positives, memory_id_of)), True),
-            ])
+            plan = self._plan(
+                memory,
+                positive_flags,
+                [
+                    (self.template.query_text(record.query), False),
+                    (self.template.target_ids_text(self._ids(record.positives, memory_id_of)), True),
+                ],
+            )
             plan.record_index = record.record_index
             plan.id_offset = id_offset
             return [plan]
@@ -207,8 +215,14 @@ class SampleBuilder:
         room = max_tokens - len(self.template_tokens.prefix)
         empty = np.zeros(0, dtype=np.int64)
         return [
-            ExamplePlan(empty, np.zeros(0, dtype=np.uint8), np.asarray(tokens[start:start + room], dtype=np.int64),
-                        np.ones(len(tokens[start:start + room]), dtype=np.uint8), text_index, piece)
+            ExamplePlan(
+                empty,
+                np.zeros(0, dtype=np.uint8),
+                np.asarray(tokens[start : start + room], dtype=np.int64),
+                np.ones(len(tokens[start : start + room]), dtype=np.uint8),
+                text_index,
+                piece,
+            )
             for piece, start in enumerate(range(0, len(tokens), room))
         ]
 
@@ -227,8 +241,9 @@ class SampleBuilder:
         tokens.append(self.tokenizer.special_token_ids[self.template.delimiter])
         return tokens
 
-    def _plan(self, memory: np.ndarray, positive_flags: np.ndarray,
-              segments: list[tuple[str | list[int], bool]]) -> ExamplePlan:
+    def _plan(
+        self, memory: np.ndarray, positive_flags: np.ndarray, segments: list[tuple[str | list[int], bool]]
+    ) -> ExamplePlan:
         texts = [content for content, _ in segments if isinstance(content, str)]
         encoded = iter(self.tokenizer.encode_batch(texts))
         tokens: list[int] = []
@@ -237,8 +252,9 @@ class SampleBuilder:
             ids = next(encoded) if isinstance(content, str) else content
             tokens += ids
             labelled += [int(is_labelled)] * len(ids)
-        return ExamplePlan(memory, positive_flags, np.asarray(tokens, dtype=np.int64),
-                           np.asarray(labelled, dtype=np.uint8))
+        return ExamplePlan(
+            memory, positive_flags, np.asarray(tokens, dtype=np.int64), np.asarray(labelled, dtype=np.uint8)
+        )
 
     def _fill_memory(self, record: IndexedRecord, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         config = self.memory
@@ -267,8 +283,10 @@ class SampleBuilder:
             while misses < config.random_draw_attempts and len(chosen) < config.max_memory_docs:
                 misses = 0 if try_add(int(rng.integers(len(self.doc_lengths)))) else misses + 1
         if len(chosen) > config.max_memory_docs:
-            raise TooManyPositivesError(f"record {record.record_index} has {len(chosen)} positives, more than "
-                             f"max_memory_docs={config.max_memory_docs}")
+            raise TooManyPositivesError(
+                f"record {record.record_index} has {len(chosen)} positives, more than "
+                f"max_memory_docs={config.max_memory_docs}"
+            )
         memory = np.asarray(chosen, dtype=np.int64)[rng.permutation(len(chosen))]
         flags = np.isin(memory, np.asarray(positives, dtype=np.int64)).astype(np.uint8)
         return memory, flags

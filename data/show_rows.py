@@ -32,7 +32,7 @@ def describe_row(row: dict, decode: Callable[[list[int]], str], max_chars: int =
             lines.append(f"  padding x{end - start}")
             continue
         text = decode(input_ids[start:end].tolist())
-        text = text if len(text) <= max_chars else text[: max_chars // 2] + " ... " + text[-max_chars // 2:]
+        text = text if len(text) <= max_chars else text[: max_chars // 2] + " ... " + text[-max_chars // 2 :]
         if role == -2:
             name = "prefix"
         elif role > 0:

@@ -85,8 +85,9 @@ def finished_shards(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith("shard-"))
 
 
-def write_document_shard(final: Path, token_lists: Sequence[Sequence[int]], doc_ids: Sequence[str],
-                         dtype: np.dtype, stats: dict) -> None:
+def write_document_shard(
+    final: Path, token_lists: Sequence[Sequence[int]], doc_ids: Sequence[str], dtype: np.dtype, stats: dict
+) -> None:
     """Store tokenised documents of one shard."""
     lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
     offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
@@ -99,9 +100,11 @@ def write_document_shard(final: Path, token_lists: Sequence[Sequence[int]], doc_
         (temp / "shard.json").write_text(json.dumps({**stats, "dtype": dtype.name}, indent=1))
 
 
-def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[int], dtype: np.dtype,
-                        stats: dict) -> None:
+def write_example_shard(
+    final: Path, plans: Sequence, example_tokens: Sequence[int], dtype: np.dtype, stats: dict
+) -> None:
     """Store example plans (see ``samples.ExamplePlan``) of one shard."""
+
     def offsets_of(arrays: Sequence[np.ndarray]) -> np.ndarray:
         offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
         np.cumsum([len(a) for a in arrays], out=offsets[1:])
@@ -113,7 +116,9 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
     with atomic_directory(final) as temp:
         memory = concat([p.memory for p in plans], np.dtype(np.int64))
         # Memory references are the bulk of an example shard: 4 bytes each while the corpus allows.
-        reference_dtype = np.dtype(np.int32) if not len(memory) or memory.max() < np.iinfo(np.int32).max else memory.dtype
+        reference_dtype = (
+            np.dtype(np.int32) if not len(memory) or memory.max() < np.iinfo(np.int32).max else memory.dtype
+        )
         np.save(temp / "memory.npy", memory.astype(reference_dtype))
         np.save(temp / "positive.npy", concat([p.positive for p in plans], np.dtype(np.uint8)))
         np.save(temp / "memory_offsets.npy", offsets_of([p.memory for p in plans]))
@@ -121,8 +126,10 @@ def write_example_shard(final: Path, plans: Sequence, example_tokens: Sequence[i
         np.save(temp / "tail_labelled.npy", concat([p.tail_labelled for p in plans], np.dtype(np.uint8)))
         np.save(temp / "tail_offsets.npy", offsets_of([p.tail_tokens for p in plans]))
         np.save(temp / "example_tokens.npy", np.asarray(example_tokens, dtype=np.int64))
-        np.save(temp / "example_origin.npy", np.asarray([[p.record_index, p.step] for p in plans],
-                                                         dtype=np.int64).reshape(len(plans), 2))
+        np.save(
+            temp / "example_origin.npy",
+            np.asarray([[p.record_index, p.step] for p in plans], dtype=np.int64).reshape(len(plans), 2),
+        )
         np.save(temp / "id_offsets.npy", np.asarray([p.id_offset for p in plans], dtype=np.int64))
         (temp / "shard.json").write_text(json.dumps(stats, indent=1))
 
@@ -153,8 +160,11 @@ class DocumentStore:
         for shard in self.shards:
             dtype = np.dtype(json.loads((shard / "shard.json").read_text())["dtype"])
             size = (shard / "tokens.bin").stat().st_size // dtype.itemsize
-            tokens = (np.memmap(shard / "tokens.bin", dtype=dtype, mode="r", shape=(size,)).view(np.ndarray)
-                      if size else np.zeros(0, dtype))
+            tokens = (
+                np.memmap(shard / "tokens.bin", dtype=dtype, mode="r", shape=(size,)).view(np.ndarray)
+                if size
+                else np.zeros(0, dtype)
+            )
             self._tokens.append(tokens)
             self._offsets.append(_map(shard / "offsets.npy"))
         counts = [len(o) - 1 for o in self._offsets]
@@ -223,8 +233,9 @@ class ExampleShard:
         self.example_tokens = np.load(directory / "example_tokens.npy")
         self.example_origin = np.load(directory / "example_origin.npy")
         offsets_path = directory / "id_offsets.npy"
-        self.id_offsets = (np.load(offsets_path) if offsets_path.is_file()
-                           else np.zeros(len(self.example_tokens), dtype=np.int64))
+        self.id_offsets = (
+            np.load(offsets_path) if offsets_path.is_file() else np.zeros(len(self.example_tokens), dtype=np.int64)
+        )
         _refuse_id_strides(directory)
 
     def __len__(self) -> int:
@@ -236,5 +247,7 @@ def _refuse_id_strides(directory: Path) -> None:
     stride other than 1 their rendered IDs can no longer be reproduced, so such a build is refused."""
     strides_path = directory / "id_strides.npy"
     if strides_path.is_file() and bool((np.load(strides_path) != 1).any()):
-        raise ValueError(f"{strides_path}: this build spaces document IDs by strides (memory.id_stride_max), "
-                         "which is no longer supported; rebuild it without id_stride_max (--overwrite)")
+        raise ValueError(
+            f"{strides_path}: this build spaces document IDs by strides (memory.id_stride_max), "
+            "which is no longer supported; rebuild it without id_stride_max (--overwrite)"
+        )

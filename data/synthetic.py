@@ -15,26 +15,135 @@ from typing import Literal
 
 from .records import Document, RetrievalDataset, RetrievalRecord
 
-_SUBJECTS = ["the river", "a farmer", "the old tower", "our neighbour", "the committee", "a small boat",
-             "the library", "the winter wind", "a travelling painter", "the village school", "the market",
-             "an orchard", "the night train", "a quiet student", "the harbour", "the mountain road"]
-_VERBS = ["watches", "remembers", "carries", "follows", "describes", "paints", "crosses", "guards",
-          "collects", "repairs", "visits", "measures", "ignores", "welcomes", "borrows", "counts"]
-_OBJECTS = ["the morning light", "a broken fence", "seven letters", "the autumn harvest", "an empty bench",
-            "the long shadow", "a wooden bridge", "the distant hills", "a basket of apples", "the last bell",
-            "a folded map", "the stone wall", "an open window", "the cold stream", "a forgotten song"]
-_ADVERBS = ["slowly", "every day", "without a word", "in the evening", "with great care", "once a year",
-            "before noon", "after the rain", "quietly", "as always"]
+_SUBJECTS = [
+    "the river",
+    "a farmer",
+    "the old tower",
+    "our neighbour",
+    "the committee",
+    "a small boat",
+    "the library",
+    "the winter wind",
+    "a travelling painter",
+    "the village school",
+    "the market",
+    "an orchard",
+    "the night train",
+    "a quiet student",
+    "the harbour",
+    "the mountain road",
+]
+_VERBS = [
+    "watches",
+    "remembers",
+    "carries",
+    "follows",
+    "describes",
+    "paints",
+    "crosses",
+    "guards",
+    "collects",
+    "repairs",
+    "visits",
+    "measures",
+    "ignores",
+    "welcomes",
+    "borrows",
+    "counts",
+]
+_OBJECTS = [
+    "the morning light",
+    "a broken fence",
+    "seven letters",
+    "the autumn harvest",
+    "an empty bench",
+    "the long shadow",
+    "a wooden bridge",
+    "the distant hills",
+    "a basket of apples",
+    "the last bell",
+    "a folded map",
+    "the stone wall",
+    "an open window",
+    "the cold stream",
+    "a forgotten song",
+]
+_ADVERBS = [
+    "slowly",
+    "every day",
+    "without a word",
+    "in the evening",
+    "with great care",
+    "once a year",
+    "before noon",
+    "after the rain",
+    "quietly",
+    "as always",
+]
 
 _KEY_SYLLABLES = ["zor", "quin", "vel", "trax", "mib", "oph", "kry", "dul", "syn", "wex", "plo", "gath"]
-_CITIES = ["Amsterdam", "Lisbon", "Nairobi", "Osaka", "Quito", "Tallinn", "Hobart", "Windhoek", "Bergen",
-           "Cusco", "Dakar", "Kyoto", "Perth", "Split", "Tartu", "Valparaiso"]
+_CITIES = [
+    "Amsterdam",
+    "Lisbon",
+    "Nairobi",
+    "Osaka",
+    "Quito",
+    "Tallinn",
+    "Hobart",
+    "Windhoek",
+    "Bergen",
+    "Cusco",
+    "Dakar",
+    "Kyoto",
+    "Perth",
+    "Split",
+    "Tartu",
+    "Valparaiso",
+]
 _ATTRIBUTES = ["favourite colour", "lucky number", "home town", "pet's name", "secret code", "birth year"]
 _COLOURS = ["crimson", "teal", "amber", "violet", "ochre", "indigo", "scarlet", "olive"]
-_FIRST_NAMES = ["Alice", "Bruno", "Chen", "Dara", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kofi",
-                "Lena", "Mateo", "Nia", "Omar", "Priya", "Rui", "Sven", "Tara", "Umar", "Vera", "Yuki"]
-_LAST_NAMES = ["Abara", "Berg", "Costa", "Dubois", "Eriksen", "Fujita", "Garcia", "Haddad", "Ivanova",
-               "Jensen", "Kowalski", "Lindqvist", "Moreau", "Novak", "Okafor", "Petrov"]
+_FIRST_NAMES = [
+    "Alice",
+    "Bruno",
+    "Chen",
+    "Dara",
+    "Emeka",
+    "Farah",
+    "Goran",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nia",
+    "Omar",
+    "Priya",
+    "Rui",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Yuki",
+]
+_LAST_NAMES = [
+    "Abara",
+    "Berg",
+    "Costa",
+    "Dubois",
+    "Eriksen",
+    "Fujita",
+    "Garcia",
+    "Haddad",
+    "Ivanova",
+    "Jensen",
+    "Kowalski",
+    "Lindqvist",
+    "Moreau",
+    "Novak",
+    "Okafor",
+    "Petrov",
+]
 
 NeedleKind = Literal["single", "multi_key", "multi_value", "multi_query"]
 
@@ -144,8 +253,9 @@ def generate_needles(
         else:
             needle_count = 1 if kind == "single" else num_keys
             for needle_index in range(needle_count):
-                needle_docs.append((f"{prefix}-needle{needle_index}", _random_key(rng, keys_taken),
-                                    _random_number(rng, values_taken)))
+                needle_docs.append(
+                    (f"{prefix}-needle{needle_index}", _random_key(rng, keys_taken), _random_number(rng, values_taken))
+                )
         haystack_ids = [haystack_doc_id(prefix, i) for i in range(haystack_docs)]
         for doc_id in haystack_ids:
             corpus.append(Document(doc_id, filler_text(haystack_rng, words_per_doc)))
@@ -167,13 +277,15 @@ def generate_needles(
             query = "What are the special magic numbers for " + " and ".join(asked_keys) + "?"
         positives = [doc_id for doc_id, _, _ in asked]
         negatives = haystack_ids + [doc_id for doc_id, _, _ in needle_docs if doc_id not in positives]
-        records.append(RetrievalRecord(
-            query=query,
-            positives=positives,
-            negatives=negatives,
-            answer=", ".join(value for _, _, value in asked),
-            query_id=prefix,
-        ))
+        records.append(
+            RetrievalRecord(
+                query=query,
+                positives=positives,
+                negatives=negatives,
+                answer=", ".join(value for _, _, value in asked),
+                query_id=prefix,
+            )
+        )
     return RetrievalDataset(corpus=corpus, records=records)
 
 
@@ -222,9 +334,12 @@ def generate_kv_facts(
         raise ValueError(f"attributes must be a non-empty subset of {_ATTRIBUTES}, got {list(attributes)}")
     attributes = list(attributes)
     if memory_size is not None and not (
-            0 < memory_size <= min(len(_FIRST_NAMES), len(_LAST_NAMES)) and num_facts % memory_size == 0):
-        raise ValueError(f"memory_size must divide num_facts ({num_facts}) and be at most "
-                         f"{min(len(_FIRST_NAMES), len(_LAST_NAMES))}, got {memory_size}")
+        0 < memory_size <= min(len(_FIRST_NAMES), len(_LAST_NAMES)) and num_facts % memory_size == 0
+    ):
+        raise ValueError(
+            f"memory_size must divide num_facts ({num_facts}) and be at most "
+            f"{min(len(_FIRST_NAMES), len(_LAST_NAMES))}, got {memory_size}"
+        )
     rng = random.Random(f"kv/{seed}")
     entities_taken: set[str] = set()
     facts: list[_Fact] = []
@@ -248,14 +363,16 @@ def generate_kv_facts(
     for query_index in range(num_queries):
         fact_index = rng.randrange(len(facts))
         fact = facts[fact_index]
-        group = facts if memory_size is None else facts[fact_index - fact_index % memory_size:][:memory_size]
-        records.append(RetrievalRecord(
-            query=f"What is the {fact.attribute} of {fact.entity}?",
-            positives=[fact.doc_id],
-            negatives=[other.doc_id for other in group if other.doc_id != fact.doc_id],
-            answer=fact.value,
-            query_id=f"kv-{query_index}",
-        ))
+        group = facts if memory_size is None else facts[fact_index - fact_index % memory_size :][:memory_size]
+        records.append(
+            RetrievalRecord(
+                query=f"What is the {fact.attribute} of {fact.entity}?",
+                positives=[fact.doc_id],
+                negatives=[other.doc_id for other in group if other.doc_id != fact.doc_id],
+                answer=fact.value,
+                query_id=f"kv-{query_index}",
+            )
+        )
     return RetrievalDataset(corpus=corpus, records=records)
 
 
@@ -313,12 +430,14 @@ def generate_multihop_chains(
             distractor_ids.append(doc_id)
         relation = " of ".join(["the colleague"] * (hops - 1))
         subject = f"{relation} of {people[0]}" if hops > 1 else people[0]
-        records.append(RetrievalRecord(
-            query=f"In which city does {subject} live?",
-            positives=[doc_id for hop in hop_ids for doc_id in hop] if hop_positives else [],
-            negatives=distractor_ids,
-            answer=city,
-            hops=hop_ids,
-            query_id=prefix,
-        ))
+        records.append(
+            RetrievalRecord(
+                query=f"In which city does {subject} live?",
+                positives=[doc_id for hop in hop_ids for doc_id in hop] if hop_positives else [],
+                negatives=distractor_ids,
+                answer=city,
+                hops=hop_ids,
+                query_id=prefix,
+            )
+        )
     return RetrievalDataset(corpus=corpus, records=records)

@@ -10,7 +10,6 @@ from msa_modeling.inference import reference_protocol
 
 from .tokenization import TextTokenizer
 
-
 TEMPLATE_PROTOCOLS = ("msa-train", reference_protocol.PROTOCOL_NAME)
 
 
@@ -30,7 +29,7 @@ class ChatFormat:
     assistant_end: str = "<|im_end|>"
 
     @classmethod
-    def from_hf_tokenizer(cls, tokenizer: Any) -> "ChatFormat":
+    def from_hf_tokenizer(cls, tokenizer: Any) -> ChatFormat:
         """Cut the markers out of a Hugging Face tokenizer's own chat template, rendered around
         sentinel messages (so a template that adds a default system prompt keeps doing so)."""
         system, user, assistant = "\ue000system\ue000", "\ue000user\ue000", "\ue000assistant\ue000"
@@ -38,22 +37,32 @@ class ChatFormat:
         def render(messages: list[dict[str, str]]) -> str:
             return tokenizer.apply_chat_template(messages, tokenize=False)
 
-        with_system = render([{"role": "system", "content": system}, {"role": "user", "content": user},
-                              {"role": "assistant", "content": assistant}])
+        with_system = render(
+            [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": assistant},
+            ]
+        )
         without_system = render([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}])
         if any(with_system.count(s) != 1 for s in (system, user, assistant)) or without_system.count(user) != 1:
             raise ValueError("the chat template does not render system, user and assistant messages verbatim")
         system_start, rest = with_system.split(system)
         system_to_user, rest = rest.split(user)
         user_to_assistant, assistant_end = rest.split(assistant)
-        return cls(system_start=system_start, system_to_user=system_to_user,
-                   user_start=without_system.split(user)[0], user_to_assistant=user_to_assistant,
-                   assistant_end=assistant_end.rstrip())
+        return cls(
+            system_start=system_start,
+            system_to_user=system_to_user,
+            user_start=without_system.split(user)[0],
+            user_to_assistant=user_to_assistant,
+            assistant_end=assistant_end.rstrip(),
+        )
 
     def special_strings(self) -> list[str]:
         """Marker strings that must be single tokens (ChatML's im_start/im_end)."""
-        return [token for token in ("<|im_start|>", "<|im_end|>")
-                if any(token in text for text in asdict(self).values())]
+        return [
+            token for token in ("<|im_start|>", "<|im_end|>") if any(token in text for text in asdict(self).values())
+        ]
 
 
 @dataclass
@@ -99,16 +108,19 @@ class TemplateConfig:
         if self.first_memory_id not in (0, 1):
             raise ValueError(f"template.first_memory_id must be 0 or 1, got {self.first_memory_id!r}")
         if self.regenerate_format and self.regenerate_format.count(reference_protocol.REGENERATE_DOCUMENTS) != 1:
-            raise ValueError(f"template.regenerate_format must hold {reference_protocol.REGENERATE_DOCUMENTS!r} "
-                             f"exactly once (where the retrieved documents go), got {self.regenerate_format!r}")
+            raise ValueError(
+                f"template.regenerate_format must hold {reference_protocol.REGENERATE_DOCUMENTS!r} "
+                f"exactly once (where the retrieved documents go), got {self.regenerate_format!r}"
+            )
         if self.id_digits is not None:
             self.id_digits = list(self.id_digits)
             if len(self.id_digits) != 10 or len(set(self.id_digits)) != 10 or not all(self.id_digits):
-                raise ValueError(f"template.id_digits must be ten distinct non-empty strings (for 0-9), "
-                                 f"got {self.id_digits!r}")
+                raise ValueError(
+                    f"template.id_digits must be ten distinct non-empty strings (for 0-9), got {self.id_digits!r}"
+                )
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TemplateConfig":
+    def from_dict(cls, values: dict) -> TemplateConfig:
         """Inverse of ``dataclasses.asdict`` (nested chat format included)."""
         values = dict(values)
         if values.get("protocol") == reference_protocol.PROTOCOL_NAME:
@@ -234,7 +246,7 @@ class TemplateTokens:
     eos: list[int] = field(default_factory=list)
 
     @classmethod
-    def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_id: int) -> "TemplateTokens":
+    def build(cls, template: TemplateConfig, tokenizer: TextTokenizer, max_memory_id: int) -> TemplateTokens:
         """Encode every piece once; id prefixes for IDs 1..max_memory_id."""
         id_texts = [template.doc_id_format.format(i=template.memory_id_text(i)) for i in range(1, max_memory_id + 1)]
         encoded = tokenizer.encode_batch([template.prefix_text(), template.doc_suffix, *id_texts])

@@ -78,8 +78,13 @@ class TextTokenizer(ABC):
         ordered = sorted(self._special_ids, key=len, reverse=True)
         self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")") if ordered else None
         if added and report:
-            logger.warning("added %d special token(s) missing from the tokenizer: %s (vocab size now %d; "
-                           "the model's embeddings must be resized)", len(added), added, self.vocab_size)
+            logger.warning(
+                "added %d special token(s) missing from the tokenizer: %s (vocab size now %d; "
+                "the model's embeddings must be resized)",
+                len(added),
+                added,
+                self.vocab_size,
+            )
         return added
 
     @property
@@ -96,7 +101,11 @@ class TextTokenizer(ABC):
         pieces: list[str] = []
         layout: list[list[int | str]] = []
         for text in texts:
-            parts = self._special_pattern.split(text) if self._special_pattern and self._special_pattern.search(text) else [text]
+            parts = (
+                self._special_pattern.split(text)
+                if self._special_pattern and self._special_pattern.search(text)
+                else [text]
+            )
             entry: list[int | str] = []
             for index, part in enumerate(parts):
                 if index % 2 == 1:
@@ -315,8 +324,9 @@ def _encode_chunk(texts: list[str]) -> list[list[int]]:
     return _worker_tokenizer.encode_batch(texts)
 
 
-def worker_pool(tokenizer: TextTokenizer, num_workers: int, initializer: Callable[..., None] | None = None,
-                initargs: tuple = ()) -> ProcessPoolExecutor:
+def worker_pool(
+    tokenizer: TextTokenizer, num_workers: int, initializer: Callable[..., None] | None = None, initargs: tuple = ()
+) -> ProcessPoolExecutor:
     """Spawn-context worker processes that hold ``tokenizer``.
 
     Spawn, because the Rust tokenizer's thread pool does not survive fork; an executor rather
@@ -326,8 +336,9 @@ def worker_pool(tokenizer: TextTokenizer, num_workers: int, initializer: Callabl
     context = multiprocessing.get_context("spawn")
     if initializer is None:
         return ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,))
-    return ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer,
-                               initargs=(tokenizer, *initargs))
+    return ProcessPoolExecutor(
+        num_workers, mp_context=context, initializer=initializer, initargs=(tokenizer, *initargs)
+    )
 
 
 def encode_in_workers(
@@ -337,7 +348,7 @@ def encode_in_workers(
     chunk_size: int = 1024,
 ) -> Iterator[list[int]]:
     """Encode ``texts`` in ``num_workers`` processes, yielding ids in input order."""
-    chunks = [list(texts[start:start + chunk_size]) for start in range(0, len(texts), chunk_size)]
+    chunks = [list(texts[start : start + chunk_size]) for start in range(0, len(texts), chunk_size)]
     if num_workers <= 1:
         for chunk in chunks:
             yield from tokenizer.encode_batch(chunk)

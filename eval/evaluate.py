@@ -38,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     parser.add_argument("--index-devices", nargs="*", help="devices for routing keys (default: --device)")
-    parser.add_argument("--template", help="the prompt template: a JSON or YAML file of TemplateConfig fields, or "
-                                          "'reference' for the released MSA-4B engine's protocol (default: the template of "
-                                          "the export's recipe copy, recipe.yaml, for the export's stage; our default "
-                                          "template without one)")
+    parser.add_argument(
+        "--template",
+        help="the prompt template: a JSON or YAML file of TemplateConfig fields, or "
+        "'reference' for the released MSA-4B engine's protocol (default: the template of "
+        "the export's recipe copy, recipe.yaml, for the export's stage; our default "
+        "template without one)",
+    )
     parser.add_argument("--skip-niah", action="store_true")
     parser.add_argument("--niah-sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--niah-samples", type=int, default=4, help="samples per subtask and size")
@@ -51,20 +54,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qa-records", type=Path, help="JSONL records {query, positives, answer?}")
     parser.add_argument("--qa-corpus", type=Path, help="corpus JSONL for --qa-records")
     parser.add_argument("--qa-limit", type=int)
-    parser.add_argument("--qa-sizes", type=int, nargs="+",
-                        help="also ask the QA questions over memories of these sizes (tokens): the questions' positives "
-                             "plus corpus distractors; writes qa_scaling.{json,md,png}")
+    parser.add_argument(
+        "--qa-sizes",
+        type=int,
+        nargs="+",
+        help="also ask the QA questions over memories of these sizes (tokens): the questions' positives "
+        "plus corpus distractors; writes qa_scaling.{json,md,png}",
+    )
     parser.add_argument("--judge-url", help="OpenAI-compatible base URL; the LLM judge is off without it")
     parser.add_argument("--judge-model", default="gpt-4o-mini")
     parser.add_argument("--judge-key-env", default="OPENAI_API_KEY")
     parser.add_argument("--max-rounds", type=int, default=3)
     parser.add_argument("--max-round-tokens", type=int, default=64)
     parser.add_argument("--max-answer-tokens", type=int, default=64)
-    parser.add_argument("--routed-ids-only", action="store_true",
-                        help="decode retrieval rounds' IDs among the documents the routers selected (RoutedIdGrammar)")
+    parser.add_argument(
+        "--routed-ids-only",
+        action="store_true",
+        help="decode retrieval rounds' IDs among the documents the routers selected (RoutedIdGrammar)",
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
-    parser.add_argument("--memory-on-gpu", action="store_true",
-                        help="keep each encoded memory on the model's GPU instead of the host (it must fit there)")
+    parser.add_argument(
+        "--memory-on-gpu",
+        action="store_true",
+        help="keep each encoded memory on the model's GPU instead of the host (it must fit there)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -126,21 +139,33 @@ def evaluate(args: argparse.Namespace) -> dict:
     template, template_source = resolve_template(args.checkpoint, args.template)
     logger.info("prompt template: %s", template_source)
     settings = LoopSettings(
-        max_rounds=args.max_rounds, max_round_tokens=args.max_round_tokens, max_answer_tokens=args.max_answer_tokens,
-        max_batch_tokens=args.max_batch_tokens, show_progress=not args.no_progress, routed_ids_only=args.routed_ids_only,
+        max_rounds=args.max_rounds,
+        max_round_tokens=args.max_round_tokens,
+        max_answer_tokens=args.max_answer_tokens,
+        max_batch_tokens=args.max_batch_tokens,
+        show_progress=not args.no_progress,
+        routed_ids_only=args.routed_ids_only,
         memory_on_model_device=args.memory_on_gpu,
     )
-    model = EvalModel.load(args.checkpoint, args.device, getattr(torch, args.dtype), template, settings, args.index_devices)
-    results: dict = {"checkpoint": str(args.checkpoint),
-                     "template": {"source": template_source, "fields": asdict(model.template)}}
+    model = EvalModel.load(
+        args.checkpoint, args.device, getattr(torch, args.dtype), template, settings, args.index_devices
+    )
+    results: dict = {
+        "checkpoint": str(args.checkpoint),
+        "template": {"source": template_source, "fields": asdict(model.template)},
+    }
     if not args.skip_niah:
         report = run_niah(model, args.niah_sizes, args.niah_samples, args.niah_subtasks, args.seed)
         accuracy = report.accuracy()
-        results["niah"] = {"accuracy": {str(k): v for k, v in accuracy.items()},
-                           "misses": {str(k): v for k, v in report.miss_kinds().items()},
-                           "samples": [asdict(s) for s in report.samples]}
+        results["niah"] = {
+            "accuracy": {str(k): v for k, v in accuracy.items()},
+            "misses": {str(k): v for k, v in report.miss_kinds().items()},
+            "samples": [asdict(s) for s in report.samples],
+        }
         points = {size: row["average"] for size, row in accuracy.items()}
-        results["niah"]["files"] = write_scaling_curve(points, "NIAH accuracy", args.out, "niah_scaling", PAPER_NIAH_AVERAGE)
+        results["niah"]["files"] = write_scaling_curve(
+            points, "NIAH accuracy", args.out, "niah_scaling", PAPER_NIAH_AVERAGE
+        )
     dataset = load_qa_dataset(args)
     if dataset is not None:
         judge = JudgeClient(args.judge_url, args.judge_model, args.judge_key_env) if args.judge_url else None
@@ -149,8 +174,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             scaling = run_qa_scaling(model, dataset, args.qa_sizes, args.qa_limit, judge, args.seed)
             encoded = {size: report.memory_tokens for size, report in scaling.reports.items()}
             curves = scaling.curves()
-            results["qa_scaling"] = {"sizes": scaling.to_dict(), "curves": {m: {str(k): v for k, v in c.items()}
-                                                                             for m, c in curves.items()}}
+            results["qa_scaling"] = {
+                "sizes": scaling.to_dict(),
+                "curves": {m: {str(k): v for k, v in c.items()} for m, c in curves.items()},
+            }
             quality = {m: c for m, c in curves.items() if m != "judge_score"}
             results["qa_scaling"]["files"] = write_scaling_curves(quality, args.out, "qa_scaling", encoded)
             if "judge_score" in curves:
@@ -170,7 +197,10 @@ def print_summary(results: dict) -> None:
         for size, row in accuracy.items():
             print(f"{size_label(int(size)):<8} " + " ".join(f"{row[t]:>11.3f}" for t in tasks))
         for size, misses in results["niah"].get("misses", {}).items():
-            print(f"misses at {size_label(int(size))}: " + ", ".join(f"{kind} {count}" for kind, count in sorted(misses.items())))
+            print(
+                f"misses at {size_label(int(size))}: "
+                + ", ".join(f"{kind} {count}" for kind, count in sorted(misses.items()))
+            )
     if "qa" in results:
         print("QA")
         for key, value in results["qa"]["summary"].items():

@@ -63,8 +63,12 @@ class EvalModel:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer: TextTokenizer, template: TemplateConfig | None = None,
-        settings: LoopSettings | None = None, index_devices: Sequence[str] | None = None,
+        self,
+        model: nn.Module,
+        tokenizer: TextTokenizer,
+        template: TemplateConfig | None = None,
+        settings: LoopSettings | None = None,
+        index_devices: Sequence[str] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -93,10 +97,14 @@ class EvalModel:
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-        template: TemplateConfig | None = None, settings: LoopSettings | None = None,
+        cls,
+        checkpoint: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        template: TemplateConfig | None = None,
+        settings: LoopSettings | None = None,
         index_devices: Sequence[str] | None = None,
-    ) -> "EvalModel":
+    ) -> EvalModel:
         """A trainer stage export (HF model dir + tokenizer files) or any MSA checkpoint dir."""
         from transformers import AutoModelForCausalLM
 
@@ -107,7 +115,9 @@ class EvalModel:
             # As the data build resolves it: the chat markers of the tokenizer's own chat template.
             hf = getattr(tokenizer, "hf", None)
             if hf is None or not getattr(hf, "chat_template", None):
-                raise ValueError(f"{checkpoint}: the template asks for chat_from_tokenizer, the tokenizer has no chat template")
+                raise ValueError(
+                    f"{checkpoint}: the template asks for chat_from_tokenizer, the tokenizer has no chat template"
+                )
             template = dataclasses.replace(template, chat=ChatFormat.from_hf_tokenizer(hf), chat_from_tokenizer=False)
         tokenizer.ensure_special_tokens(template.special_strings(), report=True)
         return cls(model.to(device).eval(), tokenizer, template, settings, index_devices)
@@ -126,8 +136,10 @@ class EvalModel:
         if self.template.protocol == reference_protocol.PROTOCOL_NAME:
             # The engine tokenises each rendered document whole: "[1]. Berlin" may merge across
             # the ID prefix and the text, which encoding the pieces apart would not.
-            texts = [self.template.document_text(memory_id, doc.full_text())
-                     for memory_id, doc in zip(range(first_memory_id, last + 1), documents)]
+            texts = [
+                self.template.document_text(memory_id, doc.full_text())
+                for memory_id, doc in zip(range(first_memory_id, last + 1), documents)
+            ]
             return self.tokenizer.encode_batch(texts)
         pieces = TemplateTokens.build(self.template, self.tokenizer, max_memory_id=last)
         bodies = self.tokenizer.encode_batch([doc.full_text() for doc in documents])
@@ -140,9 +152,12 @@ class EvalModel:
         return self.tokenizer.encode(self.template.prefix_text()) if self.template.prefix_text() else []
 
     def encoder(self) -> MemoryEncoder:
-        return MemoryEncoder(self.model, max_batch_tokens=self.settings.max_batch_tokens,
-                             show_progress=self.settings.show_progress,
-                             storage_device=self.device if self.settings.memory_on_model_device else None)
+        return MemoryEncoder(
+            self.model,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            show_progress=self.settings.show_progress,
+            storage_device=self.device if self.settings.memory_on_model_device else None,
+        )
 
     def encode_memory(self, documents: Sequence[Document], pin: bool = True) -> MemoryStore:
         """A new memory holding `documents` as memory IDs 1..n; `pin` page-locks a host memory on a GPU
@@ -179,7 +194,9 @@ class EvalModel:
         return RegeneratePrompt(before=before, after=after)
 
     def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
-        return loop.answer(self.query_ids(question), self.after_retrieval_ids(question), self.regenerate_prompt(question))
+        return loop.answer(
+            self.query_ids(question), self.after_retrieval_ids(question), self.regenerate_prompt(question)
+        )
 
 
 def write_json(path: Path, payload: dict) -> Path:

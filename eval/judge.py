@@ -47,7 +47,9 @@ class JudgeClient:
     def complete(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0}).encode()
         request = urllib.request.Request(
-            self.base_url.rstrip("/") + "/chat/completions", data=body, method="POST",
+            self.base_url.rstrip("/") + "/chat/completions",
+            data=body,
+            method="POST",
             headers={"Content-Type": "application/json"},
         )
         key = os.environ.get(self.api_key_env)

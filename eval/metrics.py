@@ -52,5 +52,10 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     """Mean, median, min, max and count of a list of numbers (empty -> count 0 only)."""
     if not values:
         return {"count": 0}
-    return {"count": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
-            "min": min(values), "max": max(values)}
+    return {
+        "count": len(values),
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }

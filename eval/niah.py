@@ -141,8 +141,12 @@ def sample_memory(dataset: RetrievalDataset, record: RetrievalRecord, seed: int)
 
 
 def run_niah(
-    model: EvalModel, sizes: Sequence[int] = DEFAULT_SIZES, samples_per_task: int = 4,
-    subtasks: Sequence[str] | None = None, seed: int = 0, routed_ids_too: bool = False,
+    model: EvalModel,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    samples_per_task: int = 4,
+    subtasks: Sequence[str] | None = None,
+    seed: int = 0,
+    routed_ids_too: bool = False,
 ) -> NIAHReport:
     """Score every subtask at every memory size (tokens of rendered memory), every size asking the
     same questions of the same needles at the same depths (see the module's docstring); with
@@ -155,8 +159,15 @@ def run_niah(
     for size, task in tqdm(jobs, desc="NIAH", disable=not model.settings.show_progress):
         config = SUBTASKS[task]
         haystack = haystack_docs_for(model, config, size, seed)
-        dataset = generate_needles(config["kind"], samples_per_task, seed, haystack_docs=haystack,
-                                   haystack_seed=seed + size, stream=task, **_generator_options(config))
+        dataset = generate_needles(
+            config["kind"],
+            samples_per_task,
+            seed,
+            haystack_docs=haystack,
+            haystack_seed=seed + size,
+            stream=task,
+            **_generator_options(config),
+        )
         for number, record in enumerate(dataset.records):
             documents, needle_ids = sample_memory(dataset, record, seed + number)
             store = model.encode_memory(documents, pin=False)  # one or two questions: pinning costs more than it saves
@@ -173,13 +184,21 @@ def run_niah(
             # killed on a 128 GB host (EXPERIMENTS.md).
             del store, loop
             expected = (record.answer or "").split(", ")
-            report.samples.append(NIAHSample(
-                subtask=task, memory_tokens=size, encoded_tokens=encoded_tokens, score=string_match_fraction(result.answer, expected),
-                answer=result.answer, expected=expected, retrieved_ids=result.retrieved_ids, needle_ids=needle_ids,
-                routed_ids_score=string_match_fraction(constrained.answer, expected) if constrained else None,
-                routed_ids_answer=constrained.answer if constrained else None,
-                routed_ids_retrieved=constrained.retrieved_ids if constrained else None,
-                routed_by_layer=routed_by_layer,
-            ))
+            report.samples.append(
+                NIAHSample(
+                    subtask=task,
+                    memory_tokens=size,
+                    encoded_tokens=encoded_tokens,
+                    score=string_match_fraction(result.answer, expected),
+                    answer=result.answer,
+                    expected=expected,
+                    retrieved_ids=result.retrieved_ids,
+                    needle_ids=needle_ids,
+                    routed_ids_score=string_match_fraction(constrained.answer, expected) if constrained else None,
+                    routed_ids_answer=constrained.answer if constrained else None,
+                    routed_ids_retrieved=constrained.retrieved_ids if constrained else None,
+                    routed_by_layer=routed_by_layer,
+                )
+            )
         logger.info("NIAH %s at %d tokens: %d samples", task, size, samples_per_task)
     return report

@@ -64,12 +64,21 @@ class QAReport:
             "exact_match": mean_of([i.exact_match for i in self.items]),
             "f1": mean_of([i.f1 for i in self.items]),
             "judge_score": mean_of([i.judge_score for i in self.items]),
-            "router_recall": {key: mean_of([i.router_recall.get(key) for i in self.items]) for key in self._recall_keys()},
-            "retrieved_recall": mean_of([recall_at_k(i.retrieved_ids, i.positive_ids, len(i.retrieved_ids)) for i in self.items]),
+            "router_recall": {
+                key: mean_of([i.router_recall.get(key) for i in self.items]) for key in self._recall_keys()
+            },
+            "retrieved_recall": mean_of(
+                [recall_at_k(i.retrieved_ids, i.positive_ids, len(i.retrieved_ids)) for i in self.items]
+            ),
             # Whether the model writes the IDs of the documents it was shown, right or wrong: reading
             # the ID out of memory, apart from routing.
-            "ids_from_routed": mean_of([recall_at_k(i.routed_ids, i.retrieved_ids[:1], len(i.routed_ids))
-                                        for i in self.items if i.retrieved_ids]),
+            "ids_from_routed": mean_of(
+                [
+                    recall_at_k(i.routed_ids, i.retrieved_ids[:1], len(i.routed_ids))
+                    for i in self.items
+                    if i.retrieved_ids
+                ]
+            ),
             "docs_chosen": summarize([len(i.retrieved_ids) for i in self.items]),
             "rounds": summarize([i.rounds for i in self.items]),
         }
@@ -100,7 +109,10 @@ def router_recall(routing, positive_ids: list[int]) -> dict[str, float | None]:
 
 
 def run_qa(
-    model: EvalModel, dataset: RetrievalDataset, limit: int | None = None, judge: JudgeClient | None = None,
+    model: EvalModel,
+    dataset: RetrievalDataset,
+    limit: int | None = None,
+    judge: JudgeClient | None = None,
     pin: bool = True,
 ) -> QAReport:
     """Encode the corpus once as memory IDs 1..n and answer the first `limit` records (`pin`: see
@@ -110,8 +122,12 @@ def run_qa(
 
 
 def answer_over_memory(
-    model: EvalModel, memory: Sequence[Document], records: Sequence[RetrievalRecord], judge: JudgeClient | None = None,
-    desc: str = "QA", pin: bool = True,
+    model: EvalModel,
+    memory: Sequence[Document],
+    records: Sequence[RetrievalRecord],
+    judge: JudgeClient | None = None,
+    desc: str = "QA",
+    pin: bool = True,
 ) -> QAReport:
     """Encode `memory` as memory IDs 1..n and answer `records` over it."""
     store = model.encode_memory(memory, pin=pin)
@@ -124,8 +140,12 @@ def answer_over_memory(
         first_routing = result.first_routing
         positives = [memory_id[d] for d in record.positives if d in memory_id]
         item = QAItem(
-            query=record.query, reference=record.answer, answer=result.answer, positive_ids=positives,
-            retrieved_ids=result.retrieved_ids, rounds=len(result.rounds),
+            query=record.query,
+            reference=record.answer,
+            answer=result.answer,
+            positive_ids=positives,
+            retrieved_ids=result.retrieved_ids,
+            rounds=len(result.rounds),
             router_recall=router_recall(first_routing, positives),
             routed_ids=sorted({i for layer_ids in selected_memory_ids(first_routing, top_k) for i in layer_ids}),
         )
@@ -166,7 +186,11 @@ class QAScalingReport:
 
 
 def scaling_memory(
-    model: EvalModel, dataset: RetrievalDataset, records: Sequence[RetrievalRecord], memory_tokens: int, seed: int,
+    model: EvalModel,
+    dataset: RetrievalDataset,
+    records: Sequence[RetrievalRecord],
+    memory_tokens: int,
+    seed: int,
     lengths: dict[str, int] | None = None,
 ) -> list[Document]:
     """The records' positives plus distractors (seeded order) up to about `memory_tokens`
@@ -188,8 +212,12 @@ def scaling_memory(
 
 
 def run_qa_scaling(
-    model: EvalModel, dataset: RetrievalDataset, sizes: Sequence[int], limit: int | None = None,
-    judge: JudgeClient | None = None, seed: int = 0,
+    model: EvalModel,
+    dataset: RetrievalDataset,
+    sizes: Sequence[int],
+    limit: int | None = None,
+    judge: JudgeClient | None = None,
+    seed: int = 0,
 ) -> QAScalingReport:
     """Ask the first `limit` records over a memory of each size (see `scaling_memory`)."""
     records = dataset.records[:limit] if limit else dataset.records
@@ -198,9 +226,16 @@ def run_qa_scaling(
     result = QAScalingReport()
     for size in sorted(sizes):
         if size > corpus_tokens:
-            logger.warning("QA memory of %d tokens asked for, the corpus renders to %d: using all of it", size, corpus_tokens)
+            logger.warning(
+                "QA memory of %d tokens asked for, the corpus renders to %d: using all of it", size, corpus_tokens
+            )
         memory = scaling_memory(model, dataset, records, size, seed, lengths)
         result.reports[size] = answer_over_memory(model, memory, records, judge, desc=f"QA at {size} tokens")
-        logger.info("QA at %d tokens (%d encoded, %d docs): %s", size, result.reports[size].memory_tokens, len(memory),
-                    {k: v for k, v in result.reports[size].summary().items() if k in ("exact_match", "f1")})
+        logger.info(
+            "QA at %d tokens (%d encoded, %d docs): %s",
+            size,
+            result.reports[size].memory_tokens,
+            len(memory),
+            {k: v for k, v in result.reports[size].summary().items() if k in ("exact_match", "f1")},
+        )
     return result

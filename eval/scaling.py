@@ -63,7 +63,10 @@ def plot_curve(points: dict[int, float], reference: dict[str, dict[int, float]],
 
 
 def write_scaling_curve(
-    points: dict[int, float], metric: str, out_dir: Path, name: str,
+    points: dict[int, float],
+    metric: str,
+    out_dir: Path,
+    name: str,
     reference: dict[str, dict[int, float]] | None = None,
 ) -> dict[str, str]:
     """Write `{name}.json`, `{name}.md` and, when matplotlib is installed, `{name}.png`."""
@@ -71,11 +74,16 @@ def write_scaling_curve(
     reference = reference or {}
     table = comparison_table(points, reference, metric)
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps({
-        "metric": metric,
-        "points": [{"memory_tokens": s, "score": points[s]} for s in sorted(points)],
-        "reference": {k: {str(s): v for s, v in ref.items()} for k, ref in reference.items()},
-    }, indent=1))
+    json_path.write_text(
+        json.dumps(
+            {
+                "metric": metric,
+                "points": [{"memory_tokens": s, "score": points[s]} for s in sorted(points)],
+                "reference": {k: {str(s): v for s, v in ref.items()} for k, ref in reference.items()},
+            },
+            indent=1,
+        )
+    )
     (out_dir / f"{name}.md").write_text(table + "\n")
     written = {"json": str(json_path), "table": str(out_dir / f"{name}.md")}
     if matplotlib_available():
@@ -86,7 +94,10 @@ def write_scaling_curve(
 
 
 def write_scaling_curves(
-    curves: dict[str, dict[int, float]], out_dir: Path, name: str, memory_tokens: dict[int, int] | None = None,
+    curves: dict[str, dict[int, float]],
+    out_dir: Path,
+    name: str,
+    memory_tokens: dict[int, int] | None = None,
 ) -> dict[str, str]:
     """Several metrics against the same memory sizes: `{name}.json`, a `{name}.md` table (one
     column per metric) and, with matplotlib, `{name}.png` (one line per metric).
@@ -102,11 +113,22 @@ def write_scaling_curves(
         lines.append(f"| {size_label(size)} | " + " | ".join(cells) + " |")
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps({
-        "metrics": metrics,
-        "points": [{"memory_tokens": size, "encoded_tokens": (memory_tokens or {}).get(size),
-                    **{m: curves[m].get(size) for m in metrics}} for size in sizes],
-    }, indent=1))
+    json_path.write_text(
+        json.dumps(
+            {
+                "metrics": metrics,
+                "points": [
+                    {
+                        "memory_tokens": size,
+                        "encoded_tokens": (memory_tokens or {}).get(size),
+                        **{m: curves[m].get(size) for m in metrics},
+                    }
+                    for size in sizes
+                ],
+            },
+            indent=1,
+        )
+    )
     written = {"json": str(json_path), "table": str(out_dir / f"{name}.md")}
     if matplotlib_available() and sizes:
         import matplotlib

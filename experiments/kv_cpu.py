@@ -69,20 +69,24 @@ def heldout_generator_options(source: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: int, seed: int,
-                     source: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_heldout(
+    export: Path, memory_docs: int, memories: int, questions: int, seed: int, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Router recall@k and answer exact match over `memories` new fact memories of `memory_docs` documents,
     drawn with the training source's generator options and asked with its template."""
     source = source or {"source": {"synthetic": {"generator": "kv_facts", "filler_words": 0}}}
     options = heldout_generator_options(source)
     template = TemplateConfig.from_dict(source["template"]) if source.get("template") else None
-    model = EvalModel.load(export, template=template,
-                           settings=LoopSettings(max_rounds=1, max_round_tokens=16, max_answer_tokens=16,
-                                                 show_progress=False))
+    model = EvalModel.load(
+        export,
+        template=template,
+        settings=LoopSettings(max_rounds=1, max_round_tokens=16, max_answer_tokens=16, show_progress=False),
+    )
     merged = QAReport()
     for memory_index in range(memories):
-        dataset = generate_kv_facts(num_facts=memory_docs, num_queries=questions,
-                                    seed=HELDOUT_SEED_BASE + 100 * seed + memory_index, **options)
+        dataset = generate_kv_facts(
+            num_facts=memory_docs, num_queries=questions, seed=HELDOUT_SEED_BASE + 100 * seed + memory_index, **options
+        )
         report = run_qa(model, dataset)
         merged.items += report.items
         merged.memory_docs = report.memory_docs
@@ -90,9 +94,16 @@ def evaluate_heldout(export: Path, memory_docs: int, memories: int, questions: i
     summary = merged.summary()
     summary["chance_recall@1"] = 1 / memory_docs
     summary["memories"] = memories
+
     def described(item: Any) -> dict[str, Any]:
-        return {"query": item.query, "reference": item.reference, "answer": item.answer,
-                "positive_ids": item.positive_ids, "retrieved_ids": item.retrieved_ids, "routed_ids": item.routed_ids}
+        return {
+            "query": item.query,
+            "reference": item.reference,
+            "answer": item.answer,
+            "positive_ids": item.positive_ids,
+            "retrieved_ids": item.retrieved_ids,
+            "routed_ids": item.routed_ids,
+        }
 
     summary["examples"] = [described(item) for item in merged.items[:8]]
     # Every wrong answer (there are few once training works), so a failed run shows what went wrong.
@@ -119,12 +130,23 @@ def plot_curves(curves: list[dict[str, Any]], heldout: dict[str, Any], results_d
             colour = f"C{key_index}"
             for stage_index, (curve, start) in enumerate(zip(curves, offsets)):
                 label = key if stage_index == 0 else None
-                axis.plot([start + r["step"] for r in curve["train"]], [r[key] for r in curve["train"]],
-                          color=colour, alpha=0.8, label=label)
+                axis.plot(
+                    [start + r["step"] for r in curve["train"]],
+                    [r[key] for r in curve["train"]],
+                    color=colour,
+                    alpha=0.8,
+                    label=label,
+                )
                 if curve["eval"]:
-                    axis.scatter([start + r["step"] for r in curve["eval"]], [r[key] for r in curve["eval"]],
-                                 color=colour, marker="o", edgecolor="black", zorder=3,
-                                 label=f"{key} (held-out rows)" if stage_index == 0 else None)
+                    axis.scatter(
+                        [start + r["step"] for r in curve["eval"]],
+                        [r[key] for r in curve["eval"]],
+                        color=colour,
+                        marker="o",
+                        edgecolor="black",
+                        zorder=3,
+                        label=f"{key} (held-out rows)" if stage_index == 0 else None,
+                    )
         for curve, start in zip(curves[1:], offsets[1:]):
             axis.axvline(start, color="grey", linestyle="--", linewidth=0.8)
             axis.text(start, axis.get_ylim()[1], f" {curve['stage']}", va="top", fontsize=8, color="grey")
@@ -144,12 +166,25 @@ def plot_curves(curves: list[dict[str, Any]], heldout: dict[str, Any], results_d
 
 
 def machine_description() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
-def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, seed: int, memories: int,
-                   questions: int, name: str = "kv_cpu", heldout_memory_docs: int | None = None) -> dict[str, Any]:
+def run_experiment(
+    recipe_path: Path,
+    overrides: list[str],
+    results_dir: Path,
+    seed: int,
+    memories: int,
+    questions: int,
+    name: str = "kv_cpu",
+    heldout_memory_docs: int | None = None,
+) -> dict[str, Any]:
     """Train with the recipe, evaluate held out, write `<name>.json` and the plots; returns the JSON content.
 
     Held-out memories hold `heldout_memory_docs` facts, by default as many as a training memory."""
@@ -161,9 +196,14 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
     if code != 0:
         raise RuntimeError(f"training exited with code {code}")
     trained = time.perf_counter()
-    heldout = evaluate_heldout(export_dir(run_dir, recipe.stages[-1].name),
-                               heldout_memory_docs or memory_docs_of(recipe), memories, questions, seed,
-                               qa_source_of(recipe))
+    heldout = evaluate_heldout(
+        export_dir(run_dir, recipe.stages[-1].name),
+        heldout_memory_docs or memory_docs_of(recipe),
+        memories,
+        questions,
+        seed,
+        qa_source_of(recipe),
+    )
     evaluated = time.perf_counter()
     results_dir.mkdir(parents=True, exist_ok=True)
     curves = stage_curves(run_dir, [stage.name for stage in recipe.stages])
@@ -179,9 +219,14 @@ def run_experiment(recipe_path: Path, overrides: list[str], results_dir: Path, s
     }
     results["plots"] = plot_curves(curves, heldout, results_dir, name)
     write_json(results_dir / f"{name}.json", results)
-    logger.info("held-out router recall@1 %.3f (chance %.3f), exact match %.3f; training %.0f s, eval %.0f s",
-                heldout["router_recall"]["recall@1"], heldout["chance_recall@1"], heldout["exact_match"],
-                trained - started, evaluated - trained)
+    logger.info(
+        "held-out router recall@1 %.3f (chance %.3f), exact match %.3f; training %.0f s, eval %.0f s",
+        heldout["router_recall"]["recall@1"],
+        heldout["chance_recall@1"],
+        heldout["exact_match"],
+        trained - started,
+        evaluated - trained,
+    )
     return results
 
 
@@ -194,16 +239,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="run.seed, and which held-out memories are drawn")
     parser.add_argument("--memories", type=int, default=4, help="held-out memories")
     parser.add_argument("--questions", type=int, default=16, help="questions per held-out memory")
-    parser.add_argument("--heldout-memory-docs", type=int, default=None,
-                        help="facts per held-out memory (default: as many as a training memory holds)")
+    parser.add_argument(
+        "--heldout-memory-docs",
+        type=int,
+        default=None,
+        help="facts per held-out memory (default: as many as a training memory holds)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    run_experiment(args.recipe, args.overrides, args.results_dir, args.seed, args.memories, args.questions, args.name,
-                   args.heldout_memory_docs)
+    run_experiment(
+        args.recipe,
+        args.overrides,
+        args.results_dir,
+        args.seed,
+        args.memories,
+        args.questions,
+        args.name,
+        args.heldout_memory_docs,
+    )
     logger.info("results: %s", args.results_dir / f"{args.name}.json")
     return 0
 

@@ -1,8 +1,8 @@
 """Supervised fine-tuning stages of a recipe: the stages with phase: sft.
 
-    deepspeed launch/sft.py recipes/qwen3_4b.yaml [--stage NAME] [key=value ...]
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/sft.py recipes/tiny.yaml
-    python launch/sft.py recipes/tiny.yaml         # one process, same code path
+deepspeed launch/sft.py recipes/qwen3_4b.yaml [--stage NAME] [key=value ...]
+DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/sft.py recipes/tiny.yaml
+python launch/sft.py recipes/tiny.yaml         # one process, same code path
 """
 
 from train.runner import main

@@ -71,7 +71,9 @@ def token_attention_mask(layout: PackedLayout) -> torch.Tensor:
     causal = positions[:, None] >= positions[None, :]
     same_segment = (segment[:, :, None] == segment[:, None, :]) & causal
     query_sees_prefix = (
-        (role[:, :, None] == ROLE_QUERY) & (role[:, None, :] == ROLE_PREFIX) & (example[:, :, None] == example[:, None, :])
+        (role[:, :, None] == ROLE_QUERY)
+        & (role[:, None, :] == ROLE_PREFIX)
+        & (example[:, :, None] == example[:, None, :])
     )
     return (same_segment | query_sees_prefix).unsqueeze(1)
 
@@ -115,8 +117,15 @@ class SDPABackend:
         return {"token_mask": token_attention_mask(layout)}
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None, softcap: float | None = None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: PackedLayout,
+        plan: dict,
+        scale: float,
+        memory: PooledMemory | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """q [B, L, H, D], k/v [B, L, Hkv, D] -> [B, L, H, D]."""
         batch = q.shape[0]
@@ -127,7 +136,9 @@ class SDPABackend:
             values = torch.cat([values, memory.values.transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
             mask = torch.cat([mask, memory_attention_mask(layout, memory.selected_chunks)], dim=-1)
         if softcap is None:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            )
         else:
             out = softcapped_attention(q.transpose(1, 2), keys, values, mask, scale, softcap)
         return out.transpose(1, 2)
@@ -180,13 +191,17 @@ def varlen_key_order(layout: PackedLayout, selected_chunks: torch.Tensor | None)
     max_length = max(layout.max_segment_length, layout.max_query_context)
     if selected_chunks is not None:
         chunk_segment = torch.where(
-            selected_chunks, layout.example_query_segment[layout.chunk_example], torch.full_like(layout.chunk_example, num_segments)
+            selected_chunks,
+            layout.example_query_segment[layout.chunk_example],
+            torch.full_like(layout.chunk_example, num_segments),
         )
         segments.append(chunk_segment)
         slots.append(torch.full_like(chunk_segment, _SLOT_CHUNK))
     segment = torch.cat(segments)
     order, inverse = _slot_order(segment, torch.cat(slots))
-    return VarlenKeys(order=order, inverse=inverse, cu_seqlens=_group_boundaries(segment, num_segments), max_length=max_length)
+    return VarlenKeys(
+        order=order, inverse=inverse, cu_seqlens=_group_boundaries(segment, num_segments), max_length=max_length
+    )
 
 
 def gather_varlen_keys(
@@ -227,7 +242,11 @@ def regroup_key_values(
         keys, pooled_k, pooled_v = plan["keys_without_memory"], None, None
     else:
         keys, pooled_k, pooled_v = varlen_key_order(layout, memory.selected_chunks), memory.keys, memory.values
-    return keys, gather_varlen_keys(flat(k), layout, keys, pooled_k), gather_varlen_keys(flat(v), layout, keys, pooled_v)
+    return (
+        keys,
+        gather_varlen_keys(flat(k), layout, keys, pooled_k),
+        gather_varlen_keys(flat(v), layout, keys, pooled_v),
+    )
 
 
 VarlenKernel = Callable[..., torch.Tensor]
@@ -264,8 +283,15 @@ class VarlenBackend:
         return {"keys_without_memory": varlen_key_order(layout, None)}
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None, softcap: float | None = None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: PackedLayout,
+        plan: dict,
+        scale: float,
+        memory: PooledMemory | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         # Only kernels that take a softcap get one, so the others keep their plain signature.
         softcap_kwargs = {}
@@ -280,7 +306,11 @@ class VarlenBackend:
             q.reshape(batch * length, *q.shape[2:]),
             _ZeroGradientPastEnd.apply(k_buffer, end),
             _ZeroGradientPastEnd.apply(v_buffer, end),
-            layout.cu_seqlens, keys.cu_seqlens, layout.max_segment_length, keys.max_length, scale,
+            layout.cu_seqlens,
+            keys.cu_seqlens,
+            layout.max_segment_length,
+            keys.max_length,
+            scale,
             **softcap_kwargs,
         )
         return out.view(batch, length, *out.shape[1:])
@@ -336,12 +366,18 @@ def query_context_keys(layout: PackedLayout, selected_chunks: torch.Tensor | Non
     examples = [layout.token_example[layout.prefix_token_index], query_example]
     slots = [torch.full_like(examples[0], _SLOT_OWN), torch.full_like(query_example, _SLOT_QUERY)]
     if selected_chunks is not None:
-        examples.append(torch.where(selected_chunks, layout.chunk_example, torch.full_like(layout.chunk_example, num_examples)))
+        examples.append(
+            torch.where(selected_chunks, layout.chunk_example, torch.full_like(layout.chunk_example, num_examples))
+        )
         slots.append(torch.full_like(layout.chunk_example, _SLOT_CHUNK))
     example = torch.cat(examples)
     order, inverse = _slot_order(example, torch.cat(slots))
-    return QueryContextKeys(order=order, inverse=inverse, cu_seqlens=_group_boundaries(example, num_examples),
-                            cu_queries=_group_boundaries(query_example, num_examples))
+    return QueryContextKeys(
+        order=order,
+        inverse=inverse,
+        cu_seqlens=_group_boundaries(example, num_examples),
+        cu_queries=_group_boundaries(query_example, num_examples),
+    )
 
 
 class _OwnSegmentsThenQueryContext(torch.autograd.Function):
@@ -418,8 +454,15 @@ class QueryContextVarlenBackend:
         return {"context_without_memory": query_context_keys(layout, None)}
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None, softcap: float | None = None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: PackedLayout,
+        plan: dict,
+        scale: float,
+        memory: PooledMemory | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         reject_softcap(self.name, softcap)
         batch, length = q.shape[:2]
@@ -428,7 +471,9 @@ class QueryContextVarlenBackend:
             keys, pooled_k, pooled_v = plan["context_without_memory"], None, None
         else:
             keys, pooled_k, pooled_v = query_context_keys(layout, memory.selected_chunks), memory.keys, memory.values
-        out = _OwnSegmentsThenQueryContext.apply(flat(q), flat(k), flat(v), pooled_k, pooled_v, layout, keys, scale, self.ops)
+        out = _OwnSegmentsThenQueryContext.apply(
+            flat(q), flat(k), flat(v), pooled_k, pooled_v, layout, keys, scale, self.ops
+        )
         return out.view(batch, length, *out.shape[1:])
 
 
@@ -471,11 +516,20 @@ class FlexBackend:
             return (q_segment[q_idx] == k_segment[kv_idx]) & (k_from_end[kv_idx] <= q_from_end[q_idx])
 
         # Compiled, the mask is evaluated block by block instead of as one dense [N, K] grid.
-        return self.create_block_mask(mask_mod, None, None, layout.num_tokens, num_keys, device=q_segment.device, _compile=True)
+        return self.create_block_mask(
+            mask_mod, None, None, layout.num_tokens, num_keys, device=q_segment.device, _compile=True
+        )
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, plan: dict, scale: float,
-        memory: PooledMemory | None, softcap: float | None = None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: PackedLayout,
+        plan: dict,
+        scale: float,
+        memory: PooledMemory | None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         batch, length = q.shape[:2]
         keys, k_buffer, v_buffer = regroup_key_values(k, v, layout, plan, memory)
@@ -488,7 +542,12 @@ class FlexBackend:
         heads = lambda x: x.transpose(0, 1).unsqueeze(0)  # noqa: E731  [T, H, D] -> [1, H, T, D]
         score_mod = None if softcap is None else _softcap_score_mod(softcap)
         out = self.flex_attention(
-            heads(q.reshape(batch * length, *q.shape[2:])), heads(k_buffer), heads(v_buffer), score_mod=score_mod, block_mask=block_mask, scale=scale,
+            heads(q.reshape(batch * length, *q.shape[2:])),
+            heads(k_buffer),
+            heads(v_buffer),
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
             enable_gqa=True,
         )
         return out.squeeze(0).transpose(0, 1).reshape(batch, length, *q.shape[2:])
@@ -507,16 +566,18 @@ def _softcap_score_mod(softcap: float):
 
 # The forward kernels of every backend that a recomputed layer may keep instead of running twice.
 # FlexAttention is absent: its higher-order op does not go through selective checkpointing.
-ATTENTION_KERNEL_OPS = frozenset({
-    "aten::_flash_attention_forward",
-    "aten::_efficient_attention_forward",
-    "aten::_scaled_dot_product_flash_attention",
-    "aten::_scaled_dot_product_efficient_attention",
-    "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_scaled_dot_product_flash_attention_for_cpu",
-    "torch_attn::_varlen_attn",
-    "flash_attn::_flash_attn_varlen_forward",
-})
+ATTENTION_KERNEL_OPS = frozenset(
+    {
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "torch_attn::_varlen_attn",
+        "flash_attn::_flash_attn_varlen_forward",
+    }
+)
 
 
 def keep_attention_kernel_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -90,7 +90,12 @@ TEMPERATURE_WEIGHT = "temperature"
 TRAINING_BLOCK = "msa_train"
 # Our settings with no reference counterpart; they only shape training or the kernel choice.
 TRAINING_ONLY_KEYS = (
-    "routing_tokens", "detach_router_input", "router_init", "lm_loss_chunk_size", "attn_backend", "aux_loss_type"
+    "routing_tokens",
+    "detach_router_input",
+    "router_init",
+    "lm_loss_chunk_size",
+    "attn_backend",
+    "aux_loss_type",
 )
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -313,7 +318,9 @@ def transformers4_tokenizer_config(config: dict[str, Any]) -> dict[str, Any]:
     extra = config.get("extra_special_tokens")
     if isinstance(extra, list):
         del config["extra_special_tokens"]
-        config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []), *extra]))
+        config["additional_special_tokens"] = list(
+            dict.fromkeys([*config.get("additional_special_tokens", []), *extra])
+        )
     return config
 
 

@@ -65,7 +65,11 @@ def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layer_context(
-    generator: MSAGenerator, index: int, layer: nn.Module, normed: torch.Tensor, routing_tokens: torch.Tensor,
+    generator: MSAGenerator,
+    index: int,
+    layer: nn.Module,
+    normed: torch.Tensor,
+    routing_tokens: torch.Tensor,
     routing: list[list[LayerRouting]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer `index`'s memory context for every row: keys, values [batch, slots, Hkv, D] and the slot mask.
@@ -90,7 +94,9 @@ def layer_context(
     return keys, values, mask
 
 
-def token_positions(attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device) -> torch.Tensor:
+def token_positions(
+    attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device
+) -> torch.Tensor:
     """Positions of the new tokens within the query, counting real tokens only (left padding: 0)."""
     if attention_mask is None:
         return torch.arange(past_length, past_length + length, device=device)[None]
@@ -137,7 +143,9 @@ def run_cached_decoder(
         past -= context.masks[0].shape[1]  # layer 0's context slots are counted by the cache
     elif memory is not None:
         if past:
-            raise ValueError("memory was given after the cache already holds tokens; route with the prompt's first forward")
+            raise ValueError(
+                "memory was given after the cache already holds tokens; route with the prompt's first forward"
+            )
         generator = memory_generator(model, memory)
         context = MemoryContext(masks=[], routing=[[] for _ in range(batch)], query_start=generator.query_start)
         if cache is not None:

@@ -65,8 +65,11 @@ def msa_work(layout: PackedLayout) -> MicroBatchWork:
     prefix_tokens = torch.bincount(example[role == ROLE_PREFIX], minlength=examples).double()
     token_pairs += int((query_tokens * prefix_tokens).sum())
     chunks_per_doc = torch.bincount(layout.chunk_doc, minlength=layout.doc_example.numel()).double()
-    doc_memory_pairs = chunks_per_doc * query_tokens[layout.doc_example] if layout.doc_example.numel() else (
-        torch.zeros(0, dtype=torch.float64))
+    doc_memory_pairs = (
+        chunks_per_doc * query_tokens[layout.doc_example]
+        if layout.doc_example.numel()
+        else (torch.zeros(0, dtype=torch.float64))
+    )
     return MicroBatchWork(
         tokens=int(real.sum()),
         head_tokens=int(layout.lm_token_index.numel()),
@@ -94,15 +97,23 @@ def dense_work(doc_ids: torch.Tensor, document_mask: bool = False) -> MicroBatch
     else:
         token_pairs = _causal_pairs(lengths)
     tokens = int(real.sum())
-    return MicroBatchWork(tokens=tokens, head_tokens=tokens, routing_tokens=0, token_pairs=token_pairs,
-                          doc_memory_pairs=torch.zeros(0, dtype=torch.float64))
+    return MicroBatchWork(
+        tokens=tokens,
+        head_tokens=tokens,
+        routing_tokens=0,
+        token_pairs=token_pairs,
+        doc_memory_pairs=torch.zeros(0, dtype=torch.float64),
+    )
 
 
 def _matrix_numel(module: torch.nn.Module, skip: str = "") -> int:
     """Elements of the 2-D weights under `module` (biases and norms excluded), skipping names containing `skip`."""
     # Under ZeRO-3 a parameter's own tensor is an empty shard; `ds_shape`/`ds_numel` keep the full one.
-    return sum(getattr(p, "ds_numel", p.numel()) for name, p in module.named_parameters()
-               if len(getattr(p, "ds_shape", p.shape)) == 2 and not (skip and skip in name))
+    return sum(
+        getattr(p, "ds_numel", p.numel())
+        for name, p in module.named_parameters()
+        if len(getattr(p, "ds_shape", p.shape)) == 2 and not (skip and skip in name)
+    )
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ class FlopModel:
     num_router_layers: int
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "FlopModel":
+    def from_model(cls, model: torch.nn.Module) -> FlopModel:
         """From an `MSAForCausalLM` or a Hugging Face causal LM (layers under `model.model.layers`)."""
         config = model.config
         layers = model.model.layers
@@ -141,8 +152,12 @@ class FlopModel:
 
     def forward_flops(self, work: MicroBatchWork, memory_pairs: float = 0.0) -> float:
         """Forward FLOPs of a micro-batch; `memory_pairs` over all router layers (`work.memory_pairs`)."""
-        matmul = (self.layer_matmul_parameters * work.tokens + self.head_parameters * work.head_tokens
-                  + self.router_key_parameters * work.tokens + self.router_query_parameters * work.routing_tokens)
+        matmul = (
+            self.layer_matmul_parameters * work.tokens
+            + self.head_parameters * work.head_tokens
+            + self.router_key_parameters * work.tokens
+            + self.router_query_parameters * work.routing_tokens
+        )
         pairs = self.num_layers * work.token_pairs + memory_pairs
         return 2.0 * matmul + 4.0 * self.attention_width * pairs
 

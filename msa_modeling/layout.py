@@ -79,7 +79,7 @@ class PackedLayout:
     def num_tokens(self) -> int:
         return self.batch_size * self.row_length
 
-    def to(self, device: torch.device | str) -> "PackedLayout":
+    def to(self, device: torch.device | str) -> PackedLayout:
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=True)
             if isinstance(getattr(self, f.name), torch.Tensor)
@@ -186,7 +186,9 @@ def build_packed_layout(
     row_start = _row_starts(batch_size, row_length, device)
     if bool((is_pad[:-1] & ~is_pad[1:] & ~row_start[1:]).any()):
         bad = int((is_pad[:-1] & ~is_pad[1:] & ~row_start[1:]).nonzero()[0]) + 1
-        raise ValueError(f"padding must come at the end of a row; a real token follows padding at {_describe(bad, row_length)}")
+        raise ValueError(
+            f"padding must come at the end of a row; a real token follows padding at {_describe(bad, row_length)}"
+        )
     prev_example = _previous(example_key, -1)
     example_start = ~is_pad & (row_start | (example_key != prev_example))
     token_example = torch.cumsum(example_start.long(), 0) - 1
@@ -273,8 +275,10 @@ def build_packed_layout(
     num_docs = doc_id.numel()
     doc_positive = _document_positives(aux_labels, is_doc, doc_start, token_doc, num_docs, row_length)
 
-    docs_per_example = torch.bincount(doc_example, minlength=num_examples) if num_docs else torch.zeros(
-        num_examples, dtype=torch.long, device=device
+    docs_per_example = (
+        torch.bincount(doc_example, minlength=num_examples)
+        if num_docs
+        else torch.zeros(num_examples, dtype=torch.long, device=device)
     )
     max_docs = int(docs_per_example.max()) if num_examples and num_docs else 0
     first_doc_of_example = torch.cumsum(docs_per_example, 0) - docs_per_example
@@ -314,7 +318,9 @@ def build_packed_layout(
         lm_targets = lm_token_index
     else:
         next_labels = torch.cat([flat_labels[1:], flat_labels.new_full((1,), IGNORE_INDEX)])
-        next_same_example = torch.cat([token_example[1:] == token_example[:-1], token_example.new_zeros(1, dtype=torch.bool)])
+        next_same_example = torch.cat(
+            [token_example[1:] == token_example[:-1], token_example.new_zeros(1, dtype=torch.bool)]
+        )
         predicts = next_same_example & ~is_pad & (next_labels != IGNORE_INDEX)
         lm_token_index = predicts.nonzero().flatten()
         lm_targets = next_labels[lm_token_index]
@@ -375,7 +381,9 @@ def _document_positives(
     outside = ~is_doc & (flat != 0)
     if bool(outside.any()):
         bad = int(outside.nonzero()[0])
-        raise ValueError(f"aux_labels must be 0 outside documents; found {int(flat[bad])} at {_describe(bad, row_length)}")
+        raise ValueError(
+            f"aux_labels must be 0 outside documents; found {int(flat[bad])} at {_describe(bad, row_length)}"
+        )
     if bool(((flat != 0) & (flat != 1)).any()):
         raise ValueError("aux_labels must be 0 or 1")
     if num_docs == 0:  # nothing to index: a row of prefix and question only

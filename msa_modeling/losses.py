@@ -13,7 +13,9 @@ from .layout import PackedLayout
 RECALL_KS = (1, 5, 10)
 
 
-def _summed_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _summed_cross_entropy(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
@@ -78,7 +80,9 @@ def routing_loss(
     has_competitor = competitors.any(1, keepdim=True)
     # Rows without competitors get a dummy logsumexp over zeros, replaced by -inf, so that
     # no -inf - -inf reaches the backward pass.
-    competitor_lse = torch.logsumexp(logits.masked_fill(~competitors, float("-inf")).masked_fill(~has_competitor, 0.0), 1, keepdim=True)
+    competitor_lse = torch.logsumexp(
+        logits.masked_fill(~competitors, float("-inf")).masked_fill(~has_competitor, 0.0), 1, keepdim=True
+    )
     competitor_lse = competitor_lse.masked_fill(~has_competitor, float("-inf"))
     if loss_type == "decoupled_infonce":
         log_denominator = torch.logaddexp(logits, competitor_lse)
@@ -89,7 +93,9 @@ def routing_loss(
     return (per_example * has_positive).sum() / has_positive.sum()
 
 
-def router_recall(doc_ranks: torch.Tensor, layout: PackedLayout, ks: tuple[int, ...] = RECALL_KS) -> dict[int, torch.Tensor]:
+def router_recall(
+    doc_ranks: torch.Tensor, layout: PackedLayout, ks: tuple[int, ...] = RECALL_KS
+) -> dict[int, torch.Tensor]:
     """recall@k = |top-min(k, n) ∩ P| / |P|, averaged over examples with positives.
 
     Returns {k: scalar tensor}; NaN when no example has positives.

@@ -65,7 +65,9 @@ def check_windows_never_bind(
     if layout.num_docs and layout.example_docs.shape[1]:
         chunks_per_doc = torch.bincount(layout.chunk_doc, minlength=layout.num_docs)
         example_chunks = torch.where(
-            layout.example_docs >= 0, chunks_per_doc[layout.example_docs.clamp(min=0)], torch.zeros_like(layout.example_docs)
+            layout.example_docs >= 0,
+            chunks_per_doc[layout.example_docs.clamp(min=0)],
+            torch.zeros_like(layout.example_docs),
         )
         k = min(top_k, example_chunks.shape[1])
         memory_context = local_context + example_chunks.topk(k, dim=1).values.sum(1)
@@ -104,7 +106,11 @@ class MSAAttention(nn.Module):
     """
 
     def __init__(
-        self, config: MSAConfig, adapter: BackboneAdapter, layer_idx: int, backbone_config: PreTrainedConfig | None = None
+        self,
+        config: MSAConfig,
+        adapter: BackboneAdapter,
+        layer_idx: int,
+        backbone_config: PreTrainedConfig | None = None,
     ) -> None:
         super().__init__()
         backbone_config = config if backbone_config is None else backbone_config
@@ -145,7 +151,7 @@ class MSAAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         layout: PackedLayout,
-        attention: "AttentionContext",
+        attention: AttentionContext,
     ) -> tuple[torch.Tensor, RouterLayerOutput | None]:
         batch, length, _ = hidden_states.shape
         q, k, v = self.project(hidden_states, cos, sin)
@@ -163,7 +169,9 @@ class MSAAttention(nn.Module):
         if self.softcap is None:
             attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory)
         else:
-            attended = attention.backend.attend(q, k, v, layout, attention.plan, self.scaling, memory, softcap=self.softcap)
+            attended = attention.backend.attend(
+                q, k, v, layout, attention.plan, self.scaling, memory, softcap=self.softcap
+            )
         return self.o_proj(attended.reshape(batch, length, -1)), router_output
 
     def project(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -330,7 +338,12 @@ class MSAModel(MSAPreTrainedModel):
         """The configured attention backend for `device`, chosen once per device type and logged."""
         if device.type not in self._attention_backends:
             backend = make_attention_backend(self.config.attn_backend, device)
-            logger.info("MSA attention backend on %s: %s (config attn_backend=%r)", device.type, backend.name, self.config.attn_backend)
+            logger.info(
+                "MSA attention backend on %s: %s (config attn_backend=%r)",
+                device.type,
+                backend.name,
+                self.config.attn_backend,
+            )
             self._attention_backends[device.type] = backend
         return self._attention_backends[device.type]
 
@@ -502,20 +515,57 @@ class MSAForCausalLM(MSAPreTrainedModel, GenerationMixin):
             raise ValueError(f"MSAForCausalLM.forward got unexpected arguments: {unexpected}")
         if output_attentions:
             raise ValueError("MSAForCausalLM does not return attention weights (output_attentions=True)")
-        packed = {name for name, value in (("doc_ids", doc_ids), ("example_ids", example_ids), ("labels", labels),
-                  ("aux_labels", aux_labels), ("layout", layout), ("return_logits", return_logits)) if value is not None}
-        generation = {name for name, value in (("position_ids", position_ids), ("cache", cache), ("use_cache", use_cache),
-                      ("inputs_embeds", inputs_embeds), ("memory", memory)) if value is not None and value is not False}
+        packed = {
+            name
+            for name, value in (
+                ("doc_ids", doc_ids),
+                ("example_ids", example_ids),
+                ("labels", labels),
+                ("aux_labels", aux_labels),
+                ("layout", layout),
+                ("return_logits", return_logits),
+            )
+            if value is not None
+        }
+        generation = {
+            name
+            for name, value in (
+                ("position_ids", position_ids),
+                ("cache", cache),
+                ("use_cache", use_cache),
+                ("inputs_embeds", inputs_embeds),
+                ("memory", memory),
+            )
+            if value is not None and value is not False
+        }
         if packed and generation:
             raise ValueError(
                 f"packed-row arguments {sorted(packed)} cannot be combined with generation arguments {sorted(generation)}"
             )
         if packed:
-            output = self.packed_forward(input_ids, doc_ids, example_ids, labels, aux_labels, attention_mask, layout,
-                                         return_logits, bool(output_hidden_states))
+            output = self.packed_forward(
+                input_ids,
+                doc_ids,
+                example_ids,
+                labels,
+                aux_labels,
+                attention_mask,
+                layout,
+                return_logits,
+                bool(output_hidden_states),
+            )
         else:
-            output = self.causal_forward(input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
-                                         memory, logits_to_keep, bool(output_hidden_states))
+            output = self.causal_forward(
+                input_ids,
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                cache,
+                use_cache,
+                memory,
+                logits_to_keep,
+                bool(output_hidden_states),
+            )
         return output if return_dict is not False else output.to_tuple()
 
     def causal_forward(
@@ -567,9 +617,7 @@ class MSAForCausalLM(MSAPreTrainedModel, GenerationMixin):
             if doc_ids is None:
                 doc_ids = torch.zeros_like(input_ids)
             if doc_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"doc_ids has shape {tuple(doc_ids.shape)} but input_ids has {tuple(input_ids.shape)}"
-                )
+                raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)} but input_ids has {tuple(input_ids.shape)}")
             layout = self.build_layout(doc_ids, example_ids, labels, aux_labels, attention_mask)
         outputs = self.model(input_ids, layout, output_hidden_states=output_hidden_states)
         hidden = outputs.last_hidden_state
@@ -616,7 +664,7 @@ class MSAForCausalLM(MSAPreTrainedModel, GenerationMixin):
         backbone: PreTrainedModel | str | os.PathLike,
         dtype: torch.dtype | None = None,
         **msa_settings: object,
-    ) -> "MSAForCausalLM":
+    ) -> MSAForCausalLM:
         """Build an MSA model from a backbone model or checkpoint directory.
 
         Every backbone weight is copied; the router projections are new: random (paper),

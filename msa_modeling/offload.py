@@ -87,14 +87,23 @@ class ActivationOffload:
             output.register_hook(lambda grad: self._prefetch(wanted))
 
     def _pack(self, tensor: torch.Tensor, saved: list[_SavedOnHost]):
-        if (tensor.device != self.device or _is_parameter(tensor) or not tensor.is_contiguous()
-                or tensor.numel() * tensor.element_size() < self.min_bytes):
+        if (
+            tensor.device != self.device
+            or _is_parameter(tensor)
+            or not tensor.is_contiguous()
+            or tensor.numel() * tensor.element_size() < self.min_bytes
+        ):
             return tensor
         # The same tensor saved by several ops of the layer (e.g. the normed input of three
         # projections) goes out once. `_seen` holds each tensor until the layer ends, so that no
         # later tensor of the layer can reuse its memory and match its key.
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.dtype,
-               tensor._version)
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tensor.shape,
+            tensor.dtype,
+            tensor._version,
+        )
         if key in self._seen:
             entry = self._seen[key][1]
             entry.uses_left += 1

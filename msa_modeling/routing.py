@@ -105,7 +105,9 @@ def score_chunks(
     keys = prepare_routing_keys(pooled_routing_keys, routing_score)
     # The mean over a KV group's query heads of sim(q_h, k) equals <sum_h q_h, k> / H (q_h prepared),
     # so the head reduction folds into one [R, Hkv*D] x [Hkv*D, C] product.
-    grouped = (queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2) / num_heads).flatten(1)
+    grouped = (queries.view(queries.shape[0], num_kv_heads, num_heads // num_kv_heads, -1).sum(2) / num_heads).flatten(
+        1
+    )
     keys = keys.flatten(1)
     if grouped.shape[0] == 0:
         return keys.new_full((keys.shape[0],), float("-inf"))

@@ -40,10 +40,18 @@ def train_sentencepiece(directory: Path, vocab_size: int = 600) -> Path:
     identity normalisation, byte fallback for anything unseen)."""
     prefix = directory / "sp"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_texts()), model_prefix=str(prefix), vocab_size=vocab_size,
-        model_type="bpe", normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, byte_fallback=True, split_digits=True, user_defined_symbols=["\n"],
-        minloglevel=2, num_threads=1,
+        sentence_iterator=iter(training_texts()),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        byte_fallback=True,
+        split_digits=True,
+        user_defined_symbols=["\n"],
+        minloglevel=2,
+        num_threads=1,
     )
     return prefix.with_suffix(".model")
 
@@ -53,8 +61,12 @@ def train_byte_bpe(directory: Path, vocab_size: int = 600) -> Path:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator(training_texts(), trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
     folder = directory / "bpe"

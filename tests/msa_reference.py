@@ -85,6 +85,8 @@ def _family_name(config: object) -> str:
 
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
+
+
 PREFIX_ID = -2
 PAD_ID = -1
 QUERY_ID = 0
@@ -276,7 +278,11 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scaling: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention of n queries over m keys with an explicit mask.
@@ -407,8 +413,12 @@ def _layer_attention(
         for col in range(length):
             if int(doc_ids[row, col]) == PAD_ID:
                 out[row, col] = attend(
-                    q[row, col : col + 1], k[row, col : col + 1], v[row, col : col + 1],
-                    torch.ones(1, 1, dtype=torch.bool), scaling, softcap,
+                    q[row, col : col + 1],
+                    k[row, col : col + 1],
+                    v[row, col : col + 1],
+                    torch.ones(1, 1, dtype=torch.bool),
+                    scaling,
+                    softcap,
                 )[0]
 
     layer_scores: list[torch.Tensor | None] = [None] * num_docs
@@ -564,9 +574,7 @@ def reference_forward(
 
     examples = _parse_examples(doc_ids, example_ids, labels, aux_labels, config.routing_tokens)
     num_docs = sum(len(ex.docs) for ex in examples)
-    positions = _position_ids(
-        examples, batch, length, config.query_position_offset, config.document_positions
-    )
+    positions = _position_ids(examples, batch, length, config.query_position_offset, config.document_positions)
 
     hidden = model.model.embed_tokens(input_ids)
     if family.gemma:
@@ -614,9 +622,7 @@ def reference_forward(
     aux_loss: torch.Tensor | None = None
     recall: dict[int, torch.Tensor] = {}
     if aux_labels is not None and all_scores:
-        aux_loss, recall = _aux_loss_and_recall(
-            doc_scores, examples, config.aux_loss_type, config.aux_temperature
-        )
+        aux_loss, recall = _aux_loss_and_recall(doc_scores, examples, config.aux_loss_type, config.aux_temperature)
 
     return ReferenceOutput(
         hidden_states=tuple(all_hidden),

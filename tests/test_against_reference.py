@@ -56,8 +56,13 @@ def test_injected_text_after_an_answer_does_not_route():
     would let the ID's selection see its own evidence, which inference's first round cannot."""
     batch = random_packed_batch(14, injected_length=(3, 3))
     model = tiny_msa(14)
-    layout = build_packed_layout(batch["doc_ids"], example_ids=batch["example_ids"], labels=batch["labels"],
-                                 chunk_size=model.config.chunk_size, query_position_offset=0)
+    layout = build_packed_layout(
+        batch["doc_ids"],
+        example_ids=batch["example_ids"],
+        labels=batch["labels"],
+        chunk_size=model.config.chunk_size,
+        query_position_offset=0,
+    )
     flat_labels = batch["labels"].reshape(-1)
     row_length = batch["doc_ids"].shape[1]
     # Example ids restart in every row: key examples by (row, example).

@@ -58,8 +58,12 @@ def _loop_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
         lq, lk = q1 - q0, k1 - k0
         visible = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
         out[q0:q1] = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1),
-            attn_mask=visible, scale=scale, enable_gqa=True,
+            q[q0:q1].transpose(0, 1),
+            k[k0:k1].transpose(0, 1),
+            v[k0:k1].transpose(0, 1),
+            attn_mask=visible,
+            scale=scale,
+            enable_gqa=True,
         ).transpose(0, 1)
     return out
 
@@ -110,7 +114,9 @@ def _reference_flash_backward(grad_out, q, k, v, out, state, cu_q, cu_k, max_q, 
         d_probs = torch.einsum("qhd,khd->hqk", d_out, v[k0:k1].float().repeat_interleave(group, dim=1))
         d_scores = probs * (d_probs - delta[..., None])
         grouped = lambda x: x.unflatten(1, (-1, group)).sum(2)  # noqa: E731  [lk, H, D] -> [lk, Hkv, D]
-        dq[q0:q1] = (torch.einsum("hqk,khd->qhd", d_scores, k[k0:k1].float().repeat_interleave(group, dim=1)) * scale).to(q.dtype)
+        dq[q0:q1] = (
+            torch.einsum("hqk,khd->qhd", d_scores, k[k0:k1].float().repeat_interleave(group, dim=1)) * scale
+        ).to(q.dtype)
         dk[k0:k1] = grouped(torch.einsum("hqk,qhd->khd", d_scores, q[q0:q1].float()) * scale).to(k.dtype)
         dv[k0:k1] = grouped(torch.einsum("hqk,qhd->khd", probs, d_out)).to(v.dtype)
     return dq, dk, dv
@@ -157,8 +163,16 @@ def test_two_call_varlen_under_selective_checkpointing_keeps_the_same_gradients(
     import msa_modeling.attention as attention
 
     @torch.library.custom_op("msa_test::reference_flash_forward", mutates_args=())
-    def cached_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                       max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def cached_forward(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_q: torch.Tensor,
+        cu_k: torch.Tensor,
+        max_q: int,
+        max_k: int,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, (lse,) = _reference_flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
         return out, lse
 
@@ -166,8 +180,12 @@ def test_two_call_varlen_under_selective_checkpointing_keeps_the_same_gradients(
         out, lse = cached_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale)
         return out, (lse,)
 
-    monkeypatch.setattr(attention, "ATTENTION_KERNEL_OPS", attention.ATTENTION_KERNEL_OPS | {"msa_test::reference_flash_forward"})
-    backend = QueryContextVarlenBackend("reference", VarlenKernelOps(forward=forward, backward=_reference_flash_backward))
+    monkeypatch.setattr(
+        attention, "ATTENTION_KERNEL_OPS", attention.ATTENTION_KERNEL_OPS | {"msa_test::reference_flash_forward"}
+    )
+    backend = QueryContextVarlenBackend(
+        "reference", VarlenKernelOps(forward=forward, backward=_reference_flash_backward)
+    )
     batch = random_packed_batch(3, batch_size=2, examples_per_row=2)
     grads = []
     for saved in (0, len(tiny_msa(3).model.layers)):

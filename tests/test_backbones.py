@@ -83,10 +83,19 @@ print("RESULTS " + json.dumps(results))
 
 @pytest.mark.integration
 def test_deepspeed_zero2_step_on_cpu_for_every_family():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-               WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", _DEEPSPEED_STEP, str(TESTS)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        OMP_NUM_THREADS="1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _DEEPSPEED_STEP, str(TESTS)], env=env, capture_output=True, text=True, timeout=600
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     results = json.loads(lines[-1].removeprefix("RESULTS "))
@@ -110,8 +119,14 @@ def test_document_longer_than_a_sliding_window_is_rejected():
 def test_query_context_longer_than_a_sliding_window_is_rejected_only_where_it_binds():
     # Window 12: every segment fits, and so does [prefix ; query] (at most 3 + 8 tokens), but
     # the chunks of two 10-token documents (3 each at P=4) push router layers past it.
-    batch = random_packed_batch(6, docs_per_example=(3, 3), doc_length=(10, 10), prefix_length=(3, 3),
-                                prompt_length=(3, 3), answer_length=(3, 3))
+    batch = random_packed_batch(
+        6,
+        docs_per_example=(3, 3),
+        doc_length=(10, 10),
+        prefix_length=(3, 3),
+        prompt_length=(3, 3),
+        answer_length=(3, 3),
+    )
     with torch.no_grad():
         tiny_msa(6, family="gemma3_text", backbone_overrides=dict(sliding_window=12), router_layers=[1, 3])(**batch)
         with pytest.raises(ValueError, match="sliding window of layer 2"):

@@ -21,7 +21,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
-            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})
+            tensors.update({name: handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118 (not a dict)
     return tensors
 
 
@@ -64,8 +64,14 @@ def test_reference_layout_matches_the_spec(our_checkpoint, tmp_path):
     expected = sorted(t.format(i=i) for i in model.config.router_layers for t in LAYOUT["router_layer_weights"])
     assert router_names == expected
     c = model.config
-    assert tensors["model.layers.2.self_attn.router_q_proj.0.weight"].shape == (c.num_attention_heads * c.head_dim, c.hidden_size)
-    assert tensors["model.layers.2.self_attn.router_k_proj.0.weight"].shape == (c.num_key_value_heads * c.head_dim, c.hidden_size)
+    assert tensors["model.layers.2.self_attn.router_q_proj.0.weight"].shape == (
+        c.num_attention_heads * c.head_dim,
+        c.hidden_size,
+    )
+    assert tensors["model.layers.2.self_attn.router_k_proj.0.weight"].shape == (
+        c.num_key_value_heads * c.head_dim,
+        c.hidden_size,
+    )
     for name in LAYOUT["scalar_weights"]:
         assert tensors[name].shape == () and tensors[name].item() == pytest.approx(c.aux_temperature)
     index = json.loads((tmp_path / "ref" / "model.safetensors.index.json").read_text())
@@ -156,14 +162,23 @@ def test_a_cosine_model_is_written_with_the_method_the_engine_normalises_for(tmp
 
 def test_the_tokenizer_config_is_one_transformers_4_loads(our_checkpoint, tmp_path):
     _, ours = our_checkpoint
-    (ours / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "TokenizersBackend", "extra_special_tokens": ["<End-of-Retrieve>"],
-         "additional_special_tokens": ["<|object_ref_end|>"], "model_max_length": 128}
-    ))
+    (ours / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "TokenizersBackend",
+                "extra_special_tokens": ["<End-of-Retrieve>"],
+                "additional_special_tokens": ["<|object_ref_end|>"],
+                "model_max_length": 128,
+            }
+        )
+    )
     to_reference(ours, tmp_path / "ref")
     written = json.loads((tmp_path / "ref" / "tokenizer_config.json").read_text())
-    assert written == {"tokenizer_class": "Qwen2TokenizerFast", "model_max_length": 128,
-                       "additional_special_tokens": ["<|object_ref_end|>", "<End-of-Retrieve>"]}
+    assert written == {
+        "tokenizer_class": "Qwen2TokenizerFast",
+        "model_max_length": 128,
+        "additional_special_tokens": ["<|object_ref_end|>", "<End-of-Retrieve>"],
+    }
 
 
 @pytest.mark.parametrize(

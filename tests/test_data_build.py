@@ -33,8 +33,10 @@ def config_values(tokenizer: Path) -> dict:
 
 
 def all_rows(build: Path) -> list[bytes]:
-    return [b"".join(row[name].numpy().tobytes() for name in ROW_FIELDS)
-            for row in PackedRowLoader(build, 1024, max_epochs=1)]
+    return [
+        b"".join(row[name].numpy().tobytes() for name in ROW_FIELDS)
+        for row in PackedRowLoader(build, 1024, max_epochs=1)
+    ]
 
 
 def shard_identity(directory: Path) -> dict[str, int]:
@@ -44,8 +46,12 @@ def shard_identity(directory: Path) -> dict[str, int]:
 def test_cli_build_and_manifest(tmp_path: Path, sp_model: Path) -> None:
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(config_values(sp_model)))
-    result = subprocess.run([sys.executable, "-m", "data.build", "--config", str(config_path),
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "data.build", "--config", str(config_path), "--output", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -102,8 +108,9 @@ def test_killed_build_resumes_without_redoing_or_exposing_partial_shards(tmp_pat
     assert all_rows(killed) == all_rows(reference)
 
 
-def test_finished_build_is_reused_without_reading_its_source(tmp_path: Path, sp_model: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finished_build_is_reused_without_reading_its_source(
+    tmp_path: Path, sp_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import data.build as build_module
 
     first = build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "out")
@@ -132,7 +139,9 @@ def test_parallel_workers_build_the_same_shards(tmp_path: Path, sp_model: Path) 
     build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "serial")
     build_dataset(BuildConfig.from_dict(config_values(sp_model)), tmp_path / "parallel", num_workers=2)
     for sub in ("docs", "examples"):
-        for serial, parallel in zip(finished_shards(tmp_path / "serial" / sub), finished_shards(tmp_path / "parallel" / sub)):
+        for serial, parallel in zip(
+            finished_shards(tmp_path / "serial" / sub), finished_shards(tmp_path / "parallel" / sub)
+        ):
             for file in serial.iterdir():
                 assert file.read_bytes() == (parallel / file.name).read_bytes(), file
 
@@ -159,9 +168,17 @@ def test_lm_text_build(tmp_path: Path, sp_model: Path) -> None:
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("The river watches the morning light. " * 40)
     (tmp_path / "texts" / "b.jsonl").write_text(json.dumps({"text": "A farmer counts seven letters."}) + "\n")
-    manifest = build_dataset(BuildConfig.from_dict({
-        "source": {"kind": "lm", "path": str(tmp_path / "texts")}, "tokenizer": str(sp_model), "sample_kind": "lm",
-        "max_example_tokens": 64}), tmp_path / "out")
+    manifest = build_dataset(
+        BuildConfig.from_dict(
+            {
+                "source": {"kind": "lm", "path": str(tmp_path / "texts")},
+                "tokenizer": str(sp_model),
+                "sample_kind": "lm",
+                "max_example_tokens": 64,
+            }
+        ),
+        tmp_path / "out",
+    )
     assert manifest["documents"] == 0 and manifest["examples"] >= 3
     rows = list(PackedRowLoader(tmp_path / "out", 128, max_epochs=1))
     for row in rows:
@@ -181,8 +198,12 @@ def test_build_stops_on_bad_records_or_counts_them(tmp_path: Path, sp_model: Pat
     lines = corpus.read_text().splitlines()
     lines.insert(2, '{"_id": "bad", "text": 5}')
     corpus.write_text("\n".join(lines) + "\n")
-    values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
-              "memory": {"memory_tokens": 300, "max_memory_docs": 16}, "max_example_tokens": 1024}
+    values = {
+        "source": {"kind": "beir", "path": str(beir), "split": "test"},
+        "tokenizer": str(sp_model),
+        "memory": {"memory_tokens": 300, "max_memory_docs": 16},
+        "max_example_tokens": 1024,
+    }
     with pytest.raises(DataFormatError, match=rf"{corpus}:3: document has no string 'text' field"):
         build_dataset(BuildConfig.from_dict(values), tmp_path / "strict")
     assert not (tmp_path / "strict" / "manifest.json").exists()
@@ -200,8 +221,12 @@ def test_edited_input_file_is_not_mixed_with_old_shards(tmp_path: Path, sp_model
     from data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("single", 4, seed=2, haystack_docs=3))
-    values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
-              "memory": {"memory_tokens": 300, "max_memory_docs": 16}, "max_example_tokens": 1024}
+    values = {
+        "source": {"kind": "beir", "path": str(beir), "split": "test"},
+        "tokenizer": str(sp_model),
+        "memory": {"memory_tokens": 300, "max_memory_docs": 16},
+        "max_example_tokens": 1024,
+    }
     build_dataset(BuildConfig.from_dict(values), tmp_path / "out")
     corpus = beir / "corpus.jsonl"
     corpus.write_text(corpus.read_text() + json.dumps({"_id": "extra", "text": "one more"}) + "\n")
@@ -215,9 +240,13 @@ def test_records_a_sample_kind_cannot_use_are_counted(tmp_path: Path, sp_model: 
     from data.synthetic import generate_needles
 
     beir = write_beir(tmp_path / "beir", generate_needles("multi_value", 4, seed=2, haystack_docs=3))
-    values = {"source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
-              "sample_kind": "qa", "memory": {"memory_tokens": 300, "max_memory_docs": 16},
-              "max_example_tokens": 1024}
+    values = {
+        "source": {"kind": "beir", "path": str(beir), "split": "test"},
+        "tokenizer": str(sp_model),
+        "sample_kind": "qa",
+        "memory": {"memory_tokens": 300, "max_memory_docs": 16},
+        "max_example_tokens": 1024,
+    }
     # A build left with 0 examples is an error that names why, and writes no manifest.
     with pytest.raises(ValueError, match=r"0 examples from 4 record.*4 unusable \{'no answer': 4\}"):
         build_dataset(BuildConfig.from_dict(values), tmp_path / "qa")  # BEIR has no answers

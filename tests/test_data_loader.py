@@ -19,11 +19,20 @@ ROW_LENGTH = 1024
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sp_model = train_sentencepiece(tmp_path_factory.mktemp("sp"))
     root = tmp_path_factory.mktemp("builds")
-    synthetic_build(root / "needles", sp_model, "retrieval",
-                    {"generator": "needles", "kind": "single", "num_samples": 40, "seed": 1, "haystack_docs": 4},
-                    memory={"memory_tokens": 300, "max_memory_docs": 32})
-    synthetic_build(root / "kv", sp_model, "qa", {"generator": "kv_facts", "num_facts": 50, "num_queries": 30, "seed": 2},
-                    memory={"memory_tokens": 250, "max_memory_docs": 32})
+    synthetic_build(
+        root / "needles",
+        sp_model,
+        "retrieval",
+        {"generator": "needles", "kind": "single", "num_samples": 40, "seed": 1, "haystack_docs": 4},
+        memory={"memory_tokens": 300, "max_memory_docs": 32},
+    )
+    synthetic_build(
+        root / "kv",
+        sp_model,
+        "qa",
+        {"generator": "kv_facts", "num_facts": 50, "num_queries": 30, "seed": 2},
+        memory={"memory_tokens": 250, "max_memory_docs": 32},
+    )
     return {"needles": root / "needles", "kv": root / "kv"}
 
 
@@ -40,9 +49,12 @@ def row_bytes(row: dict[str, torch.Tensor]) -> bytes:
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_are_disjoint_and_cover_everything(builds: dict[str, Path], world_size: int) -> None:
-    per_rank = [examples_seen(PackedRowLoader(builds["needles"], ROW_LENGTH, seed=5, rank=rank,
-                                              world_size=world_size, max_epochs=1))
-                for rank in range(world_size)]
+    per_rank = [
+        examples_seen(
+            PackedRowLoader(builds["needles"], ROW_LENGTH, seed=5, rank=rank, world_size=world_size, max_epochs=1)
+        )
+        for rank in range(world_size)
+    ]
     total = len(PackedRowLoader(builds["needles"], ROW_LENGTH).datasets[0])
     everything = [example for rank in per_rank for example in rank]
     assert len(everything) == len(set(everything)) == total
@@ -59,8 +71,15 @@ def test_packing_fills_rows_with_several_examples(builds: dict[str, Path]) -> No
 @pytest.mark.parametrize("stop_after", [1, 4, 9])
 def test_resume_from_state_dict_is_byte_exact(builds: dict[str, Path], stop_after: int) -> None:
     def make() -> PackedRowLoader:
-        return PackedRowLoader([builds["needles"], builds["kv"]], ROW_LENGTH, weights=[0.7, 0.3], seed=11,
-                               rank=1, world_size=2, max_epochs=3)
+        return PackedRowLoader(
+            [builds["needles"], builds["kv"]],
+            ROW_LENGTH,
+            weights=[0.7, 0.3],
+            seed=11,
+            rank=1,
+            world_size=2,
+            max_epochs=3,
+        )
 
     uninterrupted = [row_bytes(row) for row in make()]
     assert len(uninterrupted) > stop_after + 5
@@ -121,8 +140,12 @@ def test_overlong_example_is_reported_not_cut(builds: dict[str, Path]) -> None:
 
 def test_builds_with_different_tokenizers_are_not_mixed(builds: dict[str, Path], tmp_path: Path) -> None:
     other = train_sentencepiece(tmp_path, vocab_size=500)
-    synthetic_build(tmp_path / "other", other, "retrieval",
-                    {"generator": "needles", "kind": "single", "num_samples": 4, "seed": 1, "haystack_docs": 4})
+    synthetic_build(
+        tmp_path / "other",
+        other,
+        "retrieval",
+        {"generator": "needles", "kind": "single", "num_samples": 4, "seed": 1, "haystack_docs": 4},
+    )
     with pytest.raises(ValueError, match="different tokenizers"):
         PackedRowLoader([builds["needles"], tmp_path / "other"], ROW_LENGTH)
 

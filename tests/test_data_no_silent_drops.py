@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from data.errors import BadRecordTally, DataFormatError
 from data.readers import (
     iter_lm_texts,
@@ -22,8 +23,9 @@ def write_lines(path: Path, lines: list[str | bytes]) -> Path:
 
 
 def test_fractional_qrels_scores_are_kept_and_positive_means_above_zero(tmp_path: Path) -> None:
-    qrels = write_lines(tmp_path / "qrels.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t0.5", "q1\td2\t0",
-                                                 "q2\td1\t-1"])
+    qrels = write_lines(
+        tmp_path / "qrels.tsv", ["query-id\tcorpus-id\tscore", "q1\td1\t0.5", "q1\td2\t0", "q2\td1\t-1"]
+    )
     judgements = read_qrels_tsv(qrels, {"q1": "a", "q2": "b"}, {"d1", "d2"})
     assert judgements == {"q1": {"d1": 0.5, "d2": 0.0}, "q2": {"d1": -1.0}}
 
@@ -35,8 +37,10 @@ def test_non_finite_qrels_score_is_an_error_at_its_line(tmp_path: Path) -> None:
 
 
 def test_empty_document_is_an_error_or_a_counted_skip(tmp_path: Path) -> None:
-    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"_id": "d1", "text": "alpha"}),
-                                                     json.dumps({"_id": "d2", "text": "  \n "})])
+    corpus = write_lines(
+        tmp_path / "corpus.jsonl",
+        [json.dumps({"_id": "d1", "text": "alpha"}), json.dumps({"_id": "d2", "text": "  \n "})],
+    )
     with pytest.raises(DataFormatError, match=r"corpus.jsonl:2: document 'd2' has empty text"):
         read_corpus_jsonl(corpus)
     tally = BadRecordTally(skip_bad_records=True)
@@ -45,8 +49,10 @@ def test_empty_document_is_an_error_or_a_counted_skip(tmp_path: Path) -> None:
 
 
 def test_duplicate_query_id_is_an_error_or_a_counted_skip(tmp_path: Path) -> None:
-    queries = write_lines(tmp_path / "queries.jsonl", [json.dumps({"_id": "q1", "text": "first"}),
-                                                       json.dumps({"_id": "q1", "text": "second"})])
+    queries = write_lines(
+        tmp_path / "queries.jsonl",
+        [json.dumps({"_id": "q1", "text": "first"}), json.dumps({"_id": "q1", "text": "second"})],
+    )
     with pytest.raises(DataFormatError, match=r"queries.jsonl:2: duplicate query id 'q1'"):
         read_queries_jsonl(queries)
     tally = BadRecordTally(skip_bad_records=True)
@@ -55,9 +61,14 @@ def test_duplicate_query_id_is_an_error_or_a_counted_skip(tmp_path: Path) -> Non
 
 
 def test_non_utf8_line_names_file_and_line_and_can_be_skipped(tmp_path: Path) -> None:
-    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"_id": "d1", "text": "alpha"}),
-                                                     b'{"_id": "d2", "text": "caf\xe9"}',
-                                                     json.dumps({"_id": "d3", "text": "gamma"})])
+    corpus = write_lines(
+        tmp_path / "corpus.jsonl",
+        [
+            json.dumps({"_id": "d1", "text": "alpha"}),
+            b'{"_id": "d2", "text": "caf\xe9"}',
+            json.dumps({"_id": "d3", "text": "gamma"}),
+        ],
+    )
     with pytest.raises(DataFormatError, match=r"corpus.jsonl:2: not UTF-8 \(byte 0xe9"):
         read_corpus_jsonl(corpus)
     tally = BadRecordTally(skip_bad_records=True)

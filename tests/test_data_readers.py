@@ -71,7 +71,7 @@ def test_missing_files_are_named(beir: Path, tmp_path: Path) -> None:
 
 def test_skip_bad_records_counts_them(beir: Path) -> None:
     corpus = beir / "corpus.jsonl"
-    corpus.write_text(corpus.read_text() + "not json\n[1, 2]\n{\"text\": \"no id\"}\n")
+    corpus.write_text(corpus.read_text() + 'not json\n[1, 2]\n{"text": "no id"}\n')
     tally = BadRecordTally(skip_bad_records=True)
     dataset = read_beir(beir, "test", tally)
     assert len(dataset.records) == 5
@@ -93,12 +93,15 @@ def test_retrieval_jsonl_records(tmp_path: Path) -> None:
     assert dataset.records[3].answer is None and dataset.records[3].positives == [chains.corpus[0].doc_id]
 
 
-@pytest.mark.parametrize(("row", "reason"), [
-    ({"query": "q", "positives": ["ghost"]}, "unknown doc id 'ghost'"),
-    ({"query": "q"}, "neither 'positives' nor 'hops'"),
-    ({"query": "", "positives": ["d0"]}, "'query' must be a non-empty string"),
-    ({"query": "q", "positives": "d0"}, "'positives' must be a list"),
-])
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"query": "q", "positives": ["ghost"]}, "unknown doc id 'ghost'"),
+        ({"query": "q"}, "neither 'positives' nor 'hops'"),
+        ({"query": "", "positives": ["d0"]}, "'query' must be a non-empty string"),
+        ({"query": "q", "positives": "d0"}, "'positives' must be a list"),
+    ],
+)
 def test_bad_retrieval_record_names_line(tmp_path: Path, row: dict, reason: str) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "d0", "text": "zero"}])
     records = write_jsonl(tmp_path / "records.jsonl", [{"query": "fine", "positives": ["d0"]}, "", row])
@@ -123,9 +126,13 @@ def test_hf_datasets_from_disk_and_files(tmp_path: Path) -> None:
     needles = generate_needles("single", 3, seed=4, haystack_docs=2)
     corpus = datasets.Dataset.from_list([{"_id": d.doc_id, "text": d.text, "title": ""} for d in needles.corpus])
     corpus.save_to_disk(str(tmp_path / "corpus"))
-    records_file = write_jsonl(tmp_path / "records.jsonl", [{"query": r.query, "positives": r.positives,
-                                                             "negatives": r.negatives, "answer": r.answer}
-                                                            for r in needles.records])
+    records_file = write_jsonl(
+        tmp_path / "records.jsonl",
+        [
+            {"query": r.query, "positives": r.positives, "negatives": r.negatives, "answer": r.answer}
+            for r in needles.records
+        ],
+    )
     documents = corpus_from_hf(load_local_hf_dataset(tmp_path / "corpus"))
     assert [d.text for d in documents] == [d.text for d in needles.corpus]
     records = records_from_hf(load_local_hf_dataset(records_file), {d.doc_id for d in documents})

@@ -47,27 +47,54 @@ def builds(tmp_path_factory: pytest.TempPathFactory, sp_model: Path) -> dict[str
     synthetic_build(root / "bpe-qa", bpe, "qa", GENERATORS["qa"])
     outputs["bpe-qa"] = root / "bpe-qa"
     # Numeric values and IDs in tokens of their own.
-    synthetic_build(root / "qa-id-digits", sp_model, "qa", {**GENERATORS["qa"], "attributes": ["lucky number"]},
-                    template={"id_digits": ID_DIGITS})
+    synthetic_build(
+        root / "qa-id-digits",
+        sp_model,
+        "qa",
+        {**GENERATORS["qa"], "attributes": ["lucky number"]},
+        template={"id_digits": ID_DIGITS},
+    )
     outputs["qa-id-digits"] = root / "qa-id-digits"
     # Document IDs numbered from random offsets: digit IDs, and ID tokens across interleave steps.
     offsets = {"memory_tokens": 700, "max_memory_docs": 64, "id_offset_max": 5000}
     synthetic_build(root / "retrieval-id-offset", sp_model, "retrieval", GENERATORS["retrieval"], memory=offsets)
     outputs["retrieval-id-offset"] = root / "retrieval-id-offset"
-    synthetic_build(root / "interleave-id-offset", sp_model, "interleave", GENERATORS["interleave"], memory=offsets,
-                    template={"id_digits": ID_DIGITS})
+    synthetic_build(
+        root / "interleave-id-offset",
+        sp_model,
+        "interleave",
+        GENERATORS["interleave"],
+        memory=offsets,
+        template={"id_digits": ID_DIGITS},
+    )
     outputs["interleave-id-offset"] = root / "interleave-id-offset"
     beir = write_beir(root / "beir-src", generate_needles("multi_key", 10, seed=8, haystack_docs=6))
-    build_dataset(BuildConfig.from_dict({
-        "source": {"kind": "beir", "path": str(beir), "split": "test"}, "tokenizer": str(sp_model),
-        "memory": {"memory_tokens": 700, "max_memory_docs": 64}, "max_example_tokens": ROW_LENGTH,
-        "docs_per_shard": 50, "records_per_shard": 4}), root / "beir")
+    build_dataset(
+        BuildConfig.from_dict(
+            {
+                "source": {"kind": "beir", "path": str(beir), "split": "test"},
+                "tokenizer": str(sp_model),
+                "memory": {"memory_tokens": 700, "max_memory_docs": 64},
+                "max_example_tokens": ROW_LENGTH,
+                "docs_per_shard": 50,
+                "records_per_shard": 4,
+            }
+        ),
+        root / "beir",
+    )
     outputs["beir"] = root / "beir"
     return outputs
 
 
-def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str, str], step: int,
-                     id_text: Callable[[int], str] = str, id_offset: int = 0):
+def expected_example(
+    kind: str,
+    record,
+    memory_ids: list[str],
+    corpus: dict[str, str],
+    step: int,
+    id_text: Callable[[int], str] = str,
+    id_offset: int = 0,
+):
     """(full text, labelled text, positive corpus ids) the example must decode to."""
     memory_id_of = {doc_id: id_offset + i for i, doc_id in enumerate(memory_ids, start=1)}
     doc_of = {memory_id: doc_id for doc_id, memory_id in memory_id_of.items()}
@@ -77,8 +104,10 @@ def expected_example(kind: str, record, memory_ids: list[str], corpus: dict[str,
         return "".join(f"[{id_text(i)}]" for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
 
     def injected(doc_ids: list[str]) -> str:
-        return "".join(f"[{id_text(i)}]. {corpus[doc_of[i]]}\n"
-                       for i in sorted(memory_id_of[d] for d in doc_ids)) + DELIMITER
+        return (
+            "".join(f"[{id_text(i)}]. {corpus[doc_of[i]]}\n" for i in sorted(memory_id_of[d] for d in doc_ids))
+            + DELIMITER
+        )
 
     tail = f"Question: {record.query}\n"
     if kind == "retrieval":
@@ -100,7 +129,9 @@ def id_numbers_in(text: str, template: TemplateConfig) -> list[int]:
     return [template.parse_memory_id(m) for m in re.findall(template.memory_id_pattern(), text)]
 
 
-def rows_of(build: Path, world_size: int = 1, rank: int = 0) -> tuple[list[dict], list[list[tuple[int, int]]], PackedRowLoader]:
+def rows_of(
+    build: Path, world_size: int = 1, rank: int = 0
+) -> tuple[list[dict], list[list[tuple[int, int]]], PackedRowLoader]:
     loader = PackedRowLoader(build, ROW_LENGTH, seed=1, rank=rank, world_size=world_size, max_epochs=1)
     rows, origins = [], []
     for row in loader:
@@ -119,7 +150,7 @@ def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
     padding = doc_ids == -1
     assert (example_ids[padding] == -1).all() and (example_ids[~padding] >= 0).all()
     if padding.any():
-        assert padding[np.argmax(padding):].all(), "padding must come only at the end"
+        assert padding[np.argmax(padding) :].all(), "padding must come only at the end"
     examples = example_ids[~padding]
     assert (np.diff(examples) >= 0).all() and (np.diff(examples) <= 1).all() and examples[0] == 0
     assert ((labels == -100) | (labels == row["input_ids"].numpy())).all()
@@ -136,12 +167,19 @@ def check_row_grammar(row: dict[str, torch.Tensor]) -> None:
         assert ((roles == 0) & (labels[example_ids == example] == -100)).any()
 
 
-@pytest.mark.parametrize("name", ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits",
-                                  "retrieval-id-offset", "interleave-id-offset"])
+@pytest.mark.parametrize(
+    "name",
+    ["retrieval", "qa", "interleave", "bpe-qa", "beir", "qa-id-digits", "retrieval-id-offset", "interleave-id-offset"],
+)
 def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> None:
     build = builds[name]
-    kind = {"bpe-qa": "qa", "beir": "retrieval", "qa-id-digits": "qa", "retrieval-id-offset": "retrieval",
-            "interleave-id-offset": "interleave"}.get(name, name)
+    kind = {
+        "bpe-qa": "qa",
+        "beir": "retrieval",
+        "qa-id-digits": "qa",
+        "retrieval-id-offset": "retrieval",
+        "interleave-id-offset": "interleave",
+    }.get(name, name)
     config = BuildConfig.from_dict(json.loads((build / "manifest.json").read_text())["config"])
     source = load_source(config.source, BadRecordTally())
     corpus = {doc.doc_id: doc.full_text() for doc in source.corpus}
@@ -163,8 +201,9 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
             assert 0 <= id_offset <= config.memory.id_offset_max
             assert id_offset + len(memory_ids) <= config.memory.max_memory_id
             id_offsets.add(id_offset)
-            full, labelled, positives = expected_example(kind, source.records[record_index], memory_ids, corpus, step,
-                                                         config.template.memory_id_text, id_offset)
+            full, labelled, positives = expected_example(
+                kind, source.records[record_index], memory_ids, corpus, step, config.template.memory_id_text, id_offset
+            )
             input_ids = row["input_ids"].numpy()[mask].tolist()
             labels = row["labels"].numpy()[mask]
             generated = labels[labels != -100].tolist()
@@ -186,7 +225,9 @@ def test_rows_decode_to_intended_samples(builds: dict[str, Path], name: str) -> 
                 digit_ids = {tokenizer.special_token_ids[d] for d in config.template.id_digits}
                 id_tokens = [t for t in input_ids if t in digit_ids]
                 assert tokenizer.decode(id_tokens) == "".join(
-                    config.template.memory_id_text(i) for i in id_numbers_in(tokenizer.decode(input_ids), config.template))
+                    config.template.memory_id_text(i)
+                    for i in id_numbers_in(tokenizer.decode(input_ids), config.template)
+                )
             seen += 1
     assert seen == len(dataset) > 0
     # Offsets vary between records and are absent unless asked for.
@@ -217,40 +258,58 @@ def expected_positions(doc_ids: torch.Tensor, example_ids: torch.Tensor, documen
 
 @pytest.mark.parametrize("document_positions", [True, False])
 @pytest.mark.parametrize("name", ["retrieval", "interleave"])
-def test_positions_agree_on_the_data_path_and_the_model_path(builds: dict[str, Path], tmp_path: Path, name: str,
-                                                              document_positions: bool) -> None:
+def test_positions_agree_on_the_data_path_and_the_model_path(
+    builds: dict[str, Path], tmp_path: Path, name: str, document_positions: bool
+) -> None:
     """The trainer's micro-batches (loader rows, layout built on the host) and the model building its own
     layout from the same rows give the positions of spec section 4, for both position settings."""
     model = tiny_msa(0, query_position_offset=OFFSET, chunk_size=64, document_positions=document_positions)
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / name).symlink_to(builds[name])
     rows_per_micro_batch = 2
-    stream = MicroBatchStream({name: 1.0}, ROW_LENGTH, rows_per_micro_batch, tmp_path,
-                              LayoutSettings.from_model_config(model.config), seed=1, rank=0, world_size=1)
+    stream = MicroBatchStream(
+        {name: 1.0},
+        ROW_LENGTH,
+        rows_per_micro_batch,
+        tmp_path,
+        LayoutSettings.from_model_config(model.config),
+        seed=1,
+        rank=0,
+        world_size=1,
+    )
     loader = PackedRowLoader(builds[name], ROW_LENGTH, seed=1)
     for _ in range(3):
         batch = stack_rows([loader.next_row() for _ in range(rows_per_micro_batch)])
         data_path = stream.next().layout.position_ids
-        model_path = model.build_layout(batch["doc_ids"], batch["example_ids"], batch["labels"],
-                                        batch["aux_labels"]).position_ids
+        model_path = model.build_layout(
+            batch["doc_ids"], batch["example_ids"], batch["labels"], batch["aux_labels"]
+        ).position_ids
         expected = expected_positions(batch["doc_ids"], batch["example_ids"], document_positions)
         assert torch.equal(data_path, expected)
         assert torch.equal(model_path, expected)
-        assert torch.equal(compute_position_ids(batch["doc_ids"], batch["example_ids"], OFFSET, document_positions),
-                           expected)
+        assert torch.equal(
+            compute_position_ids(batch["doc_ids"], batch["example_ids"], OFFSET, document_positions), expected
+        )
 
 
 def test_chat_prefix_is_shared_prefix(tmp_path: Path, sp_model: Path) -> None:
-    synthetic_build(tmp_path / "chat", sp_model, "retrieval", GENERATORS["retrieval"],
-                    template={"system_prompt": "You answer from memory.", "chat": {}})
+    synthetic_build(
+        tmp_path / "chat",
+        sp_model,
+        "retrieval",
+        GENERATORS["retrieval"],
+        template={"system_prompt": "You answer from memory.", "chat": {}},
+    )
     tokenizer = load_tokenizer(tmp_path / "chat" / "tokenizer")
     rows, _, _ = rows_of(tmp_path / "chat")
     row = rows[0]
     first = (row["example_ids"] == 0).numpy()
     doc_ids = row["doc_ids"].numpy()[first]
     input_ids = row["input_ids"].numpy()[first]
-    assert tokenizer.decode(input_ids[doc_ids == -2].tolist()) == \
-        "<|im_start|>system\nYou answer from memory.<|im_end|>\n<|im_start|>user\n"
+    assert (
+        tokenizer.decode(input_ids[doc_ids == -2].tolist())
+        == "<|im_start|>system\nYou answer from memory.<|im_end|>\n<|im_start|>user\n"
+    )
     query_text = tokenizer.decode(input_ids[doc_ids == 0].tolist())
     assert query_text.startswith("Question: ") and "<|im_end|>\n<|im_start|>assistant\n[" in query_text
     assert query_text.endswith(DELIMITER)

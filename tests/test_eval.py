@@ -40,17 +40,37 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"_id": d.doc_id, "text": d.text}) + "\n" for d in facts.corpus))
     records = tmp_path / "records.jsonl"
-    records.write_text("".join(
-        json.dumps({"query": r.query, "positives": r.positives, "answer": r.answer}) + "\n" for r in facts.records
-    ))
+    records.write_text(
+        "".join(
+            json.dumps({"query": r.query, "positives": r.positives, "answer": r.answer}) + "\n" for r in facts.records
+        )
+    )
     out = tmp_path / "out"
-    evaluate.main([
-        str(checkpoint), "--out", str(out), "--niah-sizes", "96", "192", "--niah-samples", "1",
-        "--qa-records", str(records), "--qa-corpus", str(corpus), "--qa-sizes", "40", "100000", *FAST_LOOP,
-    ])
+    evaluate.main(
+        [
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--niah-sizes",
+            "96",
+            "192",
+            "--niah-samples",
+            "1",
+            "--qa-records",
+            str(records),
+            "--qa-corpus",
+            str(corpus),
+            "--qa-sizes",
+            "40",
+            "100000",
+            *FAST_LOOP,
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     accuracy = results["niah"]["accuracy"]
-    questions = {size: [s["expected"] for s in results["niah"]["samples"] if s["memory_tokens"] == size] for size in (96, 192)}
+    questions = {
+        size: [s["expected"] for s in results["niah"]["samples"] if s["memory_tokens"] == size] for size in (96, 192)
+    }
     assert questions[96] == questions[192]  # the same needles asked at both sizes
     assert list(accuracy) == ["96", "192"]
     assert set(accuracy["96"]) == {*SUBTASKS, "average"}
@@ -63,22 +83,33 @@ def test_evaluate_command_writes_niah_and_qa_results(checkpoint, tmp_path):
     sizes = [(s["memory_tokens"], s["encoded_tokens"]) for s in results["niah"]["samples"]]
     # Long-document and needle-heavy subtasks overshoot tiny memories; 40-word documents land within one document.
     assert all(0.5 * asked <= got for asked, got in sizes)
-    assert all(abs(got - asked) <= 80 for (asked, got), s in zip(sizes, results["niah"]["samples"])
-               if s["subtask"] == "niah_single_1")
+    assert all(
+        abs(got - asked) <= 80
+        for (asked, got), s in zip(sizes, results["niah"]["samples"])
+        if s["subtask"] == "niah_single_1"
+    )
     assert (out / "niah_scaling.json").exists() and (out / "niah_scaling.md").exists()
     assert (out / "niah_scaling.png").exists() == matplotlib_available()
     summary = results["qa"]["summary"]
     assert summary["questions"] == 3 and summary["memory_docs"] == len(facts.corpus)
     router_layers = json.loads((checkpoint / "config.json").read_text())["router_layers"]
     assert len(router_layers) > 1  # so the per-layer recall is reported too
-    assert set(summary["router_recall"]) == {"recall@1", "recall@5", "recall@10", *(f"recall@1/layer_{n}" for n in router_layers)}
+    assert set(summary["router_recall"]) == {
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        *(f"recall@1/layer_{n}" for n in router_layers),
+    }
     assert summary["router_recall"]["recall@10"] == 1.0  # 6 documents: top-10 holds them all
     assert summary["docs_chosen"]["count"] == 3 and summary["exact_match"] is not None
     assert results["template"]["source"].startswith("reference format")  # the fixture has no recipe copy
     # QA against memory size: the small memory holds the positives only, the large one the whole corpus.
     scaling = results["qa_scaling"]
     positives = {d for r in facts.records for d in r.positives}
-    assert [scaling["sizes"][s]["summary"]["memory_docs"] for s in ("40", "100000")] == [len(positives), len(facts.corpus)]
+    assert [scaling["sizes"][s]["summary"]["memory_docs"] for s in ("40", "100000")] == [
+        len(positives),
+        len(facts.corpus),
+    ]
     assert {"exact_match", "f1", "router_recall@1", "router_recall@5", "router_recall@10"} <= set(scaling["curves"])
     curve = json.loads((out / "qa_scaling.json").read_text())
     assert [p["memory_tokens"] for p in curve["points"]] == [40, 100000] and "f1" in curve["metrics"]
@@ -92,10 +123,12 @@ def test_evaluate_reads_the_template_from_the_exports_recipe_copy(tmp_path):
     export.mkdir(parents=True)
     chat_free = {"query_format": "Q: {query}\n", "doc_suffix": " "}
     recipe = {
-        "data": {"sources": {
-            "qa": {"sample_kind": "qa", "template": chat_free},
-            "retrieval": {"sample_kind": "retrieval"},
-        }},
+        "data": {
+            "sources": {
+                "qa": {"sample_kind": "qa", "template": chat_free},
+                "retrieval": {"sample_kind": "retrieval"},
+            }
+        },
         "stages": [{"name": "cpt", "sources": {"retrieval": 1.0}}, {"name": "sft_short", "sources": {"qa": 1.0}}],
     }
     (export / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -141,8 +174,9 @@ def test_judge_scores_through_a_local_openai_compatible_server(judge_server, mon
     monkeypatch.setenv("TEST_JUDGE_KEY", "secret")
     judge = JudgeClient(judge_server, "judge-model", api_key_env="TEST_JUDGE_KEY")
     FakeJudge.seen.clear()
-    model = EvalModel.load(checkpoint, settings=LoopSettings(max_rounds=1, max_round_tokens=2, max_answer_tokens=2,
-                                                             show_progress=False))
+    model = EvalModel.load(
+        checkpoint, settings=LoopSettings(max_rounds=1, max_round_tokens=2, max_answer_tokens=2, show_progress=False)
+    )
     dataset = RetrievalDataset(
         [Document("a", "alpha text"), Document("b", "beta text")], [RetrievalRecord("What?", ["b"], answer="beta")]
     )
@@ -179,16 +213,44 @@ def test_inference_benchmark_runs_at_tiny_sizes_on_cpu(tmp_path):
     from benchmarks import bench_inference
 
     out = tmp_path / "bench.json"
-    bench_inference.main([
-        "--gpus", "1", "2", "--sizes", "4096", "8192", "--shape", "tiny", "--router-layers", "2",
-        "--doc-length", "100", "--queries", "2", "--tile-size", "16", "--dtype", "float32", "--encode-tokens", "600",
-        "--routing-tokens", "6", "--profile-decode", "2", "--out", str(out),
-    ])
+    bench_inference.main(
+        [
+            "--gpus",
+            "1",
+            "2",
+            "--sizes",
+            "4096",
+            "8192",
+            "--shape",
+            "tiny",
+            "--router-layers",
+            "2",
+            "--doc-length",
+            "100",
+            "--queries",
+            "2",
+            "--tile-size",
+            "16",
+            "--dtype",
+            "float32",
+            "--encode-tokens",
+            "600",
+            "--routing-tokens",
+            "6",
+            "--profile-decode",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
     assert not [r for section in ("routing", "content", "encoding") for r in results[section] if "error" in r]
     routing = results["routing"]
     assert [(r["memory_tokens"], r["gpus"], r["chunks"]) for r in routing] == [
-        (4096, 1, 64), (8192, 1, 128), (4096, 2, 64), (8192, 2, 128)
+        (4096, 1, 64),
+        (8192, 1, 128),
+        (4096, 2, 64),
+        (8192, 2, 128),
     ]
     assert all(r["routing"]["median_ms"] > 0 and len(r["top_docs_sample"]) == 4 for r in routing)
     assert [len(r["routing_key_bytes_by_device"]) for r in routing] == [1, 1, 1, 1]  # two CPU "devices" are one
@@ -220,8 +282,16 @@ def test_ids_from_routed_counts_generated_ids_among_the_documents_shown() -> Non
 
     def item(routed: list[int], retrieved: list[int]) -> QAItem:
         no_recall = {"recall@1": None, "recall@5": None, "recall@10": None}
-        return QAItem(query="q", reference="a", answer="a", positive_ids=[1], retrieved_ids=retrieved, rounds=1,
-                      router_recall=no_recall, routed_ids=routed)
+        return QAItem(
+            query="q",
+            reference="a",
+            answer="a",
+            positive_ids=[1],
+            retrieved_ids=retrieved,
+            rounds=1,
+            router_recall=no_recall,
+            routed_ids=routed,
+        )
 
     # Shown document 3 and wrote 3 (a wrong ID, but read); shown 3 and wrote 5; wrote no ID at all.
     report = QAReport(items=[item([3], [3]), item([3], [5]), item([2, 3], [3, 7]), item([3], [])])
@@ -241,13 +311,23 @@ def test_router_recall_reports_each_router_layer_when_there_are_several() -> Non
     assert recall["recall@1"] == pytest.approx(1 / 3)
     assert [recall[f"recall@1/layer_{n}"] for n in (0, 1, 10)] == [1.0, 0.0, 0.0]
     assert "recall@1/layer_0" not in router_recall(layers[:1], positive_ids=[2])  # one layer: the mean is the layer
-    item = QAItem(query="q", reference="a", answer="a", positive_ids=[2], retrieved_ids=[2], rounds=1, router_recall=recall)
+    item = QAItem(
+        query="q", reference="a", answer="a", positive_ids=[2], retrieved_ids=[2], rounds=1, router_recall=recall
+    )
     summary = QAReport(items=[item, item]).summary()["router_recall"]
-    assert list(summary) == ["recall@1", "recall@5", "recall@10", "recall@1/layer_0", "recall@1/layer_1", "recall@1/layer_10"]
+    assert list(summary) == [
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "recall@1/layer_0",
+        "recall@1/layer_1",
+        "recall@1/layer_10",
+    ]
 
 
 def test_niah_releases_each_memory_before_encoding_the_next():
     """A 1M-token store is ~23 GB of host memory: two alive at once got a GPU evaluation killed."""
+
     class Store:  # also the fake's interleave loop
         num_tokens = 10
         generator = SimpleNamespace(config=SimpleNamespace(top_k_docs=1))
@@ -296,7 +376,9 @@ class _RecordingNIAHModel:
 
     def encode_memory(self, documents, pin=True):
         self.memories.append(list(documents))
-        return SimpleNamespace(num_tokens=20 * len(documents), generator=SimpleNamespace(config=SimpleNamespace(top_k_docs=1)))
+        return SimpleNamespace(
+            num_tokens=20 * len(documents), generator=SimpleNamespace(config=SimpleNamespace(top_k_docs=1))
+        )
 
     def interleave(self, store):
         return store
@@ -312,8 +394,12 @@ def test_generate_needles_keeps_the_samples_of_earlier_versions():
     digest = hashlib.sha256()
     for kind in ("single", "multi_key", "multi_value", "multi_query"):
         dataset = generate_needles(kind, 3, seed=5, haystack_docs=7)
-        digest.update(json.dumps([[d.doc_id, d.text] for d in dataset.corpus]
-                                 + [[r.query, r.answer, r.positives, r.negatives] for r in dataset.records]).encode())
+        digest.update(
+            json.dumps(
+                [[d.doc_id, d.text] for d in dataset.corpus]
+                + [[r.query, r.answer, r.positives, r.negatives] for r in dataset.records]
+            ).encode()
+        )
     assert digest.hexdigest() == "2459fe6703abcebb30407440b52f358b2f6ebf413a472f33a5f2bc941d9c2012"
 
 
@@ -325,7 +411,9 @@ def test_niah_asks_every_size_the_same_questions_at_the_same_depths():
     assert model.questions[:6] == model.questions[6:]  # size 400's six samples, then size 12800's
     small, large = report.samples[:6], report.samples[6:]
     assert [s.expected for s in small] == [s.expected for s in large]
-    for small_memory, large_memory, small_sample, large_sample in zip(model.memories[:6], model.memories[6:], small, large):
+    for small_memory, large_memory, small_sample, large_sample in zip(
+        model.memories[:6], model.memories[6:], small, large
+    ):
         needles = {d.doc_id: d.text for d in small_memory if not is_haystack_doc(d.doc_id)}
         assert needles == {d.doc_id: d.text for d in large_memory if not is_haystack_doc(d.doc_id)}
         hay_small = {d.text for d in small_memory if is_haystack_doc(d.doc_id)}
@@ -337,36 +425,59 @@ def test_niah_asks_every_size_the_same_questions_at_the_same_depths():
 
 def test_niah_gives_each_subtask_of_a_kind_its_own_needles():
     """The gpu_experiment driver's rounds: one sample per subtask, seeded by the round."""
-    samples = [sample for round_index in range(3)
-               for sample in run_niah(_RecordingNIAHModel(), sizes=[400], samples_per_task=1, seed=round_index,
-                                      subtasks=["niah_single_1", "niah_single_2"]).samples]
+    samples = [
+        sample
+        for round_index in range(3)
+        for sample in run_niah(
+            _RecordingNIAHModel(),
+            sizes=[400],
+            samples_per_task=1,
+            seed=round_index,
+            subtasks=["niah_single_1", "niah_single_2"],
+        ).samples
+    ]
     expected = [[s.expected for s in samples if s.subtask == task] for task in ("niah_single_1", "niah_single_2")]
     assert all(a != b for a, b in zip(*expected))
 
 
 def test_niah_scores_routed_ids_decoding_beside_free_decoding(checkpoint):
     template = TemplateConfig()  # `[12]` in the tokenizer's own (BPE-merged) digits
-    model = EvalModel.load(checkpoint, template=template, settings=LoopSettings(max_rounds=1, max_round_tokens=12,
-                                                                                 max_answer_tokens=3, show_progress=False))
+    model = EvalModel.load(
+        checkpoint,
+        template=template,
+        settings=LoopSettings(max_rounds=1, max_round_tokens=12, max_answer_tokens=3, show_progress=False),
+    )
     for memory_id in (1, 9, 12, 307):
         text = model.tokenizer.decode(model.memory_id_tokens(memory_id))
         assert [template.parse_memory_id(m) for m in re.findall(template.memory_id_pattern(), text)] == [memory_id]
-    report = run_niah(model, sizes=[200], samples_per_task=2, subtasks=["niah_single_1", "niah_multikey_1"],
-                      routed_ids_too=True)
+    report = run_niah(
+        model, sizes=[200], samples_per_task=2, subtasks=["niah_single_1", "niah_multikey_1"], routed_ids_too=True
+    )
     assert all(s.routed_ids_score is not None and s.routed_ids_retrieved is not None for s in report.samples)
     assert set(report.accuracy("routed_ids_score")[200]) == {"niah_single_1", "niah_multikey_1", "average"}
     # Each router layer's selection for the question, as memory IDs of the sample's own memory.
     config = model.model.config
     for sample in report.samples:
         assert len(sample.routed_by_layer) == len(config.router_layers)
-        assert all(len(ids) == config.top_k_docs and len(set(ids)) == len(ids) and min(ids) >= 1
-                   for ids in sample.routed_by_layer)
+        assert all(
+            len(ids) == config.top_k_docs and len(set(ids)) == len(ids) and min(ids) >= 1
+            for ids in sample.routed_by_layer
+        )
 
 
 def test_niah_misses_are_told_apart_by_routing_written_ids_and_value():
     def sample(score, retrieved, by_layer, size=100):
-        return NIAHSample(subtask="niah_single_1", memory_tokens=size, encoded_tokens=size, score=score, answer="",
-                          expected=["1"], retrieved_ids=retrieved, needle_ids=[7], routed_by_layer=by_layer)
+        return NIAHSample(
+            subtask="niah_single_1",
+            memory_tokens=size,
+            encoded_tokens=size,
+            score=score,
+            answer="",
+            expected=["1"],
+            retrieved_ids=retrieved,
+            needle_ids=[7],
+            routed_by_layer=by_layer,
+        )
 
     right = sample(1.0, [7], [[7]])
     routing = sample(0.0, [3], [[3], [4]])
@@ -374,7 +485,12 @@ def test_niah_misses_are_told_apart_by_routing_written_ids_and_value():
     value = sample(0.0, [7], [[7]])
     unknown = sample(0.0, [3], None)
     assert [s.miss_kind() for s in (right, routing, misread, value, unknown)] == [
-        None, "routing", "id", "value", "id_or_routing"]
+        None,
+        "routing",
+        "id",
+        "value",
+        "id_or_routing",
+    ]
     report = NIAHReport([right, routing, misread, value, unknown, sample(0.0, [3], [[3]], size=200)])
     assert report.miss_kinds() == {100: {"routing": 1, "id": 1, "value": 1, "id_or_routing": 1}, 200: {"routing": 1}}
 
@@ -398,7 +514,9 @@ def test_run_qa_passes_the_pinning_choice_to_the_memory(pin):
         def ask(self, loop, question):
             return SimpleNamespace(answer="Paris", retrieved_ids=[1], rounds=[None], first_routing=[])
 
-    dataset = RetrievalDataset(corpus=[Document("d0", "The capital is Paris.")],
-                               records=[RetrievalRecord(query="Which capital?", answer="Paris", positives=["d0"])])
+    dataset = RetrievalDataset(
+        corpus=[Document("d0", "The capital is Paris.")],
+        records=[RetrievalRecord(query="Which capital?", answer="Paris", positives=["d0"])],
+    )
     report = run_qa(Model(), dataset, pin=pin)
     assert pinned == [pin] and report.items[0].exact_match == 1.0

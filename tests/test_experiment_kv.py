@@ -29,9 +29,21 @@ def test_kv_experiment_routes_and_answers_held_out_questions(tmp_path: Path) -> 
     # run stayed on it at seed 0 (docs/EXPERIMENTS.md, CPU scale).
     env = {**launcher_env(), "OMP_NUM_THREADS": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.kv_cpu", "--recipe", str(RECIPE),
-         "--results-dir", str(tmp_path / "results"), f"run.output_dir={tmp_path / 'run'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+        [
+            sys.executable,
+            "-m",
+            "experiments.kv_cpu",
+            "--recipe",
+            str(RECIPE),
+            "--results-dir",
+            str(tmp_path / "results"),
+            f"run.output_dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert result.returncode == 0, failure_report(result)
     results = json.loads((tmp_path / "results" / "kv_cpu.json").read_text())

@@ -16,8 +16,13 @@ DOC_IDS = [-2, -2, 1, 1, 1, 2, 2, 0, 0, 0, -1, -1]
 def layout_of(doc_ids: list[int], labelled: list[int], chunk_size: int = 2):
     labels = torch.full((1, len(doc_ids)), -100)
     labels[0, labelled] = 5
-    return build_packed_layout(torch.tensor([doc_ids]), chunk_size=chunk_size, query_position_offset=0,
-                               labels=labels, aux_labels=torch.zeros(1, len(doc_ids), dtype=torch.long))
+    return build_packed_layout(
+        torch.tensor([doc_ids]),
+        chunk_size=chunk_size,
+        query_position_offset=0,
+        labels=labels,
+        aux_labels=torch.zeros(1, len(doc_ids), dtype=torch.long),
+    )
 
 
 def test_work_of_a_hand_counted_row() -> None:
@@ -46,8 +51,12 @@ def test_flop_model_counts_the_matrices_by_hand() -> None:
     assert flops.router_query_parameters == router_layers * h * heads * d
 
     work = msa_work(layout_of(DOC_IDS, labelled=[8, 9]))
-    expected = 2 * (flops.layer_matmul_parameters * 10 + flops.head_parameters * 2
-                    + flops.router_key_parameters * 10 + flops.router_query_parameters * 1)
+    expected = 2 * (
+        flops.layer_matmul_parameters * 10
+        + flops.head_parameters * 2
+        + flops.router_key_parameters * 10
+        + flops.router_query_parameters * 1
+    )
     expected += 4 * heads * d * (config.num_hidden_layers * 24 + 9)
     assert flops.forward_flops(work, memory_pairs=9) == expected
     assert flops.training_flops(work, memory_pairs=9) == 3 * expected

@@ -51,9 +51,9 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(family):
     model = tiny_msa(12, family=family)
     prompts = random_prompts(12, (3, 8, 5))
     ids, mask = left_padded(prompts)
-    batched = model.generate(ids, attention_mask=mask, generation_config=greedy(8))[:, ids.shape[1]:]
+    batched = model.generate(ids, attention_mask=mask, generation_config=greedy(8))[:, ids.shape[1] :]
     for row, prompt in enumerate(prompts):
-        alone = model.generate(torch.tensor([prompt]), generation_config=greedy(8))[0, len(prompt):]
+        alone = model.generate(torch.tensor([prompt]), generation_config=greedy(8))[0, len(prompt) :]
         assert batched[row].tolist() == alone.tolist(), row
 
 
@@ -64,12 +64,13 @@ def test_generate_with_a_memory_equals_msa_generator(family):
     store = encoded_store(model, memory)
     questions = [memory["question"], random_prompts(13, (6,))[0]]
     ids, mask = left_padded(questions)
-    output = model.generate(ids, attention_mask=mask, memory=store, generation_config=greedy(7),
-                            return_dict_in_generate=True)
+    output = model.generate(
+        ids, attention_mask=mask, memory=store, generation_config=greedy(7), return_dict_in_generate=True
+    )
     generator = MSAGenerator(model, store)
     for row, question in enumerate(questions):
         expected, cache = generator.generate(question, max_new_tokens=7)
-        assert output.sequences[row, ids.shape[1]:].tolist() == expected.token_ids, row
+        assert output.sequences[row, ids.shape[1] :].tolist() == expected.token_ids, row
         # The selection the cache keeps is the one MSAGenerator routed to, per router layer.
         routed = output.cache.msa_memory.routing[row]
         assert [r.docs.tolist() for r in routed] == [r.docs.tolist() for r in cache.routing]
@@ -126,14 +127,14 @@ def test_a_binding_sliding_window_is_rejected_while_decoding():
 def test_sampling_and_beam_search_run_and_sampling_follows_the_seed():
     model = tiny_msa(17)
     ids, mask = left_padded(random_prompts(17, (4, 6)))
-    sample = lambda: model.generate(ids, attention_mask=mask, do_sample=True, top_k=20, max_new_tokens=6,
-                                    pad_token_id=PAD, eos_token_id=None)
+    sample = lambda: model.generate(
+        ids, attention_mask=mask, do_sample=True, top_k=20, max_new_tokens=6, pad_token_id=PAD, eos_token_id=None
+    )
     torch.manual_seed(0)
     first = sample()
     torch.manual_seed(0)
     assert sample().tolist() == first.tolist()
-    beams = model.generate(ids, attention_mask=mask, num_beams=3, num_return_sequences=2,
-                           generation_config=greedy(5))
+    beams = model.generate(ids, attention_mask=mask, num_beams=3, num_return_sequences=2, generation_config=greedy(5))
     assert beams.shape == (4, ids.shape[1] + 5)
     # Beam search with one beam is greedy search.
     one_beam = model.generate(ids, attention_mask=mask, num_beams=1, generation_config=greedy(5))
@@ -145,8 +146,9 @@ def test_beam_search_over_a_memory_keeps_each_prompts_selection():
     memory = random_memory(18)
     store = encoded_store(model, memory)
     ids, mask = left_padded([memory["question"], random_prompts(18, (3,))[0]])
-    output = model.generate(ids, attention_mask=mask, memory=store, num_beams=2, generation_config=greedy(4),
-                            return_dict_in_generate=True)
+    output = model.generate(
+        ids, attention_mask=mask, memory=store, num_beams=2, generation_config=greedy(4), return_dict_in_generate=True
+    )
     assert output.sequences.shape == (2, ids.shape[1] + 4)
     generator = MSAGenerator(model, store)
     for row, question in enumerate([memory["question"], random_prompts(18, (3,))[0]]):
@@ -176,17 +178,19 @@ def test_text_generation_pipeline_streamer_and_stop_strings(text_model):
     assert result[0]["generated_text"] == tokenizer.decode(expected[0])
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    thread = threading.Thread(target=model.generate, kwargs=dict(input_ids=ids, streamer=streamer,
-                                                                 generation_config=greedy(5)))
+    thread = threading.Thread(
+        target=model.generate, kwargs=dict(input_ids=ids, streamer=streamer, generation_config=greedy(5))
+    )
     thread.start()
     streamed = "".join(streamer)
     thread.join()
-    assert streamed == tokenizer.decode(expected[0, ids.shape[1]:])
+    assert streamed == tokenizer.decode(expected[0, ids.shape[1] :])
 
     # Stop at the first generated token that decodes to clean text: generation ends right after it.
-    generated = expected[0, ids.shape[1]:].tolist()
-    first_clean = next(i for i, t in enumerate(generated) if tokenizer.decode([t]).strip().isascii()
-                       and tokenizer.decode([t]).strip())
+    generated = expected[0, ids.shape[1] :].tolist()
+    first_clean = next(
+        i for i, t in enumerate(generated) if tokenizer.decode([t]).strip().isascii() and tokenizer.decode([t]).strip()
+    )
     stop = tokenizer.decode([generated[first_clean]]).strip()
     stopped = model.generate(ids, stop_strings=[stop], tokenizer=tokenizer, max_new_tokens=5, do_sample=False)
     assert stopped[0].tolist() == expected[0, : ids.shape[1] + first_clean + 1].tolist()

@@ -12,6 +12,7 @@ from memories import encoded_store, random_memory, training_row
 from msa_modeling.inference import MemoryEncoder, MemoryStore, MSAGenerator, RoutingIndex
 from msa_modeling.inference.routing_index import IndexShard, merge_top_k, top_k_lowest_index_first
 
+
 def assert_inference_matches_the_training_forward(model, memory: dict, store) -> None:
     """The generator over `store` predicts every answer token of `memory`'s training row as the
     training forward does (fp32), and its routing selects and scores the same documents."""
@@ -66,8 +67,9 @@ def test_softcapped_inference_attention_rounds_as_training_does(is_causal):
     mask = torch.ones(6, 6, dtype=torch.bool).tril() if is_causal else torch.rand(6, 6, generator=generator) > 0.3
     mask[:, 0] = True  # every query sees a key
     out = attend(layer, q, k, v, mask=None if is_causal else mask, is_causal=is_causal)
-    expected = softcapped_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
-                                    layer.self_attn.scaling, layer.self_attn.softcap).transpose(1, 2)
+    expected = softcapped_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, layer.self_attn.scaling, layer.self_attn.softcap
+    ).transpose(1, 2)
     assert torch.equal(out, expected)
 
 
@@ -130,7 +132,9 @@ def test_a_memory_of_the_other_position_mode_is_refused(tmp_path):
         MemoryEncoder(document_wise, show_progress=False).add_documents(store, memory["docs"][:1])
     with pytest.raises(ValueError, match="encoded with document-wise positions"):
         MSAGenerator(global_positions, encoded_store(document_wise, memory))
-    assert MemoryStore.load(tmp_path / "memory", config=global_positions.config).signature["document_positions"] is False
+    assert (
+        MemoryStore.load(tmp_path / "memory", config=global_positions.config).signature["document_positions"] is False
+    )
 
 
 def test_a_manifest_without_a_position_mode_loads_as_document_wise(tmp_path):
@@ -143,7 +147,9 @@ def test_a_manifest_without_a_position_mode_loads_as_document_wise(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     assert MemoryStore.load(tmp_path / "memory", config=model.config).num_docs == 7
     with pytest.raises(ValueError, match="encoded with document-wise positions"):
-        MemoryStore.load(tmp_path / "memory", config=tiny_msa(9, top_k_docs=2, chunk_size=4, document_positions=False).config)
+        MemoryStore.load(
+            tmp_path / "memory", config=tiny_msa(9, top_k_docs=2, chunk_size=4, document_positions=False).config
+        )
 
 
 @pytest.mark.parametrize(("family", "seed"), [("qwen3", 0), ("qwen3", 1), ("llama", 2), ("gemma3_text", 3)])
@@ -166,10 +172,13 @@ def test_extending_a_segment_with_routing_equals_a_full_prefill(family, seed):
         torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
         assert [(r.layer, r.docs.tolist()) for r in cache.routing] == [(r.layer, r.docs.tolist()) for r in full.routing]
         selections_changed += any(
-            not torch.equal(a.docs[:2].sort().values, b.docs[:2].sort().values) for a, b in zip(first.routing, full.routing)
+            not torch.equal(a.docs[:2].sort().values, b.docs[:2].sort().values)
+            for a, b in zip(first.routing, full.routing)
         )
         for token in (7, 11, 13):  # decoding goes on identically on both caches
-            torch.testing.assert_close(generator.decode(cache, token), generator.decode(full, token), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                generator.decode(cache, token), generator.decode(full, token), rtol=1e-4, atol=1e-5
+            )
         assert cache.length == full.length and cache.token_ids == full.token_ids
     assert selections_changed, "no appended document changed a selection: the test would not cover re-routing"
 

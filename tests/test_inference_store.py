@@ -117,8 +117,13 @@ def test_interleave_reads_ids_written_in_id_digit_tokens():
     store = scripted_store()
     # [<id4>] [<id1><id2>] (12: outside the 5-document memory) [<id2>], then the answer 42.
     scripted = ScriptedGenerator(store, [[68, 74, 69, 68, 71, 72, 69, 68, 72, 69, DELIM], [END], [84, 82, EOS]])
-    protocol = InterleaveFormat(DELIM, END, stop_token_ids=[EOS], memory_id_pattern=template.memory_id_pattern(),
-                                parse_memory_id=template.parse_memory_id)
+    protocol = InterleaveFormat(
+        DELIM,
+        END,
+        stop_token_ids=[EOS],
+        memory_id_pattern=template.memory_id_pattern(),
+        parse_memory_id=template.parse_memory_id,
+    )
     result = MemoryInterleave(scripted, decode_id_digits, protocol).answer([1])
     assert [r.memory_ids for r in result.rounds] == [[4, 2]]
     assert result.answer == "42"
@@ -127,7 +132,9 @@ def test_interleave_reads_ids_written_in_id_digit_tokens():
 def test_interleave_forces_the_end_marker_after_the_round_limit():
     store = scripted_store()
     scripted = ScriptedGenerator(store, [[61, DELIM], [99, 61, DELIM], [83, EOS]])
-    result = MemoryInterleave(scripted, decode, InterleaveFormat(DELIM, END, stop_token_ids=[EOS], max_rounds=2)).answer([1])
+    result = MemoryInterleave(
+        scripted, decode, InterleaveFormat(DELIM, END, stop_token_ids=[EOS], max_rounds=2)
+    ).answer([1])
     assert len(result.rounds) == 2 and result.rounds[1].memory_ids == [1]
     assert scripted.contexts[-1][-1] == END and result.answer == "3"
 
@@ -142,15 +149,19 @@ def test_incremental_interleave_rounds_equal_full_re_prefills(seed):
     generator = MSAGenerator(model, store, trace_k=4)
     # The model's first token ends round 1, so that rounds happen with random weights.
     delimiter = generator.generate(memory["question"], 1)[0].token_ids[0]
-    protocol = InterleaveFormat(delimiter, end_of_retrieval_id=-1, stop_token_ids=[-2], max_rounds=3, max_round_tokens=4,
-                                max_answer_tokens=4)
+    protocol = InterleaveFormat(
+        delimiter, end_of_retrieval_id=-1, stop_token_ids=[-2], max_rounds=3, max_round_tokens=4, max_answer_tokens=4
+    )
     to_text = lambda ids: "".join(f"[{t % 9 + 1}]" for t in ids)  # noqa: E731
 
     def run(incremental: bool):
         result = MemoryInterleave(generator, to_text, protocol, incremental=incremental).answer(memory["question"])
-        return (result.answer_token_ids, [r.memory_ids for r in result.rounds],
-                [[(x.layer, x.docs.tolist()) for x in r.routing] for r in result.rounds],
-                [(x.layer, x.docs.tolist()) for x in result.answer_routing])
+        return (
+            result.answer_token_ids,
+            [r.memory_ids for r in result.rounds],
+            [[(x.layer, x.docs.tolist()) for x in r.routing] for r in result.rounds],
+            [(x.layer, x.docs.tolist()) for x in result.answer_routing],
+        )
 
     incremental, full = run(True), run(False)
     assert incremental[1], "no retrieval round happened"

@@ -96,7 +96,9 @@ def test_router_layers_see_only_selected_documents(seed):
     for row, example, doc in all_documents(batch):
         mask = document_token_mask(batch, row, example, doc)
         index = doc_index(model, batch, mask)
-        query_of_example = is_query & (batch["example_ids"] == example) & (torch.arange(batch["doc_ids"].shape[0])[:, None] == row)
+        query_of_example = (
+            is_query & (batch["example_ids"] == example) & (torch.arange(batch["doc_ids"].shape[0])[:, None] == row)
+        )
         for attempt in range(5):
             after = run(model, change_tokens(batch, mask, 1000 * seed + attempt))
             if torch.equal(after.selected_docs, before.selected_docs):
@@ -346,9 +348,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_msa(14).train()
         calls = [0] * len(model.model.layers)
         for index, layer in enumerate(model.model.layers):
+
             def counted(hidden, index=index, feed_forward=layer.feed_forward):
                 calls[index] += 1
                 return feed_forward(hidden)
+
             layer.feed_forward = counted
         if checkpointing:
             apply_activation_checkpointing(model, layers=checkpointed_layers)
@@ -424,9 +428,11 @@ def test_offloaded_layers_match_kept_activations_and_are_prefetched(compiled):
         calls = [0] * len(model.model.layers)
         for index, layer in enumerate(model.model.layers):
             layer = decoder_layer(layer)
+
             def counted(hidden, attended, index=index, after=layer.after_attention):
                 calls[index] += 1
                 return after(hidden, attended)
+
             layer.after_attention = counted
         out = model(**batch)
         out.loss.backward()
@@ -556,7 +562,13 @@ def test_bad_aux_labels_raise_value_error():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("top_k_docs", 0), ("chunk_size", 0), ("chunk_size", -3), ("aux_loss_type", "contrastive"), ("router_layers", [9])],
+    [
+        ("top_k_docs", 0),
+        ("chunk_size", 0),
+        ("chunk_size", -3),
+        ("aux_loss_type", "contrastive"),
+        ("router_layers", [9]),
+    ],
 )
 def test_bad_config_raises_value_error(field, value):
     with pytest.raises(ValueError, match=field):
@@ -603,7 +615,11 @@ def test_wrapped_layers_keep_parameter_names_state_dict_and_module_moves():
     apply_activation_checkpointing(wrapped, layers=2, start=1, keep_attention_layers=1)
     apply_activation_offload(wrapped, layers=1)
     assert [type(layer).__name__ for layer in wrapped.model.layers[:4]] == [
-        "OffloadedLayer", "CheckpointedLayer", "CheckpointedLayer", "MSADecoderLayer"]
+        "OffloadedLayer",
+        "CheckpointedLayer",
+        "CheckpointedLayer",
+        "MSADecoderLayer",
+    ]
     assert list(wrapped.state_dict()) == list(plain.state_dict())
     assert [name for name, _ in wrapped.named_parameters()] == [name for name, _ in plain.named_parameters()]
     # The wrapper's parameters are the layer's own tensors, and module-wide moves reach them.

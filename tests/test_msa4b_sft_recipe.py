@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from train_runs import REPO, failure_report, run_launcher
 from transformers import AutoModelForCausalLM
 
+from data.loader import PackedRowLoader
+from data.tokenization import load_tokenizer
 from msa_modeling import MSAConfig
 from msa_modeling.convert_reference import main as convert
 from msa_modeling.inference import reference_protocol as rp
-from data.loader import PackedRowLoader
-from data.tokenization import load_tokenizer
 from train.tokenizer import train_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -40,14 +40,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def write_data(folder: Path) -> dict[str, Path]:
     """A corpus of city facts, QA records over one document each, and two-hop interleave records."""
     folder.mkdir()
-    corpus = [{"_id": f"c{i}", "text": f"{city} is the capital of {country}."}
-              for i, (city, country) in enumerate(zip(CITIES, COUNTRIES))]
+    corpus = [
+        {"_id": f"c{i}", "text": f"{city} is the capital of {country}."}
+        for i, (city, country) in enumerate(zip(CITIES, COUNTRIES))
+    ]
     corpus += [{"_id": f"p{i}", "text": f"Ana lives in {city}."} for i, city in enumerate(CITIES[:4])]
-    qa = [{"query": f"Which country has {city} as its capital?", "positives": [f"c{i}"],
-           "negatives": [f"c{(i + 1) % len(CITIES)}"], "answer": country}
-          for i, (city, country) in enumerate(zip(CITIES, COUNTRIES))]
-    interleave = [{"query": "In which country does Ana live?", "hops": [[f"p{i}"], [f"c{i}"]],
-                   "negatives": [f"c{(i + 2) % len(CITIES)}"], "answer": COUNTRIES[i]} for i in range(4)]
+    qa = [
+        {
+            "query": f"Which country has {city} as its capital?",
+            "positives": [f"c{i}"],
+            "negatives": [f"c{(i + 1) % len(CITIES)}"],
+            "answer": country,
+        }
+        for i, (city, country) in enumerate(zip(CITIES, COUNTRIES))
+    ]
+    interleave = [
+        {
+            "query": "In which country does Ana live?",
+            "hops": [[f"p{i}"], [f"c{i}"]],
+            "negatives": [f"c{(i + 2) % len(CITIES)}"],
+            "answer": COUNTRIES[i],
+        }
+        for i in range(4)
+    ]
     return {
         "corpus": write_jsonl(folder / "corpus.jsonl", corpus),
         "qa": write_jsonl(folder / "qa_records.jsonl", qa),
@@ -59,8 +74,14 @@ def released_checkpoint(folder: Path, texts: list[str]) -> Path:
     """A tiny random Qwen3-shaped MSA model with its tokenizer, written in the released layout
     (scaled dot-product routing and the question at 3 + k, as the released model is served)."""
     tokenizer = train_tiny_tokenizer([*texts, rp.AFTER_RETRIEVAL_FORMAT, "user assistant"] * 20, 320, SPECIAL_STRINGS)
-    model = tiny_msa(0, backbone_overrides={"vocab_size": len(tokenizer)}, top_k_docs=TOP_K,
-                     query_position_offset=TOP_K, routing_tokens="prompt", routing_score="scaled_dot")
+    model = tiny_msa(
+        0,
+        backbone_overrides={"vocab_size": len(tokenizer)},
+        top_k_docs=TOP_K,
+        query_position_offset=TOP_K,
+        routing_tokens="prompt",
+        routing_score="scaled_dot",
+    )
     ours = folder / "tiny-ours"
     model.save_pretrained(ours)
     tokenizer.save_pretrained(str(ours))
@@ -101,10 +122,15 @@ def test_the_msa4b_recipe_fine_tunes_a_released_layout_model_and_converts_back(t
         f"stages.sft_short.init_from={converted}",
     ]
     for stage in STAGES:
-        overrides += [f"stages.{stage}.row_length=256", f"stages.{stage}.micro_batch_tokens=256",
-                      f"stages.{stage}.global_batch_tokens=256", f"stages.{stage}.budget.steps=2",
-                      f"stages.{stage}.checkpoint_every_steps=2", f"stages.{stage}.schedule.warmup_steps=0",
-                      f"stages.{stage}.optimizer.lr=1.0e-3"]
+        overrides += [
+            f"stages.{stage}.row_length=256",
+            f"stages.{stage}.micro_batch_tokens=256",
+            f"stages.{stage}.global_batch_tokens=256",
+            f"stages.{stage}.budget.steps=2",
+            f"stages.{stage}.checkpoint_every_steps=2",
+            f"stages.{stage}.schedule.warmup_steps=0",
+            f"stages.{stage}.optimizer.lr=1.0e-3",
+        ]
     result = run_launcher("sft", overrides, recipe=RECIPE)  # as documented: launch/sft.py
     assert result.returncode == 0, failure_report(result)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from train.offline import OFFLINE_ENVIRONMENT, stay_offline
 
 
@@ -48,9 +49,11 @@ def test_hub_name_is_not_looked_up(offline: None, socket_guard: list[object]) ->
     assert socket_guard == []
 
 
-def test_local_datasets_folder_is_read_without_network(offline: None, socket_guard: list[object],
-                                                       tmp_path: Path) -> None:
+def test_local_datasets_folder_is_read_without_network(
+    offline: None, socket_guard: list[object], tmp_path: Path
+) -> None:
     import datasets
+
     from data.readers import load_local_hf_dataset
 
     datasets.Dataset.from_dict({"text": ["alpha", "beta"]}).save_to_disk(str(tmp_path / "ds"))

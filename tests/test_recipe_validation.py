@@ -5,31 +5,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from train_runs import TINY_RECIPE
+
 from train.config import (
     RecipeError,
     check_local_paths,
     check_world_size,
     load_recipe,
 )
-from train_runs import TINY_RECIPE
 
 
-@pytest.mark.parametrize("override, key", [
-    ("stages.cpt_warmup.budget.steps=0", "budget.steps"),
-    ("stages.cpt_warmup.budget.steps=-3", "budget.steps"),
-    ("stages.cpt_warmup.micro_batch_tokens=0", "micro_batch_tokens"),
-    ("stages.cpt_warmup.row_length=0", "row_length"),
-    ("stages.cpt_warmup.global_batch_tokens=-1024", "global_batch_tokens"),
-    ("stages.cpt_warmup.checkpoint_every_steps=0", "checkpoint_every_steps"),
-    ("tracking.log_every_steps=0", "tracking.log_every_steps"),
-    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
-    ("stages.cpt_warmup.schedule.final_lr_ratio=-2", "final_lr_ratio"),
-    ("stages.cpt_warmup.schedule.final_lr_ratio=1.5", "final_lr_ratio"),
-    ("stages.cpt_warmup.schedule.warmup_steps=-1", "warmup_steps"),
-    ("stages.cpt_warmup.param_groups.0.lr=0", "param_groups"),
-    ("stages.cpt_warmup.divergence.loss_spike_factor=0.5", "loss_spike_factor"),
-    ("stages.cpt_warmup.divergence.max_grad_norm=0", "max_grad_norm"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stages.cpt_warmup.budget.steps=0", "budget.steps"),
+        ("stages.cpt_warmup.budget.steps=-3", "budget.steps"),
+        ("stages.cpt_warmup.micro_batch_tokens=0", "micro_batch_tokens"),
+        ("stages.cpt_warmup.row_length=0", "row_length"),
+        ("stages.cpt_warmup.global_batch_tokens=-1024", "global_batch_tokens"),
+        ("stages.cpt_warmup.checkpoint_every_steps=0", "checkpoint_every_steps"),
+        ("tracking.log_every_steps=0", "tracking.log_every_steps"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("stages.cpt_warmup.schedule.final_lr_ratio=-2", "final_lr_ratio"),
+        ("stages.cpt_warmup.schedule.final_lr_ratio=1.5", "final_lr_ratio"),
+        ("stages.cpt_warmup.schedule.warmup_steps=-1", "warmup_steps"),
+        ("stages.cpt_warmup.param_groups.0.lr=0", "param_groups"),
+        ("stages.cpt_warmup.divergence.loss_spike_factor=0.5", "loss_spike_factor"),
+        ("stages.cpt_warmup.divergence.max_grad_norm=0", "max_grad_norm"),
+    ],
+)
 def test_bad_values_are_rejected_with_their_key(override: str, key: str) -> None:
     with pytest.raises(RecipeError, match=key):
         load_recipe(TINY_RECIPE, [override])

@@ -46,8 +46,12 @@ def tokenizer(tmp_path_factory) -> HuggingFaceTokenizer:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     backend.train_from_iterator([*DOCUMENTS, QUESTION, "user assistant The user's question is:"] * 20, trainer=trainer)
     folder = tmp_path_factory.mktemp("tokenizer")
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>").save_pretrained(str(folder))
@@ -108,7 +112,9 @@ def test_later_rounds_re_prefill_the_regenerate_prompt_with_the_named_documents(
     evaluator = EvalModel(model, tokenizer, template, LoopSettings(show_progress=False, max_rounds=3))
     store = evaluator.encode_memory([Document(f"d{i}", text) for i, text in enumerate(DOCUMENTS)])
     encode = tokenizer.encode
-    delimiter, end, im_end = (tokenizer.special_token_ids[s] for s in ("<|object_ref_end|>", "<End-of-Retrieve>", "<|im_end|>"))
+    delimiter, end, im_end = (
+        tokenizer.special_token_ids[s] for s in ("<|object_ref_end|>", "<End-of-Retrieve>", "<|im_end|>")
+    )
     rounds = [encode("[2]") + [delimiter], encode("[0][2]") + [delimiter], [end], encode("Italy") + [im_end]]
     scripted = ScriptedGenerator(store, rounds)
     loop = MemoryInterleave(scripted, tokenizer.decode, evaluator.protocol)

@@ -58,8 +58,20 @@ def test_an_export_loads_with_trust_remote_code_without_the_package(family, tmp_
     ids = [[5, 9, 17, 3, 44, 8]]
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     done = subprocess.run(
-        [sys.executable, "-c", _LOAD_WITHOUT_THE_PACKAGE, str(tmp_path / "export"), str(tmp_path / "again"),
-         json.dumps(ids)], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            _LOAD_WITHOUT_THE_PACKAGE,
+            str(tmp_path / "export"),
+            str(tmp_path / "again"),
+            json.dumps(ids),
+        ],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
@@ -84,8 +96,13 @@ def test_flattening_rewrites_every_relative_import_to_a_written_module(tmp_path)
     model = tiny_msa(23)
     model.save_pretrained(tmp_path)
     written = {path.name for path in tmp_path.glob("*.py")}
-    assert {"modeling_msa.py", "configuration_msa.py", "backbones.py", "backbones_base.py",
-            "inference_generation.py"} <= written
+    assert {
+        "modeling_msa.py",
+        "configuration_msa.py",
+        "backbones.py",
+        "backbones_base.py",
+        "inference_generation.py",
+    } <= written
     for name in written:
         for line in (tmp_path / name).read_text().splitlines():
             stripped = line.strip()
@@ -105,5 +122,7 @@ def test_a_memory_generates_through_a_reloaded_export(tmp_path):
     ids = torch.tensor([memory["question"]])
     store = encoded_store(model, memory)
     expected = model.generate(ids, memory=store, max_new_tokens=4, do_sample=False, eos_token_id=None)
-    assert loaded.generate(ids, memory=store, max_new_tokens=4, do_sample=False, eos_token_id=None).tolist() == \
-        expected.tolist()
+    assert (
+        loaded.generate(ids, memory=store, max_new_tokens=4, do_sample=False, eos_token_id=None).tolist()
+        == expected.tolist()
+    )

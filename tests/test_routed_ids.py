@@ -48,15 +48,25 @@ ID_BASE = 40  # memory ID i is the single token ID_BASE + i in these tests
 
 
 def id_protocol(routed_ids_only: bool, delimiter: int, end: int = END, max_rounds: int = 2) -> InterleaveFormat:
-    return InterleaveFormat(delimiter, end, stop_token_ids=[-2], max_rounds=max_rounds, max_round_tokens=24,
-                            max_answer_tokens=2, encode_memory_id=lambda i: [ID_BASE + i], routed_ids_only=routed_ids_only)
+    return InterleaveFormat(
+        delimiter,
+        end,
+        stop_token_ids=[-2],
+        max_rounds=max_rounds,
+        max_round_tokens=24,
+        max_answer_tokens=2,
+        encode_memory_id=lambda i: [ID_BASE + i],
+        routed_ids_only=routed_ids_only,
+    )
 
 
 def ids_text(tokens) -> str:
     return "".join(f"[{t - ID_BASE}]" for t in tokens if ID_BASE < t <= ID_BASE + 20)
 
 
-def slow_constrained_round(generator: MSAGenerator, context: list[int], grammar_of, max_new_tokens: int, stops) -> list[int]:
+def slow_constrained_round(
+    generator: MSAGenerator, context: list[int], grammar_of, max_new_tokens: int, stops
+) -> list[int]:
     """The reference: prefill, then per step the best allowed token found by scanning the logits."""
     logits, cache = generator.prefill(context, reserve=max_new_tokens)
     grammar = grammar_of(cache.routing)
@@ -64,7 +74,11 @@ def slow_constrained_round(generator: MSAGenerator, context: list[int], grammar_
     for _ in range(max_new_tokens):
         allowed = grammar.allowed_after(generated)
         scores = logits.tolist()
-        token = max(allowed, key=lambda t: (scores[t], -t)) if allowed is not None else max(range(len(scores)), key=scores.__getitem__)
+        token = (
+            max(allowed, key=lambda t: (scores[t], -t))
+            if allowed is not None
+            else max(range(len(scores)), key=scores.__getitem__)
+        )
         generated.append(token)
         if token in stops:
             break
@@ -89,12 +103,20 @@ def test_constrained_rounds_write_only_routed_ids_and_match_a_slow_reference(see
         assert round_.memory_ids and set(round_.memory_ids) <= routed
     # The first round against the reference decoding.
     reference = slow_constrained_round(
-        generator, memory["question"], lambda routing: RoutedIdGrammar.from_routing(routing, 2, protocol),
-        protocol.max_round_tokens, {delimiter, end, -2},
+        generator,
+        memory["question"],
+        lambda routing: RoutedIdGrammar.from_routing(routing, 2, protocol),
+        protocol.max_round_tokens,
+        {delimiter, end, -2},
     )
-    first, _ = generator.generate(memory["question"], protocol.max_round_tokens, {delimiter, end, -2},
-                                  allowed_tokens=lambda cache, generated: RoutedIdGrammar.from_routing(
-                                      cache.routing, 2, protocol).allowed_after(generated))
+    first, _ = generator.generate(
+        memory["question"],
+        protocol.max_round_tokens,
+        {delimiter, end, -2},
+        allowed_tokens=lambda cache, generated: RoutedIdGrammar.from_routing(cache.routing, 2, protocol).allowed_after(
+            generated
+        ),
+    )
     assert first.token_ids == reference
 
 
@@ -104,7 +126,9 @@ def test_the_constraint_bites_on_random_weights():
     for seed in range(4):
         model = tiny_msa(seed, top_k_docs=2, chunk_size=4)
         memory = random_memory(seed, num_docs=9)
-        output, _ = MSAGenerator(model, encoded_store(model, memory, max_batch_tokens=40)).generate(memory["question"], 1)
+        output, _ = MSAGenerator(model, encoded_store(model, memory, max_batch_tokens=40)).generate(
+            memory["question"], 1
+        )
         grammar = RoutedIdGrammar.from_routing(output.routing, 2, id_protocol(True, 5))
         outside += output.token_ids[0] not in grammar.allowed_after([])
     assert outside > 0

@@ -13,8 +13,9 @@ from msa_modeling.routing import pool_chunks
 
 def layout_of(seed: int, chunk_size: int):
     batch = random_packed_batch(seed, doc_length=(1, 3 * chunk_size + 1))
-    return build_packed_layout(batch["doc_ids"], chunk_size=chunk_size, query_position_offset=2,
-                               example_ids=batch["example_ids"])
+    return build_packed_layout(
+        batch["doc_ids"], chunk_size=chunk_size, query_position_offset=2, example_ids=batch["example_ids"]
+    )
 
 
 def reference_pool(token_states: torch.Tensor, layout) -> torch.Tensor:

@@ -16,6 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from train_runs import (
+    TINY_RECIPE,
+    make_stage_trainer,
+    single_process_world,
+    step_losses,
+)
+
 from train import checkpoint as checkpoint_module
 from train import trainer as trainer_module
 from train.checkpoint import CheckpointError, CheckpointSkippedWarning
@@ -28,16 +35,15 @@ from train.stage_recipe import (
 )
 from train.tracking import MetricsFileError
 from train.trainer import DivergenceError, DivergenceMonitor
-from train_runs import (
-    TINY_RECIPE,
-    make_stage_trainer,
-    single_process_world,
-    step_losses,
-)
 
 STEPS = 4
-OVERRIDES = [f"stages.cpt_warmup.budget.steps={STEPS}", "stages.cpt_warmup.checkpoint_every_steps=1",
-             "checkpoint.keep_last=4", "checkpoint.save_final=false", "tracking.wandb=disabled"]
+OVERRIDES = [
+    f"stages.cpt_warmup.budget.steps={STEPS}",
+    "stages.cpt_warmup.checkpoint_every_steps=1",
+    "checkpoint.keep_last=4",
+    "checkpoint.save_final=false",
+    "tracking.wandb=disabled",
+]
 STAGE = Path("stages/cpt_warmup")
 CHECKPOINTS = STAGE / "checkpoints"
 
@@ -95,8 +101,9 @@ def test_latest_is_only_a_hint(run_dir: Path, context: DistributedContext, lates
     assert resumed_step(run_dir, context) == STEPS
 
 
-def test_truncated_model_file_falls_back_and_resumes_exactly(run_dir: Path, reference: Path,
-                                                              context: DistributedContext) -> None:
+def test_truncated_model_file_falls_back_and_resumes_exactly(
+    run_dir: Path, reference: Path, context: DistributedContext
+) -> None:
     model_file = run_dir / CHECKPOINTS / tag(STEPS) / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     trainer = make_stage_trainer(run_dir, context, OVERRIDES)
@@ -135,8 +142,9 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_crafted_pickle_is_never_executed(run_dir: Path, tmp_path: Path, context: DistributedContext,
-                                          victim: str) -> None:
+def test_crafted_pickle_is_never_executed(
+    run_dir: Path, tmp_path: Path, context: DistributedContext, victim: str
+) -> None:
     marker = tmp_path / "pwned"
     folder = run_dir / CHECKPOINTS / tag(STEPS)
     (folder / victim).write_bytes(pickle.dumps(_Exploit(marker)))
@@ -149,7 +157,8 @@ def test_crafted_pickle_is_never_executed(run_dir: Path, tmp_path: Path, context
 
 
 def test_kill_between_rename_and_latest_resumes_from_the_renamed_checkpoint(
-        tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write = checkpoint_module._write_atomically
 
     def crash_before_latest_of_step_2(path: Path, text: str) -> None:
@@ -189,8 +198,9 @@ def test_logged_lr_is_the_one_the_step_used(reference: Path) -> None:
     assert router_lr[1] == pytest.approx(1.5e-3) and router_lr[2] == pytest.approx(3e-3)
 
 
-def test_gradient_norm_divergence_stops_without_saving_the_diverged_step(tmp_path: Path,
-                                                                         context: DistributedContext) -> None:
+def test_gradient_norm_divergence_stops_without_saving_the_diverged_step(
+    tmp_path: Path, context: DistributedContext
+) -> None:
     trainer = make_stage_trainer(tmp_path, context, [*OVERRIDES, "stages.cpt_warmup.divergence.max_grad_norm=1e-9"])
     with pytest.raises(DivergenceError, match="step 1 diverged: gradient norm"):
         trainer.run()
@@ -199,9 +209,16 @@ def test_gradient_norm_divergence_stops_without_saving_the_diverged_step(tmp_pat
 
 
 def test_divergence_warn_policy_counts_and_goes_on(tmp_path: Path, context: DistributedContext) -> None:
-    trainer = make_stage_trainer(tmp_path, context, [*OVERRIDES, "stages.cpt_warmup.budget.steps=2",
-                                                     "stages.cpt_warmup.divergence.max_grad_norm=1e-9",
-                                                     "stages.cpt_warmup.divergence.policy=warn"])
+    trainer = make_stage_trainer(
+        tmp_path,
+        context,
+        [
+            *OVERRIDES,
+            "stages.cpt_warmup.budget.steps=2",
+            "stages.cpt_warmup.divergence.max_grad_norm=1e-9",
+            "stages.cpt_warmup.divergence.policy=warn",
+        ],
+    )
     trainer.run()
     records = [json.loads(line) for line in (tmp_path / STAGE / "metrics.jsonl").read_text().splitlines()]
     assert [record["diverged_steps"] for record in records] == [1, 2]
@@ -218,8 +235,9 @@ def test_rerun_with_changed_settings_is_refused(tmp_path: Path) -> None:
     original = load_recipe(TINY_RECIPE)
     stage = original.stage("cpt_warmup")
     record_stage_recipe(tmp_path, original, stage)
-    free_to_change = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.checkpoint_every_steps=7",
-                                               "stages.cpt_warmup.divergence.policy=warn"])
+    free_to_change = load_recipe(
+        TINY_RECIPE, ["stages.cpt_warmup.checkpoint_every_steps=7", "stages.cpt_warmup.divergence.policy=warn"]
+    )
     check_stage_recipe(tmp_path, free_to_change, free_to_change.stage("cpt_warmup"))
     changed = load_recipe(TINY_RECIPE, ["stages.cpt_warmup.param_groups.0.lr=1e-3"])
     with pytest.raises(StageRecipeChangedError, match=r"stage.param_groups.0.lr: 0.003 -> 0.001\)"):
@@ -230,12 +248,16 @@ def test_other_world_size_is_a_clear_error(run_dir: Path, context: DistributedCo
     for step in range(1, STEPS + 1):
         manifest_path = run_dir / CHECKPOINTS / tag(step) / "manifest.json"
         manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "world_size": 2}))
-    with pytest.warns(CheckpointSkippedWarning), pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"):
+    with (
+        pytest.warns(CheckpointSkippedWarning),
+        pytest.raises(CheckpointError, match="saved by 2 ranks, this run has 1"),
+    ):
         resumed_step(run_dir, context)
 
 
-def test_kill_during_export_does_not_repeat_the_final_eval(tmp_path: Path, context: DistributedContext,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kill_during_export_does_not_repeat_the_final_eval(
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     overrides = [*OVERRIDES, "checkpoint.save_final=true", "stages.cpt_warmup.budget.steps=2"]
 
     def killed_export(*args: object, **kwargs: object) -> None:
@@ -257,8 +279,9 @@ def test_kill_during_export_does_not_repeat_the_final_eval(tmp_path: Path, conte
     assert (tmp_path / STAGE / "export" / "model.safetensors").is_file()
 
 
-def test_wandb_run_id_survives_a_kill_before_the_first_checkpoint(tmp_path: Path, context: DistributedContext,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_run_id_survives_a_kill_before_the_first_checkpoint(
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     overrides = [*OVERRIDES, "tracking.wandb=offline", "stages.cpt_warmup.checkpoint_every_steps=100"]
     trainer = make_stage_trainer(tmp_path, context, overrides)
 

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from train.run_lock import LOCK_FILE, RunFolderLock, RunFolderLockedError
 from train_runs import run_launcher
+
+from train.run_lock import LOCK_FILE, RunFolderLock, RunFolderLockedError
 
 
 def dead_pid() -> int:

@@ -14,16 +14,21 @@ from train_runs import failure_report, launcher_env, make_stage_trainer
 
 from train.distributed import DistributedContext
 
-OVERRIDES = ["stages.cpt_warmup.budget.steps=4", "stages.cpt_warmup.checkpoint_every_steps=1", "checkpoint.keep_last=2",
-             "tracking.wandb=offline"]
+OVERRIDES = [
+    "stages.cpt_warmup.budget.steps=4",
+    "stages.cpt_warmup.checkpoint_every_steps=1",
+    "checkpoint.keep_last=2",
+    "tracking.wandb=offline",
+]
 
 
 class SimulatedCrash(RuntimeError):
     pass
 
 
-def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path: Path, context: DistributedContext,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_mid_save_keeps_latest_good_checkpoint(
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trainer = make_stage_trainer(tmp_path, context, OVERRIDES)
     save = trainer.engine.save_checkpoint
 
@@ -65,8 +70,14 @@ def test_deepspeed_recovery_script_lands_beside_the_checkpoints(tmp_path: Path, 
     assert script.is_file() and (checkpoints / "zero_to_torch.py").is_file()
 
     # A pickle, not safetensors: the tied embedding and LM head share their storage there.
-    result = subprocess.run([sys.executable, script.name, ".", str(tmp_path / "fp32")],
-                            cwd=checkpoints, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, script.name, ".", str(tmp_path / "fp32")],
+        cwd=checkpoints,
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, failure_report(result)
     consolidated = torch.load(tmp_path / "fp32/pytorch_model.bin", weights_only=True)
     exported = load_file(tmp_path / "stages/cpt_warmup/export/model.safetensors")

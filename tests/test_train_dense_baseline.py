@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from train_runs import failure_report, run_launcher
 
 pytestmark = pytest.mark.integration

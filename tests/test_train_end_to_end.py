@@ -20,28 +20,45 @@ pytestmark = pytest.mark.integration
 
 STAGES = ("cpt_warmup", "cpt_main", "sft_short", "sft_long")
 LOGGED_KEYS = {
-    "loss", "lm_loss", "aux_loss", "recall@1", "recall@5", "recall@10", "recall@1/layer_2", "recall@10/layer_3",
-    "lr/router", "lr/backbone", "grad_norm", "tokens_per_s_per_device", "mfu", "tokens_seen", "tokens_budget",
-    "memory_gb", "step",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "recall@1/layer_2",
+    "recall@10/layer_3",
+    "lr/router",
+    "lr/backbone",
+    "grad_norm",
+    "tokens_per_s_per_device",
+    "mfu",
+    "tokens_seen",
+    "tokens_budget",
+    "memory_gb",
+    "step",
 }
 
 
 def test_tiny_recipe_runs_every_stage_from_the_previous_export(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_launcher("run_all", [
-        f"run.output_dir={run_dir}",
-        "tracking.wandb=offline",
-        "tracking.progress_bar=false",
-        "stages.cpt_warmup.budget.steps=2",
-        "stages.cpt_warmup.checkpoint_every_steps=1",
-        "stages.cpt_main.budget.tokens=3072",
-        "stages.sft_short.budget.steps=2",
-        "stages.sft_long.budget.steps=1",
-        # At LR 1e-30 (recipes refuse 0) an AdamW step moves no weight by even one ulp, so sft_long's
-        # export can only equal sft_short's if the stage started from that export.
-        "stages.sft_long.optimizer.lr=1e-30",
-        "checkpoint.save_final=false",
-    ])
+    result = run_launcher(
+        "run_all",
+        [
+            f"run.output_dir={run_dir}",
+            "tracking.wandb=offline",
+            "tracking.progress_bar=false",
+            "stages.cpt_warmup.budget.steps=2",
+            "stages.cpt_warmup.checkpoint_every_steps=1",
+            "stages.cpt_main.budget.tokens=3072",
+            "stages.sft_short.budget.steps=2",
+            "stages.sft_long.budget.steps=1",
+            # At LR 1e-30 (recipes refuse 0) an AdamW step moves no weight by even one ulp, so sft_long's
+            # export can only equal sft_short's if the stage started from that export.
+            "stages.sft_long.optimizer.lr=1e-30",
+            "checkpoint.save_final=false",
+        ],
+    )
     assert result.returncode == 0, failure_report(result)
     for stage in STAGES:
         assert (run_dir / "stages" / stage / "export" / "model.safetensors").is_file(), stage
@@ -63,7 +80,7 @@ def test_tiny_recipe_runs_every_stage_from_the_previous_export(tmp_path: Path) -
     records = [json.loads(line) for line in (warmup / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2]
-    assert LOGGED_KEYS <= set(train_records[0])
+    assert set(train_records[0]) >= LOGGED_KEYS
     assert train_records[-1]["tokens_seen"] == train_records[-1]["tokens_budget"] == 2048
     assert any("eval/recall@1" in r for r in records)
     main_records = [json.loads(line) for line in (run_dir / "stages/cpt_main/metrics.jsonl").read_text().splitlines()]
@@ -86,9 +103,12 @@ def test_tiny_recipe_runs_every_stage_from_the_previous_export(tmp_path: Path) -
     ids = torch.tensor([tokenizer.encode("Question: What is the home town of Alice Berg?")])
     assert torch.isfinite(model(ids).logits).all()
     # The export carries its modeling code for trust_remote_code, and generates through transformers.
-    assert json.loads((export / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
-        "modeling_msa.MSAForCausalLM"
+    assert (
+        json.loads((export / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+        == "modeling_msa.MSAForCausalLM"
+    )
     assert (export / "modeling_msa.py").is_file() and (export / "backbones_qwen3.py").is_file()
     generated = pipeline("text-generation", model=model, tokenizer=tokenizer)(
-        "Question: What is the home town of Alice Berg?", max_new_tokens=4, do_sample=False)
+        "Question: What is the home town of Alice Berg?", max_new_tokens=4, do_sample=False
+    )
     assert generated[0]["generated_text"].startswith("Question: What is the home town of Alice Berg?")

@@ -27,10 +27,16 @@ TARGETS = r"['\.(q|v)_proj$', '\.router_q_proj$']"
 
 
 def lora_overrides(output_dir: Path, export: str) -> list[str]:
-    return [f"run.output_dir={output_dir}", "tracking.wandb=disabled", "tracking.progress_bar=false",
-            "stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.eval.sources={}",
-            "stages.cpt_warmup.checkpoint_every_steps=100", "checkpoint.save_final=false",
-            f"stages.cpt_warmup.lora={{target_modules: {TARGETS}, rank: 4, alpha: 8.0, export: {export}}}"]
+    return [
+        f"run.output_dir={output_dir}",
+        "tracking.wandb=disabled",
+        "tracking.progress_bar=false",
+        "stages.cpt_warmup.budget.steps=3",
+        "stages.cpt_warmup.eval.sources={}",
+        "stages.cpt_warmup.checkpoint_every_steps=100",
+        "checkpoint.save_final=false",
+        f"stages.cpt_warmup.lora={{target_modules: {TARGETS}, rank: 4, alpha: 8.0, export: {export}}}",
+    ]
 
 
 def stage_of(overrides: list[str]):  # noqa: ANN201
@@ -69,12 +75,15 @@ def test_lora_on_a_tied_lm_head_is_refused(tmp_path: Path) -> None:
         add_lora_adapters(tiny_msa(0, backbone_overrides={"tie_word_embeddings": True}), stage.lora, stage.name)
 
 
-@pytest.mark.parametrize(("setting", "message"), [
-    ("{target_modules: []}", "lora.target_modules is empty"),
-    ("{target_modules: ['(q']}", r"lora.target_modules\[0\] = '\(q' is not a regex"),
-    ("{target_modules: [q_proj], rank: 0}", "lora.rank = 0 must be greater than 0"),
-    ("{target_modules: [q_proj], export: full}", "must be one of \\['merged', 'adapter'\\]"),
-])
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("{target_modules: []}", "lora.target_modules is empty"),
+        ("{target_modules: ['(q']}", r"lora.target_modules\[0\] = '\(q' is not a regex"),
+        ("{target_modules: [q_proj], rank: 0}", "lora.rank = 0 must be greater than 0"),
+        ("{target_modules: [q_proj], export: full}", "must be one of \\['merged', 'adapter'\\]"),
+    ],
+)
 def test_lora_settings_are_validated(setting: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         load_recipe(TINY_RECIPE, [f"stages.cpt_warmup.lora={setting}"])
@@ -111,7 +120,9 @@ def test_lora_stage_trains_adapters_and_exports_merged_or_adapter(tmp_path: Path
     # and with PeftModel over the base; peft's own merge gives the merged export's logits.
     peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).eval()
     assert isinstance(peft_model.get_base_model(), MSAForCausalLM)
-    over_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter_dir / "base"), adapter_dir).eval()
+    over_base = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(adapter_dir / "base"), adapter_dir
+    ).eval()
     peft_merged = peft_model.merge_and_unload()
     exported = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     assert type(exported) is MSAForCausalLM and type(peft_merged) is MSAForCausalLM

@@ -18,8 +18,11 @@ POISONED_STEP = 2
 
 
 def overrides(policy: str) -> list[str]:
-    return ["stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.checkpoint_every_steps=100",
-            f"stages.cpt_warmup.nan_policy={policy}"]
+    return [
+        "stages.cpt_warmup.budget.steps=3",
+        "stages.cpt_warmup.checkpoint_every_steps=100",
+        f"stages.cpt_warmup.nan_policy={policy}",
+    ]
 
 
 def poison_step(monkeypatch: pytest.MonkeyPatch, trainer: StageTrainer, step: int) -> None:
@@ -34,8 +37,9 @@ def poison_step(monkeypatch: pytest.MonkeyPatch, trainer: StageTrainer, step: in
     monkeypatch.setattr(trainer_module, "weighted_loss", poisoned)
 
 
-def test_nan_loss_stops_with_a_checkpoint(tmp_path: Path, context: DistributedContext,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_stops_with_a_checkpoint(
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trainer = make_stage_trainer(tmp_path, context, overrides("stop"))
     poison_step(monkeypatch, trainer, POISONED_STEP)
     with pytest.raises(NonFiniteLossError, match=f"non-finite loss nan at step {POISONED_STEP}.*checkpoint saved"):
@@ -46,8 +50,9 @@ def test_nan_loss_stops_with_a_checkpoint(tmp_path: Path, context: DistributedCo
     assert not (tmp_path / "stages/cpt_warmup/export").exists()
 
 
-def test_nan_loss_skips_the_step_when_configured(tmp_path: Path, context: DistributedContext,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_loss_skips_the_step_when_configured(
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trainer = make_stage_trainer(tmp_path, context, overrides("skip"))
     poison_step(monkeypatch, trainer, POISONED_STEP)
     trainer.run()

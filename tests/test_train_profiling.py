@@ -15,11 +15,19 @@ from train.distributed import DistributedContext
 
 
 @pytest.mark.parametrize("start, steps, window", [(2, 2, "steps 2-3"), (3, 5, "steps 3-3")])
-def test_profile_window_writes_trace_and_summary(tmp_path: Path, context: DistributedContext,
-                                                 start: int, steps: int, window: str) -> None:
-    trainer = make_stage_trainer(tmp_path, context, [
-        "stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.checkpoint_every_steps=100",
-        f"tracking.profile_start_step={start}", f"tracking.profile_steps={steps}"])
+def test_profile_window_writes_trace_and_summary(
+    tmp_path: Path, context: DistributedContext, start: int, steps: int, window: str
+) -> None:
+    trainer = make_stage_trainer(
+        tmp_path,
+        context,
+        [
+            "stages.cpt_warmup.budget.steps=3",
+            "stages.cpt_warmup.checkpoint_every_steps=100",
+            f"tracking.profile_start_step={start}",
+            f"tracking.profile_steps={steps}",
+        ],
+    )
     trainer.run()
     profile = tmp_path / "stages/cpt_warmup/profile"
     summary = (profile / "summary.txt").read_text()
@@ -36,17 +44,25 @@ def test_profile_settings_are_checked() -> None:
         load_recipe(TINY_RECIPE, ["tracking.profile_start_step=0"])
 
 
-def test_a_failing_profile_does_not_stop_training(tmp_path: Path, context: DistributedContext,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_profile_does_not_stop_training(
+    tmp_path: Path, context: DistributedContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from train import profiling
 
     def fail(self, profiler, wall_s: float) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(profiling.StepProfiler, "_write_profile", fail)
-    trainer = make_stage_trainer(tmp_path, context, [
-        "stages.cpt_warmup.budget.steps=3", "stages.cpt_warmup.checkpoint_every_steps=100",
-        "tracking.profile_start_step=1", "tracking.profile_steps=1"])
+    trainer = make_stage_trainer(
+        tmp_path,
+        context,
+        [
+            "stages.cpt_warmup.budget.steps=3",
+            "stages.cpt_warmup.checkpoint_every_steps=100",
+            "tracking.profile_start_step=1",
+            "tracking.profile_steps=1",
+        ],
+    )
     trainer.run()
     assert trainer.state.step == 3
     assert not list(tmp_path.rglob("trace.json"))
@@ -61,10 +77,8 @@ def test_device_time_counts_kernels_once() -> None:
     from train.profiling import device_kernel_ms
 
     op = FunctionEvent(id=0, name="aten::mm", thread=0, start_us=0, end_us=900, use_device="cuda")
-    kernel = FunctionEvent(id=1, name="gemm_kernel", thread=0, start_us=100, end_us=800,
-                           device_type=DeviceType.CUDA)
+    kernel = FunctionEvent(id=1, name="gemm_kernel", thread=0, start_us=100, end_us=800, device_type=DeviceType.CUDA)
     op.append_kernel("gemm_kernel", 0, 700)  # the op's self device time is that kernel again
-    other = FunctionEvent(id=2, name="flash_bwd", thread=0, start_us=800, end_us=1100,
-                          device_type=DeviceType.CUDA)
+    other = FunctionEvent(id=2, name="flash_bwd", thread=0, start_us=800, end_us=1100, device_type=DeviceType.CUDA)
     assert op.self_device_time_total == 700
     assert device_kernel_ms([op, kernel, other]) == pytest.approx(1.0)

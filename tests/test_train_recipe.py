@@ -73,8 +73,15 @@ def test_wrong_type_and_bad_choice(tmp_path: Path) -> None:
 
 
 def test_overrides_by_stage_name_and_index() -> None:
-    recipe = load_recipe(TINY_RECIPE, ["stages.cpt_main.budget.tokens=1.5e4", "stages.0.param_groups.0.lr=0.01",
-                                       "deepspeed.zero_stage=3", "stages.cpt_warmup.eval.sources={}"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        [
+            "stages.cpt_main.budget.tokens=1.5e4",
+            "stages.0.param_groups.0.lr=0.01",
+            "deepspeed.zero_stage=3",
+            "stages.cpt_warmup.eval.sources={}",
+        ],
+    )
     assert recipe.stage("cpt_main").budget.tokens == 15000.0
     assert recipe.stages[0].param_groups[0].lr == 0.01
     assert recipe.deepspeed.zero_stage == 3
@@ -101,9 +108,17 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         load_recipe(TINY_RECIPE, ["activations.checkpointed_layers=2"])
     with pytest.raises(RecipeError, match="saved_attention_layers=2 needs activations.checkpointing: true"):
         load_recipe(TINY_RECIPE, ["activations.saved_attention_layers=2"])
-    with pytest.raises(RecipeError, match="saved_attention_layers=2 counts among the activations.checkpointed_layers=1"):
-        load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.checkpointed_layers=1",
-                                  "activations.saved_attention_layers=2"])
+    with pytest.raises(
+        RecipeError, match="saved_attention_layers=2 counts among the activations.checkpointed_layers=1"
+    ):
+        load_recipe(
+            TINY_RECIPE,
+            [
+                "activations.checkpointing=true",
+                "activations.checkpointed_layers=1",
+                "activations.saved_attention_layers=2",
+            ],
+        )
     with pytest.raises(RecipeError, match=r"stages\[1\] \(cpt_main\): chunk_size 0 must be at least 1"):
         load_recipe(TINY_RECIPE, ["stages.cpt_main.chunk_size=0"])
 
@@ -134,29 +149,51 @@ def test_layer_execution_follows_the_recipe(monkeypatch: pytest.MonkeyPatch) -> 
     layers = model.config.num_hidden_layers
     configure_layer_execution(model, load_recipe(TINY_RECIPE))
     assert (set(kinds(model)), compiled) == ({"MSADecoderLayer"}, [])
-    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.checkpointed_layers=2",
-                                       "activations.saved_attention_layers=1", "model.compile=true"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        [
+            "activations.checkpointing=true",
+            "activations.checkpointed_layers=2",
+            "activations.saved_attention_layers=1",
+            "model.compile=true",
+        ],
+    )
     configure_layer_execution(model, recipe)
     assert kinds(model)[:3] == ["CheckpointedLayer", "CheckpointedLayer", "MSADecoderLayer"] and compiled == [model]
     assert [layer.keep_attention for layer in model.model.layers[:2]] == [True, False]
 
     model = tiny_msa()
-    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.offloaded_layers=1",
-                                       "activations.offload_prefetch_layers=3"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        ["activations.checkpointing=true", "activations.offloaded_layers=1", "activations.offload_prefetch_layers=3"],
+    )
     configure_layer_execution(model, recipe)
     assert kinds(model) == ["OffloadedLayer"] + ["CheckpointedLayer"] * (layers - 1)
     assert model.model.layers[0].offload.prefetch_layers == 3
 
-    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true",
-                                       f"activations.checkpointed_layers={layers + 1}"])
+    recipe = load_recipe(
+        TINY_RECIPE, ["activations.checkpointing=true", f"activations.checkpointed_layers={layers + 1}"]
+    )
     with pytest.raises(ValueError, match=f"checkpointed_layers={layers + 1} .*but the model has {layers} layers"):
         configure_layer_execution(tiny_msa(), recipe)
-    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", "activations.offloaded_layers=1",
-                                       f"activations.checkpointed_layers={layers}"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        [
+            "activations.checkpointing=true",
+            "activations.offloaded_layers=1",
+            f"activations.checkpointed_layers={layers}",
+        ],
+    )
     with pytest.raises(ValueError, match=f"checkpointed_layers={layers} \\(after 1 offloaded\\)"):
         configure_layer_execution(tiny_msa(), recipe)
-    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true", f"activations.offloaded_layers={layers - 1}",
-                                       "activations.saved_attention_layers=2"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        [
+            "activations.checkpointing=true",
+            f"activations.offloaded_layers={layers - 1}",
+            "activations.saved_attention_layers=2",
+        ],
+    )
     with pytest.raises(ValueError, match="saved_attention_layers=2 but only 1 layers are recomputed"):
         configure_layer_execution(tiny_msa(), recipe)
     with pytest.raises(RecipeError, match="offloaded_layers=-1 .* must be >= 0"):
@@ -178,10 +215,17 @@ def test_zero_settings_reach_the_deepspeed_config() -> None:
 
     assert zero_block(["deepspeed.zero_stage=2"]) == {"stage": 2}
     assert zero_block(["deepspeed.zero_stage=3"]) == {"stage": 3, "memory_efficient_linear": False}
-    assert zero_block(["deepspeed.zero_stage=3", "deepspeed.zero_config={stage3_max_reuse_distance: 0, "
-                       "stage3_prefetch_bucket_size: 50000000}"]) == {
-        "stage": 3, "memory_efficient_linear": False, "stage3_max_reuse_distance": 0,
-        "stage3_prefetch_bucket_size": 5 * 10**7}
+    assert zero_block(
+        [
+            "deepspeed.zero_stage=3",
+            "deepspeed.zero_config={stage3_max_reuse_distance: 0, stage3_prefetch_bucket_size: 50000000}",
+        ]
+    ) == {
+        "stage": 3,
+        "memory_efficient_linear": False,
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 5 * 10**7,
+    }
     with pytest.raises(RecipeError, match="set the ZeRO stage with deepspeed.zero_stage"):
         load_recipe(TINY_RECIPE, ["deepspeed.zero_config={stage: 3}"])
 
@@ -256,8 +300,9 @@ def test_tokenizer_from_a_path_gets_the_template_tokens(tmp_path: Path) -> None:
     from train.tokenizer import prepare_tokenizer, train_tiny_tokenizer
 
     train_tiny_tokenizer(["a small corpus of words"] * 10, 300, []).save_pretrained(tmp_path / "base")
-    tokenizer = prepare_tokenizer(tmp_path / "run_tokenizer", ["<|object_ref_end|>", "<End-of-Retrieve>"],
-                                  str(tmp_path / "base"))
+    tokenizer = prepare_tokenizer(
+        tmp_path / "run_tokenizer", ["<|object_ref_end|>", "<End-of-Retrieve>"], str(tmp_path / "base")
+    )
     assert tokenizer.encode("[3]<|object_ref_end|>")[-1] == tokenizer.special_token_ids["<|object_ref_end|>"]
     assert len(tokenizer.encode("<End-of-Retrieve>")) == 1
     assert (tmp_path / "run_tokenizer/tokenizer.json").is_file()
@@ -281,8 +326,13 @@ def test_tiny_tokenizer_with_individual_digits_splits_every_number(tmp_path: Pat
 
 def test_a_stage_can_set_its_own_activations() -> None:
     """An 8K stage may keep what a 64K stage recomputes: the stage's section wins over the recipe's."""
-    recipe = load_recipe(TINY_RECIPE, ["activations.checkpointing=true",
-                                       "stages.sft_short.activations={checkpointing: true, checkpointed_layers: 1}"])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        [
+            "activations.checkpointing=true",
+            "stages.sft_short.activations={checkpointing: true, checkpointed_layers: 1}",
+        ],
+    )
     kinds = {}
     for stage in recipe.stages:
         model = tiny_msa()

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from train_runs import failure_report, kill_group, run_launcher, start_launcher, step_losses, wait_for
 
 pytestmark = pytest.mark.integration
@@ -20,7 +19,8 @@ STEPS = 6
 
 def stage_overrides(output_dir: Path, zero_stage: int) -> list[str]:
     return [
-        "--stage", "cpt_warmup",
+        "--stage",
+        "cpt_warmup",
         f"run.output_dir={output_dir}",
         f"deepspeed.zero_stage={zero_stage}",
         f"stages.cpt_warmup.budget.steps={STEPS}",
@@ -55,6 +55,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(tmp_path: Path, zer
             saved = latest_checkpoint_step(stage / "checkpoints")
             metrics = stage / "metrics.jsonl"
             return saved >= 2 and metrics.is_file() and max(step_losses(metrics), default=0) > saved
+
         wait_for(checkpoint_and_lost_step, timeout=300, process=process, poll=0.05)
     finally:
         kill_group(process)

@@ -22,13 +22,21 @@ WORD = "zorblaxite"
 def recipe_with_an_lm_source(tmp_path: Path, texts: list[str], sample_records: int):  # noqa: ANN201
     corpus = tmp_path / "prose.jsonl"
     corpus.write_text("".join(json.dumps({"body": text}) + "\n" for text in texts))
-    source = {"source": {"kind": "lm", "path": str(corpus), "text_field": "body"}, "sample_kind": "lm",
-              "max_example_tokens": 256}
-    return load_recipe(TINY_RECIPE, [
-        f"run.output_dir={tmp_path / 'run'}", f"data.sources.prose={json.dumps(source)}",
-        f"tokenizer.train_tiny.sample_records={sample_records}",
-        "stages.cpt_warmup.sources={prose: 1.0}", "stages.cpt_warmup.eval.sources={}",
-    ])
+    source = {
+        "source": {"kind": "lm", "path": str(corpus), "text_field": "body"},
+        "sample_kind": "lm",
+        "max_example_tokens": 256,
+    }
+    return load_recipe(
+        TINY_RECIPE,
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            f"data.sources.prose={json.dumps(source)}",
+            f"tokenizer.train_tiny.sample_records={sample_records}",
+            "stages.cpt_warmup.sources={prose: 1.0}",
+            "stages.cpt_warmup.eval.sources={}",
+        ],
+    )
 
 
 def test_tokenizer_texts_take_the_first_texts_of_an_lm_source(tmp_path: Path) -> None:

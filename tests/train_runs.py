@@ -42,21 +42,44 @@ def launch_command(entry: str, ranks: int, recipe: Path, args: list[str]) -> lis
     script = str(REPO / "launch" / f"{entry}.py")
     if ranks == 1:
         return [sys.executable, script, str(recipe), *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-            script, str(recipe), *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        script,
+        str(recipe),
+        *args,
+    ]
 
 
-def run_launcher(entry: str, args: list[str], ranks: int = 1, recipe: Path = TINY_RECIPE,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_command(entry, ranks, recipe, args), cwd=REPO, env=launcher_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_launcher(
+    entry: str, args: list[str], ranks: int = 1, recipe: Path = TINY_RECIPE, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        launch_command(entry, ranks, recipe, args),
+        cwd=REPO,
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_launcher(entry: str, args: list[str], ranks: int, log_path: Path) -> subprocess.Popen:
     """A launcher in its own process group, so that the whole group can be killed at once."""
-    log = open(log_path, "w")
-    return subprocess.Popen(launch_command(entry, ranks, TINY_RECIPE, args), cwd=REPO, env=launcher_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            launch_command(entry, ranks, TINY_RECIPE, args),
+            cwd=REPO,
+            env=launcher_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -108,8 +131,10 @@ def make_stage_trainer(run_dir: Path, context, overrides: list[str]):  # noqa: A
     from train.runner import prepare_run
     from train.trainer import StageTrainer
 
-    recipe = load_recipe(TINY_RECIPE, [f"run.output_dir={run_dir}", "stages.cpt_warmup.eval.sources={}",
-                                       "tracking.progress_bar=false", *overrides])
+    recipe = load_recipe(
+        TINY_RECIPE,
+        [f"run.output_dir={run_dir}", "stages.cpt_warmup.eval.sources={}", "tracking.progress_bar=false", *overrides],
+    )
     stage = recipe.stage("cpt_warmup")
     tokenizer_dir = prepare_run(recipe, [stage], run_dir, context)
     return StageTrainer(recipe, stage, run_dir, tokenizer_dir, load_tokenizer(tokenizer_dir).vocab_size, None, context)

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from msa_modeling.flops import FlopModel
 from data.tokenization import load_tokenizer
+from msa_modeling.flops import FlopModel
 
 from .config import BudgetConfig, EvalConfig, Recipe, RecipeError, StageConfig, TinyTokenizerConfig, load_recipe
 from .data_stream import LayoutSettings, MicroBatch, MicroBatchStream
@@ -56,10 +56,18 @@ CONFIGS = ("standalone", "trainer", "dense")
 
 # Random backbones of the recipes' shapes (Qwen3 configuration fields).
 SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                     max_position_embeddings=262144,
-                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0}),
+    "qwen3-4b": dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+        max_position_embeddings=262144,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+    ),
 }
 
 
@@ -69,17 +77,33 @@ def synthetic_source(row_length: int) -> dict[str, Any]:
     memory_tokens = row_length - 256
     facts = max(1000, memory_tokens // 40)  # documents to spare, so every memory fills up
     return {
-        "source": {"kind": "synthetic", "synthetic": {"generator": "kv_facts", "num_facts": facts, "num_queries": 64,
-                                                      "seed": 0, "filler_words": 60}},
+        "source": {
+            "kind": "synthetic",
+            "synthetic": {
+                "generator": "kv_facts",
+                "num_facts": facts,
+                "num_queries": 64,
+                "seed": 0,
+                "filler_words": 60,
+            },
+        },
         "sample_kind": "retrieval",
         "memory": {"memory_tokens": memory_tokens, "max_memory_docs": facts},
         "max_example_tokens": row_length,
     }
 
 
-def benchmark_recipe(recipe: Recipe, stage_name: str, steps: int, accumulation: int | None, world_size: int,
-                     shape: str | None, layers: int | None, synthetic: bool, run_dir: Path
-                     ) -> tuple[Recipe, StageConfig]:
+def benchmark_recipe(
+    recipe: Recipe,
+    stage_name: str,
+    steps: int,
+    accumulation: int | None,
+    world_size: int,
+    shape: str | None,
+    layers: int | None,
+    synthetic: bool,
+    run_dir: Path,
+) -> tuple[Recipe, StageConfig]:
     """The recipe as the benchmark runs it: the stage alone, from its backbone, for `steps` steps, with
     no checkpoints, evaluation or W&B, in `run_dir`."""
     stage = recipe.stage(stage_name)
@@ -88,10 +112,13 @@ def benchmark_recipe(recipe: Recipe, stage_name: str, steps: int, accumulation: 
         recipe.model = dataclasses.replace(recipe.model, backbone=None, inline_config=inline)
     if recipe.tokenizer.path is not None and not Path(recipe.tokenizer.path).exists():
         if not synthetic:
-            raise RecipeError(f"tokenizer.path {recipe.tokenizer.path!r}: no such folder; pass --synthetic to "
-                              "measure on synthetic rows with a tokenizer trained on them")
-        recipe.tokenizer = dataclasses.replace(recipe.tokenizer, path=None,
-                                               train_tiny=TinyTokenizerConfig(vocab_size=4096, sample_records=2000))
+            raise RecipeError(
+                f"tokenizer.path {recipe.tokenizer.path!r}: no such folder; pass --synthetic to "
+                "measure on synthetic rows with a tokenizer trained on them"
+            )
+        recipe.tokenizer = dataclasses.replace(
+            recipe.tokenizer, path=None, train_tiny=TinyTokenizerConfig(vocab_size=4096, sample_records=2000)
+        )
     if synthetic:
         name = f"synthetic_{stage.row_length}"
         recipe.data.sources = {name: synthetic_source(stage.row_length)}
@@ -114,8 +141,9 @@ def benchmark_recipe(recipe: Recipe, stage_name: str, steps: int, accumulation: 
 def summarize(records: list[dict[str, Any]], warmup: int) -> dict[str, float]:
     """Medians of the steps after `warmup`, and the peak memory over all of them."""
     timed = [r for r in records if r["step"] > warmup] or records
-    result = {key: statistics.median(r[key] for r in timed)
-              for key in ("tokens_per_s_per_device", "mfu", "step_seconds")}
+    result = {
+        key: statistics.median(r[key] for r in timed) for key in ("tokens_per_s_per_device", "mfu", "step_seconds")
+    }
     result["peak_memory_gb"] = max(r["memory_gb"] for r in records)
     result["steps_timed"] = len(timed)
     return result
@@ -134,8 +162,9 @@ def reset_device(context: DistributedContext) -> None:
         torch.cuda.reset_peak_memory_stats(context.device)
 
 
-def run_trainer(recipe: Recipe, stage: StageConfig, tokenizer_dir: Path, vocab_size: int,
-                context: DistributedContext, warmup: int) -> dict[str, float]:
+def run_trainer(
+    recipe: Recipe, stage: StageConfig, tokenizer_dir: Path, vocab_size: int, context: DistributedContext, warmup: int
+) -> dict[str, float]:
     shutil.rmtree(stage_dir(Path(recipe.run.output_dir), stage.name), ignore_errors=True)
     trainer = StageTrainer(recipe, stage, Path(recipe.run.output_dir), tokenizer_dir, vocab_size, None, context)
     trainer.train()
@@ -145,28 +174,42 @@ def run_trainer(recipe: Recipe, stage: StageConfig, tokenizer_dir: Path, vocab_s
     return summarize(records, warmup) if context.is_main else {}
 
 
-def run_dense(recipe: Recipe, stage: StageConfig, vocab_size: int, context: DistributedContext,
-              warmup: int) -> dict[str, float]:
+def run_dense(
+    recipe: Recipe, stage: StageConfig, vocab_size: int, context: DistributedContext, warmup: int
+) -> dict[str, float]:
     out_dir = Path(recipe.run.output_dir) / "dense_baseline" / stage.name
     shutil.rmtree(out_dir, ignore_errors=True)
     run_dense_baseline(recipe, stage, vocab_size, stage.budget.steps, context)
     return summarize(step_records(out_dir / "metrics.jsonl"), warmup) if context.is_main else {}
 
 
-def run_standalone(recipe: Recipe, stage: StageConfig, vocab_size: int, context: DistributedContext,
-                   warmup: int) -> dict[str, float]:
+def run_standalone(
+    recipe: Recipe, stage: StageConfig, vocab_size: int, context: DistributedContext, warmup: int
+) -> dict[str, float]:
     """The model's step without the trainer: bf16 weights, fused AdamW, rows built before timing."""
     device = context.device
     model = load_stage_model("backbone", recipe.model, None, vocab_size, recipe.run.seed, device).to(device)
     configure_layer_execution(model, recipe, stage)
     model.train()
     flop_model = FlopModel.from_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.optimizer.lr, betas=tuple(stage.optimizer.betas),
-                                  weight_decay=stage.optimizer.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=stage.optimizer.lr,
+        betas=tuple(stage.optimizer.betas),
+        weight_decay=stage.optimizer.weight_decay,
+        fused=device.type == "cuda",
+    )
     rows_per_micro, accumulation = batch_geometry(stage, context.world_size)
-    stream = MicroBatchStream(stage.sources, stage.row_length, rows_per_micro, Path(recipe.run.output_dir),
-                              LayoutSettings.from_model_config(model.config), recipe.run.seed, context.rank,
-                              context.world_size)
+    stream = MicroBatchStream(
+        stage.sources,
+        stage.row_length,
+        rows_per_micro,
+        Path(recipe.run.output_dir),
+        LayoutSettings.from_model_config(model.config),
+        recipe.run.seed,
+        context.rank,
+        context.world_size,
+    )
     steps = stage.budget.steps
     pin = device.type == "cuda"
     batches: list[MicroBatch] = []
@@ -192,30 +235,48 @@ def run_standalone(recipe: Recipe, stage: StageConfig, vocab_size: int, context:
         flops += flop_model.memory_pair_training_flops(memory_pairs.item())  # .item() waits for the step
         elapsed = time.perf_counter() - started
         tokens = accumulation * rows_per_micro * stage.row_length
-        records.append({"step": step, "tokens_per_s_per_device": tokens / elapsed, "step_seconds": elapsed,
-                        "mfu": flops / elapsed / recipe.tracking.peak_flops_per_device,
-                        "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if pin else float("nan")})
+        records.append(
+            {
+                "step": step,
+                "tokens_per_s_per_device": tokens / elapsed,
+                "step_seconds": elapsed,
+                "mfu": flops / elapsed / recipe.tracking.peak_flops_per_device,
+                "memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if pin else float("nan"),
+            }
+        )
     del model, optimizer, batches
     return summarize(records, warmup)
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="launch/bench_trainer.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="launch/bench_trainer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("recipe", type=Path)
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     parser.add_argument("--stage", required=True, help="the stage to measure")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per configuration, warm-up included")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the medians")
-    parser.add_argument("--accumulation", type=int,
-                        help="micro-batches per optimizer step (default: the recipe's global batch on these ranks)")
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        help="micro-batches per optimizer step (default: the recipe's global batch on these ranks)",
+    )
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument("--shape", choices=sorted(SHAPES), help="a random backbone of this shape instead of the recipe's")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), help="a random backbone of this shape instead of the recipe's"
+    )
     parser.add_argument("--layers", type=int, help="with --shape: this many of its decoder layers (to fit one card)")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="synthetic retrieval rows of the stage's row length instead of its sources")
-    parser.add_argument("--run-dir", type=Path, help="where data, tokenizer and metrics go (default: the recipe's "
-                                                     "output_dir + '-bench')")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="synthetic retrieval rows of the stage's row length instead of its sources",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="where data, tokenizer and metrics go (default: the recipe's output_dir + '-bench')",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_trainer.json"))
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
@@ -225,16 +286,20 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"\n{report['device']} x {report['world_size']}, torch {report['torch']}, deepspeed {report['deepspeed']}, "
-          f"stage {report['stage']} ({report['row_length']} tokens a row), ZeRO-{report['zero_stage']}, "
-          f"compile {report['compile']}")
+    print(
+        f"\n{report['device']} x {report['world_size']}, torch {report['torch']}, deepspeed {report['deepspeed']}, "
+        f"stage {report['stage']} ({report['row_length']} tokens a row), ZeRO-{report['zero_stage']}, "
+        f"compile {report['compile']}"
+    )
     print(f"{'config':<12}{'tokens/s/device':>17}{'MFU':>8}{'step s':>9}{'peak GB':>9}")
     for name, result in report["results"].items():
         if "error" in result:
             print(f"{name:<12}{result['error']}")
             continue
-        print(f"{name:<12}{result['tokens_per_s_per_device']:>17,.0f}{100 * result['mfu']:>7.1f}%"
-              f"{result['step_seconds']:>9.3f}{result['peak_memory_gb']:>9.1f}")
+        print(
+            f"{name:<12}{result['tokens_per_s_per_device']:>17,.0f}{100 * result['mfu']:>7.1f}%"
+            f"{result['step_seconds']:>9.3f}{result['peak_memory_gb']:>9.1f}"
+        )
     for name, ratio in report["ratios"].items():
         print(f"{name}: {ratio:.3f}")
 
@@ -247,8 +312,17 @@ def benchmark_main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         run_dir = args.run_dir or Path(recipe.run.output_dir + "-bench")
-        recipe, stage = benchmark_recipe(recipe, args.stage, args.steps, args.accumulation, world_size, args.shape,
-                                         args.layers, args.synthetic, run_dir)
+        recipe, stage = benchmark_recipe(
+            recipe,
+            args.stage,
+            args.steps,
+            args.accumulation,
+            world_size,
+            args.shape,
+            args.layers,
+            args.synthetic,
+            run_dir,
+        )
         batch_geometry(stage, world_size)
     except (RecipeError, ValueError) as error:
         logger.error("%s", error)
@@ -278,11 +352,20 @@ def benchmark_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(args: argparse.Namespace, argv: list[str] | None, context: DistributedContext, recipe: Recipe,
-                 stage: StageConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def write_report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    context: DistributedContext,
+    recipe: Recipe,
+    stage: StageConfig,
+    results: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     speed = {name: result["tokens_per_s_per_device"] for name, result in results.items() if "error" not in result}
-    ratios = {f"{a} / {b} tokens/s": speed[a] / speed[b]
-              for a, b in (("trainer", "standalone"), ("trainer", "dense")) if a in speed and b in speed}
+    ratios = {
+        f"{a} / {b} tokens/s": speed[a] / speed[b]
+        for a, b in (("trainer", "standalone"), ("trainer", "dense"))
+        if a in speed and b in speed
+    }
     report = {
         "device": torch.cuda.get_device_name(context.device) if context.device.type == "cuda" else "cpu",
         "world_size": context.world_size,

@@ -66,7 +66,7 @@ def step_tag(step: int) -> str:
 
 def tag_step(tag: str) -> int | None:
     """The step of a `step_XXXXXXXX` folder name; None for anything else."""
-    digits = tag[len(TAG_PREFIX):]
+    digits = tag[len(TAG_PREFIX) :]
     return int(digits) if tag.startswith(TAG_PREFIX) and digits.isdigit() else None
 
 
@@ -181,8 +181,10 @@ class CheckpointManager:
         # Every rank hashes its share of the files, so a large optimizer state is read once, in parallel.
         # The digest parts go beside the folder, not in it, so that every rank lists the same files.
         files = _checkpoint_files(staging)
-        share = {name: {"bytes": (staging / name).stat().st_size, "sha256": file_digest(staging / name)}
-                 for name in files[self.context.rank::self.context.world_size]}
+        share = {
+            name: {"bytes": (staging / name).stat().st_size, "sha256": file_digest(staging / name)}
+            for name in files[self.context.rank :: self.context.world_size]
+        }
         _write_atomically(partial_root / f"{tag}.digests.rank{self.context.rank}.json", json.dumps(share))
         barrier()
         if self.context.is_main:
@@ -193,8 +195,12 @@ class CheckpointManager:
                 part.unlink()
             if sorted(entries) != files:
                 raise RuntimeError(f"checkpoint {staging}: the ranks hashed {sorted(entries)}, the folder has {files}")
-            manifest = {"format": MANIFEST_FORMAT, "step": step, "world_size": self.context.world_size,
-                        "files": entries}
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "step": step,
+                "world_size": self.context.world_size,
+                "files": entries,
+            }
             _write_atomically(staging / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             if final.exists():
                 stale = partial_root / f"{tag}.replaced"
@@ -235,12 +241,14 @@ class CheckpointManager:
         except (ValueError, KeyError, TypeError) as error:
             return f"unreadable {MANIFEST}: {error}"
         if saved_world != self.context.world_size:
-            return (f"saved by {saved_world} ranks, this run has {self.context.world_size} "
-                    "(resume with the same number of ranks)")
+            return (
+                f"saved by {saved_world} ranks, this run has {self.context.world_size} "
+                "(resume with the same number of ranks)"
+            )
         for rank in range(self.context.world_size):
             if trainer_state_name(rank) not in files:
                 return f"the manifest lists no {trainer_state_name(rank)}"
-        for name in sorted(files)[self.context.rank::self.context.world_size]:
+        for name in sorted(files)[self.context.rank :: self.context.world_size]:
             path = folder / name
             if not path.is_file():
                 return f"{name} is missing"
@@ -276,7 +284,8 @@ class CheckpointManager:
             listed = "; ".join(f"{tag}: {why}" for tag, why in reasons.items())
             raise CheckpointError(
                 f"{self.root} has checkpoints but none can be resumed from ({listed}). The stage is not restarted "
-                "from step 0: repair or restore a checkpoint, or move the checkpoints folder away to start over")
+                "from step 0: repair or restore a checkpoint, or move the checkpoints folder away to start over"
+            )
         return None
 
     def load(self, engine: Any) -> dict[str, Any] | None:
@@ -286,12 +295,12 @@ class CheckpointManager:
             return None
         make_checkpoint_loads_safe(engine)
         try:
-            engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                   load_lr_scheduler_states=True)
+            engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         except Exception as error:
             raise CheckpointError(
                 f"checkpoint {self.root / tag} passed validation but DeepSpeed could not load it ({error!r}); "
-                "move that folder away to resume from the next older checkpoint") from error
+                "move that folder away to resume from the next older checkpoint"
+            ) from error
         state = json.loads((self.root / tag / trainer_state_name(self.context.rank)).read_text())
         logger.info("resumed from checkpoint %s (step %d)", self.root / tag, state["step"])
         return {**state, "path": str(self.root / tag)}
@@ -304,7 +313,7 @@ class CheckpointManager:
         tags = self.checkpoint_tags()
         superseded = [tag for tag in tags if (tag_step(tag) or 0) > kept_step]
         older = [tag for tag in tags if (tag_step(tag) or 0) <= kept_step]
-        for tag in superseded + older[self.keep_last:]:
+        for tag in superseded + older[self.keep_last :]:
             if tag != keep:
                 shutil.rmtree(self.root / tag)
 

@@ -297,12 +297,16 @@ def _convert(value: Any, annotation: Any, path: str, source: str) -> Any:
                 return _convert(value, option, path, source)
             except RecipeError as error:
                 errors.append(error)
-        raise errors[0] if len(errors) == 1 else RecipeError(
-            f"{source}: {path} = {value!r} is not a {_type_name(annotation)}"
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else RecipeError(f"{source}: {path} = {value!r} is not a {_type_name(annotation)}")
         )
     if origin is Literal:
         if value not in args:
-            raise RecipeError(f"{source}: {path} = {value!r} must be one of {list(args)}{_suggestion(str(value), map(str, args))}")
+            raise RecipeError(
+                f"{source}: {path} = {value!r} must be one of {list(args)}{_suggestion(str(value), map(str, args))}"
+            )
         return value
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, path, source)
@@ -324,12 +328,8 @@ def _convert(value: Any, annotation: Any, path: str, source: str) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-    elif annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
+    elif annotation is bool and isinstance(value, bool) or annotation is str and isinstance(value, str):
+        return value
     raise RecipeError(f"{source}: {path} = {value!r} is not a {_type_name(annotation)}")
 
 
@@ -343,10 +343,14 @@ def build_dataclass(cls: type, data: Any, path: str, source: str) -> Any:
     prefix = f"{path}." if path else ""
     for key in data:
         if f"{prefix}{key}" in MOVED_KEYS:
-            raise RecipeError(f"{source}: {prefix}{key} moved to {MOVED_KEYS[f'{prefix}{key}']}; rename the key "
-                              "(the value means the same)")
+            raise RecipeError(
+                f"{source}: {prefix}{key} moved to {MOVED_KEYS[f'{prefix}{key}']}; rename the key "
+                "(the value means the same)"
+            )
         if key not in known:
-            raise RecipeError(f"{source}: unknown key {prefix}{key}{_suggestion(str(key), known)}; valid keys here: {sorted(known)}")
+            raise RecipeError(
+                f"{source}: unknown key {prefix}{key}{_suggestion(str(key), known)}; valid keys here: {sorted(known)}"
+            )
     values = {}
     for name, spec in known.items():
         if name in data:
@@ -390,23 +394,28 @@ def _check_activations(activations: ActivationsConfig, path: str, source: str) -
     saved = activations.saved_attention_layers
     if saved < 0 or (saved and not activations.checkpointing):
         raise RecipeError(
-            f"{source}: {path}.saved_attention_layers={saved} needs {path}.checkpointing: true "
-            "and a count >= 0"
+            f"{source}: {path}.saved_attention_layers={saved} needs {path}.checkpointing: true and a count >= 0"
         )
     if checkpointed is not None and saved > checkpointed:
-        raise RecipeError(f"{source}: {path}.saved_attention_layers={saved} counts among the "
-                          f"{path}.checkpointed_layers={checkpointed} recomputed layers, so it cannot exceed it")
+        raise RecipeError(
+            f"{source}: {path}.saved_attention_layers={saved} counts among the "
+            f"{path}.checkpointed_layers={checkpointed} recomputed layers, so it cannot exceed it"
+        )
     if activations.offloaded_layers < 0 or activations.offload_prefetch_layers < 0:
-        raise RecipeError(f"{source}: {path}.offloaded_layers={activations.offloaded_layers} and "
-                          f"{path}.offload_prefetch_layers={activations.offload_prefetch_layers} must be >= 0")
+        raise RecipeError(
+            f"{source}: {path}.offloaded_layers={activations.offloaded_layers} and "
+            f"{path}.offload_prefetch_layers={activations.offload_prefetch_layers} must be >= 0"
+        )
 
 
 def _check_rest(recipe: Recipe, source: str) -> None:
     """The other cross-field rules (tracking, stages)."""
     if recipe.tracking.profile_steps < 0 or recipe.tracking.profile_start_step < 1:
-        raise RecipeError(f"{source}: tracking.profile_steps must be >= 0 and tracking.profile_start_step >= 1 "
-                          f"(steps count from 1), got {recipe.tracking.profile_steps} and "
-                          f"{recipe.tracking.profile_start_step}")
+        raise RecipeError(
+            f"{source}: tracking.profile_steps must be >= 0 and tracking.profile_start_step >= 1 "
+            f"(steps count from 1), got {recipe.tracking.profile_steps} and "
+            f"{recipe.tracking.profile_start_step}"
+        )
     if "stage" in recipe.deepspeed.zero_config:
         raise RecipeError(f"{source}: deepspeed.zero_config.stage: set the ZeRO stage with deepspeed.zero_stage")
     names = [stage.name for stage in recipe.stages]
@@ -417,20 +426,32 @@ def _check_rest(recipe: Recipe, source: str) -> None:
     if recipe.model.backbone is not None and recipe.model.inline_config is not None:
         raise RecipeError(f"{source}: model needs exactly one of model.backbone (a path) or model.inline_config")
     # A recipe whose stages all start from a checkpoint path (e.g. a converted MSA-4B) needs no backbone.
-    if recipe.model.backbone is None and recipe.model.inline_config is None and any(
-        stage.init_from == "backbone" for stage in recipe.stages
+    if (
+        recipe.model.backbone is None
+        and recipe.model.inline_config is None
+        and any(stage.init_from == "backbone" for stage in recipe.stages)
     ):
-        raise RecipeError(f"{source}: a stage has init_from: backbone, so the model needs exactly one of "
-                          "model.backbone (a path) or model.inline_config")
+        raise RecipeError(
+            f"{source}: a stage has init_from: backbone, so the model needs exactly one of "
+            "model.backbone (a path) or model.inline_config"
+        )
     for name, values in recipe.data.sources.items():
         build_dataclass(BuildConfig, {**values, "tokenizer": "<the run's tokenizer>"}, f"data.sources.{name}", source)
-    _check_positive(source, {
-        "tracking.log_every_steps": recipe.tracking.log_every_steps,
-        "checkpoint.keep_last": recipe.checkpoint.keep_last,
-        **({"tokenizer.train_tiny.vocab_size": recipe.tokenizer.train_tiny.vocab_size,
-            "tokenizer.train_tiny.sample_records": recipe.tokenizer.train_tiny.sample_records}
-           if recipe.tokenizer.train_tiny else {}),
-    })
+    _check_positive(
+        source,
+        {
+            "tracking.log_every_steps": recipe.tracking.log_every_steps,
+            "checkpoint.keep_last": recipe.checkpoint.keep_last,
+            **(
+                {
+                    "tokenizer.train_tiny.vocab_size": recipe.tokenizer.train_tiny.vocab_size,
+                    "tokenizer.train_tiny.sample_records": recipe.tokenizer.train_tiny.sample_records,
+                }
+                if recipe.tokenizer.train_tiny
+                else {}
+            ),
+        },
+    )
     for index, stage in enumerate(recipe.stages):
         where = f"{source}: stages[{index}] ({stage.name})"
         if (stage.budget.tokens is None) == (stage.budget.steps is None):
@@ -454,7 +475,9 @@ def _check_rest(recipe: Recipe, source: str) -> None:
         if stage.chunk_size is not None and stage.chunk_size < 1:
             raise RecipeError(f"{where}: chunk_size {stage.chunk_size} must be at least 1 (or null: the model's own)")
         if stage.init_from == "previous" and index == 0:
-            raise RecipeError(f"{where}: the first stage cannot start from the 'previous' stage; use 'backbone' or a path")
+            raise RecipeError(
+                f"{where}: the first stage cannot start from the 'previous' stage; use 'backbone' or a path"
+            )
 
 
 def _check_positive(where: str, values: dict[str, float | int | None]) -> None:
@@ -466,27 +489,41 @@ def _check_positive(where: str, values: dict[str, float | int | None]) -> None:
 def _check_stage_values(stage: StageConfig, where: str) -> None:
     """Sizes, intervals, budgets and rates that would divide by zero, train nothing or go negative."""
     group_lrs = {f"param_groups[{i}].lr ({group.name})": group.lr for i, group in enumerate(stage.param_groups)}
-    _check_positive(where, {
-        "row_length": stage.row_length, "micro_batch_tokens": stage.micro_batch_tokens,
-        "global_batch_tokens": stage.global_batch_tokens, "budget.steps": stage.budget.steps,
-        "budget.tokens": stage.budget.tokens, "checkpoint_every_steps": stage.checkpoint_every_steps,
-        "eval.micro_batches": stage.eval.micro_batches, "optimizer.lr": stage.optimizer.lr, **group_lrs,
-    })
-    for key, value in {"schedule.warmup_steps": stage.schedule.warmup_steps,
-                       "eval.every_steps": stage.eval.every_steps,
-                       "optimizer.weight_decay": stage.optimizer.weight_decay}.items():
+    _check_positive(
+        where,
+        {
+            "row_length": stage.row_length,
+            "micro_batch_tokens": stage.micro_batch_tokens,
+            "global_batch_tokens": stage.global_batch_tokens,
+            "budget.steps": stage.budget.steps,
+            "budget.tokens": stage.budget.tokens,
+            "checkpoint_every_steps": stage.checkpoint_every_steps,
+            "eval.micro_batches": stage.eval.micro_batches,
+            "optimizer.lr": stage.optimizer.lr,
+            **group_lrs,
+        },
+    )
+    for key, value in {
+        "schedule.warmup_steps": stage.schedule.warmup_steps,
+        "eval.every_steps": stage.eval.every_steps,
+        "optimizer.weight_decay": stage.optimizer.weight_decay,
+    }.items():
         if value < 0:
             raise RecipeError(f"{where}: {key} = {value} must be 0 or more")
     if not 0.0 <= stage.schedule.final_lr_ratio <= 1.0:
-        raise RecipeError(f"{where}: schedule.final_lr_ratio = {stage.schedule.final_lr_ratio} must be in [0, 1] "
-                          "(the final LR as a fraction of the peak)")
+        raise RecipeError(
+            f"{where}: schedule.final_lr_ratio = {stage.schedule.final_lr_ratio} must be in [0, 1] "
+            "(the final LR as a fraction of the peak)"
+        )
     if len(stage.optimizer.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in stage.optimizer.betas):
         raise RecipeError(f"{where}: optimizer.betas = {stage.optimizer.betas} must be two numbers in [0, 1)")
     if stage.divergence.max_grad_norm is not None and not stage.divergence.max_grad_norm > 0:
         raise RecipeError(f"{where}: divergence.max_grad_norm = {stage.divergence.max_grad_norm} must be > 0")
     if stage.divergence.loss_spike_factor is not None and not stage.divergence.loss_spike_factor > 1:
-        raise RecipeError(f"{where}: divergence.loss_spike_factor = {stage.divergence.loss_spike_factor} "
-                          "must be > 1 (a multiple of the recent mean loss)")
+        raise RecipeError(
+            f"{where}: divergence.loss_spike_factor = {stage.divergence.loss_spike_factor} "
+            "must be > 1 (a multiple of the recent mean loss)"
+        )
     if stage.lora is not None:
         _check_lora(stage.lora, where)
     if stage.divergence.window_steps < 1:
@@ -500,8 +537,10 @@ def _check_lora(lora: LoraConfig, where: str) -> None:
     if not 0.0 <= lora.dropout < 1.0:
         raise RecipeError(f"{where}: lora.dropout = {lora.dropout} must be in [0, 1)")
     if not lora.target_modules:
-        raise RecipeError(f"{where}: lora.target_modules is empty; list regexes of the linear layers to adapt, "
-                          "e.g. ['\\.(q|k|v|o)_proj$', '\\.router_']")
+        raise RecipeError(
+            f"{where}: lora.target_modules is empty; list regexes of the linear layers to adapt, "
+            "e.g. ['\\.(q|k|v|o)_proj$', '\\.router_']"
+        )
     for index, pattern in enumerate(lora.target_modules):
         try:
             re.compile(pattern)
@@ -517,7 +556,8 @@ def check_world_size(recipe: Recipe, stages: list[StageConfig], world_size: int)
             raise RecipeError(
                 f"stage {stage.name}: global_batch_tokens {stage.global_batch_tokens} is not a multiple of "
                 f"micro_batch_tokens x ranks = {stage.micro_batch_tokens} x {world_size}; change the batch sizes "
-                "or the number of ranks")
+                "or the number of ranks"
+            )
 
 
 def check_local_paths(recipe: Recipe, stages: list[StageConfig]) -> None:
@@ -531,9 +571,11 @@ def check_local_paths(recipe: Recipe, stages: list[StageConfig]) -> None:
             paths[f"stages.{stage.name}.init_from"] = stage.init_from
     for key, value in paths.items():
         if value is not None and not Path(value).exists():
-            raise RecipeError(f"{key}: no such folder {value!r} (resolved to {Path(value).resolve()}); runs read "
-                              "local checkpoints only: download it first, e.g. `hf download <repo> --local-dir "
-                              f"{value}`")
+            raise RecipeError(
+                f"{key}: no such folder {value!r} (resolved to {Path(value).resolve()}); runs read "
+                "local checkpoints only: download it first, e.g. `hf download <repo> --local-dir "
+                f"{value}`"
+            )
 
 
 def _stage_names_to_indices(overrides: list[str], stage_names: list[str]) -> list[str]:
@@ -545,8 +587,10 @@ def _stage_names_to_indices(overrides: list[str], stage_names: list[str]) -> lis
             override = f"stages.{stage_names.index(match.group(1))}.{match.group(2)}"
         elif match and not (match.group(1).isdigit() and int(match.group(1)) < len(stage_names)):
             name = match.group(1)
-            raise RecipeError(f"override {override!r}: no stage named {name!r}{_suggestion(name, stage_names)}; "
-                              f"stages: {stage_names} (or an index 0-{len(stage_names) - 1})")
+            raise RecipeError(
+                f"override {override!r}: no stage named {name!r}{_suggestion(name, stage_names)}; "
+                f"stages: {stage_names} (or an index 0-{len(stage_names) - 1})"
+            )
         rewritten.append(override)
     return rewritten
 
@@ -591,10 +635,13 @@ def _check_lr_overrides(recipe: Recipe, overrides: list[str], source: str) -> No
             continue
         stage = recipe.stages[int(match.group(1))]
         if stage.param_groups and all(group.lr is not None for group in stage.param_groups):
-            keys = ", ".join(f"stages.{stage.name}.param_groups.{i}.lr ({group.name})"
-                             for i, group in enumerate(stage.param_groups))
-            raise RecipeError(f"{source}: stages.{stage.name}.optimizer.lr has no effect: every param group of the "
-                              f"stage sets its own lr, which wins; override {keys} instead")
+            keys = ", ".join(
+                f"stages.{stage.name}.param_groups.{i}.lr ({group.name})" for i, group in enumerate(stage.param_groups)
+            )
+            raise RecipeError(
+                f"{source}: stages.{stage.name}.optimizer.lr has no effect: every param group of the "
+                f"stage sets its own lr, which wins; override {keys} instead"
+            )
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

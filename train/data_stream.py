@@ -33,7 +33,7 @@ class LayoutSettings:
     require_routing_tokens: bool
 
     @classmethod
-    def from_model_config(cls, config: Any) -> "LayoutSettings":
+    def from_model_config(cls, config: Any) -> LayoutSettings:
         return cls(
             chunk_size=config.chunk_size,
             query_position_offset=config.query_position_offset,
@@ -51,17 +51,19 @@ class MicroBatch:
     layout: PackedLayout
     work: MicroBatchWork
 
-    def pinned(self) -> "MicroBatch":
+    def pinned(self) -> MicroBatch:
         """A copy in page-locked memory, so that `to(cuda, non_blocking=True)` is asynchronous."""
-        layout = PackedLayout(**{
-            f.name: value.pin_memory() if isinstance(value, torch.Tensor) else value
-            for f in dataclasses.fields(self.layout)
-            for value in [getattr(self.layout, f.name)]
-        })
+        layout = PackedLayout(
+            **{
+                f.name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+                for f in dataclasses.fields(self.layout)
+                for value in [getattr(self.layout, f.name)]
+            }
+        )
         work = dataclasses.replace(self.work, doc_memory_pairs=self.work.doc_memory_pairs.pin_memory())
         return dataclasses.replace(self, input_ids=self.input_ids.pin_memory(), layout=layout, work=work)
 
-    def to(self, device: torch.device | str) -> "MicroBatch":
+    def to(self, device: torch.device | str) -> MicroBatch:
         work = dataclasses.replace(self.work, doc_memory_pairs=self.work.doc_memory_pairs.to(device, non_blocking=True))
         return dataclasses.replace(
             self, input_ids=self.input_ids.to(device, non_blocking=True), layout=self.layout.to(device), work=work

@@ -41,8 +41,9 @@ def dense_backbone(recipe: Recipe, vocab_size: int, device: torch.device | None 
     return AutoModelForCausalLM.from_pretrained(recipe.model.backbone, dtype=dtype)
 
 
-def run_dense_baseline(recipe: Recipe, stage: StageConfig, vocab_size: int, steps: int | None,
-                       context: DistributedContext) -> Path:
+def run_dense_baseline(
+    recipe: Recipe, stage: StageConfig, vocab_size: int, steps: int | None, context: DistributedContext
+) -> Path:
     """Train the dense backbone on the stage's rows for `steps` (default: the stage budget);
     returns the folder of its metrics.jsonl."""
     model = dense_backbone(recipe, vocab_size, context.device)
@@ -53,31 +54,49 @@ def run_dense_baseline(recipe: Recipe, stage: StageConfig, vocab_size: int, step
     rows_per_micro, accumulation = batch_geometry(stage, context.world_size)
     steps = steps or total_steps(stage)
     optimizer = stage.optimizer
-    groups = [{"name": "all", "params": list(model.parameters()), "lr": optimizer.lr,
-               "weight_decay": optimizer.weight_decay}]
+    groups = [
+        {"name": "all", "params": list(model.parameters()), "lr": optimizer.lr, "weight_decay": optimizer.weight_decay}
+    ]
     engine, _ = initialize_engine(
-        model, groups, deepspeed_config(recipe, stage, rows_per_micro, accumulation, context.world_size, context.on_cpu),
-        LRMultiplier.from_config(stage.schedule, steps))
+        model,
+        groups,
+        deepspeed_config(recipe, stage, rows_per_micro, accumulation, context.world_size, context.on_cpu),
+        LRMultiplier.from_config(stage.schedule, steps),
+    )
     run_dir = Path(recipe.run.output_dir)
-    loader = PackedRowLoader([source_build_dir(run_dir, name) for name in stage.sources], stage.row_length,
-                             weights=list(stage.sources.values()), seed=recipe.run.seed, rank=context.rank,
-                             world_size=context.world_size)
+    loader = PackedRowLoader(
+        [source_build_dir(run_dir, name) for name in stage.sources],
+        stage.row_length,
+        weights=list(stage.sources.values()),
+        seed=recipe.run.seed,
+        rank=context.rank,
+        world_size=context.world_size,
+    )
     out_dir = run_dir / "dense_baseline" / stage.name
     metrics = MetricsLogger(out_dir, "disabled", recipe.tracking.project, "", {}, None) if context.is_main else None
     for step in tqdm(range(1, steps + 1), desc=f"dense {stage.name}", disable=not context.is_main):
         record = dense_step(engine, loader, rows_per_micro, accumulation, context.device, flops)
         tokens = accumulation * rows_per_micro * stage.row_length
-        record.update(step=step, tokens_per_s_per_device=tokens / record["step_seconds"],
-                      mfu=record.pop("flops") / record["step_seconds"] / recipe.tracking.peak_flops_per_device,
-                      memory_gb=memory_gb(context.device))
+        record.update(
+            step=step,
+            tokens_per_s_per_device=tokens / record["step_seconds"],
+            mfu=record.pop("flops") / record["step_seconds"] / recipe.tracking.peak_flops_per_device,
+            memory_gb=memory_gb(context.device),
+        )
         if metrics is not None:
             metrics.log(record)
     logger.info("dense baseline of stage %s: %d steps, metrics in %s", stage.name, steps, out_dir)
     return out_dir
 
 
-def dense_step(engine: Any, loader: PackedRowLoader, rows_per_micro: int, accumulation: int,
-               device: torch.device, flop_model: FlopModel) -> dict[str, float]:
+def dense_step(
+    engine: Any,
+    loader: PackedRowLoader,
+    rows_per_micro: int,
+    accumulation: int,
+    device: torch.device,
+    flop_model: FlopModel,
+) -> dict[str, float]:
     """One optimizer step of plain next-token training over whole rows (each row one causal sequence)."""
     started = time.perf_counter()
     total = torch.zeros((), device=device)

@@ -16,6 +16,7 @@ from .export_files import ADAPTER_BASE_DIR, RECIPE_FILE
 
 logger = logging.getLogger(__name__)
 
+
 def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
     """The full model state dict on rank 0 (None elsewhere); a collective call under ZeRO-3."""
     if zero_stage == 3:
@@ -26,12 +27,14 @@ def consolidated_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Ten
 def lora_scalings(model: PeftModel) -> dict[str, float]:
     """`alpha / rank` (peft's `scaling`) of each LoRA-adapted module, by its name in the base model."""
     prefix = "base_model.model."
-    return {name.removeprefix(prefix): module.scaling["default"] for name, module in model.named_modules()
-            if isinstance(module, LoraLayer) and "default" in module.scaling}
+    return {
+        name.removeprefix(prefix): module.scaling["default"]
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.scaling
+    }
 
 
-def fold_lora(state_dict: dict[str, torch.Tensor], scalings: dict[str, float],
-              merge: bool) -> dict[str, torch.Tensor]:
+def fold_lora(state_dict: dict[str, torch.Tensor], scalings: dict[str, float], merge: bool) -> dict[str, torch.Tensor]:
     """A peft LoRA model's state dict under the base model's names: each adapted weight is
     `W + scaling * B @ A` when `merge`, else `W` (the adapter dropped)."""
     prefix = "base_model.model."
@@ -57,8 +60,13 @@ def save_msa_model(model: Any, state_dict: dict[str, torch.Tensor], folder: Path
     model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
 
 
-def save_lora_adapter(model: PeftModel, state_dict: dict[str, torch.Tensor], folder: Path,
-                      base_checkpoint: Path | None, final_folder: Path) -> None:
+def save_lora_adapter(
+    model: PeftModel,
+    state_dict: dict[str, torch.Tensor],
+    folder: Path,
+    base_checkpoint: Path | None,
+    final_folder: Path,
+) -> None:
     """peft's adapter files in `folder`, over `base_checkpoint`; without one (the stage's starting
     model exists only in memory), the base model is written to `base/` beside the adapter."""
     if base_checkpoint is None:

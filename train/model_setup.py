@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def random_backbone(inline_config: dict[str, Any], vocab_size: int, seed: int, dtype: torch.dtype,
-                    device: torch.device | None = None) -> Qwen3ForCausalLM:
+def random_backbone(
+    inline_config: dict[str, Any], vocab_size: int, seed: int, dtype: torch.dtype, device: torch.device | None = None
+) -> Qwen3ForCausalLM:
     """A seeded random Qwen3 from an inline config (without `vocab_size`, the tokenizer's).
 
     On an accelerator the weights are drawn there: a billion-parameter CPU initialisation takes
@@ -38,8 +39,9 @@ def random_backbone(inline_config: dict[str, Any], vocab_size: int, seed: int, d
         return Qwen3ForCausalLM(Qwen3Config(**fields)).to(dtype)
 
 
-def build_from_backbone(model_config: ModelConfig, vocab_size: int, seed: int,
-                        device: torch.device | None = None) -> MSAForCausalLM:
+def build_from_backbone(
+    model_config: ModelConfig, vocab_size: int, seed: int, device: torch.device | None = None
+) -> MSAForCausalLM:
     """The MSA model converted from the recipe's backbone (a checkpoint path or an inline Qwen3 config).
 
     An inline config without `vocab_size` takes the tokenizer's. A backbone whose embedding
@@ -52,8 +54,11 @@ def build_from_backbone(model_config: ModelConfig, vocab_size: int, seed: int,
     else:
         backbone = AutoModelForCausalLM.from_pretrained(model_config.backbone, dtype=dtype)
     if backbone.config.vocab_size < vocab_size:
-        logger.warning("resizing the backbone's embeddings from %d to the tokenizer's %d ids",
-                       backbone.config.vocab_size, vocab_size)
+        logger.warning(
+            "resizing the backbone's embeddings from %d to the tokenizer's %d ids",
+            backbone.config.vocab_size,
+            vocab_size,
+        )
         backbone.resize_token_embeddings(vocab_size)
     with torch.device(backbone.device):  # the new router projections are drawn beside the backbone
         return MSAForCausalLM.from_backbone(backbone, **model_config.msa)
@@ -65,7 +70,11 @@ def is_msa_checkpoint(path: str | Path) -> bool:
 
 
 def load_stage_model(
-    init_from: str, model_config: ModelConfig, previous_export: Path | None, vocab_size: int, seed: int,
+    init_from: str,
+    model_config: ModelConfig,
+    previous_export: Path | None,
+    vocab_size: int,
+    seed: int,
     device: torch.device | None = None,
 ) -> MSAForCausalLM:
     """The model a stage starts from: the previous stage's export, the recipe backbone, or a path
@@ -86,8 +95,9 @@ def load_stage_model(
         logger.info("starting from MSA checkpoint %s", path)
         return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_config.dtype])
     logger.info("converting backbone checkpoint %s", path)
-    return build_from_backbone(ModelConfig(backbone=str(path), msa=model_config.msa, dtype=model_config.dtype),
-                               vocab_size, seed)
+    return build_from_backbone(
+        ModelConfig(backbone=str(path), msa=model_config.msa, dtype=model_config.dtype), vocab_size, seed
+    )
 
 
 def starting_checkpoint(init_from: str, previous_export: Path | None) -> Path | None:
@@ -108,24 +118,38 @@ def add_lora_adapters(model: MSAForCausalLM, lora: LoraConfig, stage_name: str) 
         matched = [name for name in linear_names if re.search(pattern, name)]
         if not matched:
             examples = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in linear_names})
-            raise ValueError(f"stage {stage_name}: lora.target_modules[{index}] = {pattern!r} matches no linear layer "
-                             f"of the model; its linear layers are named like {examples} (N: the layer index)")
+            raise ValueError(
+                f"stage {stage_name}: lora.target_modules[{index}] = {pattern!r} matches no linear layer "
+                f"of the model; its linear layers are named like {examples} (N: the layer index)"
+            )
         targets += matched
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head" in targets:
         # An adapter on a head that shares its weight with the embedding cannot be merged into one.
-        raise ValueError(f"stage {stage_name}: lora.target_modules match lm_head, whose weight is tied to the "
-                         "input embedding; adapt the head only in a model with tie_word_embeddings: false")
+        raise ValueError(
+            f"stage {stage_name}: lora.target_modules match lm_head, whose weight is tied to the "
+            "input embedding; adapt the head only in a model with tie_word_embeddings: false"
+        )
     # Full module names, so that peft adapts exactly the layers matched here (it would treat a
     # bare name such as "q_proj" as a suffix, and a single string as a full-match regex).
-    config = PeftLoraConfig(task_type="CAUSAL_LM", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=sorted(set(targets)))
+    config = PeftLoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=sorted(set(targets)),
+    )
     wrapped = get_peft_model(model, config)
     # The adapted layers' inputs then carry gradients even where the frozen embedding starts a
     # recomputed (activation-checkpointed) segment.
     wrapped.enable_input_require_grads()
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    logger.info("stage %s: LoRA rank %d on %d linear layers, %d trainable parameters", stage_name, lora.rank,
-                len(set(targets)), trainable)
+    logger.info(
+        "stage %s: LoRA rank %d on %d linear layers, %d trainable parameters",
+        stage_name,
+        lora.rank,
+        len(set(targets)),
+        trainable,
+    )
     return wrapped
 
 
@@ -163,8 +187,10 @@ def parameter_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[st
         members[index].append(param)
         param.requires_grad_(not stage.param_groups[index].frozen)
     if unmatched:
-        raise ValueError(f"stage {stage.name}: parameters match no param_groups pattern: {unmatched[:5]}"
-                         f"{' ...' if len(unmatched) > 5 else ''}; add a catch-all group such as pattern '.*'")
+        raise ValueError(
+            f"stage {stage.name}: parameters match no param_groups pattern: {unmatched[:5]}"
+            f"{' ...' if len(unmatched) > 5 else ''}; add a catch-all group such as pattern '.*'"
+        )
     # A group that catches nothing is almost always a mis-escaped regex or one shadowed by an
     # earlier group; training would silently run without it.
     empty = [group for group, params in zip(stage.param_groups, members) if not params]
@@ -177,16 +203,23 @@ def parameter_groups(model: torch.nn.Module, stage: StageConfig) -> list[dict[st
     groups = []
     for group, params in zip(stage.param_groups, members):
         count = sum(p.numel() for p in params)
-        logger.info("param group %s: %d tensors, %d parameters, %s", group.name, len(params), count,
-                    "frozen" if group.frozen else f"lr {group.lr if group.lr is not None else optimizer.lr:g}")
+        logger.info(
+            "param group %s: %d tensors, %d parameters, %s",
+            group.name,
+            len(params),
+            count,
+            "frozen" if group.frozen else f"lr {group.lr if group.lr is not None else optimizer.lr:g}",
+        )
         if group.frozen:
             continue
-        groups.append({
-            "name": group.name,
-            "params": params,
-            "lr": group.lr if group.lr is not None else optimizer.lr,
-            "weight_decay": group.weight_decay if group.weight_decay is not None else optimizer.weight_decay,
-        })
+        groups.append(
+            {
+                "name": group.name,
+                "params": params,
+                "lr": group.lr if group.lr is not None else optimizer.lr,
+                "weight_decay": group.weight_decay if group.weight_decay is not None else optimizer.weight_decay,
+            }
+        )
     if not groups:
         raise ValueError(f"stage {stage.name}: every parameter group is frozen or empty; nothing would train")
     return groups

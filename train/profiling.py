@@ -26,8 +26,10 @@ def device_kernel_ms(events: Iterable[FunctionEvent]) -> float:
 
     Only the kernel events count: an op's self device time is its kernels' time a second time.
     """
-    return sum(event.time_range.elapsed_us() for event in events
-               if event.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    return (
+        sum(event.time_range.elapsed_us() for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+        / 1e3
+    )
 
 
 class StepProfiler:
@@ -47,7 +49,7 @@ class StepProfiler:
         self._first = 0
         self._last_finished = 0
 
-    def __enter__(self) -> "StepProfiler":
+    def __enter__(self) -> StepProfiler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -105,8 +107,10 @@ class StepProfiler:
         wall_ms = wall_s * 1e3
         summary = f"steps {self._first}-{self._first + steps - 1}: {wall_ms / steps:.1f} ms of wall clock a step; "
         if self.device.type == "cuda":
-            summary += (f"device kernels {device_ms / steps:.1f} ms a step ({100 * device_ms / wall_ms:.0f}% of the "
-                        "wall clock, streams summed); ")
+            summary += (
+                f"device kernels {device_ms / steps:.1f} ms a step ({100 * device_ms / wall_ms:.0f}% of the "
+                "wall clock, streams summed); "
+            )
         summary += f"profiled host ops {host_ms / steps:.1f} ms a step"
         sort_key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         tables = [averages.table(sort_by=sort_key, row_limit=40)]

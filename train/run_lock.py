@@ -66,7 +66,8 @@ class RunFolderLock:
         except (ValueError, KeyError, TypeError) as error:
             raise RunFolderLockedError(
                 f"{self.path} is not a lock this program wrote ({error}); if no launch uses {self.path.parent}, "
-                "delete that file and launch again") from error
+                "delete that file and launch again"
+            ) from error
         if host == self.owner["host"] and not _process_alive(pid):
             logger.warning("%s: removing the stale lock of process %d, which no longer runs", self.path, pid)
             self.path.unlink(missing_ok=True)
@@ -74,7 +75,8 @@ class RunFolderLock:
         where = "this host" if host == self.owner["host"] else f"host {host}"
         raise RunFolderLockedError(
             f"{self.path.parent} is in use by process {pid} on {where} (lock file {self.path}). Wait for that launch "
-            f"to finish or stop it; if it is gone (say, its host crashed), delete {self.path} and launch again")
+            f"to finish or stop it; if it is gone (say, its host crashed), delete {self.path} and launch again"
+        )
 
     def release(self) -> None:
         try:
@@ -88,6 +90,7 @@ class RunFolderLock:
         self.acquire()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.release()

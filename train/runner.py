@@ -108,8 +108,10 @@ def previous_export(recipe: Recipe, stage: StageConfig, run_dir: Path) -> Path |
         return None
     path = export_dir(run_dir, recipe.stages[index - 1].name)
     if stage.init_from == "previous" and not is_complete_export(path):
-        raise RuntimeError(f"stage {stage.name} starts from the export of {recipe.stages[index - 1].name}, "
-                           f"which does not exist yet ({path}); run that stage first")
+        raise RuntimeError(
+            f"stage {stage.name} starts from the export of {recipe.stages[index - 1].name}, "
+            f"which does not exist yet ({path}); run that stage first"
+        )
     return path
 
 
@@ -171,8 +173,7 @@ def prepare_run(recipe: Recipe, stages: list[StageConfig], run_dir: Path, contex
     return tokenizer_dir
 
 
-def check_stage_recipes(recipe: Recipe, stages: list[StageConfig], run_dir: Path,
-                        context: DistributedContext) -> None:
+def check_stage_recipes(recipe: Recipe, stages: list[StageConfig], run_dir: Path, context: DistributedContext) -> None:
     """Every stage folder that exists was made with the stages' current settings (rank 0 reads;
     every rank raises `StageRecipeChangedError` if not)."""
     failure = None
@@ -195,8 +196,9 @@ def run_stages(recipe: Recipe, stages: list[StageConfig], context: DistributedCo
         run_stage(recipe, stage, run_dir, tokenizer_dir, vocab_size, context)
 
 
-def run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: Path, vocab_size: int,
-              context: DistributedContext) -> Path:
+def run_stage(
+    recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: Path, vocab_size: int, context: DistributedContext
+) -> Path:
     """Train `stage` of `recipe` from its starting point (the previous stage's export or the
     backbone) and return its export; a stage whose export is complete is skipped. The one stage
     step of `run_stages`, public for drivers that change a recipe between stages."""
@@ -208,8 +210,9 @@ def run_stage(recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: 
         record_stage_recipe(stage_dir(run_dir, stage.name), recipe, stage)
     trainer = None
     try:
-        trainer = StageTrainer(recipe, stage, run_dir, tokenizer_dir, vocab_size,
-                               previous_export(recipe, stage, run_dir), context)
+        trainer = StageTrainer(
+            recipe, stage, run_dir, tokenizer_dir, vocab_size, previous_export(recipe, stage, run_dir), context
+        )
         trainer.run()
     except StageInterruptedError:
         raise
@@ -263,10 +266,16 @@ def stop_on_interrupt(entry: Callable[[], int]) -> int:
         return entry()
     except KeyboardInterrupt as interrupt:
         if int(os.environ.get("RANK", "0")) == 0:
-            where = (interrupt.where() if isinstance(interrupt, StageInterruptedError)
-                     else "while preparing the run (tokenizer, data builds)")
-            logger.warning("interrupted %s; run the same command again to resume (finished stages are skipped, "
-                           "a stopped stage continues from its newest checkpoint)", where)
+            where = (
+                interrupt.where()
+                if isinstance(interrupt, StageInterruptedError)
+                else "while preparing the run (tokenizer, data builds)"
+            )
+            logger.warning(
+                "interrupted %s; run the same command again to resume (finished stages are skipped, "
+                "a stopped stage continues from its newest checkpoint)",
+                where,
+            )
         return INTERRUPTED_EXIT_CODE
 
 

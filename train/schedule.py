@@ -23,7 +23,7 @@ class LRMultiplier:
     final_ratio: float
 
     @classmethod
-    def from_config(cls, config: ScheduleConfig, total_steps: int) -> "LRMultiplier":
+    def from_config(cls, config: ScheduleConfig, total_steps: int) -> LRMultiplier:
         return cls(total_steps, config.warmup_steps, config.anneal, config.final_lr_ratio)
 
     def __call__(self, step: int) -> float:

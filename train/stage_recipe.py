@@ -28,12 +28,17 @@ class StageRecipeChangedError(RuntimeError):
 def stage_recipe(recipe: Recipe, stage: StageConfig) -> dict[str, Any]:
     """The recorded settings of `stage` as plain JSON values."""
     fields = {key: value for key, value in dataclasses.asdict(stage).items() if key not in UNRECORDED_STAGE_FIELDS}
-    return json.loads(json.dumps({
-        "stage": fields,
-        "model": dataclasses.asdict(recipe.model),
-        "seed": recipe.run.seed,
-        "sources": {name: recipe.data.sources[name] for name in stage.sources},
-    }, sort_keys=True))
+    return json.loads(
+        json.dumps(
+            {
+                "stage": fields,
+                "model": dataclasses.asdict(recipe.model),
+                "seed": recipe.run.seed,
+                "sources": {name: recipe.data.sources[name] for name in stage.sources},
+            },
+            sort_keys=True,
+        )
+    )
 
 
 def differences(saved: Any, current: Any, path: str = "") -> list[str]:
@@ -44,8 +49,11 @@ def differences(saved: Any, current: Any, path: str = "") -> list[str]:
             found += differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
         return found
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [line for index, (old, new) in enumerate(zip(saved, current))
-                for line in differences(old, new, f"{path}.{index}")]
+        return [
+            line
+            for index, (old, new) in enumerate(zip(saved, current))
+            for line in differences(old, new, f"{path}.{index}")
+        ]
     return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]
 
 
@@ -59,7 +67,8 @@ def check_stage_recipe(stage_folder: Path, recipe: Recipe, stage: StageConfig) -
         raise StageRecipeChangedError(
             f"stage {stage.name}: {stage_folder} was trained with other settings ({'; '.join(changed)}). "
             f"Restore them to resume or reuse it, or set run.output_dir to a new folder (or move "
-            f"{stage_folder} away) to train the stage with the new ones")
+            f"{stage_folder} away) to train the stage with the new ones"
+        )
 
 
 def record_stage_recipe(stage_folder: Path, recipe: Recipe, stage: StageConfig) -> None:

@@ -33,7 +33,9 @@ def train_tiny_tokenizer(
     backend = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if individual_digits else byte_level
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if individual_digits
+        else byte_level
     )
     backend.decoder = decoders.ByteLevel()
     specials = list(dict.fromkeys([EOS_TOKEN, *special_tokens]))
@@ -67,7 +69,9 @@ def prepare_tokenizer(
     else:
         if tiny_texts is None:
             raise ValueError("no tokenizer path given and no texts to train a tiny tokenizer on")
-        tokenizer = HuggingFaceTokenizer(train_tiny_tokenizer(tiny_texts, tiny_vocab_size, special_strings, tiny_individual_digits))
+        tokenizer = HuggingFaceTokenizer(
+            train_tiny_tokenizer(tiny_texts, tiny_vocab_size, special_strings, tiny_individual_digits)
+        )
         logger.info("trained a tiny byte-level BPE tokenizer with %d ids", tokenizer.vocab_size)
     tokenizer.ensure_special_tokens(special_strings)
     staging = directory.with_name(directory.name + ".partial")
@@ -82,4 +86,3 @@ def load_saved(directory: Path, special_strings: list[str]) -> TextTokenizer:
     tokenizer = load_tokenizer(directory)
     tokenizer.ensure_special_tokens(special_strings)
     return tokenizer
-

@@ -14,8 +14,17 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 # Keys of a training record that `stage_curves` keeps; an evaluation record holds the first six as `eval/<key>`.
-CURVE_KEYS = ("loss", "lm_loss", "aux_loss", "recall@1", "recall@5", "recall@10", "tokens_per_s_per_device", "mfu",
-              "memory_gb")
+CURVE_KEYS = (
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "tokens_per_s_per_device",
+    "mfu",
+    "memory_gb",
+)
 
 
 def wandb_key_configured() -> bool:
@@ -61,7 +70,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             if number == len(lines):  # no newline after it: the write was cut short
                 logger.warning("%s:%d: dropped a torn last line (%s)", path, number, error)
                 continue
-            raise MetricsFileError(f"{path}:{number}: not a metrics record ({error}); fix or remove the line")
+            raise MetricsFileError(
+                f"{path}:{number}: not a metrics record ({error}); fix or remove the line"
+            ) from error
         records.append(record)
     return records
 
@@ -69,8 +80,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 class MetricsLogger:
     """Appends one JSON line per logged step and forwards the same record to W&B."""
 
-    def __init__(self, stage_dir: Path, wandb_mode: str, project: str, run_name: str,
-                 config: dict[str, Any], wandb_run_id: str | None) -> None:
+    def __init__(
+        self,
+        stage_dir: Path,
+        wandb_mode: str,
+        project: str,
+        run_name: str,
+        config: dict[str, Any],
+        wandb_run_id: str | None,
+    ) -> None:
         self.path = stage_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run = None
@@ -130,9 +148,13 @@ def stage_curves(run_dir: Path, stage_names: list[str]) -> list[dict[str, Any]]:
             continue
         train = [{"step": r["step"], **{k: r.get(k) for k in CURVE_KEYS}} for r in records if "loss" in r]
         evals = [
-            {"step": r["step"], **{k: r.get(f"eval/{k}") for k in CURVE_KEYS[:6]},
-             **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/recall@1/layer_")}}
-            for r in records if "eval/loss" in r
+            {
+                "step": r["step"],
+                **{k: r.get(f"eval/{k}") for k in CURVE_KEYS[:6]},
+                **{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/recall@1/layer_")},
+            }
+            for r in records
+            if "eval/loss" in r
         ]
         curves.append({"stage": name, "train": train, "eval": evals})
     return curves

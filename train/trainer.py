@@ -62,8 +62,10 @@ class DivergenceMonitor:
         elif config.loss_spike_factor is not None and len(self.recent) == self.recent.maxlen:
             mean = sum(self.recent) / len(self.recent)
             if loss > config.loss_spike_factor * mean:
-                reason = (f"loss {loss:.4g} > divergence.loss_spike_factor {config.loss_spike_factor} x the mean "
-                          f"{mean:.4g} of the previous {len(self.recent)} steps")
+                reason = (
+                    f"loss {loss:.4g} > divergence.loss_spike_factor {config.loss_spike_factor} x the mean "
+                    f"{mean:.4g} of the previous {len(self.recent)} steps"
+                )
         if reason is None:
             self.recent.append(loss)
         return reason
@@ -108,8 +110,9 @@ class StepMetrics:
 
     def __init__(self, num_router_layers: int, device: torch.device) -> None:
         self.layers = num_router_layers
-        self.values = torch.zeros(self.HEAD + 2 * len(RECALL_KEYS) * num_router_layers, dtype=torch.float64,
-                                  device=device)
+        self.values = torch.zeros(
+            self.HEAD + 2 * len(RECALL_KEYS) * num_router_layers, dtype=torch.float64, device=device
+        )
 
     def add(self, loss: torch.Tensor, output: Any, memory_pairs: torch.Tensor | float = 0.0) -> None:
         values = self.values
@@ -125,8 +128,8 @@ class StepMetrics:
                 recall = output.router_recall[key].detach().double()
                 finite = torch.isfinite(recall)
                 start = self.HEAD + 2 * index * self.layers
-                values[start:start + self.layers] += torch.where(finite, recall, torch.zeros_like(recall))
-                values[start + self.layers:start + 2 * self.layers] += finite.double()
+                values[start : start + self.layers] += torch.where(finite, recall, torch.zeros_like(recall))
+                values[start + self.layers : start + 2 * self.layers] += finite.double()
 
     def reduce(self, router_layers: list[int]) -> dict[str, float]:
         """Means over micro-batches and ranks (a host sync; once per optimizer step); `memory_pairs`
@@ -134,13 +137,16 @@ class StepMetrics:
         dist.all_reduce(self.values)
         values = self.values.cpu().tolist()
         micro = values[4]
-        result = {"loss": values[0] / micro, "lm_loss": values[1] / micro,
-                  "aux_loss": values[2] / values[3] if values[3] else float("nan"),
-                  "memory_pairs": values[5] / dist.get_world_size()}
+        result = {
+            "loss": values[0] / micro,
+            "lm_loss": values[1] / micro,
+            "aux_loss": values[2] / values[3] if values[3] else float("nan"),
+            "memory_pairs": values[5] / dist.get_world_size(),
+        }
         for index, key in enumerate(RECALL_KEYS):
             start = self.HEAD + 2 * index * self.layers
-            sums = values[start:start + self.layers]
-            counts = values[start + self.layers:start + 2 * self.layers]
+            sums = values[start : start + self.layers]
+            counts = values[start + self.layers : start + 2 * self.layers]
             per_layer = [s / c if c else float("nan") for s, c in zip(sums, counts)]
             for layer, value in zip(router_layers, per_layer):
                 result[f"{key}/layer_{layer}"] = value
@@ -174,15 +180,20 @@ def configure_layer_execution(model: Any, recipe: Recipe, stage: StageConfig | N
     if offloaded > layers:
         raise ValueError(f"activations.offloaded_layers={offloaded} but the model has {layers} layers")
     if checkpointed is not None and offloaded + checkpointed > layers:
-        raise ValueError(f"activations.checkpointed_layers={checkpointed} (after {offloaded} offloaded) "
-                         f"but the model has {layers} layers")
+        raise ValueError(
+            f"activations.checkpointed_layers={checkpointed} (after {offloaded} offloaded) "
+            f"but the model has {layers} layers"
+        )
     if activations.checkpointing:
         recomputed = layers - offloaded if checkpointed is None else checkpointed
         if activations.saved_attention_layers > recomputed:
-            raise ValueError(f"activations.saved_attention_layers={activations.saved_attention_layers} but only "
-                             f"{recomputed} layers are recomputed ({layers} layers, {offloaded} offloaded)")
-        apply_activation_checkpointing(model, layers=recomputed, start=offloaded,
-                                       keep_attention_layers=activations.saved_attention_layers)
+            raise ValueError(
+                f"activations.saved_attention_layers={activations.saved_attention_layers} but only "
+                f"{recomputed} layers are recomputed ({layers} layers, {offloaded} offloaded)"
+            )
+        apply_activation_checkpointing(
+            model, layers=recomputed, start=offloaded, keep_attention_layers=activations.saved_attention_layers
+        )
     # After checkpointing, so that the offload's prefetch hooks sit outside the recomputation.
     if offloaded:
         apply_activation_offload(model, layers=offloaded, prefetch_layers=activations.offload_prefetch_layers)
@@ -199,8 +210,16 @@ def seed_everything(seed: int) -> None:
 class StageTrainer:
     """Trains one stage from its starting model (or its latest checkpoint) to its budget, then exports."""
 
-    def __init__(self, recipe: Recipe, stage: StageConfig, run_dir: Path, tokenizer_dir: Path, vocab_size: int,
-                 previous_export: Path | None, context: DistributedContext) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        stage: StageConfig,
+        run_dir: Path,
+        tokenizer_dir: Path,
+        vocab_size: int,
+        previous_export: Path | None,
+        context: DistributedContext,
+    ) -> None:
         self.recipe = recipe
         self.stage = stage
         self.run_dir = run_dir
@@ -209,8 +228,9 @@ class StageTrainer:
         self.context = context
         self.total_steps = total_steps(stage)
 
-        model = load_stage_model(stage.init_from, recipe.model, previous_export, vocab_size, recipe.run.seed,
-                                 context.device)
+        model = load_stage_model(
+            stage.init_from, recipe.model, previous_export, vocab_size, recipe.run.seed, context.device
+        )
         # The trainer weighs the losses itself; the config copy makes the export record the weights.
         model.config.lm_loss_weight = stage.loss_weights.lm
         model.config.aux_loss_weight = stage.loss_weights.aux
@@ -229,13 +249,21 @@ class StageTrainer:
         groups = parameter_groups(model, stage)
         self.group_names = [group["name"] for group in groups]
         self.rows_per_micro, self.accumulation = batch_geometry(stage, context.world_size)
-        ds_config = deepspeed_config(recipe, stage, self.rows_per_micro, self.accumulation, context.world_size,
-                                     context.on_cpu)
+        ds_config = deepspeed_config(
+            recipe, stage, self.rows_per_micro, self.accumulation, context.world_size, context.on_cpu
+        )
         self.engine, self.scheduler = initialize_engine(
-            model, groups, ds_config, LRMultiplier.from_config(stage.schedule, self.total_steps))
-        logger.info("stage %s: %d steps, %d rows/micro-batch x %d accumulation x %d ranks, ZeRO-%d",
-                    stage.name, self.total_steps, self.rows_per_micro, self.accumulation, context.world_size,
-                    recipe.deepspeed.zero_stage)
+            model, groups, ds_config, LRMultiplier.from_config(stage.schedule, self.total_steps)
+        )
+        logger.info(
+            "stage %s: %d steps, %d rows/micro-batch x %d accumulation x %d ranks, ZeRO-%d",
+            stage.name,
+            self.total_steps,
+            self.rows_per_micro,
+            self.accumulation,
+            context.world_size,
+            recipe.deepspeed.zero_stage,
+        )
         # Per-rank streams of random numbers, after the (identical) model initialisation.
         seed_everything(recipe.run.seed * 1000 + context.rank)
         self.stream = PrefetchingStream(self._stream(stage.sources, seed=recipe.run.seed), context.device)
@@ -246,8 +274,15 @@ class StageTrainer:
 
     def _stream(self, sources: dict[str, float], seed: int) -> MicroBatchStream:
         return MicroBatchStream(
-            sources, self.stage.row_length, self.rows_per_micro, self.run_dir,
-            LayoutSettings.from_model_config(self.model_config), seed, self.context.rank, self.context.world_size)
+            sources,
+            self.stage.row_length,
+            self.rows_per_micro,
+            self.run_dir,
+            LayoutSettings.from_model_config(self.model_config),
+            seed,
+            self.context.rank,
+            self.context.world_size,
+        )
 
     def resume(self) -> None:
         """Continue from the stage's newest complete checkpoint, if any."""
@@ -259,23 +294,36 @@ class StageTrainer:
             self.stream.load_state_dict(saved["data"])
             restore_rng_state(saved["rng"])
         except (ValueError, TypeError, KeyError) as error:
-            raise CheckpointError(f"checkpoint {saved['path']}: its trainer state does not fit this stage "
-                                  f"({error!r}); move that folder away to resume from the next older one") from error
+            raise CheckpointError(
+                f"checkpoint {saved['path']}: its trainer state does not fit this stage "
+                f"({error!r}); move that folder away to resume from the next older one"
+            ) from error
 
     def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.engine, self.state.step, {
-            "step": self.state.step,
-            "stage_state": dataclasses.asdict(self.state),
-            "data": self.stream.state_dict(),
-            "rng": capture_rng_state(),
-        })
+        self.checkpoints.save(
+            self.engine,
+            self.state.step,
+            {
+                "step": self.state.step,
+                "stage_state": dataclasses.asdict(self.state),
+                "data": self.stream.state_dict(),
+                "rng": capture_rng_state(),
+            },
+        )
 
     def run(self) -> Path:
         """Train to the budget, then export; returns the export folder."""
         self.train()
-        return export_stage(self.engine, self.recipe.deepspeed.zero_stage, export_dir(self.run_dir, self.stage.name),
-                            self.tokenizer_dir, recipe_to_yaml(self.recipe), self.context,
-                            self.stage.lora.export if self.stage.lora is not None else None, self.base_checkpoint)
+        return export_stage(
+            self.engine,
+            self.recipe.deepspeed.zero_stage,
+            export_dir(self.run_dir, self.stage.name),
+            self.tokenizer_dir,
+            recipe_to_yaml(self.recipe),
+            self.context,
+            self.stage.lora.export if self.stage.lora is not None else None,
+            self.base_checkpoint,
+        )
 
     def train(self) -> None:
         """Resume from the newest checkpoint, if any, and train to the budget (no export)."""
@@ -287,8 +335,13 @@ class StageTrainer:
             if self.state.wandb_run_id is None and run_id_file.is_file():
                 self.state.wandb_run_id = run_id_file.read_text().strip() or None
             self.metrics = MetricsLogger(
-                self.dir, resolve_wandb_mode(tracking.wandb), tracking.project,
-                f"{self.recipe.run.name}/{self.stage.name}", dataclasses.asdict(self.stage), self.state.wandb_run_id)
+                self.dir,
+                resolve_wandb_mode(tracking.wandb),
+                tracking.project,
+                f"{self.recipe.run.name}/{self.stage.name}",
+                dataclasses.asdict(self.stage),
+                self.state.wandb_run_id,
+            )
             self.metrics.truncate_after(self.state.step)
             self.state.wandb_run_id = self.metrics.wandb_run_id
             if self.state.wandb_run_id is not None:
@@ -303,11 +356,22 @@ class StageTrainer:
     def _train_loop(self) -> None:
         stage = self.stage
         budget_tokens = self.total_steps * stage.global_batch_tokens
-        progress = tqdm(total=budget_tokens, initial=self.state.tokens_seen, unit="tok", unit_scale=True,
-                        desc=stage.name, disable=not (self.context.is_main and self.recipe.tracking.progress_bar))
+        progress = tqdm(
+            total=budget_tokens,
+            initial=self.state.tokens_seen,
+            unit="tok",
+            unit_scale=True,
+            desc=stage.name,
+            disable=not (self.context.is_main and self.recipe.tracking.progress_bar),
+        )
         tracking = self.recipe.tracking
-        profiler = StepProfiler(self.dir / "profile", tracking.profile_start_step, tracking.profile_steps,
-                                self.context.device, self.context.is_main)
+        profiler = StepProfiler(
+            self.dir / "profile",
+            tracking.profile_start_step,
+            tracking.profile_steps,
+            self.context.device,
+            self.context.is_main,
+        )
         with progress, profiler:
             while self.state.step < self.total_steps:
                 profiler.step_starting(self.state.step + 1)
@@ -323,10 +387,16 @@ class StageTrainer:
                 divergence = self.divergence.check(record["loss"], record["grad_norm"]) if finite else None
                 if divergence:
                     self.state.diverged_steps += 1
-                record.update(step=self.state.step, tokens_seen=self.state.tokens_seen, tokens_budget=budget_tokens,
-                              skipped_steps=self.state.skipped_steps, diverged_steps=self.state.diverged_steps)
-                if self.metrics is not None and (self.state.step % self.recipe.tracking.log_every_steps == 0
-                                                 or not finite or divergence):
+                record.update(
+                    step=self.state.step,
+                    tokens_seen=self.state.tokens_seen,
+                    tokens_budget=budget_tokens,
+                    skipped_steps=self.state.skipped_steps,
+                    diverged_steps=self.state.diverged_steps,
+                )
+                if self.metrics is not None and (
+                    self.state.step % self.recipe.tracking.log_every_steps == 0 or not finite or divergence
+                ):
                     self.metrics.log(record)
                 if not finite:
                     self._handle_non_finite(record)
@@ -343,14 +413,18 @@ class StageTrainer:
 
     def _handle_non_finite(self, record: dict[str, Any]) -> None:
         """DeepSpeed has already discarded the update (its overflow check); stop or go on per policy."""
-        message = (f"stage {self.stage.name}: non-finite loss {record['loss']} at step {self.state.step} "
-                   f"(lm {record['lm_loss']}, aux {record['aux_loss']}, grad norm {record['grad_norm']})")
+        message = (
+            f"stage {self.stage.name}: non-finite loss {record['loss']} at step {self.state.step} "
+            f"(lm {record['lm_loss']}, aux {record['aux_loss']}, grad norm {record['grad_norm']})"
+        )
         if self.stage.nan_policy == "skip":
             logger.warning("%s; the update was skipped (nan_policy: skip)", message)
             return
         self.save_checkpoint()
-        raise NonFiniteLossError(f"{message}; checkpoint saved under {self.checkpoints.root}; "
-                                 "set nan_policy: skip in the stage to step over such batches")
+        raise NonFiniteLossError(
+            f"{message}; checkpoint saved under {self.checkpoints.root}; "
+            "set nan_policy: skip in the stage to step over such batches"
+        )
 
     def _handle_divergence(self, reason: str) -> None:
         """The update is already applied: stop without checkpointing it, or warn and go on, per policy."""
@@ -359,9 +433,11 @@ class StageTrainer:
             logger.warning("%s (divergence.policy: warn)", message)
             return
         saved = self.checkpoints.checkpoint_tags()
-        raise DivergenceError(f"{message}. Its weights are not saved; a resume starts from "
-                              f"{saved[0] if saved else 'the start of the stage'} under {self.checkpoints.root}. "
-                              "Lower the LR, or set divergence.policy: warn to go on")
+        raise DivergenceError(
+            f"{message}. Its weights are not saved; a resume starts from "
+            f"{saved[0] if saved else 'the start of the stage'} under {self.checkpoints.root}. "
+            "Lower the LR, or set divergence.policy: warn to go on"
+        )
 
     def _train_step(self) -> dict[str, Any]:
         """One optimizer step of `accumulation` micro-batches; returns its metrics (rank-averaged)."""
@@ -409,10 +485,19 @@ class StageTrainer:
         del reduced["memory_pairs"]
         record = {f"eval/{key}": value for key, value in reduced.items()}
         layers = self.model_config.router_layers
-        per_layer = (" (" + ", ".join(f"layer {i}: {record[f'eval/recall@1/layer_{i}']:.3f}" for i in layers) + ")"
-                     if len(layers) > 1 else "")
-        logger.info("stage %s step %d eval: loss %.4f, recall@1 %.3f%s", self.stage.name, self.state.step,
-                    record["eval/loss"], record["eval/recall@1"], per_layer)
+        per_layer = (
+            " (" + ", ".join(f"layer {i}: {record[f'eval/recall@1/layer_{i}']:.3f}" for i in layers) + ")"
+            if len(layers) > 1
+            else ""
+        )
+        logger.info(
+            "stage %s step %d eval: loss %.4f, recall@1 %.3f%s",
+            self.stage.name,
+            self.state.step,
+            record["eval/loss"],
+            record["eval/recall@1"],
+            per_layer,
+        )
         if self.metrics is not None:
             self.metrics.log({"step": self.state.step, **record})
         self.state.last_eval_step = self.state.step

@@ -243,9 +243,11 @@ def merge_variants(results: dict[str, Any], earlier: list[Path]) -> None:
         if previous is None:
             raise FileNotFoundError(f"--merge {path}: no readable results file there")
         if previous.get("niah_matched") is not True:
-            raise ValueError(f"--merge {path}: its NIAH samples draw their own questions at every size (a file "
-                             "without niah_matched: true); they cannot share a table with this run's matched "
-                             "questions, so run those variants again instead of merging them")
+            raise ValueError(
+                f"--merge {path}: its NIAH samples draw their own questions at every size (a file "
+                "without niah_matched: true); they cannot share a table with this run's matched "
+                "questions, so run those variants again instead of merging them"
+            )
         mine = {
             "recipe": Path(results["recipe"]).name,
             "overrides": results["overrides"],

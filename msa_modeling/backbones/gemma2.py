@@ -13,10 +13,9 @@ What differs from Llama (read from Hugging Face's `modeling_gemma2.py`):
 
 from __future__ import annotations
 
+from torch import nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedConfig
 from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP, Gemma2RMSNorm, Gemma2RotaryEmbedding
-
-from torch import nn
 
 from .base import BackboneAdapter, config_layer_types, set_if_uninitialised
 

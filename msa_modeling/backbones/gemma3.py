@@ -42,7 +42,9 @@ def init_module(module: nn.Module) -> None:
     init_unit_norms(module)
     if isinstance(module, Gemma3RotaryEmbedding):
         for layer_type, rope_type in module.rope_type.items():
-            compute = module.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+            compute = (
+                module.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+            )
             inv_freq, _ = compute(module.config, layer_type=layer_type)
             set_if_uninitialised(getattr(module, f"{layer_type}_inv_freq"), inv_freq)
             set_if_uninitialised(getattr(module, f"{layer_type}_original_inv_freq"), inv_freq)

@@ -13,7 +13,13 @@
 from .encoder import MemoryEncoder
 from .generation import GenerationOutput, LayerRouting, MSAGenerator
 from .interleave import (
-    InterleaveFormat, InterleaveResult, MemoryInterleave, RegeneratePrompt, RetrievalRound, RoutedIdGrammar, selected_memory_ids,
+    InterleaveFormat,
+    InterleaveResult,
+    MemoryInterleave,
+    RegeneratePrompt,
+    RetrievalRound,
+    RoutedIdGrammar,
+    selected_memory_ids,
 )
 from .routing_index import RoutingIndex
 from .store import MemoryStore

@@ -43,7 +43,10 @@ class LayerStates:
 
 
 def causal_layer_states(
-    model: nn.Module, input_ids: torch.Tensor, last_layer: int, start_positions: torch.Tensor | None = None,
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    last_layer: int,
+    start_positions: torch.Tensor | None = None,
 ) -> Iterator[LayerStates]:
     """Run layers 0..last_layer over independent causal rows, yielding each layer's states; the
     last layer's attention and feed-forward are skipped (nobody reads them).
@@ -65,7 +68,10 @@ def causal_layer_states(
 
 
 def pool_padded_chunks(
-    states: torch.Tensor, lengths: torch.Tensor, chunk_size: int, present: torch.Tensor | None = None,
+    states: torch.Tensor,
+    lengths: torch.Tensor,
+    chunk_size: int,
+    present: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of [B, L, ...] states over each row's chunks of real tokens, in fp32.
 
@@ -137,8 +143,12 @@ class MemoryEncoder:
     """
 
     def __init__(
-        self, model: nn.Module, storage_dtype: torch.dtype | None = None, max_batch_tokens: int = 32768,
-        show_progress: bool = True, storage_device: torch.device | str | None = None,
+        self,
+        model: nn.Module,
+        storage_dtype: torch.dtype | None = None,
+        max_batch_tokens: int = 32768,
+        show_progress: bool = True,
+        storage_device: torch.device | str | None = None,
     ) -> None:
         config = model.config
         if not config.router_layers:
@@ -165,8 +175,13 @@ class MemoryEncoder:
             shape = (0, self.config.num_key_value_heads, self.model.model.layers[0].self_attn.head_dim)
             keys = [torch.zeros(shape, dtype=self.storage_dtype) for _ in range(self.config.num_hidden_layers)]
             values = [k.clone() for k in keys]
-        return MemoryStore(signature=model_signature(self.config), prefix_ids=ids[0].cpu(), prefix_keys=keys,
-                           prefix_values=values, model_identity=model_identity(self.model))
+        return MemoryStore(
+            signature=model_signature(self.config),
+            prefix_ids=ids[0].cpu(),
+            prefix_keys=keys,
+            prefix_values=values,
+            model_identity=model_identity(self.model),
+        )
 
     def add_documents(self, store: MemoryStore, documents: Sequence[Sequence[int]]) -> None:
         """Encode `documents` (token id lists, rendered as the model saw them in training) and append them.
@@ -209,8 +224,9 @@ class MemoryEncoder:
         progress = tqdm(total=len(documents), desc="encoding memory", unit="doc", disable=not self.show_progress)
         for batch in length_sorted_batches(lengths, self.max_batch_tokens):
             index = torch.tensor(batch, dtype=torch.long)
-            rows = torch.repeat_interleave(doc_start[index] - _offsets(num_chunks[index])[:-1], num_chunks[index]) + \
-                torch.arange(int(num_chunks[index].sum()))
+            rows = torch.repeat_interleave(
+                doc_start[index] - _offsets(num_chunks[index])[:-1], num_chunks[index]
+            ) + torch.arange(int(num_chunks[index].sum()))
             rows = rows.to(self.storage_device)
             for name, encoded in self._encode_batch([documents[i] for i in batch], [starts[i] for i in batch]).items():
                 if staging is not None:
@@ -218,8 +234,11 @@ class MemoryEncoder:
                 else:
                     encoded = encoded.to(self.storage_device)
                 if name not in stored:
-                    stored[name] = torch.empty((encoded.shape[0], int(num_chunks.sum()), *encoded.shape[2:]),
-                                               dtype=encoded.dtype, device=self.storage_device)
+                    stored[name] = torch.empty(
+                        (encoded.shape[0], int(num_chunks.sum()), *encoded.shape[2:]),
+                        dtype=encoded.dtype,
+                        device=self.storage_device,
+                    )
                 stored[name].index_copy_(1, rows, encoded)
             progress.update(len(batch))
         progress.close()

@@ -129,7 +129,9 @@ class MSAGenerator:
             model still attends to its own top_k_docs.
     """
 
-    def __init__(self, model: nn.Module, store: MemoryStore, index: RoutingIndex | None = None, trace_k: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, store: MemoryStore, index: RoutingIndex | None = None, trace_k: int = 0
+    ) -> None:
         check_signature(store.signature, model.config, "the store")
         self.model = model
         self.store = store
@@ -190,8 +192,12 @@ class MSAGenerator:
 
     @torch.no_grad()
     def generate(
-        self, query_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Collection[int] = (),
-        cache: QueryCache | None = None, route: bool | None = None,
+        self,
+        query_ids: Sequence[int],
+        max_new_tokens: int,
+        stop_token_ids: Collection[int] = (),
+        cache: QueryCache | None = None,
+        route: bool | None = None,
         allowed_tokens: Callable[[QueryCache, Sequence[int]], Collection[int] | None] | None = None,
     ) -> tuple[GenerationOutput, QueryCache]:
         """Greedy decoding after a prefill of `query_ids`, or, with `cache`, after appending them.
@@ -239,7 +245,11 @@ class MSAGenerator:
             cache.boundary = _grown(cache.boundary, capacity, cache.length)
 
     def _forward(
-        self, cache: QueryCache, ids: torch.Tensor, route: bool, known_ids: Sequence[int] | None = None,
+        self,
+        cache: QueryCache,
+        ids: torch.Tensor,
+        route: bool,
+        known_ids: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Run `ids` [1, n] after the cached segment; with `route`, (re)select in every router layer."""
         count, past = ids.shape[1], cache.length
@@ -250,7 +260,9 @@ class MSAGenerator:
             cache.routing = []
         hidden = embed_tokens(self.model, ids)
         start = past  # the segment row of hidden's first token
-        ropes = rotary_tables(self.model, hidden, (self.query_start + past + torch.arange(count, device=self.device))[None])
+        ropes = rotary_tables(
+            self.model, hidden, (self.query_start + past + torch.arange(count, device=self.device))[None]
+        )
         for index, layer in enumerate(self.model.model.layers):
             if index == self.first_router:
                 cache.boundary[past : past + count] = hidden[0]
@@ -306,9 +318,14 @@ class MSAGenerator:
         cache.routing.append(routing)
         prefix = self.prefix_keys[index].shape[0]
         context, capacity = prefix + keys.shape[0], cache.capacity
-        for buffers, prefix_part, chunks in ((cache.keys, self.prefix_keys, keys), (cache.values, self.prefix_values, values)):
+        for buffers, prefix_part, chunks in (
+            (cache.keys, self.prefix_keys, keys),
+            (cache.values, self.prefix_values, values),
+        ):
             buffer = buffers[index].new_empty((context + capacity, *buffers[index].shape[1:]))
             buffer[:prefix] = prefix_part[index]
-            buffer[prefix:context].copy_(chunks, non_blocking=True)  # asynchronous from pinned host memory or on the GPU
+            buffer[prefix:context].copy_(
+                chunks, non_blocking=True
+            )  # asynchronous from pinned host memory or on the GPU
             buffers[index] = buffer
         cache.context_lengths[index] = context

@@ -110,12 +110,16 @@ class RoutedIdGrammar:
 
     @classmethod
     def from_routing(
-        cls, routing: Sequence[LayerRouting], top_k_docs: int, protocol: InterleaveFormat,
-    ) -> "RoutedIdGrammar":
+        cls,
+        routing: Sequence[LayerRouting],
+        top_k_docs: int,
+        protocol: InterleaveFormat,
+    ) -> RoutedIdGrammar:
         """The grammar of the documents each router layer attends to (its first `top_k_docs`)."""
         ids = sorted({i for layer_ids in selected_memory_ids(routing, top_k_docs) for i in layer_ids})
-        return cls({i: list(protocol.encode_memory_id(i)) for i in ids}, protocol.delimiter_id,
-                   protocol.end_of_retrieval_id)
+        return cls(
+            {i: list(protocol.encode_memory_id(i)) for i in ids}, protocol.delimiter_id, protocol.end_of_retrieval_id
+        )
 
     def allowed_after(self, generated: Sequence[int]) -> set[int] | None:
         """Tokens allowed after `generated` (this round's tokens so far); None once off the grammar."""
@@ -188,7 +192,10 @@ class MemoryInterleave:
     """
 
     def __init__(
-        self, generator: MSAGenerator, decode: Callable[[Sequence[int]], str], protocol: InterleaveFormat,
+        self,
+        generator: MSAGenerator,
+        decode: Callable[[Sequence[int]], str],
+        protocol: InterleaveFormat,
         incremental: bool = True,
     ) -> None:
         self.generator = generator
@@ -198,7 +205,10 @@ class MemoryInterleave:
         self.id_pattern = re.compile(protocol.memory_id_pattern)
 
     def answer(
-        self, query_ids: Sequence[int], after_retrieval_ids: Sequence[int] = (), regenerate: RegeneratePrompt | None = None,
+        self,
+        query_ids: Sequence[int],
+        after_retrieval_ids: Sequence[int] = (),
+        regenerate: RegeneratePrompt | None = None,
     ) -> InterleaveResult:
         """Run the loop for a tokenised question (the query template already applied).
 
@@ -253,8 +263,9 @@ class MemoryInterleave:
         cached = cache.token_ids
         if context[: len(cached)] != cached:
             raise RuntimeError("the round cache does not hold a prefix of the context")
-        return self.generator.generate(context[len(cached) :], max_new_tokens, stops, cache=cache, route=True,
-                                       allowed_tokens=allowed)
+        return self.generator.generate(
+            context[len(cached) :], max_new_tokens, stops, cache=cache, route=True, allowed_tokens=allowed
+        )
 
     def _routed_id_constraint(self) -> Callable[[QueryCache, Sequence[int]], set[int] | None]:
         """`allowed_tokens` for one round: the grammar is built once, from the round's selection."""
@@ -283,7 +294,9 @@ class MemoryInterleave:
             tokens += self.generator.store.doc_token_ids(memory_id - 1)
         return tokens + [self.protocol.delimiter_id]
 
-    def _result(self, answer_ids: list[int], rounds: list[RetrievalRound], routing: list[LayerRouting]) -> InterleaveResult:
+    def _result(
+        self, answer_ids: list[int], rounds: list[RetrievalRound], routing: list[LayerRouting]
+    ) -> InterleaveResult:
         stops = [i for i, t in enumerate(answer_ids) if t in self.protocol.stop_token_ids]
         answer_ids = answer_ids[: stops[0]] if stops else answer_ids
         return InterleaveResult(self.decode(answer_ids).strip(), answer_ids, rounds, routing)

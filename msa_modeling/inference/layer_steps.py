@@ -28,13 +28,16 @@ def embed_tokens(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return hidden if scale is None else hidden * torch.tensor(scale).to(hidden.dtype)
 
 
-def rotary_tables(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def rotary_tables(
+    model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(cos, sin) of every layer for `positions` [B, L]: local RoPE where a layer uses it (Gemma 3)."""
     global_rope = model.model.rotary_emb(hidden, positions)
     local_module = getattr(model.model, "rotary_emb_local", None)
     local_rope = local_module(hidden, positions) if local_module is not None else None
     return [
-        local_rope if getattr(layer.self_attn, "uses_local_rope", False) else global_rope for layer in model.model.layers
+        local_rope if getattr(layer.self_attn, "uses_local_rope", False) else global_rope
+        for layer in model.model.layers
     ]
 
 
@@ -46,7 +49,11 @@ def attention_residual(layer: nn.Module, hidden_states: torch.Tensor, attended: 
 
 
 def attend(
-    layer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+    layer: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
     is_causal: bool = False,
 ) -> torch.Tensor:
     """The layer's grouped-query attention on [B, L, heads, D] tensors; `mask` [L, K] bool (True = visible)."""
@@ -61,8 +68,9 @@ def attend(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if softcap is None:
         with sdpa_kernel(_SDPA_BACKENDS_WITHOUT_CUDNN):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                 scale=attention.scaling, enable_gqa=True)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=attention.scaling, enable_gqa=True
+            )
         return out.transpose(1, 2)
     # SDPA has no logit soft-cap (Gemma 2): training's explicit-score attention, so that both
     # round the scores alike.

@@ -89,7 +89,9 @@ class IndexShard:
         keys = self.routing_keys[layer_slot]
         k = min(k, self.num_docs)
         if self._low_bits is None:
-            self._low_bits = (1 << 32) - 1 - torch.arange(self.first_doc, self.first_doc + self.num_docs, device=self.device)
+            self._low_bits = (
+                (1 << 32) - 1 - torch.arange(self.first_doc, self.first_doc + self.num_docs, device=self.device)
+            )
         queries = grouped_queries.to(self.device, keys.dtype, non_blocking=True)
         doc_scores = torch.full((self.num_docs,), float("-inf"), device=self.device)
         for start in range(0, keys.shape[0], tile_size):
@@ -130,9 +132,12 @@ class RoutingIndex:
 
     @classmethod
     def from_store(
-        cls, store, devices: Sequence[torch.device | str] | None = None, dtype: torch.dtype | None = None,
+        cls,
+        store,
+        devices: Sequence[torch.device | str] | None = None,
+        dtype: torch.dtype | None = None,
         tile_size: int = 65536,
-    ) -> "RoutingIndex":
+    ) -> RoutingIndex:
         """Copy a `MemoryStore`'s routing keys to `devices` (default: every visible GPU, else the CPU)."""
         if devices is None:
             devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
@@ -142,17 +147,23 @@ class RoutingIndex:
         shards = []
         for device, first, end in zip(devices, bounds[:-1], bounds[1:]):
             chunk_start, chunk_end = int(store.doc_chunk_offsets[first]), int(store.doc_chunk_offsets[end])
-            shards.append(IndexShard(
-                device=device,
-                first_doc=first,
-                num_docs=end - first,
-                chunk_doc=(chunk_doc[chunk_start:chunk_end] - first).to(device),
-                routing_keys=[keys[chunk_start:chunk_end].to(device, dtype or keys.dtype) for keys in store.routing_keys],
-            ))
+            shards.append(
+                IndexShard(
+                    device=device,
+                    first_doc=first,
+                    num_docs=end - first,
+                    chunk_doc=(chunk_doc[chunk_start:chunk_end] - first).to(device),
+                    routing_keys=[
+                        keys[chunk_start:chunk_end].to(device, dtype or keys.dtype) for keys in store.routing_keys
+                    ],
+                )
+            )
         logger.info("routing index: %d documents over %s", store.num_docs, [str(d) for d in devices])
         return cls(shards, tile_size)
 
-    def top_documents(self, layer_slot: int, grouped_queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_documents(
+        self, layer_slot: int, grouped_queries: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores fp32 [k'], document indices [k']) best first, k' = min(k, documents), on the first shard's device.
 
         On one device nothing waits for it: the caller's first read of the result does. On
@@ -167,8 +178,11 @@ class RoutingIndex:
             except RuntimeError:
                 # Whatever stops the threaded path (pinned memory, events), the plain path below
                 # gives the same documents: use it from now on.
-                logger.exception("routing over %d GPUs with host-side merging failed; merging on %s instead",
-                                 len(active), self.shards[0].device)
+                logger.exception(
+                    "routing over %d GPUs with host-side merging failed; merging on %s instead",
+                    len(active),
+                    self.shards[0].device,
+                )
                 self._pool = None
         results = [shard.top_documents(layer_slot, grouped_queries, k, self.tile_size) for shard in active]
         if len(results) == 1:

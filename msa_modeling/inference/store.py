@@ -70,11 +70,15 @@ def _read_verified(path: Path, entry: dict, what: str) -> dict[str, torch.Tensor
     except FileNotFoundError:
         raise ValueError(f"{path}: {what} is missing") from None
     if "bytes" in entry and len(data) != entry["bytes"]:
-        raise ValueError(f"{path}: {what} has {len(data)} bytes, the manifest says {entry['bytes']} "
-                         "(truncated or replaced); re-encode the memory or restore the file")
+        raise ValueError(
+            f"{path}: {what} has {len(data)} bytes, the manifest says {entry['bytes']} "
+            "(truncated or replaced); re-encode the memory or restore the file"
+        )
     if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{path}: {what} does not match its SHA-256 in the manifest (corrupt); re-encode the memory "
-                         "or restore the file")
+        raise ValueError(
+            f"{path}: {what} does not match its SHA-256 in the manifest (corrupt); re-encode the memory "
+            "or restore the file"
+        )
     try:
         return load_safetensors(data)
     except (SafetensorError, ValueError) as error:
@@ -192,7 +196,14 @@ class MemoryStore:
 
     def nbytes(self) -> int:
         """Bytes of every tensor of the memory, wherever they live (see `device`)."""
-        tensors = [*self.keys, *self.values, *self.routing_keys, *self.prefix_keys, *self.prefix_values, self.doc_tokens]
+        tensors = [
+            *self.keys,
+            *self.values,
+            *self.routing_keys,
+            *self.prefix_keys,
+            *self.prefix_values,
+            self.doc_tokens,
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def extend(self, encoded: EncodedDocuments) -> None:
@@ -200,14 +211,16 @@ class MemoryStore:
         if encoded.doc_num_chunks.numel() == 0:
             return
         lengths = torch.tensor([t.numel() for t in encoded.doc_tokens], dtype=torch.long)
-        self.doc_chunk_offsets = torch.cat([self.doc_chunk_offsets, self.num_chunks + torch.cumsum(encoded.doc_num_chunks, 0)])
+        self.doc_chunk_offsets = torch.cat(
+            [self.doc_chunk_offsets, self.num_chunks + torch.cumsum(encoded.doc_num_chunks, 0)]
+        )
         self.doc_token_offsets = torch.cat([self.doc_token_offsets, self.num_tokens + torch.cumsum(lengths, 0)])
         self.doc_tokens = torch.cat([self.doc_tokens, *encoded.doc_tokens])
         for name in ("keys", "values", "routing_keys"):
             old, new = getattr(self, name), getattr(encoded, name)
             setattr(self, name, [torch.cat([a, b]) for a, b in zip(old, new)] if old else list(new))
 
-    def pin_memory(self) -> "MemoryStore":
+    def pin_memory(self) -> MemoryStore:
         """Page-lock the content K̄/V̄ on the host, so that copies of selected documents to a GPU are
         asynchronous (a memory already on a GPU is left as it is)."""
         if self.device.type == "cpu":
@@ -224,8 +237,9 @@ class MemoryStore:
         keys, values = self.keys[layer_slot], self.values[layer_slot]
         chunk_index = chunk_index.to(keys.device)
         pinned = keys.device.type == "cpu" and keys.is_pinned()
-        out_keys = torch.empty((chunk_index.numel(), *keys.shape[1:]), dtype=keys.dtype, device=keys.device,
-                               pin_memory=pinned)
+        out_keys = torch.empty(
+            (chunk_index.numel(), *keys.shape[1:]), dtype=keys.dtype, device=keys.device, pin_memory=pinned
+        )
         out_values = torch.empty_like(out_keys, pin_memory=pinned)
         torch.index_select(keys, 0, chunk_index, out=out_keys)
         torch.index_select(values, 0, chunk_index, out=out_values)
@@ -275,12 +289,24 @@ class MemoryStore:
             tensors[f"routing_keys.{layer}"] = self.routing_keys[slot][chunk_start:chunk_end]
         name = f"docs-{first:012d}-{end:012d}.safetensors"
         _atomic_save(tensors, directory / name)
-        return {"file": name, "first_doc": first, "num_docs": end - first, "num_chunks": chunk_end - chunk_start,
-                "num_tokens": token_end - token_start, **_file_entry(directory / name)}
+        return {
+            "file": name,
+            "first_doc": first,
+            "num_docs": end - first,
+            "num_chunks": chunk_end - chunk_start,
+            "num_tokens": token_end - token_start,
+            **_file_entry(directory / name),
+        }
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, config=None, pin_memory: bool = False,
-             model: torch.nn.Module | None = None, allow_other_model: bool = False) -> "MemoryStore":
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        config=None,
+        pin_memory: bool = False,
+        model: torch.nn.Module | None = None,
+        allow_other_model: bool = False,
+    ) -> MemoryStore:
         """Read a saved memory, each file checked against the manifest's size and SHA-256.
 
         With `config`, check that it was encoded for that model's shape; with `model`, that it was
@@ -297,11 +323,12 @@ class MemoryStore:
         if config is not None:
             check_signature(manifest["signature"], config, str(directory))
         recorded = manifest.get("model_identity")
-        if model is not None and recorded is not None and not allow_other_model:
-            if model_identity(model) != recorded:
-                raise ValueError(f"{directory}: the memory was encoded by other weights than this model's (model "
-                                 "identity differs); re-encode it with this model, or pass allow_other_model=True "
-                                 "to use it anyway")
+        if model is not None and recorded is not None and not allow_other_model and model_identity(model) != recorded:
+            raise ValueError(
+                f"{directory}: the memory was encoded by other weights than this model's (model "
+                "identity differs); re-encode it with this model, or pass allow_other_model=True "
+                "to use it anyway"
+            )
         if "prefix" not in manifest:
             logger.warning("%s: memory saved without checksums; its files are not verified", directory)
         prefix = _read_verified(directory / PREFIX_FILE, manifest.get("prefix", {}), "the prefix file")
@@ -317,28 +344,37 @@ class MemoryStore:
         for shard in manifest["shards"]:
             path = directory / shard["file"]
             part = _read_verified(path, shard, "a document shard")
-            found = {"num_docs": part["doc_num_chunks"].numel(), "num_chunks": int(part["doc_num_chunks"].sum()),
-                     "num_tokens": part["doc_tokens"].numel()}
+            found = {
+                "num_docs": part["doc_num_chunks"].numel(),
+                "num_chunks": int(part["doc_num_chunks"].sum()),
+                "num_tokens": part["doc_tokens"].numel(),
+            }
             wrong = {key: value for key, value in found.items() if value != shard[key]}
             if wrong:
-                raise ValueError(f"{path}: the shard holds {wrong}, the manifest says "
-                                 f"{ {key: shard[key] for key in wrong} }; re-encode the memory")
+                raise ValueError(
+                    f"{path}: the shard holds {wrong}, the manifest says "
+                    f"{ {key: shard[key] for key in wrong} }; re-encode the memory"
+                )
             parts.append(part)
         if parts:
             layers = store.router_layers
             # One concatenation for all shards: extending shard by shard would copy O(shards^2).
-            store.extend(EncodedDocuments(
-                doc_num_chunks=torch.cat([p["doc_num_chunks"] for p in parts]),
-                doc_tokens=[t for p in parts for t in torch.split(p["doc_tokens"], p["doc_num_tokens"].tolist())],
-                keys=[torch.cat([p[f"keys.{layer}"] for p in parts]) for layer in layers],
-                values=[torch.cat([p[f"values.{layer}"] for p in parts]) for layer in layers],
-                routing_keys=[torch.cat([p[f"routing_keys.{layer}"] for p in parts]) for layer in layers],
-            ))
+            store.extend(
+                EncodedDocuments(
+                    doc_num_chunks=torch.cat([p["doc_num_chunks"] for p in parts]),
+                    doc_tokens=[t for p in parts for t in torch.split(p["doc_tokens"], p["doc_num_tokens"].tolist())],
+                    keys=[torch.cat([p[f"keys.{layer}"] for p in parts]) for layer in layers],
+                    values=[torch.cat([p[f"values.{layer}"] for p in parts]) for layer in layers],
+                    routing_keys=[torch.cat([p[f"routing_keys.{layer}"] for p in parts]) for layer in layers],
+                )
+            )
         totals = {"num_docs": store.num_docs, "num_chunks": store.num_chunks, "num_tokens": store.num_tokens}
         wrong = {key: value for key, value in totals.items() if value != manifest[key]}
         if wrong:
-            raise ValueError(f"{directory / MANIFEST}: the shards hold {wrong}, the manifest says "
-                             f"{ {key: manifest[key] for key in wrong} }; re-encode the memory")
+            raise ValueError(
+                f"{directory / MANIFEST}: the shards hold {wrong}, the manifest says "
+                f"{ {key: manifest[key] for key in wrong} }; re-encode the memory"
+            )
         store.shards = list(manifest["shards"])
         logger.info("loaded memory of %d documents (%d tokens) from %s", store.num_docs, store.num_tokens, directory)
         return store.pin_memory() if pin_memory else store
