@@ -153,6 +153,7 @@ class CheckpointManager:
         self.root = root
         self.keep_last = keep_last
         self.context = context
+        self.saved_steps: set[int] = set()  # steps this process saved
 
     def checkpoint_tags(self) -> list[str]:
         """Checkpoint folders on disk, newest first (whether valid or not)."""
@@ -206,7 +207,8 @@ class CheckpointManager:
                 stale = partial_root / f"{tag}.replaced"
                 shutil.rmtree(stale, ignore_errors=True)
                 os.rename(final, stale)
-                logger.warning("checkpoint %s existed from an earlier attempt; replaced", final)
+                if step not in self.saved_steps:  # else the stage's closing save, which records its final evaluation
+                    logger.warning("checkpoint %s existed from an earlier attempt; replaced", final)
                 os.rename(staging, final)
                 shutil.rmtree(stale)
             else:
@@ -215,6 +217,7 @@ class CheckpointManager:
             self._move_recovery_scripts(partial_root)
             self._remove_old(keep=tag)
             logger.info("checkpoint %s saved", final)
+        self.saved_steps.add(step)
         barrier()
         return final
 

@@ -103,6 +103,9 @@ class MetricsLogger:
                 mode=wandb_mode,
                 dir=str(stage_dir),
                 config=config,
+                # W&B's own banner and end-of-run history table would interleave with the trainer's
+                # log and progress bar; the trainer logs the run's id and folder itself.
+                settings=wandb.Settings(quiet=True),
             )
             logger.info("W&B run %s (%s) in %s", self.run.id, wandb_mode, stage_dir / "wandb")
 
