@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from batches import FAMILIES, VOCAB, tiny_backbone, tiny_msa
-from test_inference import encoded_store, random_memory
+from memories import encoded_store, random_memory
 from transformers import DynamicCache, GenerationConfig, TextIteratorStreamer, pipeline
 
 from msa_modeling import MSAForCausalLM

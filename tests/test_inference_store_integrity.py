@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from batches import tiny_msa
-from test_inference import random_memory
+from memories import random_memory
 
 from msa_modeling.inference import MemoryEncoder, MemoryStore
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 from batches import tiny_msa
-from test_inference import encoded_store, random_memory
+from memories import encoded_store, random_memory
 from transformers import AutoModelForCausalLM
 
 from msa_modeling import MSAForCausalLM
