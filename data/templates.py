@@ -207,6 +207,13 @@ class TemplateConfig:
         answer_text = self.answer_format.format(answer=answer) + (self.chat.assistant_end if self.chat else "")
         return [(self.end_of_retrieval, True), (self.after_retrieval_text(query), False), (answer_text, True)]
 
+    def answer_from_text(self, generated: str) -> str:
+        """The answer in generated answer text: what follows ``answer_format``'s lead-in (e.g. the
+        released engine's ``The answer to the question is: ``) where the text starts with it."""
+        lead_in = self.answer_format.split("{answer}")[0].strip()
+        text = generated.strip()
+        return text[len(lead_in) :].strip() if lead_in and text.startswith(lead_in) else text
+
     def final_answer_text(self, answer: str) -> str:
         """End of retrieval, the answer, and the end of the assistant turn."""
         text = self.end_of_retrieval + self.answer_format.format(answer=answer)
@@ -227,6 +234,7 @@ def reference_template() -> TemplateConfig:
         end_of_retrieval=rp.END_OF_RETRIEVAL,
         chat=ChatFormat(user_start=rp.PREFIX, user_to_assistant=rp.USER_TO_ASSISTANT, assistant_end=rp.ASSISTANT_END),
         first_memory_id=rp.FIRST_MEMORY_ID,
+        answer_format=rp.ANSWER_FORMAT,
         after_retrieval_format=rp.AFTER_RETRIEVAL_FORMAT,
         regenerate_format=rp.REGENERATE_FORMAT,
         protocol=rp.PROTOCOL_NAME,

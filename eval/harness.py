@@ -194,9 +194,11 @@ class EvalModel:
         return RegeneratePrompt(before=before, after=after)
 
     def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
-        return loop.answer(
+        """Answer `question`; the result's answer is read after the template's answer lead-in."""
+        result = loop.answer(
             self.query_ids(question), self.after_retrieval_ids(question), self.regenerate_prompt(question)
         )
+        return dataclasses.replace(result, answer=self.template.answer_from_text(result.answer))
 
 
 def write_json(path: Path, payload: dict) -> Path:

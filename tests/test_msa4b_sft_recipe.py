@@ -73,7 +73,9 @@ def write_data(folder: Path) -> dict[str, Path]:
 def released_checkpoint(folder: Path, texts: list[str]) -> Path:
     """A tiny random Qwen3-shaped MSA model with its tokenizer, written in the released layout
     (scaled dot-product routing and the question at 3 + k, as the released model is served)."""
-    tokenizer = train_tiny_tokenizer([*texts, rp.AFTER_RETRIEVAL_FORMAT, "user assistant"] * 20, 320, SPECIAL_STRINGS)
+    # The protocol's fixed wording is in the training text, so that it takes few tokens, as in the released tokenizer.
+    wording = [rp.QUESTION_FORMAT, rp.AFTER_RETRIEVAL_FORMAT, rp.ANSWER_FORMAT, "user"]
+    tokenizer = train_tiny_tokenizer([*texts, *wording] * 20, 320, SPECIAL_STRINGS)
     model = tiny_msa(
         0,
         backbone_overrides={"vocab_size": len(tokenizer)},
@@ -117,15 +119,15 @@ def test_the_msa4b_recipe_fine_tunes_a_released_layout_model_and_converts_back(t
         f"data.sources.interleave.source.corpus_path={data['corpus']}",
         f"data.sources.qa.memory={memory}",
         f"data.sources.interleave.memory={memory}",
-        "data.sources.qa.max_example_tokens=256",
-        "data.sources.interleave.max_example_tokens=256",
+        "data.sources.qa.max_example_tokens=512",
+        "data.sources.interleave.max_example_tokens=512",
         f"stages.sft_short.init_from={converted}",
     ]
     for stage in STAGES:
         overrides += [
-            f"stages.{stage}.row_length=256",
-            f"stages.{stage}.micro_batch_tokens=256",
-            f"stages.{stage}.global_batch_tokens=256",
+            f"stages.{stage}.row_length=512",
+            f"stages.{stage}.micro_batch_tokens=512",
+            f"stages.{stage}.global_batch_tokens=512",
             f"stages.{stage}.budget.steps=2",
             f"stages.{stage}.checkpoint_every_steps=2",
             f"stages.{stage}.schedule.warmup_steps=0",
@@ -135,7 +137,7 @@ def test_the_msa4b_recipe_fine_tunes_a_released_layout_model_and_converts_back(t
     assert result.returncode == 0, failure_report(result)
 
     # The samples are the engine's prompts: its 3-token prefix and 0-based documents in their own turns.
-    row = PackedRowLoader(run_dir / "data" / "qa", 256, seed=0).next_row()
+    row = PackedRowLoader(run_dir / "data" / "qa", 512, seed=0).next_row()
     decode = load_tokenizer(converted).decode
     first_example = row["example_ids"] == 0
     assert decode(row["input_ids"][(row["doc_ids"] == -2) & first_example].tolist()) == rp.PREFIX

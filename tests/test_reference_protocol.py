@@ -26,19 +26,25 @@ DOCUMENTS = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."
 QUESTION = "Where is Berlin?"
 # The engine's strings for this memory and question, written out by hand: documents numbered
 # from 0 inside their own <|im_start|> ... <|im_end|>, the 3-token user-turn prefix, the question
-# closing the user turn, and the restated question injected after <End-of-Retrieve>.
+# inside the engine's instructions, the user turn closed and a bare <|im_start|> opening the reply,
+# the restated question injected after <End-of-Retrieve>, and the answer lead-in.
 EXPECTED_PREFIX = "<|im_start|>user\n"
 EXPECTED_DOCUMENTS = [
     "<|im_start|>[0]. Paris is in France.<|im_end|>",
     "<|im_start|>[1]. Berlin is in Germany.<|im_end|>",
     "<|im_start|>[2]. Rome is in Italy.<|im_end|>",
 ]
-EXPECTED_QUESTION = "Where is Berlin?<|im_end|>\n<|im_start|>assistant\n"
+EXPECTED_INSTRUCTIONS = (
+    "\nPlease answer the question based on the above historical document information\n\n"
+    "Where is Berlin?\nPlease return all documents related to the question\n"
+)
+EXPECTED_QUESTION = EXPECTED_INSTRUCTIONS + "<|im_end|>\n<|im_start|>"
 EXPECTED_ROUND = "[1]<|object_ref_end|>"
-EXPECTED_AFTER_RETRIEVAL = "The user's question is: Where is Berlin?"
-# Later rounds, in our reading of the engine (not verified token for token): the documents
+EXPECTED_AFTER_RETRIEVAL = "<|im_start|>The user's question is: Where is Berlin?\n<|object_ref_end|>"
+EXPECTED_ANSWER = "The answer to the question is: Germany<|im_end|>"
+# Later rounds, in our own reconstruction (known to differ from the engine's): the documents
 # retrieved so far as stored, the question, the marker, and the turn switch.
-EXPECTED_REGENERATE_AFTER_DOCUMENTS = "Where is Berlin?<regenerate><|im_end|>\n<|im_start|>assistant\n"
+EXPECTED_REGENERATE_AFTER_DOCUMENTS = "Where is Berlin?<regenerate><|im_end|>\n<|im_start|>"
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +83,17 @@ def test_the_reference_protocol_renders_the_engines_strings(tokenizer):
 
 def test_the_injected_question_is_not_labelled_in_training_samples():
     segments = reference_template().final_answer_segments(QUESTION, "Germany")
-    assert segments == [("<End-of-Retrieve>", True), (EXPECTED_AFTER_RETRIEVAL, False), ("Germany<|im_end|>", True)]
+    assert segments == [("<End-of-Retrieve>", True), (EXPECTED_AFTER_RETRIEVAL, False), (EXPECTED_ANSWER, True)]
     # Our own templates keep their single labelled piece.
     assert TemplateConfig().final_answer_segments(QUESTION, "Germany") == [("<End-of-Retrieve>Germany", True)]
+
+
+def test_the_answer_is_read_after_the_lead_in():
+    template = reference_template()
+    assert template.answer_from_text(" The answer to the question is: Germany ") == "Germany"
+    # Text without the lead-in is the answer as it stands; our own templates have no lead-in.
+    assert template.answer_from_text("Germany") == "Germany"
+    assert TemplateConfig().answer_from_text("The answer to the question is: Germany").endswith("is: Germany")
 
 
 def test_the_preset_selects_the_protocol_and_takes_overrides():
@@ -115,13 +129,14 @@ def test_later_rounds_re_prefill_the_regenerate_prompt_with_the_named_documents(
     delimiter, end, im_end = (
         tokenizer.special_token_ids[s] for s in ("<|object_ref_end|>", "<End-of-Retrieve>", "<|im_end|>")
     )
-    rounds = [encode("[2]") + [delimiter], encode("[0][2]") + [delimiter], [end], encode("Italy") + [im_end]]
+    answer = encode("The answer to the question is: Italy") + [im_end]
+    rounds = [encode("[2]") + [delimiter], encode("[0][2]") + [delimiter], [end], answer]
     scripted = ScriptedGenerator(store, rounds)
     loop = MemoryInterleave(scripted, tokenizer.decode, evaluator.protocol)
     result = evaluator.ask(loop, QUESTION)
 
     assert [r.memory_ids for r in result.rounds] == [[3], [1, 3]]  # 1-based inside the pipeline
-    assert result.answer == "Italy"
+    assert result.answer == "Italy"  # read after the lead-in
     assert scripted.contexts[0] == encode(EXPECTED_QUESTION)
     stored = [store.doc_token_ids(i) for i in range(len(DOCUMENTS))]
     assert tokenizer.decode(stored[2]) == EXPECTED_DOCUMENTS[2]

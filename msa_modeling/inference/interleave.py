@@ -13,10 +13,10 @@ selection changes every earlier token's states from that layer up (spec sections
 `incremental=False` re-prefills the whole segment each round instead (the same result).
 
 **Re-prefilled later rounds** (`RegeneratePrompt`). The released MSA-4B engine does not grow the
-segment after its first round: each later round prefills a new query segment from scratch,
-which restates the documents retrieved so far and the question and ends with a `<regenerate>`
-marker (`reference_protocol`). Given a `RegeneratePrompt`, `answer` does that: the segment is
-`before` + the stored text of every document retrieved so far + `after`, routed anew.
+segment after its first round: each later round prefills a new query segment from scratch.
+Given a `RegeneratePrompt`, `answer` does that: the segment is `before` + the stored text of
+every document retrieved so far + `after`, routed anew. The `reference` protocol's prompt is our
+reconstruction of the engine's (`reference_protocol.REGENERATE_FORMAT` says how it differs).
 
 **IDs of routed documents only** (`InterleaveFormat.routed_ids_only`, off by default). In its
 router layers the model attends to the documents their routing selected and to no other, so

@@ -5,18 +5,21 @@ The released engine lays a question out as follows (docs/RELEASED_MSA4B.md):
 - the shared prefix is the 3-token user-turn opening `<|im_start|>user\\n`, and the question's
   first position is the literal 3 + k (k = `doc_top_k`), i.e. prefix length + k;
 - document i (0-based) is stored as `<|im_start|>[i]. text<|im_end|>`;
-- the question closes the user turn and opens the assistant's;
-- after the model writes `<End-of-Retrieve>`, the engine injects `The user's question is: ...`
-  before the answer;
+- the question sits inside fixed instructions (`QUESTION_FORMAT`), then the user turn closes and
+  a bare `<|im_start|>` opens the reply (`USER_TO_ASSISTANT`: no `assistant` role line);
+- after the model writes `<End-of-Retrieve>`, the engine injects
+  `<|im_start|>The user's question is: ...\\n<|object_ref_end|>`; the model then writes
+  `The answer to the question is: ...` (`ANSWER_FORMAT`);
 - a round after the first is not appended to the first one's segment: the engine prefills a new
-  prompt that ends with a `<regenerate>` marker (`REGENERATE_FORMAT`).
+  prompt, flagged with a `<regenerate>` marker (`REGENERATE_FORMAT`).
 
-What is verified and what is not. The document rendering, the 0-based IDs, the prefix and the
-question position (3 + k) were checked against the engine by running it on converted
-checkpoints. The exact wording of the engine's question instructions and of its multi-round
-`<regenerate>` prompt is not: `QUESTION_FORMAT` and `REGENERATE_FORMAT` are our reading of the
-engine, not verified token for token. Change them here, and only here, once the engine's
-strings are known.
+Where the strings come from. The document rendering, the 0-based IDs, the prefix and the question
+position (3 + k) were checked against the engine by running it on converted checkpoints. The
+question instructions, the turn switch, the injected question and the answer lead-in follow the
+strings stated in public copies of the engine's service and generation code and in third-party
+notes on it (each constant says which); they were not compared token for token against the
+engine itself. `REGENERATE_FORMAT` is our own reconstruction and is known to differ from the
+engine's later-round prompt (docs/RELEASED_MSA4B.md, "What is verified and what is not").
 
 The strings live here, in one place, so that the data package (training samples), the
 interleave loop and evaluation render them identically. `msa_modeling` imports nothing from the
@@ -34,17 +37,36 @@ PREFIX_TOKENS = 3  # the engine's literal: the question starts at 3 + doc_top_k
 DOC_ID_FORMAT = "<|im_start|>[{i}]. "
 DOC_SUFFIX = "<|im_end|>"
 FIRST_MEMORY_ID = 0  # the engine numbers documents from 0
-QUESTION_FORMAT = "{query}"
-USER_TO_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+# The instructions around the question. Source: a public copy of the engine's service code (its
+# question template) and two third-party reimplementations quoting the same string; not compared
+# token for token against the engine itself.
+QUESTION_FORMAT = (
+    "\nPlease answer the question based on the above historical document information\n\n"
+    "{query}\nPlease return all documents related to the question\n"
+)
+# The turn switch: the tail of the engine's instruct template after the question (`<|im_end|>\n`),
+# then its reply head, a bare `<|im_start|>`. Source: a public copy of the engine's template module
+# and service code; not compared token for token against the engine itself.
+USER_TO_ASSISTANT = "<|im_end|>\n<|im_start|>"
 TARGET_ID_FORMAT = "[{i}]"
 DELIMITER = "<|object_ref_end|>"
 END_OF_RETRIEVAL = "<End-of-Retrieve>"
-AFTER_RETRIEVAL_FORMAT = "The user's question is: {query}"
+# Injected after `<End-of-Retrieve>`, before the answer, with the bare question. Source: a public
+# copy of the engine's generation code; third-party notes on that code give the same string
+# without the newline. Not compared token for token against the engine itself.
+AFTER_RETRIEVAL_FORMAT = "<|im_start|>The user's question is: {query}\n<|object_ref_end|>"
+# What the model writes before its answer (a labelled target in training samples; evaluation reads
+# the answer after it). Source: the MSA paper's Figure 3 and the engine's benchmark parser as
+# quoted by third-party code; not compared token for token against the engine itself.
+ANSWER_FORMAT = "The answer to the question is: {answer}"
 ASSISTANT_END = "<|im_end|>"
-# Every round after the first re-prefills this prompt as its query segment (our reading of the
-# engine, not verified token for token): the documents retrieved so far, each as the memory
-# stores it (`<|im_start|>[i]. text<|im_end|>`), then the question and the marker. The user turn
-# is then closed as after the first round's question (`USER_TO_ASSISTANT`).
+# Every round after the first re-prefills this prompt as its query segment: the documents
+# retrieved so far, each as the memory stores it (`<|im_start|>[i]. text<|im_end|>`), then the
+# question and the marker; the user turn is then closed as after the first round's question
+# (`USER_TO_ASSISTANT`). Our own reconstruction, known to differ from the engine's: the engine
+# re-prefills the whole first-round transcript (instructions, question, turn switch, each
+# round's IDs and injected documents), and `<regenerate>` only flags the request and is not
+# tokenised (docs/RELEASED_MSA4B.md).
 REGENERATE_MARKER = "<regenerate>"
 REGENERATE_DOCUMENTS = "{documents}"  # where the retrieved documents' stored tokens go
 REGENERATE_FORMAT = REGENERATE_DOCUMENTS + "{query}" + REGENERATE_MARKER
