@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import readers, synthetic
 from .errors import BadRecordTally, DataFormatError, MissingFileError, OverlongExampleError
+from .offline import stay_offline
 from .records import Document, RetrievalDataset, RetrievalRecord
 from .samples import IndexedRecord, MemoryConfig, SampleBuilder, SampleKind, UnusableRecordError
 from .store import (
@@ -550,7 +551,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=1, help="tokenisation worker processes")
     parser.add_argument("--overwrite", action="store_true", help="replace a build made with another config")
     parser.add_argument("--skip-bad-records", action="store_true", help="count and skip malformed records")
+    parser.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="let `hf_records` sources and tokenizers reach the Hugging Face Hub (default: offline)",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
+    stay_offline(args.allow_network)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     values = _load_config_file(args.config)
     if args.skip_bad_records:

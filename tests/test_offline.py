@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from train.offline import OFFLINE_ENVIRONMENT, stay_offline
+from data.offline import OFFLINE_ENVIRONMENT, stay_offline
 
 
 @pytest.fixture
@@ -65,3 +65,20 @@ def test_opt_in_leaves_the_environment_alone(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     stay_offline(allow_network=True)
     assert "HF_HUB_OFFLINE" not in __import__("os").environ
+
+
+def test_the_data_build_command_is_offline_unless_asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`python -m data.build` switches the Hub off before it reads a source; `--allow-network` leaves it on."""
+    import data.build as build_module
+
+    seen = []
+    monkeypatch.setattr(build_module, "stay_offline", lambda allow_network: seen.append(allow_network))
+    monkeypatch.setattr(build_module, "build_dataset", lambda *args: (_ for _ in ()).throw(SystemExit(0)))
+    config = tmp_path / "source.json"
+    config.write_text(
+        '{"tokenizer": "tok", "source": {"kind": "records", "path": "r.jsonl", "corpus_path": "c.jsonl"}}'
+    )
+    for extra in ([], ["--allow-network"]):
+        with pytest.raises(SystemExit):
+            build_module.main(["--config", str(config), "--output", str(tmp_path / "out"), *extra])
+    assert seen == [False, True]

@@ -34,7 +34,7 @@ class RunConfig:
     name: str = "msa"
     output_dir: str = "runs/msa"
     seed: int = 0
-    # false: no Hugging Face Hub or `datasets` lookups and no W&B error reporting (train/offline.py);
+    # false: no Hugging Face Hub or `datasets` lookups and no W&B error reporting (data/offline.py);
     # every model, tokenizer and data source must then be a local path.
     allow_network: bool = False
 

@@ -23,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.build import load_source
 from data.errors import BadRecordTally
+from data.offline import stay_offline
 from data.readers import iter_lm_texts
 from data.tokenization import load_tokenizer
 
@@ -44,7 +45,6 @@ from .distributed import (
     shutdown_distributed,
 )
 from .export_files import is_complete_export
-from .offline import stay_offline
 from .run_lock import RunFolderLock, RunFolderLockedError
 from .stage_recipe import (
     StageRecipeChangedError,
