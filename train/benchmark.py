@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import deepspeed
 import torch
 
 from data.tokenization import load_tokenizer
@@ -370,7 +371,7 @@ def write_report(
         "device": torch.cuda.get_device_name(context.device) if context.device.type == "cuda" else "cpu",
         "world_size": context.world_size,
         "torch": torch.__version__,
-        "deepspeed": __import__("deepspeed").__version__,
+        "deepspeed": deepspeed.__version__,
         "command": " ".join(["launch/bench_trainer.py", *(sys.argv[1:] if argv is None else argv)]),
         "stage": stage.name,
         "row_length": stage.row_length,
