@@ -1,6 +1,6 @@
 """Training-step benchmark: MSA against the dense backbone, same shape, same GPU, same run.
 
-    python eval/bench_train.py --lengths 8192 16384 32768 65536 --out bench_train.json
+    python -m benchmarks.bench_train --lengths 8192 16384 32768 65536 --out bench_train.json
 
 Three configurations per row length, each a full step (forward, backward and, unless
 `--no-optimizer`, a fused AdamW step) with bf16 weights and per-layer activation

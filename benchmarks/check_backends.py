@@ -1,6 +1,6 @@
 """Check every MSA attention backend on the GPU.
 
-    python eval/check_backends.py [--seeds 3] [--plant-scale-error 0.05 --plant-backend varlen]
+    python -m benchmarks.check_backends [--seeds 3] [--plant-scale-error 0.05 --plant-backend varlen]
 
 Two checks per case, each with a meaningful reference:
 - fp32: `sdpa` and `flex` run the model in fp32 on the GPU (TF32 off) and must match the CPU fp32
