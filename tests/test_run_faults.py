@@ -33,7 +33,7 @@ from train.stage_recipe import (
     check_stage_recipe,
     record_stage_recipe,
 )
-from train.tracking import MetricsFileError
+from train.tracking import MetricsFileError, read_metrics
 from train.trainer import DivergenceError, DivergenceMonitor
 
 STEPS = 4
@@ -307,3 +307,45 @@ def test_data_cursor_past_the_end_is_a_clear_error(run_dir: Path, context: Distr
     forge_manifest_entry(run_dir, STEPS, name)
     with pytest.raises(CheckpointError, match=f"{tag(STEPS)}.*cursor = 1000000000 is past the end"):
         resumed_step(run_dir, context)
+
+
+class _FakeWandbRun:
+    def __init__(self, run_id: str | None) -> None:
+        self.id = run_id or "fresh"
+        self.logged: list[int] = []
+
+    def log(self, record: dict, step: int) -> None:
+        self.logged.append(step)
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_a_resumed_offline_wandb_run_gets_the_kept_steps_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A SIGKILL takes W&B's buffering service down with the launch; `metrics.jsonl` has every step. A
+    resumed offline run (a new offline folder, same id) is given the kept steps again; an online run,
+    whose server kept what it received, is not."""
+    import types
+
+    from train.tracking import MetricsLogger
+
+    runs: list[_FakeWandbRun] = []
+
+    def init(**kwargs: object) -> _FakeWandbRun:
+        runs.append(_FakeWandbRun(kwargs["id"]))
+        return runs[-1]
+
+    fake = types.SimpleNamespace(init=init, Settings=lambda **kwargs: kwargs)
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    stage = tmp_path / "stage"
+    first = MetricsLogger(stage, mode, "p", "r", {}, None)
+    for step in range(1, 6):
+        first.log({"step": step, "loss": 1.0 / step})
+    # Killed after step 5 with the newest checkpoint at step 3: resume there, under the same run id.
+    resumed = MetricsLogger(stage, mode, "p", "r", {}, first.wandb_run_id)
+    resumed.resume_at(3)
+    assert [r["step"] for r in read_metrics(stage / "metrics.jsonl")] == [1, 2, 3]
+    assert runs[1].logged == ([1, 2, 3] if mode == "offline" else [])

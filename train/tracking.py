@@ -92,6 +92,8 @@ class MetricsLogger:
         self.path = stage_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run = None
+        self.wandb_mode = wandb_mode
+        self.resumed_wandb_run = wandb_run_id is not None
         if wandb_mode != "disabled":
             import wandb
 
@@ -113,14 +115,24 @@ class MetricsLogger:
     def wandb_run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step`: they belong to work lost when a run died after its last checkpoint."""
+    def resume_at(self, step: int) -> None:
+        """Drop records past `step` (work lost when a run died after its last checkpoint) and, for a
+        resumed offline W&B run, log the kept ones again.
+
+        An offline W&B run buffers in a service process that a SIGKILL of the launch takes down with
+        it, so the steps it had not written yet are lost, while `metrics.jsonl` has every one. A
+        resumed offline run is a new offline folder with the same run id: logging the kept records
+        into it makes that folder hold the stage's whole history, the one to `wandb sync`.
+        """
         if not self.path.is_file():
             return
-        kept = [json.dumps(record) for record in read_metrics(self.path) if record["step"] <= step]
+        kept = [record for record in read_metrics(self.path) if record["step"] <= step]
         staging = self.path.with_suffix(".tmp")
-        staging.write_text("".join(line + "\n" for line in kept))
+        staging.write_text("".join(json.dumps(record) + "\n" for record in kept))
         os.replace(staging, self.path)
+        if self.run is not None and self.wandb_mode == "offline" and self.resumed_wandb_run:
+            for record in kept:
+                self.run.log(record, step=record["step"])
 
     def log(self, record: dict[str, Any]) -> None:
         record = {key: _json_safe(value) for key, value in record.items()}

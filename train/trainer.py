@@ -342,7 +342,7 @@ class StageTrainer:
                 dataclasses.asdict(self.stage),
                 self.state.wandb_run_id,
             )
-            self.metrics.truncate_after(self.state.step)
+            self.metrics.resume_at(self.state.step)
             self.state.wandb_run_id = self.metrics.wandb_run_id
             if self.state.wandb_run_id is not None:
                 run_id_file.write_text(self.state.wandb_run_id)
