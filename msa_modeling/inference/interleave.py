@@ -14,7 +14,7 @@ selection changes every earlier token's states from that layer up (spec sections
 
 **Re-prefilled transcripts** (`TranscriptRounds`, the `reference` protocol). The released MSA-4B
 engine does not grow the segment after a round. It injects the round's documents as text, each
-once in ascending ID order, `[i]. text\n`, then the delimiter; and the next round prefills the
+once in ascending ID order, `[i]. text\\n`, then the delimiter; and the next round prefills the
 whole transcript so far from scratch, tokenised anew from its text: the first round's prompt,
 then each round's generated text (its IDs and delimiter) and injected block. Only the
 instructions with the question and the last injected block route
@@ -316,7 +316,7 @@ class MemoryInterleave:
 
     def injected_text(self, memory_ids: Sequence[int]) -> str:
         """What the released engine injects after a round: each document once, in ascending ID
-        order, as `[i]. text\n` (read from its stored rendering), then the delimiter."""
+        order, as `[i]. text\\n` (read from its stored rendering), then the delimiter."""
         store = self.generator.store
         documents = [
             injected_document_text(self.decode(store.doc_token_ids(memory_id - 1)))
