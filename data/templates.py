@@ -80,10 +80,9 @@ class TemplateConfig:
     ``first_memory_id`` is the number written for the first document (1 here; the released
     engine's ``reference`` protocol writes 0). ``after_retrieval_format`` is text the inference
     loop injects after ``<End-of-Retrieve>`` (unlabelled in training samples), e.g. the released
-    engine's ``The user's question is: {query}``. ``regenerate_format``, when set, is the prompt the
-    inference loop re-prefills for every round after the first, with the retrieved documents at
-    ``{documents}`` (the released engine's multi-round prompt). ``{"protocol": "reference"}`` in a recipe's or
-    ``--template`` file's template selects the released engine's protocol (``reference_template``)."""
+    engine's ``The user's question is: {query}``. ``{"protocol": "reference"}`` in a recipe's or
+    ``--template`` file's template selects the released engine's protocol (``reference_template``); with
+    it, the inference loop also runs later retrieval rounds as that engine does (``TranscriptRounds``)."""
 
     system_prompt: str = ""
     doc_id_format: str = "[{i}]. "
@@ -99,7 +98,6 @@ class TemplateConfig:
     id_digits: list[str] | None = None
     first_memory_id: int = 1
     after_retrieval_format: str = ""
-    regenerate_format: str = ""
     protocol: str = "msa-train"  # "reference" for the released engine's protocol
 
     def __post_init__(self) -> None:
@@ -107,11 +105,6 @@ class TemplateConfig:
             raise ValueError(f"template.protocol must be one of {TEMPLATE_PROTOCOLS}, got {self.protocol!r}")
         if self.first_memory_id not in (0, 1):
             raise ValueError(f"template.first_memory_id must be 0 or 1, got {self.first_memory_id!r}")
-        if self.regenerate_format and self.regenerate_format.count(reference_protocol.REGENERATE_DOCUMENTS) != 1:
-            raise ValueError(
-                f"template.regenerate_format must hold {reference_protocol.REGENERATE_DOCUMENTS!r} "
-                f"exactly once (where the retrieved documents go), got {self.regenerate_format!r}"
-            )
         if self.id_digits is not None:
             self.id_digits = list(self.id_digits)
             if len(self.id_digits) != 10 or len(set(self.id_digits)) != 10 or not all(self.id_digits):
@@ -190,15 +183,6 @@ class TemplateConfig:
         """What the inference loop injects after ``<End-of-Retrieve>`` (empty for most templates)."""
         return self.after_retrieval_format.format(query=query) if self.after_retrieval_format else ""
 
-    def regenerate_texts(self, query: str) -> tuple[str, str] | None:
-        """The text before and after the retrieved documents in a later round's re-prefilled prompt
-        (the turn switch included, as after the first round's question); None without one."""
-        if not self.regenerate_format:
-            return None
-        before, after = self.regenerate_format.split(reference_protocol.REGENERATE_DOCUMENTS)
-        after = after.format(query=query) + (self.chat.user_to_assistant if self.chat is not None else "")
-        return before.format(query=query), after
-
     def final_answer_segments(self, query: str, answer: str) -> list[tuple[str, bool]]:
         """(text, labelled) pieces of a sample's last step: the end marker and answer are
         labelled, the injected after-retrieval text is not (the loop writes it, not the model)."""
@@ -236,7 +220,6 @@ def reference_template() -> TemplateConfig:
         first_memory_id=rp.FIRST_MEMORY_ID,
         answer_format=rp.ANSWER_FORMAT,
         after_retrieval_format=rp.AFTER_RETRIEVAL_FORMAT,
-        regenerate_format=rp.REGENERATE_FORMAT,
         protocol=rp.PROTOCOL_NAME,
     )
 

@@ -25,8 +25,8 @@ from msa_modeling.inference import (
     MemoryInterleave,
     MemoryStore,
     MSAGenerator,
-    RegeneratePrompt,
     RoutingIndex,
+    TranscriptRounds,
     reference_protocol,
 )
 from msa_modeling.inference.reference_protocol import warn_on_protocol_mismatch
@@ -185,18 +185,16 @@ class EvalModel:
         text = self.template.after_retrieval_text(question)
         return self.tokenizer.encode(text) if text else []
 
-    def regenerate_prompt(self, question: str) -> RegeneratePrompt | None:
-        """The prompt later rounds re-prefill (the `reference` protocol's); None: rounds grow the segment."""
-        texts = self.template.regenerate_texts(question)
-        if texts is None:
+    def transcript_rounds(self, question: str) -> TranscriptRounds | None:
+        """How later rounds re-prefill the transcript in the `reference` protocol; None: rounds grow the segment."""
+        if self.template.protocol != reference_protocol.PROTOCOL_NAME:
             return None
-        before, after = (self.tokenizer.encode(text) if text else [] for text in texts)
-        return RegeneratePrompt(before=before, after=after)
+        return TranscriptRounds(query_text=self.template.query_text(question), encode=self.tokenizer.encode)
 
     def ask(self, loop: MemoryInterleave, question: str) -> InterleaveResult:
         """Answer `question`; the result's answer is read after the template's answer lead-in."""
         result = loop.answer(
-            self.query_ids(question), self.after_retrieval_ids(question), self.regenerate_prompt(question)
+            self.query_ids(question), self.after_retrieval_ids(question), self.transcript_rounds(question)
         )
         return dataclasses.replace(result, answer=self.template.answer_from_text(result.answer))
 

@@ -58,11 +58,22 @@ class ScriptedGenerator:
         self.store = store
         self.rounds = list(rounds)
         self.contexts: list[list[int]] = []
+        self.routing_masks: list[list[bool] | None] = []  # per call, the routing mask of its prefill
 
-    def generate(self, query_ids, max_new_tokens, stop_token_ids=(), cache=None, route=None, allowed_tokens=None):
+    def generate(
+        self,
+        query_ids,
+        max_new_tokens,
+        stop_token_ids=(),
+        cache=None,
+        route=None,
+        allowed_tokens=None,
+        routing_mask=None,
+    ):
         if cache is not None and route:  # a routed extension: the round sees the whole segment
             query_ids = cache.token_ids + list(query_ids)
         self.contexts.append(list(query_ids))
+        self.routing_masks.append(None if routing_mask is None else list(routing_mask))
         tokens = self.rounds.pop(0)
         stop = tokens[-1] if tokens[-1] in stop_token_ids else None
         cached = list(query_ids) + (tokens[:-1] if stop is not None else tokens)

@@ -183,6 +183,44 @@ def test_extending_a_segment_with_routing_equals_a_full_prefill(family, seed):
     assert selections_changed, "no appended document changed a selection: the test would not cover re-routing"
 
 
+def test_only_the_masked_tokens_route():
+    """A prefill whose routing mask routes the question and not what follows it selects as the
+    question alone does (a causal token's states never see later tokens), while routing every
+    token selects otherwise for some tail."""
+    model = tiny_msa(4, top_k_docs=2, chunk_size=4, query_position_offset=3)
+    memory = random_memory(4, num_docs=9)
+    generator = MSAGenerator(model, encoded_store(model, memory), trace_k=9)
+    question = memory["question"]
+    _, alone = generator.prefill(question)
+    unmasked_differs = 0
+    for tail in memory["docs"]:
+        mask = [True] * len(question) + [False] * len(tail)
+        _, masked = generator.prefill(question + tail, routing_mask=mask)
+        _, unmasked = generator.prefill(question + tail)
+        for a, b in zip(masked.routing, alone.routing):
+            assert a.docs.tolist() == b.docs.tolist()
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+        unmasked_differs += any(
+            not torch.allclose(a.scores, b.scores) or a.docs.tolist() != b.docs.tolist()
+            for a, b in zip(unmasked.routing, alone.routing)
+        )
+    assert unmasked_differs, "no tail changed the unmasked routing: the test would not cover the mask"
+
+
+def test_a_routing_mask_must_fit_a_prefill_and_route_some_token():
+    model = tiny_msa(4, top_k_docs=2, chunk_size=4)
+    memory = random_memory(4)
+    generator = MSAGenerator(model, encoded_store(model, memory))
+    question = memory["question"]
+    with pytest.raises(ValueError, match="routes no token"):
+        generator.prefill(question, routing_mask=[False] * len(question))
+    with pytest.raises(ValueError, match="flags for"):
+        generator.prefill(question, routing_mask=[True])
+    _, cache = generator.prefill(question)
+    with pytest.raises(ValueError, match="applies to a prefill"):
+        generator.generate([5], 1, cache=cache, route=True, routing_mask=[True])
+
+
 def test_decoding_past_the_reserved_capacity_grows_the_cache():
     model = tiny_msa(6, top_k_docs=2, chunk_size=4)
     memory = random_memory(6)

@@ -19,6 +19,8 @@ from msa_modeling.inference import MemoryInterleave
 from msa_modeling.inference.reference_protocol import (
     ProtocolMismatchWarning,
     check_prefix_length,
+    injected_document_text,
+    later_round_routing_mask,
     warn_on_protocol_mismatch,
 )
 
@@ -34,17 +36,34 @@ EXPECTED_DOCUMENTS = [
     "<|im_start|>[1]. Berlin is in Germany.<|im_end|>",
     "<|im_start|>[2]. Rome is in Italy.<|im_end|>",
 ]
-EXPECTED_INSTRUCTIONS = (
+# The instructions and the question up to the end of the request: what routes in later rounds.
+EXPECTED_ROUTED_INSTRUCTIONS = (
     "\nPlease answer the question based on the above historical document information\n\n"
-    "Where is Berlin?\nPlease return all documents related to the question\n"
+    "Where is Berlin?\nPlease return all documents related to the question"
 )
+EXPECTED_INSTRUCTIONS = EXPECTED_ROUTED_INSTRUCTIONS + "\n"
 EXPECTED_QUESTION = EXPECTED_INSTRUCTIONS + "<|im_end|>\n<|im_start|>"
 EXPECTED_ROUND = "[1]<|object_ref_end|>"
 EXPECTED_AFTER_RETRIEVAL = "<|im_start|>The user's question is: Where is Berlin?\n<|object_ref_end|>"
 EXPECTED_ANSWER = "The answer to the question is: Germany<|im_end|>"
-# Later rounds, in our own reconstruction (known to differ from the engine's): the documents
-# retrieved so far as stored, the question, the marker, and the turn switch.
-EXPECTED_REGENERATE_AFTER_DOCUMENTS = "Where is Berlin?<regenerate><|im_end|>\n<|im_start|>"
+# Later rounds as the engine runs them: the model writes [2] (0-based: the third document), then
+# [2][0][2]. After each round the engine injects the round's documents as "[i]. text\n", each once
+# and in ascending order, then the delimiter; each later round re-prefills the whole transcript
+# so far, and routes on the instructions with the question and on the last injected block only.
+# Each piece: (text, whether its tokens route).
+EXPECTED_ROUND_2 = [
+    (EXPECTED_ROUTED_INSTRUCTIONS, True),
+    ("\n<|im_end|>\n<|im_start|>[2]<|object_ref_end|>", False),
+    ("[2]. Rome is in Italy.\n", True),
+    ("<|object_ref_end|>", False),
+]
+EXPECTED_ROUND_3 = [
+    (EXPECTED_ROUTED_INSTRUCTIONS, True),
+    ("\n<|im_end|>\n<|im_start|>[2]<|object_ref_end|>[2]. Rome is in Italy.\n<|object_ref_end|>", False),
+    ("[2][0][2]<|object_ref_end|>", False),
+    ("[0]. Paris is in France.\n[2]. Rome is in Italy.\n", True),
+    ("<|object_ref_end|>", False),
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,37 +137,78 @@ def test_a_prefix_of_another_length_is_refused():
         check_prefix_length(4)
 
 
-def test_later_rounds_re_prefill_the_regenerate_prompt_with_the_named_documents(tokenizer):
-    """The model writes [2] (0-based, as the engine numbers documents): the loop must bring back
-    the third document, "[2]. Rome ...", and prefill the next round anew from the regenerate prompt."""
-    template = reference_template()
+def transcript(pieces: list[tuple[str, bool]]) -> str:
+    return "".join(text for text, _ in pieces)
+
+
+def routed_tokens(tokenizer, pieces: list[tuple[str, bool]]) -> list[bool]:
+    return [routes for text, routes in pieces for _ in tokenizer.encode(text)]
+
+
+def reference_loop(tokenizer, rounds: list[list[int]], max_rounds: int = 3):
+    """An evaluator of the reference protocol over DOCUMENTS, and its loop on a scripted generator."""
     model = tiny_msa(0, backbone_overrides={"vocab_size": tokenizer.vocab_size}, top_k_docs=2, query_position_offset=2)
-    evaluator = EvalModel(model, tokenizer, template, LoopSettings(show_progress=False, max_rounds=3))
-    store = evaluator.encode_memory([Document(f"d{i}", text) for i, text in enumerate(DOCUMENTS)])
-    encode = tokenizer.encode
-    delimiter, end, im_end = (
-        tokenizer.special_token_ids[s] for s in ("<|object_ref_end|>", "<End-of-Retrieve>", "<|im_end|>")
+    evaluator = EvalModel(
+        model, tokenizer, reference_template(), LoopSettings(show_progress=False, max_rounds=max_rounds)
     )
-    answer = encode("The answer to the question is: Italy") + [im_end]
-    rounds = [encode("[2]") + [delimiter], encode("[0][2]") + [delimiter], [end], answer]
+    store = evaluator.encode_memory([Document(f"d{i}", text) for i, text in enumerate(DOCUMENTS)])
     scripted = ScriptedGenerator(store, rounds)
-    loop = MemoryInterleave(scripted, tokenizer.decode, evaluator.protocol)
+    return evaluator, scripted, MemoryInterleave(scripted, tokenizer.decode, evaluator.protocol)
+
+
+def marker_ids(tokenizer) -> tuple[int, int, int]:
+    return tuple(tokenizer.special_token_ids[s] for s in ("<|object_ref_end|>", "<End-of-Retrieve>", "<|im_end|>"))
+
+
+def test_later_rounds_re_prefill_the_transcript_as_the_engine_does(tokenizer):
+    """The model writes [2] (0-based, as the engine numbers documents): the loop must inject the
+    third document, "[2]. Rome ...", as text, and prefill round 2 with the whole transcript."""
+    encode = tokenizer.encode
+    delimiter, end, im_end = marker_ids(tokenizer)
+    answer = encode("The answer to the question is: Italy") + [im_end]
+    rounds = [encode("[2]") + [delimiter], encode("[2][0][2]") + [delimiter], [end], answer]
+    evaluator, scripted, loop = reference_loop(tokenizer, rounds)
     result = evaluator.ask(loop, QUESTION)
 
-    assert [r.memory_ids for r in result.rounds] == [[3], [1, 3]]  # 1-based inside the pipeline
+    assert [r.memory_ids for r in result.rounds] == [[3], [3, 1]]  # 1-based inside the pipeline, as written
     assert result.answer == "Italy"  # read after the lead-in
+    # Round 1: the question prompt, every token routing.
     assert scripted.contexts[0] == encode(EXPECTED_QUESTION)
-    stored = [store.doc_token_ids(i) for i in range(len(DOCUMENTS))]
-    assert tokenizer.decode(stored[2]) == EXPECTED_DOCUMENTS[2]
-    before, after = [], encode(EXPECTED_REGENERATE_AFTER_DOCUMENTS)
-    # Round 2 is a fresh segment (no cache): the regenerate prompt around document [2]'s stored text.
-    assert scripted.contexts[1] == before + stored[2] + after
-    # Round 3: every document retrieved so far, in first-retrieval order, each once.
-    assert scripted.contexts[2] == before + stored[2] + stored[0] + after
+    assert scripted.routing_masks[0] is None
+    # Round 2 re-prefills the transcript; the fixture's pieces tokenise apart into the same ids.
+    assert scripted.contexts[1] == encode(transcript(EXPECTED_ROUND_2))
+    assert len(scripted.routing_masks[1]) == len(scripted.contexts[1])
+    assert scripted.routing_masks[1] == routed_tokens(tokenizer, EXPECTED_ROUND_2)
+    # Round 3: round 2's IDs and its block (documents [0] and [2], ascending, once) appended; only that block routes.
+    assert scripted.contexts[2] == encode(transcript(EXPECTED_ROUND_3))
+    assert scripted.routing_masks[2] == routed_tokens(tokenizer, EXPECTED_ROUND_3)
     # The answer follows on round 3's cache, after the restated question.
     assert scripted.contexts[3] == [end] + encode(EXPECTED_AFTER_RETRIEVAL)
 
 
-def test_a_regenerate_format_without_one_documents_slot_is_refused():
-    with pytest.raises(ValueError, match="regenerate_format"):
-        TemplateConfig(regenerate_format="{query}<regenerate>")
+def test_the_forced_end_follows_the_last_transcript_and_does_not_route(tokenizer):
+    encode = tokenizer.encode
+    delimiter, end, im_end = marker_ids(tokenizer)
+    rounds = [encode("[2]") + [delimiter], encode("[2][0][2]") + [delimiter], encode("Italy") + [im_end]]
+    evaluator, scripted, loop = reference_loop(tokenizer, rounds, max_rounds=2)
+    evaluator.ask(loop, QUESTION)
+
+    forced = [end] + encode(EXPECTED_AFTER_RETRIEVAL)
+    assert scripted.contexts[2] == encode(transcript(EXPECTED_ROUND_3)) + forced
+    assert scripted.routing_masks[2] == routed_tokens(tokenizer, EXPECTED_ROUND_3) + [False] * len(forced)
+
+
+def test_a_round_without_documents_keeps_the_last_block_that_had_some_routing(tokenizer):
+    """The engine finds the last injected block by its opening `]<|object_ref_end|>[`: after a
+    round whose IDs name no document (only the delimiter is injected), the earlier block routes."""
+    pieces = [
+        *EXPECTED_ROUND_2,
+        ("[7]<|object_ref_end|><|object_ref_end|>", False),
+    ]
+    assert later_round_routing_mask(transcript(pieces), tokenizer.encode) == routed_tokens(tokenizer, pieces)
+
+
+def test_a_document_stored_in_another_rendering_is_not_injected():
+    assert injected_document_text("<|im_start|>[2]. Rome is in Italy.<|im_end|>") == "[2]. Rome is in Italy.\n"
+    with pytest.raises(ValueError, match="reference"):
+        injected_document_text("[3]. Rome is in Italy.\n")

@@ -16,9 +16,9 @@ from .interleave import (
     InterleaveFormat,
     InterleaveResult,
     MemoryInterleave,
-    RegeneratePrompt,
     RetrievalRound,
     RoutedIdGrammar,
+    TranscriptRounds,
     selected_memory_ids,
 )
 from .routing_index import RoutingIndex
@@ -33,9 +33,9 @@ __all__ = [
     "MemoryEncoder",
     "MemoryInterleave",
     "MemoryStore",
-    "RegeneratePrompt",
     "RetrievalRound",
     "RoutedIdGrammar",
     "RoutingIndex",
+    "TranscriptRounds",
     "selected_memory_ids",
 ]

@@ -27,6 +27,10 @@ entering it (cached per token as the segment is built); it runs only the new tok
 the lower layers, and then re-runs the whole segment through the router half from that
 cached boundary, routing with every token as a full re-prefill does. The result equals a
 full re-prefill (tested), at the cost of the upper half only.
+
+**Routing tokens.** By default every token of a prefilled segment routes. A prefill may name the
+tokens that do (`routing_mask`): the others are attended and cached as usual but add no routing
+query, as the released engine marks only some tokens of a re-prefilled transcript as queries.
 """
 
 from __future__ import annotations
@@ -160,15 +164,28 @@ class MSAGenerator:
         return QueryCache(keys, values, lengths, boundary)
 
     @torch.no_grad()
-    def prefill(self, query_ids: Sequence[int], reserve: int = 0) -> tuple[torch.Tensor, QueryCache]:
-        """Route with every token of `query_ids`, attend, and return (next-token logits [vocab], cache).
+    def prefill(
+        self, query_ids: Sequence[int], reserve: int = 0, routing_mask: Sequence[bool] | None = None
+    ) -> tuple[torch.Tensor, QueryCache]:
+        """Route with the tokens of `query_ids`, attend, and return (next-token logits [vocab], cache).
 
         `reserve`: room for that many more tokens (e.g. max_new_tokens) before the cache grows.
+        `routing_mask`: per token, whether it routes (default: every token does).
         """
         if len(query_ids) == 0:
             raise ValueError("the query segment is empty")
+        routing_rows = None
+        if routing_mask is not None:
+            if len(routing_mask) != len(query_ids):
+                raise ValueError(f"routing_mask has {len(routing_mask)} flags for {len(query_ids)} query tokens")
+            if not any(routing_mask):
+                raise ValueError("routing_mask routes no token of the query segment")
+            routing_rows = torch.tensor(list(routing_mask), dtype=torch.bool, device=self.device)
         cache = self.new_cache(len(query_ids) + reserve)
-        return self._forward(cache, self._ids(query_ids), route=True, known_ids=list(query_ids)), cache
+        logits = self._forward(
+            cache, self._ids(query_ids), route=True, known_ids=list(query_ids), routing_rows=routing_rows
+        )
+        return logits, cache
 
     @torch.no_grad()
     def decode(self, cache: QueryCache, token_id: int | torch.Tensor) -> torch.Tensor:
@@ -199,6 +216,7 @@ class MSAGenerator:
         cache: QueryCache | None = None,
         route: bool | None = None,
         allowed_tokens: Callable[[QueryCache, Sequence[int]], Collection[int] | None] | None = None,
+        routing_mask: Sequence[bool] | None = None,
     ) -> tuple[GenerationOutput, QueryCache]:
         """Greedy decoding after a prefill of `query_ids`, or, with `cache`, after appending them.
 
@@ -206,10 +224,12 @@ class MSAGenerator:
         the documents (`extend`). The stop token is not appended to the returned cache.
         `allowed_tokens(cache, generated so far)`: the token ids the next step may pick (None:
         any), for constrained decoding such as `RoutedIdGrammar`; the cache's routing is the
-        selection the round decodes with.
+        selection the round decodes with. `routing_mask`: which tokens of a prefill route (`prefill`).
         """
         if cache is None:
-            logits, cache = self.prefill(query_ids, reserve=max_new_tokens)
+            logits, cache = self.prefill(query_ids, reserve=max_new_tokens, routing_mask=routing_mask)
+        elif routing_mask is not None:
+            raise ValueError("routing_mask applies to a prefill, not to tokens appended to a cache")
         else:
             logits = self.extend(cache, query_ids, route=bool(route), reserve=max_new_tokens)
         first_logits, generated, stop = logits, [], None
@@ -250,8 +270,10 @@ class MSAGenerator:
         ids: torch.Tensor,
         route: bool,
         known_ids: Sequence[int] | None = None,
+        routing_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run `ids` [1, n] after the cached segment; with `route`, (re)select in every router layer."""
+        """Run `ids` [1, n] after the cached segment; with `route`, (re)select in every router layer,
+        from the rows `routing_rows` [n] bool marks (default: all)."""
         count, past = ids.shape[1], cache.length
         self._reserve(cache, past + count)
         token_ids = known_ids if known_ids is not None else ids[0].tolist()
@@ -275,7 +297,7 @@ class MSAGenerator:
             normed = layer.input_layernorm(hidden)
             q, k, v = layer.self_attn.project(normed, *ropes[index])
             if route and index in self.router_slot:
-                self._route(cache, index, layer, normed[0])
+                self._route(cache, index, layer, normed[0] if routing_rows is None else normed[0, routing_rows])
             context = cache.context_lengths[index]
             cache.keys[index][context + start : context + start + rows] = k[0]
             cache.values[index][context + start : context + start + rows] = v[0]

@@ -12,11 +12,13 @@ segment, because routing with the grown segment may select other documents, and 
 selection changes every earlier token's states from that layer up (spec sections 3 and 7).
 `incremental=False` re-prefills the whole segment each round instead (the same result).
 
-**Re-prefilled later rounds** (`RegeneratePrompt`). The released MSA-4B engine does not grow the
-segment after its first round: each later round prefills a new query segment from scratch.
-Given a `RegeneratePrompt`, `answer` does that: the segment is `before` + the stored text of
-every document retrieved so far + `after`, routed anew. The `reference` protocol's prompt is our
-reconstruction of the engine's (`reference_protocol.REGENERATE_FORMAT` says how it differs).
+**Re-prefilled transcripts** (`TranscriptRounds`, the `reference` protocol). The released MSA-4B
+engine does not grow the segment after a round. It injects the round's documents as text, each
+once in ascending ID order, `[i]. text\\n`, then the delimiter; and the next round prefills the
+whole transcript so far from scratch, tokenised anew from its text: the first round's prompt,
+then each round's generated text (its IDs and delimiter) and injected block. Only the
+instructions with the question and the last injected block route
+(`reference_protocol.later_round_routing_mask`). Given a `TranscriptRounds`, `answer` does that.
 
 **IDs of routed documents only** (`InterleaveFormat.routed_ids_only`, off by default). In its
 router layers the model attends to the documents their routing selected and to no other, so
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .generation import LayerRouting, MSAGenerator, QueryCache
+from .reference_protocol import DELIMITER, injected_document_text, later_round_routing_mask
 
 logger = logging.getLogger(__name__)
 
@@ -146,16 +149,18 @@ class RoutedIdGrammar:
 
 
 @dataclass
-class RegeneratePrompt:
-    """The query segment of every round after the first, prefilled from scratch.
+class TranscriptRounds:
+    """Later rounds as the released engine runs them: each re-prefills the transcript so far.
 
     Attributes:
-        before: tokens ahead of the retrieved documents.
-        after: tokens after them (the question, the `<regenerate>` marker, the turn switch).
+        query_text: the first round's query segment as text (`query_ids` is its encoding).
+        encode: text -> token ids, the text tokenised whole, special strings as single ids,
+            nothing added (the loop's `decode` must keep special tokens, so that a decoded round
+            keeps its delimiter).
     """
 
-    before: Sequence[int]
-    after: Sequence[int]
+    query_text: str
+    encode: Callable[[str], list[int]]
 
 
 @dataclass
@@ -208,17 +213,19 @@ class MemoryInterleave:
         self,
         query_ids: Sequence[int],
         after_retrieval_ids: Sequence[int] = (),
-        regenerate: RegeneratePrompt | None = None,
+        transcript: TranscriptRounds | None = None,
     ) -> InterleaveResult:
         """Run the loop for a tokenised question (the query template already applied).
 
         `after_retrieval_ids`: tokens injected after `<End-of-Retrieve>`, before the answer (the
         released engine's `reference` protocol restates the question there).
-        `regenerate`: re-prefill every round after the first from this prompt instead of growing
-        the segment (the released engine's multi-round prompt).
+        `transcript`: inject documents as text and re-prefill the whole transcript for every round
+        after the first, instead of growing the segment (the released engine's later rounds).
         """
         protocol = self.protocol
         context = list(query_ids)
+        text = transcript.query_text if transcript is not None else ""
+        routing_mask: list[bool] | None = None  # every token routes
         after_retrieval = [protocol.end_of_retrieval_id, *after_retrieval_ids]
         rounds: list[RetrievalRound] = []
         round_stops = {protocol.delimiter_id, protocol.end_of_retrieval_id, *protocol.stop_token_ids}
@@ -226,9 +233,15 @@ class MemoryInterleave:
         while True:
             if len(rounds) == protocol.max_rounds:
                 context += after_retrieval
-                output, _ = self._round(context, cache, protocol.max_answer_tokens, protocol.stop_token_ids)
+                if routing_mask is not None:  # the forced end and injected question do not route, as decoded tokens
+                    routing_mask += [False] * len(after_retrieval)
+                output, _ = self._round(
+                    context, cache, protocol.max_answer_tokens, protocol.stop_token_ids, routing_mask=routing_mask
+                )
                 return self._result(output.token_ids, rounds, output.routing)
-            output, cache = self._round(context, cache, protocol.max_round_tokens, round_stops, constrain=True)
+            output, cache = self._round(
+                context, cache, protocol.max_round_tokens, round_stops, constrain=True, routing_mask=routing_mask
+            )
             if output.stop_token == protocol.end_of_retrieval_id:
                 # The answer follows on the same cache and selection, as in the training sample.
                 answer, _ = self.generator.generate(
@@ -240,26 +253,33 @@ class MemoryInterleave:
                 return self._result(output.token_ids, rounds, output.routing)
             memory_ids = self.parse_memory_ids(output.token_ids)
             rounds.append(RetrievalRound(memory_ids=memory_ids, routing=output.routing))
-            if regenerate is None:
+            if transcript is None:
                 context += output.token_ids + self.injected_tokens(memory_ids)
             else:
-                context, cache = self.regenerated_segment(regenerate, rounds), None
+                text += self.decode(output.token_ids) + self.injected_text(memory_ids)
+                context, cache = transcript.encode(text), None
+                routing_mask = later_round_routing_mask(text, transcript.encode)
 
-    def regenerated_segment(self, prompt: RegeneratePrompt, rounds: Sequence[RetrievalRound]) -> list[int]:
-        """A later round's segment: `before`, the stored text of every document retrieved so far
-        (first-retrieval order, each once), `after`."""
-        retrieved = dict.fromkeys(i for r in rounds for i in r.memory_ids)
-        documents = [t for memory_id in retrieved for t in self.generator.store.doc_token_ids(memory_id - 1)]
-        return [*prompt.before, *documents, *prompt.after]
-
-    def _round(self, context: list[int], cache, max_new_tokens: int, stops, constrain: bool = False):
+    def _round(
+        self,
+        context: list[int],
+        cache,
+        max_new_tokens: int,
+        stops,
+        constrain: bool = False,
+        routing_mask: list[bool] | None = None,
+    ):
         """Generate after the routed `context`: extending `cache` (which holds a prefix of it) or from scratch.
 
         `constrain`: decode the round's IDs under `RoutedIdGrammar` (with `routed_ids_only`).
+        `routing_mask`: which tokens of `context` route when it is prefilled (None: every token); only
+        given without a cache.
         """
         allowed = self._routed_id_constraint() if constrain and self.protocol.routed_ids_only else None
         if cache is None or not self.incremental:
-            return self.generator.generate(context, max_new_tokens, stops, allowed_tokens=allowed)
+            return self.generator.generate(
+                context, max_new_tokens, stops, allowed_tokens=allowed, routing_mask=routing_mask
+            )
         cached = cache.token_ids
         if context[: len(cached)] != cached:
             raise RuntimeError("the round cache does not hold a prefix of the context")
@@ -293,6 +313,16 @@ class MemoryInterleave:
         for memory_id in memory_ids:
             tokens += self.generator.store.doc_token_ids(memory_id - 1)
         return tokens + [self.protocol.delimiter_id]
+
+    def injected_text(self, memory_ids: Sequence[int]) -> str:
+        """What the released engine injects after a round: each document once, in ascending ID
+        order, as `[i]. text\\n` (read from its stored rendering), then the delimiter."""
+        store = self.generator.store
+        documents = [
+            injected_document_text(self.decode(store.doc_token_ids(memory_id - 1)))
+            for memory_id in sorted(set(memory_ids))
+        ]
+        return "".join(documents) + DELIMITER
 
     def _result(
         self, answer_ids: list[int], rounds: list[RetrievalRound], routing: list[LayerRouting]

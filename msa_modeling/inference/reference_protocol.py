@@ -10,16 +10,19 @@ The released engine lays a question out as follows (docs/RELEASED_MSA4B.md):
 - after the model writes `<End-of-Retrieve>`, the engine injects
   `<|im_start|>The user's question is: ...\\n<|object_ref_end|>`; the model then writes
   `The answer to the question is: ...` (`ANSWER_FORMAT`);
-- a round after the first is not appended to the first one's segment: the engine prefills a new
-  prompt, flagged with a `<regenerate>` marker (`REGENERATE_FORMAT`).
+- after a round of IDs, the engine injects each retrieved document once, in ascending ID order, as
+  `[i]. text\\n` (`injected_document_text`), then `<|object_ref_end|>`;
+- a round after the first is not appended to the first one's segment: the engine re-prefills the
+  whole transcript so far, tokenised anew from its text (the first round's prompt, each round's
+  IDs with their delimiter, each injected block), and routes only on the instructions with the
+  question and on the last injected block (`later_round_routing_mask`).
 
 Where the strings come from. The document rendering, the 0-based IDs, the prefix and the question
 position (3 + k) were checked against the engine by running it on converted checkpoints. The
-question instructions, the turn switch, the injected question and the answer lead-in follow the
-strings stated in public copies of the engine's service and generation code and in third-party
-notes on it (each constant says which); they were not compared token for token against the
-engine itself. `REGENERATE_FORMAT` is our own reconstruction and is known to differ from the
-engine's later-round prompt (docs/RELEASED_MSA4B.md, "What is verified and what is not").
+question instructions, the turn switch, the injected question and documents, the answer lead-in
+and the rule of later rounds follow public copies of the engine's service and generation code and
+third-party notes on it (each constant says which); they were not compared token for token
+against the engine itself (docs/RELEASED_MSA4B.md, "What is verified and what is not").
 
 The strings live here, in one place, so that the data package (training samples), the
 interleave loop and evaluation render them identically. `msa_modeling` imports nothing from the
@@ -29,20 +32,24 @@ pipeline; the pipeline builds its `reference` template from these constants.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PROTOCOL_NAME = "reference"
 PREFIX = "<|im_start|>user\n"
 PREFIX_TOKENS = 3  # the engine's literal: the question starts at 3 + doc_top_k
-DOC_ID_FORMAT = "<|im_start|>[{i}]. "
+DOC_START = "<|im_start|>"
+DOC_ID_FORMAT = DOC_START + "[{i}]. "
 DOC_SUFFIX = "<|im_end|>"
 FIRST_MEMORY_ID = 0  # the engine numbers documents from 0
+# The end of the instructions' request, the last text of a later round's transcript that routes.
+ROUTED_QUESTION_END = "Please return all documents related to the question"
 # The instructions around the question. Source: a public copy of the engine's service code (its
 # question template) and two third-party reimplementations quoting the same string; not compared
 # token for token against the engine itself.
 QUESTION_FORMAT = (
     "\nPlease answer the question based on the above historical document information\n\n"
-    "{query}\nPlease return all documents related to the question\n"
+    "{query}\n" + ROUTED_QUESTION_END + "\n"
 )
 # The turn switch: the tail of the engine's instruct template after the question (`<|im_end|>\n`),
 # then its reply head, a bare `<|im_start|>`. Source: a public copy of the engine's template module
@@ -60,16 +67,15 @@ AFTER_RETRIEVAL_FORMAT = "<|im_start|>The user's question is: {query}\n<|object_
 # quoted by third-party code; not compared token for token against the engine itself.
 ANSWER_FORMAT = "The answer to the question is: {answer}"
 ASSISTANT_END = "<|im_end|>"
-# Every round after the first re-prefills this prompt as its query segment: the documents
-# retrieved so far, each as the memory stores it (`<|im_start|>[i]. text<|im_end|>`), then the
-# question and the marker; the user turn is then closed as after the first round's question
-# (`USER_TO_ASSISTANT`). Our own reconstruction, known to differ from the engine's: the engine
-# re-prefills the whole first-round transcript (instructions, question, turn switch, each
-# round's IDs and injected documents), and `<regenerate>` only flags the request and is not
-# tokenised (docs/RELEASED_MSA4B.md).
-REGENERATE_MARKER = "<regenerate>"
-REGENERATE_DOCUMENTS = "{documents}"  # where the retrieved documents' stored tokens go
-REGENERATE_FORMAT = REGENERATE_DOCUMENTS + "{query}" + REGENERATE_MARKER
+# After a round of IDs the engine injects, for each retrieved ID in ascending order and once, the
+# document as `[i]. text` and a newline, then the delimiter. Source: a public copy of the engine's
+# generation code; not compared token for token against the engine itself.
+INJECTED_DOCUMENT_END = "\n"
+# In a later round's transcript, the last injected block opens at the `[` after the last place
+# where a round's last ID meets its delimiter (`]<|object_ref_end|>[`), and ends before the next
+# delimiter. Source: a public copy of the engine's service code (how it marks routing tokens of a
+# re-prefilled transcript); not compared token for token against the engine itself.
+LAST_INJECTION_OPENING = "]" + DELIMITER + "["
 
 
 class ProtocolMismatchWarning(UserWarning):
@@ -102,3 +108,41 @@ def check_prefix_length(prefix_tokens: int) -> None:
             f"the reference protocol's prefix {PREFIX!r} must be {PREFIX_TOKENS} tokens (the engine starts the "
             f"question at {PREFIX_TOKENS} + k); this tokenizer makes it {prefix_tokens}: use the model's own tokenizer"
         )
+
+
+def injected_document_text(stored: str) -> str:
+    """A document as the engine injects it after a round, `[i]. text\\n`, from the text of its
+    stored rendering `<|im_start|>[i]. text<|im_end|>` (the same ID and text)."""
+    if not (stored.startswith(DOC_START) and stored.endswith(DOC_SUFFIX)):
+        raise ValueError(
+            f"a stored document must read {DOC_ID_FORMAT!r} + text + {DOC_SUFFIX!r} in the {PROTOCOL_NAME!r} "
+            f"protocol, got {stored[:60]!r}...: encode the memory with the {PROTOCOL_NAME!r} template"
+        )
+    return stored[len(DOC_START) : len(stored) - len(DOC_SUFFIX)] + INJECTED_DOCUMENT_END
+
+
+def later_round_routing_mask(transcript: str, encode: Callable[[str], Sequence[int]]) -> list[bool]:
+    """Which tokens of a later round's transcript (`encode(transcript)`) route, as the engine marks them.
+
+    Two spans route: the transcript from its start through `ROUTED_QUESTION_END` (the instructions
+    and the question, without the newline after it), and the last injected block from its first
+    `[` up to, not including, its closing delimiter. The engine counts a span's tokens by
+    tokenising the text before it and the span apart; so does this.
+    """
+    routes = [False] * len(encode(transcript))
+
+    def mark(start: int, end: int) -> None:
+        first = len(encode(transcript[:start])) if start else 0
+        span = slice(first, first + len(encode(transcript[start:end])))
+        routes[span] = [True] * len(routes[span])
+
+    opening = transcript.rfind(LAST_INJECTION_OPENING)
+    if opening != -1:
+        start = opening + len(LAST_INJECTION_OPENING) - 1
+        end = transcript.find(DELIMITER, start)
+        if end != -1:
+            mark(start, end)
+    anchor = transcript.find(ROUTED_QUESTION_END)
+    if anchor != -1:
+        mark(0, anchor + len(ROUTED_QUESTION_END))
+    return routes
