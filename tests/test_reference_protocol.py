@@ -20,7 +20,7 @@ from msa_modeling.inference.reference_protocol import (
     ProtocolMismatchWarning,
     check_prefix_length,
     injected_document_text,
-    later_round_routing_mask,
+    transcript_routing_mask,
     warn_on_protocol_mismatch,
 )
 
@@ -172,9 +172,10 @@ def test_later_rounds_re_prefill_the_transcript_as_the_engine_does(tokenizer):
 
     assert [r.memory_ids for r in result.rounds] == [[3], [3, 1]]  # 1-based inside the pipeline, as written
     assert result.answer == "Italy"  # read after the lead-in
-    # Round 1: the question prompt, every token routing.
+    # Round 1: the question prompt; the instructions and the question route, the turn switch does not.
     assert scripted.contexts[0] == encode(EXPECTED_QUESTION)
-    assert scripted.routing_masks[0] is None
+    first = transcript_routing_mask(EXPECTED_QUESTION, encode)
+    assert scripted.routing_masks[0] == first and any(first) and not first[-1]
     # Round 2 re-prefills the transcript; the fixture's pieces tokenise apart into the same ids.
     assert scripted.contexts[1] == encode(transcript(EXPECTED_ROUND_2))
     assert len(scripted.routing_masks[1]) == len(scripted.contexts[1])
@@ -205,7 +206,7 @@ def test_a_round_without_documents_keeps_the_last_block_that_had_some_routing(to
         *EXPECTED_ROUND_2,
         ("[7]<|object_ref_end|><|object_ref_end|>", False),
     ]
-    assert later_round_routing_mask(transcript(pieces), tokenizer.encode) == routed_tokens(tokenizer, pieces)
+    assert transcript_routing_mask(transcript(pieces), tokenizer.encode) == routed_tokens(tokenizer, pieces)
 
 
 def test_a_document_stored_in_another_rendering_is_not_injected():

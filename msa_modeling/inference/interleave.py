@@ -18,7 +18,7 @@ once in ascending ID order, `[i]. text\\n`, then the delimiter; and the next rou
 whole transcript so far from scratch, tokenised anew from its text: the first round's prompt,
 then each round's generated text (its IDs and delimiter) and injected block. Only the
 instructions with the question and the last injected block route
-(`reference_protocol.later_round_routing_mask`). Given a `TranscriptRounds`, `answer` does that.
+(`reference_protocol.transcript_routing_mask`). Given a `TranscriptRounds`, `answer` does that.
 
 **IDs of routed documents only** (`InterleaveFormat.routed_ids_only`, off by default). In its
 router layers the model attends to the documents their routing selected and to no other, so
@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .generation import LayerRouting, MSAGenerator, QueryCache
-from .reference_protocol import DELIMITER, injected_document_text, later_round_routing_mask
+from .reference_protocol import DELIMITER, injected_document_text, transcript_routing_mask
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,15 @@ class MemoryInterleave:
         context = list(query_ids)
         text = transcript.query_text if transcript is not None else ""
         routing_mask: list[bool] | None = None  # every token routes
+        if transcript is not None:
+            # The engine routes its first round, too, on the instructions and the question alone:
+            # the turn switch after them is attended but does not route.
+            routing_mask = transcript_routing_mask(text, transcript.encode)
+            if len(routing_mask) != len(context):
+                raise ValueError(
+                    f"the transcript's question tokenises into {len(routing_mask)} tokens but the query has "
+                    f"{len(context)}: pass the query_ids of transcript.query_text"
+                )
         after_retrieval = [protocol.end_of_retrieval_id, *after_retrieval_ids]
         rounds: list[RetrievalRound] = []
         round_stops = {protocol.delimiter_id, protocol.end_of_retrieval_id, *protocol.stop_token_ids}
@@ -258,7 +267,7 @@ class MemoryInterleave:
             else:
                 text += self.decode(output.token_ids) + self.injected_text(memory_ids)
                 context, cache = transcript.encode(text), None
-                routing_mask = later_round_routing_mask(text, transcript.encode)
+                routing_mask = transcript_routing_mask(text, transcript.encode)
 
     def _round(
         self,

@@ -15,7 +15,7 @@ The released engine lays a question out as follows (docs/RELEASED_MSA4B.md):
 - a round after the first is not appended to the first one's segment: the engine re-prefills the
   whole transcript so far, tokenised anew from its text (the first round's prompt, each round's
   IDs with their delimiter, each injected block), and routes only on the instructions with the
-  question and on the last injected block (`later_round_routing_mask`).
+  question and on the last injected block (`transcript_routing_mask`).
 
 Where the strings come from. The document rendering, the 0-based IDs, the prefix and the question
 position (3 + k) were checked against the engine by running it on converted checkpoints. The
@@ -121,8 +121,8 @@ def injected_document_text(stored: str) -> str:
     return stored[len(DOC_START) : len(stored) - len(DOC_SUFFIX)] + INJECTED_DOCUMENT_END
 
 
-def later_round_routing_mask(transcript: str, encode: Callable[[str], Sequence[int]]) -> list[bool]:
-    """Which tokens of a later round's transcript (`encode(transcript)`) route, as the engine marks them.
+def transcript_routing_mask(transcript: str, encode: Callable[[str], Sequence[int]]) -> list[bool]:
+    """Which tokens of a round's transcript (`encode(transcript)`) route, as the engine marks them.
 
     Two spans route: the transcript from its start through `ROUTED_QUESTION_END` (the instructions
     and the question, without the newline after it), and the last injected block from its first
