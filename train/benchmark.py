@@ -46,7 +46,7 @@ from .data_stream import LayoutSettings, MicroBatch, MicroBatchStream
 from .dense_baseline import run_dense_baseline
 from .distributed import DistributedContext, init_distributed
 from .engine import batch_geometry
-from .model_setup import load_stage_model
+from .model_setup import load_stage_model, parameter_groups
 from .runner import configure_logging, prepare_run
 from .tracking import read_metrics
 from .trainer import StageTrainer, configure_layer_execution, stage_dir, weighted_loss
@@ -193,8 +193,10 @@ def run_standalone(
     configure_layer_execution(model, recipe, stage)
     model.train()
     flop_model = FlopModel.from_model(model)
+    # The stage's parameter groups: frozen groups stay frozen, each group keeps its LR, as in the trainer.
+    groups = [{k: v for k, v in group.items() if k != "name"} for group in parameter_groups(model, stage)]
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        groups,
         lr=stage.optimizer.lr,
         betas=tuple(stage.optimizer.betas),
         weight_decay=stage.optimizer.weight_decay,
@@ -325,6 +327,11 @@ def benchmark_main(argv: list[str] | None = None) -> int:
             run_dir,
         )
         batch_geometry(stage, world_size)
+        if stage.lora is not None and "standalone" in args.configs:
+            raise RecipeError(
+                f"stage {stage.name} trains LoRA adapters and the standalone step full weights: "
+                "run it with --configs trainer dense"
+            )
     except (RecipeError, ValueError) as error:
         logger.error("%s", error)
         return 2
