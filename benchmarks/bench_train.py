@@ -37,21 +37,9 @@ from msa_modeling.execution import (
     apply_compile,
 )
 from msa_modeling.flops import FlopModel, dense_work, msa_work
+from train.benchmark import QWEN3_4B
 
 logger = logging.getLogger("bench_train")
-
-QWEN3_4B = dict(
-    vocab_size=151936,
-    hidden_size=2560,
-    intermediate_size=9728,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=True,
-    max_position_embeddings=262144,
-    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
-)
 
 # The shape of recipes/qwen3_1b_synthetic.yaml (the trainer's multi-GPU acceptance run).
 QWEN3_1B = dict(

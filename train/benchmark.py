@@ -55,21 +55,20 @@ logger = logging.getLogger(__name__)
 
 CONFIGS = ("standalone", "trainer", "dense")
 
-# Random backbones of the recipes' shapes (Qwen3 configuration fields).
-SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-4b": dict(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        tie_word_embeddings=True,
-        max_position_embeddings=262144,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
-    ),
-}
+# Qwen3-4B-Instruct-2507's shape (the paper's backbone), for a random backbone of that size.
+QWEN3_4B: dict[str, Any] = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=True,
+    max_position_embeddings=262144,
+    rope_parameters={"rope_type": "default", "rope_theta": 5000000.0},
+)
+SHAPES: dict[str, dict[str, Any]] = {"qwen3-4b": QWEN3_4B}  # `--shape` choices (Qwen3 configuration fields)
 
 
 def synthetic_source(row_length: int) -> dict[str, Any]:
