@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import msa_modeling  # noqa: F401
-from msa_modeling import MSAConfig, MSAForCausalLM, build_packed_layout
+from msa_modeling import MSAConfig, MSAForCausalLM, PackedLayout, build_packed_layout
 from msa_modeling.execution import (
     activation_offload_of,
     apply_activation_checkpointing,
@@ -116,20 +116,24 @@ class Result:
     offloaded_layers: int = 0
 
 
-def msa_step_flops(row: dict, cfg: dict, args) -> float:
-    """Training FLOPs by the shared accounting (`msa_modeling.flops`); the question sees the pooled chunks
-    of the k documents with the most chunks in every router layer (a bound: the step is timed unsynced)."""
-    config = msa_config(cfg, args)
-    with torch.device("meta"):
-        flop_model = FlopModel.from_model(MSAForCausalLM(config))
-    layout = build_packed_layout(
+def row_layout(row: dict, config: MSAConfig) -> PackedLayout:
+    """The packed layout of a benchmark row under `config`'s chunking and query positions."""
+    return build_packed_layout(
         row["doc_ids"],
         chunk_size=config.chunk_size,
         query_position_offset=config.query_position_offset,
         labels=row["labels"],
         aux_labels=row["aux_labels"],
     )
-    work = msa_work(layout)
+
+
+def msa_step_flops(row: dict, cfg: dict, args) -> float:
+    """Training FLOPs by the shared accounting (`msa_modeling.flops`); the question sees the pooled chunks
+    of the k documents with the most chunks in every router layer (a bound: the step is timed unsynced)."""
+    config = msa_config(cfg, args)
+    with torch.device("meta"):
+        flop_model = FlopModel.from_model(MSAForCausalLM(config))
+    work = msa_work(row_layout(row, config))
     memory_pairs = len(config.router_layers) * float(
         work.doc_memory_pairs.sort(descending=True).values[: args.top_k].sum()
     )
@@ -356,13 +360,7 @@ def build_msa(cfg: dict, row: dict, args, offloaded_layers: int):
     if args.compile:
         apply_compile(model)
     model.train()
-    layout = build_packed_layout(
-        row["doc_ids"],
-        chunk_size=config.chunk_size,
-        query_position_offset=config.query_position_offset,
-        labels=row["labels"],
-        aux_labels=row["aux_labels"],
-    ).to("cuda")
+    layout = row_layout(row, config).to("cuda")
     return model, {"input_ids": row["input_ids"].cuda(), "layout": layout}
 
 

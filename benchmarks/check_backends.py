@@ -144,6 +144,18 @@ def make_batch(case: str, seed: int, row_length: int) -> dict:
     return memoryless_row(row_length, generator, vocab_size=1024)
 
 
+def error_row(seed: int, case: str, check: str, backend: str, error: Exception) -> dict:
+    """A failing row for a backend that raised: reported, and the other backends still run."""
+    return {
+        "seed": seed,
+        "case": case,
+        "check": check,
+        "backend": backend,
+        "pass": False,
+        "error": f"{type(error).__name__}: {error}"[:300],
+    }
+
+
 def check_case(
     seed: int, case: str, args: argparse.Namespace, backends: list[str], plant: tuple[str, float] | None
 ) -> list[dict]:
@@ -175,16 +187,7 @@ def check_case(
         try:
             got, grads = run(model_on(reference_model, backend, torch.float32, plant), batch, "cuda")
         except Exception as error:  # noqa: BLE001 - report the backend and go on
-            rows.append(
-                {
-                    "seed": seed,
-                    "case": case,
-                    "check": "fp32",
-                    "backend": backend,
-                    "pass": False,
-                    "error": f"{type(error).__name__}: {error}"[:300],
-                }
-            )
+            rows.append(error_row(seed, case, "fp32", backend, error))
             continue
         row = compare(seed, backend, got, grads, expected, expected_grads)
         record(row, "fp32", row["same_selection"] and all(row[k] < args.fp32_tolerance for k in QUANTITIES))
@@ -197,16 +200,7 @@ def check_case(
         try:
             got, grads = run(model_on(reference_model, backend, torch.bfloat16, plant), batch, "cuda")
         except Exception as error:  # noqa: BLE001
-            rows.append(
-                {
-                    "seed": seed,
-                    "case": case,
-                    "check": "bf16",
-                    "backend": backend,
-                    "pass": False,
-                    "error": f"{type(error).__name__}: {error}"[:300],
-                }
-            )
+            rows.append(error_row(seed, case, "bf16", backend, error))
             continue
         row = compare(seed, backend, got, grads, gpu_fp32, gpu_fp32_grads)
         row["same_selection_as_sdpa_bf16"] = floor_run.selected_docs is None or bool(
