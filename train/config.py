@@ -220,6 +220,8 @@ class DeepSpeedConfig:
     # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
     # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
     zero_config: dict[str, Any] = field(default_factory=dict)
+    # ZeRO-2: reduce the gradients once per optimizer step instead of after every micro-batch.
+    coalesce_reduction: bool = False
 
 
 # Keys that left a section, and where they live now: a recipe that still uses one fails with

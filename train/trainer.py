@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import math
@@ -447,16 +448,22 @@ class StageTrainer:
         started = time.perf_counter()
         # The LRs this step's update uses: engine.step() advances the scheduler at the boundary.
         step_lrs = self.scheduler.get_last_lr()
-        for _ in range(self.accumulation):
-            batch = self.stream.next()
-            tokens += batch.input_ids.numel()
-            flops += self.flops.training_flops(batch.work)
-            batch = batch.to(device)
-            output = engine(batch.input_ids, layout=batch.layout)
-            loss = weighted_loss(output, self.stage.loss_weights)
-            engine.backward(loss)
+        coalesce = self.recipe.deepspeed.coalesce_reduction
+        with engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+            for _ in range(self.accumulation):
+                batch = self.stream.next()
+                tokens += batch.input_ids.numel()
+                flops += self.flops.training_flops(batch.work)
+                batch = batch.to(device)
+                output = engine(batch.input_ids, layout=batch.layout)
+                loss = weighted_loss(output, self.stage.loss_weights)
+                engine.backward(loss)
+                if not coalesce:
+                    engine.step()
+                sums.add(loss, output, batch.work.memory_pairs(output.selected_docs))
+        if coalesce:
+            engine.set_gradient_accumulation_boundary(True)
             engine.step()
-            sums.add(loss, output, batch.work.memory_pairs(output.selected_docs))
         record = sums.reduce(self.model_config.router_layers)
         elapsed = time.perf_counter() - started
         flops += self.flops.memory_pair_training_flops(record.pop("memory_pairs"))
