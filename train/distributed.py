@@ -46,12 +46,26 @@ def skip_shared_memory_comm_build() -> None:
     deepspeed.ops.__compatible_ops__[name] = False
 
 
+def use_expandable_segments() -> None:
+    """Let the CUDA caching allocator grow segments in place unless the user configured it.
+
+    Rows of tens of thousands of tokens, each with its own number and size of documents, allocate
+    blocks of ever-changing sizes; with fixed segments the cache fragments. On one H100 a
+    Qwen3-4B-shaped stage at 64K ran out of memory with 7.8 GB reserved but unused. Read when the
+    allocator starts, so this runs before any CUDA tensor exists.
+    """
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def init_distributed() -> DistributedContext:
     """Join (or, for a plain `python` run, create) the process group and pick this rank's device.
 
     Under the `deepspeed` launcher RANK/WORLD_SIZE/LOCAL_RANK are set; a plain run becomes a
-    world of one, so both go through the same DeepSpeed code path. CPU runs use gloo.
+    world of one, so both go through the same DeepSpeed code path. CPU runs use gloo. GPU runs
+    get expandable allocator segments unless the environment sets the allocator's options.
     """
+    use_expandable_segments()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
