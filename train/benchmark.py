@@ -385,6 +385,8 @@ def write_report(
         "global_batch_tokens": stage.global_batch_tokens,
         "zero_stage": recipe.deepspeed.zero_stage,
         "compile": recipe.model.compile,
+        "coalesce_reduction": recipe.deepspeed.coalesce_reduction,
+        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
         "model": recipe.model.inline_config or recipe.model.backbone,
         "activations": dataclasses.asdict(stage.activations or recipe.activations),
         "peak_flops_per_device": recipe.tracking.peak_flops_per_device,
