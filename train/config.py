@@ -220,7 +220,10 @@ class DeepSpeedConfig:
     # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
     # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
     zero_config: dict[str, Any] = field(default_factory=dict)
-    # ZeRO-2: reduce the gradients once per optimizer step instead of after every micro-batch.
+    # Reduce the gradients once per optimizer step instead of after every micro-batch: with
+    # gradient accumulation, 1/accumulation of the communication and of DeepSpeed's per-parameter
+    # hook work. Each GPU then holds every parameter's whole bf16 gradient (2 bytes a parameter)
+    # until the step ends, where ZeRO-2 and ZeRO-3 otherwise keep only their shard.
     coalesce_reduction: bool = False
 
 
