@@ -462,6 +462,8 @@ class StageTrainer:
                     engine.step()
                 sums.add(loss, output, batch.work.memory_pairs(output.selected_docs))
         if coalesce:
+            # DeepSpeed finds the accumulation boundary by counting step() calls; here one call ends
+            # the optimizer step, so every call is a boundary.
             engine.set_gradient_accumulation_boundary(True)
             engine.step()
         record = sums.reduce(self.model_config.router_layers)
