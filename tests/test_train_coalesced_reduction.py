@@ -1,6 +1,7 @@
-"""`deepspeed.coalesce_reduction` (one ZeRO-2 gradient reduction per optimizer step) trains exactly
-as the per-micro-batch reduction does: same losses, gradient norms and weights, and one optimizer
-update per step. In-process on one rank, then launched on two, two micro-batches per optimizer step."""
+"""`deepspeed.coalesce_reduction` (one gradient reduction per optimizer step) trains exactly as the
+per-micro-batch reduction does: same losses, gradient norms and weights, and one optimizer update
+per step, with ZeRO-2 and ZeRO-3. In-process on one rank, then launched on two; two micro-batches
+per optimizer step."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from train.distributed import DistributedContext
 STEPS = 3
 
 
-def train(run_dir: Path, context: DistributedContext, coalesce: bool) -> tuple[list, dict[str, torch.Tensor], int]:
+def train(
+    run_dir: Path, context: DistributedContext, coalesce: bool, zero_stage: int
+) -> tuple[list, dict[str, torch.Tensor], int]:
     trainer = make_stage_trainer(
         run_dir,
         context,
@@ -24,6 +27,7 @@ def train(run_dir: Path, context: DistributedContext, coalesce: bool) -> tuple[l
             f"stages.cpt_warmup.budget.steps={STEPS}",
             "checkpoint.save_final=false",
             f"deepspeed.coalesce_reduction={str(coalesce).lower()}",
+            f"deepspeed.zero_stage={zero_stage}",
         ],
     )
     assert trainer.accumulation == 2
@@ -34,9 +38,10 @@ def train(run_dir: Path, context: DistributedContext, coalesce: bool) -> tuple[l
     return records, weights, trainer.engine.global_steps
 
 
-def test_coalesced_reduction_trains_identically(tmp_path: Path, context: DistributedContext) -> None:
-    records, weights, updates = train(tmp_path / "per_micro_batch", context, coalesce=False)
-    coalesced_records, coalesced_weights, coalesced_updates = train(tmp_path / "coalesced", context, coalesce=True)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_coalesced_reduction_trains_identically(tmp_path: Path, context: DistributedContext, zero_stage: int) -> None:
+    records, weights, updates = train(tmp_path / "per_micro_batch", context, False, zero_stage)
+    coalesced_records, coalesced_weights, coalesced_updates = train(tmp_path / "coalesced", context, True, zero_stage)
     assert updates == coalesced_updates == STEPS
     assert coalesced_records == records
     assert len(records) == STEPS
