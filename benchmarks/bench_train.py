@@ -264,6 +264,11 @@ def memory_note(memory: dict) -> str:
     )
 
 
+def failed_result(name: str, row: dict, flops: float, peak_memory_gib: float | None, note: str) -> Result:
+    """The row of a configuration that did not complete its steps."""
+    return Result(name, row["input_ids"].numel(), None, None, None, peak_memory_gib, flops / 1e12, note)
+
+
 def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profiles: list) -> Result:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -300,28 +305,10 @@ def run_config(name: str, build, row: dict, cfg: dict, args, flops: float, profi
             )
     except torch.OutOfMemoryError:
         peak = max(memory.get("peak", 0), torch.cuda.max_memory_allocated())
-        result = Result(
-            name,
-            row["input_ids"].numel(),
-            None,
-            None,
-            None,
-            peak / 2**30,
-            flops / 1e12,
-            f"out of memory {memory_note(memory)}",
-        )
+        result = failed_result(name, row, flops, peak / 2**30, f"out of memory {memory_note(memory)}")
     except Exception as error:  # noqa: BLE001 - a failing configuration is reported, the others still run
         logger.exception("%s failed", name)
-        result = Result(
-            name,
-            row["input_ids"].numel(),
-            None,
-            None,
-            None,
-            None,
-            flops / 1e12,
-            f"{type(error).__name__}: {error}"[:200],
-        )
+        result = failed_result(name, row, flops, None, f"{type(error).__name__}: {error}"[:200])
     for hook in hooks:
         hook.remove()
     del model, optimizer, hooks

@@ -44,7 +44,7 @@ from msa_modeling.flops import FlopModel
 from .config import BudgetConfig, EvalConfig, Recipe, RecipeError, StageConfig, TinyTokenizerConfig, load_recipe
 from .data_stream import LayoutSettings, MicroBatch, MicroBatchStream
 from .dense_baseline import run_dense_baseline
-from .distributed import DistributedContext, init_distributed
+from .distributed import DistributedContext, allocator_settings, init_distributed
 from .engine import batch_geometry
 from .model_setup import load_stage_model, parameter_groups
 from .runner import configure_logging, prepare_run
@@ -386,7 +386,7 @@ def write_report(
         "zero_stage": recipe.deepspeed.zero_stage,
         "compile": recipe.model.compile,
         "coalesce_reduction": recipe.deepspeed.coalesce_reduction,
-        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF"),
+        "allocator": allocator_settings(),
         "model": recipe.model.inline_config or recipe.model.backbone,
         "activations": dataclasses.asdict(stage.activations or recipe.activations),
         "peak_flops_per_device": recipe.tracking.peak_flops_per_device,

@@ -46,6 +46,14 @@ def skip_shared_memory_comm_build() -> None:
     deepspeed.ops.__compatible_ops__[name] = False
 
 
+ALLOCATOR_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # torch reads either
+
+
+def allocator_settings() -> str | None:
+    """The CUDA caching allocator's options from the environment, if any are set."""
+    return next((os.environ[name] for name in ALLOCATOR_VARIABLES if name in os.environ), None)
+
+
 def use_expandable_segments() -> None:
     """Let the CUDA caching allocator grow segments in place unless the user configured it.
 
@@ -54,7 +62,7 @@ def use_expandable_segments() -> None:
     Qwen3-4B-shaped stage at 64K ran out of memory with 7.8 GB reserved but unused. Read when the
     allocator starts, so this runs before any CUDA tensor exists.
     """
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+    if allocator_settings() is None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
