@@ -216,7 +216,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_clipping: float = 1.0
-    torch_adam: bool | None = None  # torch's fused AdamW (no extension build); None: on CPU only, DeepSpeed's on GPUs
+    torch_adam: bool | None = None  # torch's AdamW (fused on GPUs; no extension build); None: on CPU only
     # Extra keys of DeepSpeed's `zero_optimization` block, passed through as they are
     # (e.g. stage3_prefetch_bucket_size); DeepSpeed validates them.
     zero_config: dict[str, Any] = field(default_factory=dict)
