@@ -210,15 +210,19 @@ def apply_compile(model: nn.Module) -> None:
 
     Their shapes depend only on the row length, so they compile once per length; routing and
     attention, whose sizes follow the data, stay eager. Fusing the norms, RoPE and the MLP's
-    activation saves most of their memory traffic on a GPU. Norm modules compile in place
-    (`nn.Module.compile`); the two method seams, `project` and `after_attention`, get compiled
-    instance attributes that shadow the methods, which keeps parameter names unchanged.
+    activation saves most of their memory traffic on a GPU. Each compiled piece is an instance
+    attribute that shadows a method (the norms' `forward`, the seams `project` and
+    `after_attention`), which keeps parameter names unchanged and leaves module hooks outside the
+    compiled code. `nn.Module.compile` would compile a module's hooks with its forward: on the
+    final norm, which DeepSpeed ZeRO-3 hooks as a module of its own, dynamo then traced ZeRO-3's
+    parameter release, and with gradients kept across micro-batches (`coalesce_reduction`) that
+    trace failed on one H100 (`AssertionError: 1 != 2` from a partitioned parameter's gradient).
     """
     decoder = _decoder(model)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for wrapped in decoder.layers:
         layer = decoder_layer(wrapped)
-        layer.input_layernorm.compile(dynamic=False)
+        layer.input_layernorm.forward = torch.compile(layer.input_layernorm.forward, dynamic=False)
         layer.self_attn.project = torch.compile(layer.self_attn.project, dynamic=False)
         layer.after_attention = torch.compile(layer.after_attention, dynamic=False)
-    decoder.norm.compile(dynamic=False)
+    decoder.norm.forward = torch.compile(decoder.norm.forward, dynamic=False)

@@ -641,3 +641,19 @@ def test_layers_take_one_execution_policy_within_the_model():
         apply_activation_checkpointing(model, layers=layers, start=1)
     with pytest.raises(ValueError, match="keep_attention_layers=3"):
         apply_activation_checkpointing(model, layers=2, start=1, keep_attention_layers=3)
+
+
+def test_compile_leaves_module_hooks_outside_the_compiled_code() -> None:
+    """DeepSpeed ZeRO-3 hooks the final norm as a module of its own; `apply_compile` must not trace
+    such hooks (dynamo traced ZeRO-3's parameter release through `nn.Module.compile`)."""
+    model = tiny_msa(16).train()
+    apply_compile(model)
+    seen = []
+    norms = [model.model.norm] + [decoder_layer(layer).input_layernorm for layer in model.model.layers]
+    for norm in norms:
+        norm.register_forward_pre_hook(lambda module, args: seen.append(torch.compiler.is_compiling()))
+        norm.register_forward_hook(lambda module, args, out: seen.append(torch.compiler.is_compiling()))
+    batch = random_packed_batch(16)
+    model(**batch).loss.backward()
+    assert len(seen) == 2 * len(norms)
+    assert not any(seen)
