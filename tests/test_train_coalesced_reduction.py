@@ -50,7 +50,8 @@ def test_coalesced_reduction_trains_identically(tmp_path: Path, context: Distrib
 
 
 @pytest.mark.integration
-def test_coalesced_reduction_on_two_ranks_matches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_coalesced_reduction_on_two_ranks_matches(tmp_path: Path, zero_stage: int) -> None:
     """On two ranks the sum over ranks comes in another order, so the match is to rounding."""
     losses = {}
     for coalesce in (False, True):
@@ -66,6 +67,7 @@ def test_coalesced_reduction_on_two_ranks_matches(tmp_path: Path) -> None:
             "stages.cpt_main.eval.sources={}",
             "tracking.progress_bar=false",
             f"deepspeed.coalesce_reduction={str(coalesce).lower()}",
+            f"deepspeed.zero_stage={zero_stage}",
         ]
         result = run_launcher("pretrain", overrides, ranks=2)
         assert result.returncode == 0, failure_report(result)
