@@ -17,12 +17,12 @@ from train.distributed import DistributedContext
 from train.engine import deepspeed_config
 
 STEPS = 3  # fp32 weights (the tiny recipe): the two kernels agree to about 1e-7
-TINY_1B = Path(__file__).resolve().parents[1] / "recipes" / "qwen3_1b_synthetic.yaml"
+RECIPE_1B = Path(__file__).resolve().parents[1] / "recipes" / "qwen3_1b_synthetic.yaml"
 
 
 @pytest.mark.parametrize("on_cpu", [False, True])
 def test_fused_kernel_on_gpus_only(on_cpu: bool) -> None:
-    recipe = load_recipe(TINY_1B)
+    recipe = load_recipe(RECIPE_1B)
     config = deepspeed_config(recipe, recipe.stage("cpt_synthetic"), 1, 4, 1, on_cpu)
     params = config["optimizer"]["params"]
     assert params["torch_adam"] is True
