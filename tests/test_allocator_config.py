@@ -6,22 +6,24 @@ import os
 
 import pytest
 
-from train.distributed import use_expandable_segments
+from train.distributed import ALLOCATOR_VARIABLES, use_expandable_segments
+
+
+def clear_allocator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_expandable_segments_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    clear_allocator_settings(monkeypatch)
     use_expandable_segments()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
-@pytest.mark.parametrize("variable", ["PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"])
+@pytest.mark.parametrize("variable", ALLOCATOR_VARIABLES)
 def test_user_allocator_settings_are_kept(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    clear_allocator_settings(monkeypatch)
     monkeypatch.setenv(variable, "max_split_size_mb:512")
     use_expandable_segments()
     assert os.environ[variable] == "max_split_size_mb:512"
-    other = {"PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"} - {variable}
-    assert not any(name in os.environ for name in other)
+    assert not any(name in os.environ for name in ALLOCATOR_VARIABLES if name != variable)

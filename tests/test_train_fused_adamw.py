@@ -4,13 +4,12 @@ key through to AdamW, and the fused kernel trains as the multi-tensor one does."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from train_runs import make_stage_trainer
+from train_runs import make_stage_trainer, step_losses
 
 from train.config import load_recipe
 from train.distributed import DistributedContext
@@ -34,8 +33,7 @@ def train_stage(run_dir: Path, context: DistributedContext) -> tuple[Any, list[f
         run_dir, context, [f"stages.cpt_warmup.budget.steps={STEPS}", "checkpoint.save_final=false"]
     )
     trainer.train()
-    lines = (run_dir / "stages/cpt_warmup/metrics.jsonl").read_text().splitlines()
-    losses = [r["loss"] for r in map(json.loads, lines) if "grad_norm" in r]
+    losses = list(step_losses(run_dir / "stages/cpt_warmup/metrics.jsonl").values())
     weights = {
         name: p.detach().float().clone() for name, p in trainer.engine.module.named_parameters() if p.requires_grad
     }
